@@ -1,0 +1,97 @@
+"""The book builder and the chapter helpers: failures reported by name, GPU cells, figures."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from megalodon_lite import book, notebook  # noqa: E402
+
+
+def write_chapter(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+def test_a_failing_chapter_is_reported_and_rendered_while_others_build(tmp_path):
+    good = write_chapter(tmp_path, "01_good.py", '''
+        # %% [markdown]
+        # # 01 · A good chapter
+
+        # %%
+        print(6 * 7)
+        ''')
+    bad = write_chapter(tmp_path, "02_bad.py", '''
+        # %% [markdown]
+        # # 02 · A broken chapter
+
+        # %%
+        x = 1
+
+        # %%
+        raise ValueError("the reader should see this message")
+
+        # %%
+        print("never reached")
+        ''')
+    out = tmp_path / "site"
+    out.mkdir()
+    results = [book.build_chapter(p, out, timeout=120, has_cuda=False) for p in (good, bad)]
+    assert results[0].error is None and results[0].title == "01 · A good chapter"
+    assert results[1].error is not None and "the reader should see this message" in results[1].error
+    assert "42" in (out / "01_good.html").read_text()
+    assert "the reader should see this message" in (out / "02_bad.html").read_text()
+    index = book.write_index(out, results, smoke=True).read_text()
+    assert index.index("01_good.html") < index.index("02_bad.html")
+    assert "failed" in index and "the reader should see this message" in index
+
+
+def test_gpu_cells_are_shown_not_run_without_cuda(tmp_path):
+    chapter = write_chapter(tmp_path, "03_gpu.py", '''
+        # %% [markdown]
+        # # 03 · GPU
+
+        # %% tags=["gpu"]
+        raise RuntimeError("needs a GPU")
+
+        # %%
+        print("cpu part ran")
+        ''')
+    result = book.build_chapter(chapter, tmp_path, timeout=120, has_cuda=False)
+    assert result.error is None
+    page = (tmp_path / "03_gpu.html").read_text()
+    assert "GPU-only cell, not run" in page and "cpu part ran" in page
+
+
+def test_select_chapters_rejects_unknown_numbers():
+    with pytest.raises(SystemExit, match="no chapter"):
+        book.select_chapters(["99"])
+
+
+def test_save_figure_writes_only_when_asked(tmp_path, monkeypatch):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    monkeypatch.delenv("MEGALODON_WRITE_FIGURES", raising=False)
+    assert notebook.save_figure(fig, "probe", directory=tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("MEGALODON_WRITE_FIGURES", "1")
+    path = notebook.save_figure(fig, "probe", directory=tmp_path)
+    assert path == tmp_path / "probe.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert notebook.save_figure(fig, "other", directory=tmp_path, write=False) is None
+    with pytest.raises(ValueError, match="name must be"):
+        notebook.save_figure(fig, "../escape", write=True)
+    plt.close(fig)
+
+
+def test_pick_follows_smoke_mode(monkeypatch):
+    monkeypatch.setattr(notebook, "SMOKE", True)
+    assert notebook.pick(smoke=2, full=2048) == 2
+    monkeypatch.setattr(notebook, "SMOKE", False)
+    assert notebook.pick(smoke=2, full=2048) == 2048
