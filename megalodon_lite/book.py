@@ -67,7 +67,9 @@ def write_notebooks(out_dir: Path, chapters: list[Path] | None = None) -> list[P
         target = out_dir / (chapter.stem + ".ipynb")
         text = nbformat.writes(read_chapter(chapter))
         if not target.exists() or target.read_text(encoding="utf-8") != text:
-            target.write_text(text, encoding="utf-8")
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # atomic: pytest runs may overlap
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(target)
         written.append(target)
     return written
 
