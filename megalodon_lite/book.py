@@ -63,7 +63,8 @@ def write_notebooks(out_dir: Path, chapters: list[Path] | None = None) -> list[P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for chapter in chapters if chapters is not None else chapter_paths(repo_root()):
+    all_chapters = chapters is None
+    for chapter in chapter_paths(repo_root()) if all_chapters else chapters:
         target = out_dir / (chapter.stem + ".ipynb")
         text = nbformat.writes(read_chapter(chapter))
         if not target.exists() or target.read_text(encoding="utf-8") != text:
@@ -71,6 +72,9 @@ def write_notebooks(out_dir: Path, chapters: list[Path] | None = None) -> list[P
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(target)
         written.append(target)
+    if all_chapters:  # a renamed or deleted chapter must not linger as a notebook that nbval runs
+        for stale in set(out_dir.glob("*.ipynb")) - set(written):
+            stale.unlink(missing_ok=True)
     return written
 
 
