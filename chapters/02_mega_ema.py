@@ -47,23 +47,6 @@ D = pick(smoke=8, full=1024)
 N = 16
 print(f"smoke={SMOKE} device={device} B={B} L={L} D={D} N={N}")
 
-# %%
-# TEMPORARY stand-in for chapter 01's megalodon_lite.ema until it lands (removed before finishing).
-try:
-    import megalodon_lite.ema  # noqa: F401
-except ImportError:
-    import sys
-    import types
-
-    def _fft_causal_conv(x, kernel):
-        n = 2 * x.shape[1]
-        y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(kernel.T, n=n, dim=0), n=n, dim=1)
-        return y[:, : x.shape[1]]
-
-    _stub = types.ModuleType("megalodon_lite.ema")
-    _stub.fft_causal_conv = _fft_causal_conv
-    sys.modules["megalodon_lite.ema"] = _stub
-
 # %% [markdown]
 # ## The recurrence
 #
@@ -424,11 +407,11 @@ class DampedEMA(nn.Module):
         """Apply the layer to x (B, L, D), starting from state h0 (B, D, N) or zeros.
 
         Returns:
-            y (B, L, D) = SiLU(EMA(x) + ω ⊙ x), and the last hidden state (B, D, N), which is the
-            h0 for the sequence's next piece.
+            y (B, L, D) = SiLU(EMA(x) + ω ⊙ x) in x's dtype, and the last hidden state (B, D, N)
+            in at least float32, which is the h0 for the sequence's next piece.
         """
         ema, h_last = damped_ema_fft(x, *self.coefficients(), h0=h0)
-        return F.silu(ema + self.omega * x), h_last
+        return F.silu(ema + self.omega * x).to(x.dtype), h_last
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_dims={self.n_dims}"
