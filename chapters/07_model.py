@@ -1,0 +1,929 @@
+# %% [markdown]
+# # 07 · The Megalodon model: two-hop residual block, language model, unlimited-context streaming
+#
+# Chapters 04–06 built the three new parts of a Megalodon layer: the complex EMA (CEMA), the
+# timestep normalisation and the chunked, normalised attention. This chapter assembles them
+# into the full language model of Megalodon §3 and checks the promise in the paper's title:
+# a context of *unlimited* length, read through a state whose size does not depend on how much
+# has been read.
+#
+# What we build, in the order the data flows:
+#
+# ```
+# tokens (B, L) ──embed──▶ x ──▶ [ block 1 ] ──▶ … ──▶ [ block n ] ──▶ TimestepNorm ──▶ head ──▶ logits (B, L, V) float32
+#
+# one block (input x):
+#   X  = TimestepNorm(x)                    causal group norm              (§3.2)
+#   mx = RMSNorm(CEMA(X))                   complex EMA, then a norm       (§3.1)
+#   z  = mx W_z + b_z  → q, k               normalised attention inputs    (§3.3)
+#   v  = SiLU(X W_v + b_v)                  values from the *normed input*, not from mx
+#   r  = SiLU(mx W_r + b_r)                 reset gate
+#   O  = ChunkAttention(z, v)               softmax attention inside chunks of c tokens
+#   y  = mx W_h1 + b_h + (O ⊙ r) W_h2 + x   first residual
+#   out = FFN(LayerNorm(y)) + x             second residual skips *two* hops (§3.4)
+# ```
+#
+# Three modules come out of this chapter: `megalodon_lite.config` (the shapes, with the official
+# presets), `megalodon_lite.model` (block, language model, streaming state, generation) and
+# `megalodon_lite.checkpoint` (safe, atomic save and load).
+
+# %%
+import math
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+
+seed_everything(0)
+device = pick_device()
+print("device:", device, "| smoke mode:", SMOKE)
+
+# %% [markdown]
+# ## 1. The configuration
+#
+# Every shape of the model lives in one frozen dataclass. The field names follow the official
+# `ModelConf` (`MG:megalodon/config.py`) so that its presets can be copied number for number from
+# `MG:megalodon/model/mega.py`: `model_dim` is $D$, `z_dim` the width of the shared query/key
+# projection, `value_dim` the width of the values (and of the gate $r$), `ffn_hidden_dim` the
+# feed-forward width, `cema_ndim` the $N$ EMA states per channel, `norm_num_groups` the $G$
+# groups of the timestep norm, `chunk_size` the attention chunk $c$.
+#
+# Where the official code differs from what one might guess from the paper, the config follows the
+# code: the values have one wide head per z-head (`value_dim / num_heads` can be 2048 wide), the
+# RMS norm after the CEMA uses `norm_eps` (1e-5) like every other norm, and there is an optional
+# SwiGLU, a layer scale on the FFN (`rescale_nffn`: $0.1 \cdot 0.5^{\ell}$ at layer $\ell$), an
+# embedding scale $\sqrt{D}$ (`scale_emb`) and a tied output head (`share_emb`).
+#
+# The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19`, `mega7.1B` and
+# `mega7.3B` (the paper's "7B" is `mega7.1B`); its vocabulary comes from the LLaMA-2 tokenizer,
+# 32,000 tokens. We add `small` (four layers of the 200M model, for the GPU training run of
+# chapter 09) and `tiny` (a byte-level model for the CPU).
+
+# %% tags=["export:config"]
+"""The shape of a Megalodon language model: one dataclass, the official presets, validation.
+
+Field names follow the official ``ModelConf`` (``megalodon/config.py`` in
+github.com/XuezheMax/megalodon) so that presets can be compared number for number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+INIT_MODES = ("he", "bert", "xavier")
+"""Weight initialisations of the linear layers, as ``megalodon/utils.py::get_init_fn`` names them."""
+
+_POSITIVE_INTS = ("vocab_size", "num_layers", "model_dim", "z_dim", "value_dim", "num_heads",
+                  "ffn_hidden_dim", "chunk_size", "norm_num_groups", "cema_ndim")
+_BOOLS = ("swiglu", "rescale_nffn", "scale_emb", "share_emb")
+_RATES = ("dropout", "attention_dropout", "hidden_dropout")
+
+
+@dataclass(frozen=True)
+class MegalodonConfig:
+    """Shapes and options of a Megalodon language model (validated on construction).
+
+    Attributes:
+        vocab_size: V, number of token ids (embedding rows and logits).
+        num_layers: number of Megalodon blocks.
+        model_dim: D, width of the residual stream.
+        z_dim: width of the shared query/key projection z (split over ``num_heads``).
+        value_dim: width of the values and of the reset gate r (split over ``num_heads``).
+        num_heads: attention heads; each has ``z_dim/num_heads`` query/key and
+            ``value_dim/num_heads`` value channels.
+        ffn_hidden_dim: hidden width of the feed-forward network.
+        chunk_size: c, attention only sees keys of its own chunk of c tokens.
+        norm_num_groups: G, groups of the timestep norms (must divide ``model_dim``).
+        cema_ndim: N, complex EMA states per channel.
+        norm_eps: epsilon of every norm (timestep, RMS, layer norm).
+        rope_base: base of the rotary position embedding.
+        swiglu: FFN = W2 (SiLU(W1 x) ⊙ W3 x) instead of W2 SiLU(W1 x).
+        rescale_nffn: multiply the FFN output of layer l by a learned scale initialised to 0.1·0.5^l.
+        scale_emb: multiply the embeddings by sqrt(D).
+        share_emb: tie the output head to the embedding.
+        init_mode: initialisation of the block's linear layers ("he": kaiming-normal with a=√5).
+        dropout: on the embeddings and on each sub-layer's output.
+        attention_dropout: on the attention probabilities.
+        hidden_dropout: on mx, on the gated attention output and on the FFN hidden layer.
+    """
+
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    z_dim: int
+    value_dim: int
+    num_heads: int
+    ffn_hidden_dim: int
+    chunk_size: int
+    norm_num_groups: int
+    cema_ndim: int = 16
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    swiglu: bool = False
+    rescale_nffn: bool = False
+    scale_emb: bool = False
+    share_emb: bool = False
+    init_mode: str = "he"
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MegalodonConfig.{name} must be a positive int, got {value!r}")
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MegalodonConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in _RATES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"MegalodonConfig.{name} must be a probability in [0, 1), got {value!r}")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"MegalodonConfig.{name} must be a positive number, got {value!r}")
+        if self.init_mode not in INIT_MODES:
+            raise ValueError(f"MegalodonConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
+        for name in ("z_dim", "value_dim"):
+            if getattr(self, name) % self.num_heads:
+                raise ValueError(f"MegalodonConfig.{name}={getattr(self, name)} must be divisible by "
+                                 f"num_heads={self.num_heads}")
+        if (self.z_dim // self.num_heads) % 2:
+            raise ValueError(f"MegalodonConfig.z_dim / num_heads = {self.z_dim // self.num_heads} must be even "
+                             "(rotary embedding rotates pairs of channels)")
+        if self.model_dim % self.norm_num_groups:
+            raise ValueError(f"MegalodonConfig.norm_num_groups={self.norm_num_groups} must divide "
+                             f"model_dim={self.model_dim}")
+
+    @property
+    def z_head_dim(self) -> int:
+        """Query/key channels per head."""
+        return self.z_dim // self.num_heads
+
+    @property
+    def v_head_dim(self) -> int:
+        """Value channels per head."""
+        return self.value_dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MegalodonConfig:
+        """Build a config from :meth:`to_dict` output; unknown or missing fields are named in the error."""
+        if not isinstance(values, dict):
+            raise TypeError(f"config values must be a dict, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MegalodonConfig field(s): {', '.join(unknown)}")
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(values))
+        if missing:
+            raise ValueError(f"missing MegalodonConfig field(s): {', '.join(missing)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> MegalodonConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: MegalodonConfig) -> list[str]:
+        """Names of the fields whose values differ from ``other``'s, in declaration order."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+_LLAMA2_VOCAB = 32_000
+
+PRESETS: dict[str, MegalodonConfig] = {
+    # The official shapes (megalodon/model/mega.py, ModelStore); vocabulary of the LLaMA-2 tokenizer.
+    "mega200M": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=12, model_dim=1024, num_heads=1, z_dim=256,
+                                value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),
+    "mega1.3B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=24, model_dim=2048, num_heads=2, z_dim=512,
+                                value_dim=4096, ffn_hidden_dim=4864, chunk_size=2048, norm_num_groups=64),
+    "mega1.3B_pg19": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=24, model_dim=2048, num_heads=2,
+                                     z_dim=512, value_dim=4096, ffn_hidden_dim=3584, chunk_size=2048,
+                                     norm_num_groups=64, swiglu=True, scale_emb=True, share_emb=True),
+    "mega7.1B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=32, model_dim=4096, num_heads=4, z_dim=1024,
+                                value_dim=8192, ffn_hidden_dim=11264, chunk_size=2048, norm_num_groups=64),
+    "mega7.3B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=32, model_dim=4096, num_heads=4, z_dim=1024,
+                                value_dim=8192, ffn_hidden_dim=8192, chunk_size=2048, norm_num_groups=64,
+                                swiglu=True),
+    # Four layers of mega200M: the GPU training run of chapter 09.
+    "small": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=4, model_dim=1024, num_heads=1, z_dim=256,
+                             value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),
+    # A byte-level model that runs anywhere: for the CPU chapters and the tests.
+    "tiny": MegalodonConfig(vocab_size=256, num_layers=2, model_dim=64, num_heads=2, z_dim=32, value_dim=128,
+                            ffn_hidden_dim=128, chunk_size=64, norm_num_groups=8),
+}
+
+
+def preset(name: str, **overrides: Any) -> MegalodonConfig:
+    """A named configuration from :data:`PRESETS`, optionally with some fields changed."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+# %% [markdown]
+# Validation happens when a config is built, and the error names the field:
+
+# %%
+from megalodon_lite.config import PRESETS, MegalodonConfig, preset
+
+for bad in (dict(num_heads=3), dict(norm_num_groups=7), dict(dropout=1.0), dict(model_dim=0)):
+    try:
+        preset("tiny", **bad)
+    except ValueError as err:
+        print(f"{bad} -> ValueError: {err}")
+    else:
+        raise AssertionError(f"{bad} was accepted")
+
+# %% [markdown]
+# ## 2. Initialisation, and the feed-forward network with its own norm
+#
+# The official code initialises (`MG:megalodon/utils.py::get_init_fn`):
+#
+# * the embedding and the output head from a normal truncated at ±3σ with σ = $1/\sqrt{D}$;
+# * every linear layer of a block, by default (`init_mode="he"`), with `kaiming_normal_(a=√5)`:
+#   a normal with σ = $1/\sqrt{3\,d_\text{in}}$ (the variance of PyTorch's default uniform init,
+#   drawn from a normal);
+# * every bias with 0, and every norm scale with 0, applied as $(1 + w)$, so that weight decay
+#   pulls a norm towards the identity instead of towards zero.
+#
+# The feed-forward network (`MG:megalodon/modules/normalized_feedforward_network.py`) carries its
+# own LayerNorm (with the same "+1" scale) and has no biases:
+# $\mathrm{FFN}(y) = W_2\,\mathrm{SiLU}(W_1\,\mathrm{LN}(y))$, or with SwiGLU
+# $W_2\,(\mathrm{SiLU}(W_1\,\mathrm{LN}(y)) \odot W_3\,\mathrm{LN}(y))$. Its `forward` takes the
+# residual as a second argument: that is how the official code wires the two-hop residual, and it
+# lets us build the ordinary pre-norm block from the same parts in section 4.
+
+# %% tags=["export:model"]
+"""The Megalodon language model (Ma et al. 2024, arXiv 2404.08801, §3), with streaming state.
+
+Built from the earlier chapters' modules: :class:`~megalodon_lite.timestep_norm.TimestepNorm`,
+:class:`~megalodon_lite.cema.CEMA`, :class:`~megalodon_lite.attention.RMSNorm` and
+:class:`~megalodon_lite.attention.ChunkAttention`. Follows the official code
+(github.com/XuezheMax/megalodon: ``megalodon/model/mega.py``,
+``megalodon/modules/moving_average_gated_attention.py``,
+``megalodon/modules/normalized_feedforward_network.py``) where it differs from the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm
+from megalodon_lite.cema import CEMA
+from megalodon_lite.config import MegalodonConfig
+from megalodon_lite.timestep_norm import TimestepNorm, TimestepNormState
+
+
+def linear_init(mode: str) -> Callable[[Tensor], Tensor]:
+    """The official initialisation of a block's linear weight (``megalodon/utils.py::get_init_fn``)."""
+    if mode == "he":
+        return lambda w: nn.init.kaiming_normal_(w, a=math.sqrt(5.0))
+    if mode == "bert":
+        return lambda w: nn.init.normal_(w, mean=0.0, std=0.02)
+    if mode == "xavier":
+        return nn.init.xavier_uniform_
+    raise ValueError(f"init mode must be one of 'he', 'bert', 'xavier', got {mode!r}")
+
+
+def embedding_init_(weight: Tensor) -> Tensor:
+    """TruncNormal(0, σ=1/√D, cut at ±3σ) for an embedding or output matrix of shape (V, D)."""
+    std = 1.0 / math.sqrt(weight.shape[-1])
+    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with the scale stored as 0 and applied as (1 + weight).
+
+    (B, L, D) -> (B, L, D). Same function as ``nn.LayerNorm``; the storage follows the official
+    ``FusedLayerNorm`` so that weight decay pulls the scale towards 1.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight + 1.0, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+class NormalizedFFN(nn.Module):
+    """Feed-forward network with its own LayerNorm and an explicit residual (Megalodon §3.4).
+
+    ``forward(y, residual) = scale ⊙ W2 act(W1 LN(y)) + residual`` with act = SiLU, or SwiGLU
+    ``SiLU(W1 u) ⊙ W3 u``; no biases. In a Megalodon block ``residual`` is the block input x
+    (the two-hop residual); passing ``residual=y`` gives the usual pre-norm sub-layer.
+    """
+
+    def __init__(self, model_dim: int, hidden_dim: int, *, swiglu: bool = False, eps: float = 1e-5,
+                 dropout: float = 0.0, hidden_dropout: float = 0.0, layer_scale: float | None = None,
+                 init_mode: str = "he") -> None:
+        super().__init__()
+        self.init_mode = init_mode
+        self.norm = LayerNorm(model_dim, eps)
+        self.fc1 = nn.Linear(model_dim, hidden_dim, bias=False)
+        self.fc2 = nn.Linear(hidden_dim, model_dim, bias=False)
+        self.fc3 = nn.Linear(model_dim, hidden_dim, bias=False) if swiglu else None
+        self.dropout, self.hidden_dropout = dropout, hidden_dropout
+        self.layer_scale_init = layer_scale
+        self.alpha = None if layer_scale is None else nn.Parameter(torch.empty(model_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: weights by ``init_mode``, norm stored as 0 (scale 1, shift 0), layer scale its value."""
+        init = linear_init(self.init_mode)
+        for linear in (self.fc1, self.fc2, self.fc3):
+            if linear is not None:
+                init(linear.weight)
+        nn.init.zeros_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+        if self.alpha is not None:
+            nn.init.constant_(self.alpha, self.layer_scale_init)
+
+    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
+        """y, residual: (B, L, D) -> (B, L, D)."""
+        u = self.norm(y)
+        hidden = F.silu(self.fc1(u))
+        if self.fc3 is not None:
+            hidden = hidden * self.fc3(u)
+        hidden = F.dropout(hidden, self.hidden_dropout, self.training)
+        out = F.dropout(self.fc2(hidden), self.dropout, self.training)
+        if self.alpha is not None:
+            out = out * self.alpha
+        return out + residual
+
+# %% [markdown]
+# ## 3. One Megalodon layer and the two-hop block
+#
+# The layer follows `MG:megalodon/modules/moving_average_gated_attention.py` line by line
+# (SPEC §5). Things worth noticing, all from the code rather than the paper:
+#
+# * the CEMA output goes through an affine **RMSNorm** (the paper has no norm there), then
+#   dropout (`hidden_dropout`); there is **no SiLU** on the CEMA output and none on $z$ (MEGA had
+#   both);
+# * the values $v$ are computed from the timestep-normed input $X$, not from the EMA output;
+# * $z$ is per-head RMS-normalised and gets a learned affine per query/key
+#   ($\hat z\,(\gamma+1)/\sqrt{d_h} + \beta$) — this is the "normalized attention" of §3.3, and
+#   the attention softmax then uses scale 1 (all inside `ChunkAttention`, chapter 06);
+# * $h = mx\,W_{h1} + b + (O \odot r)\,W_{h2}$ has no activation (MEGA had a SiLU and an
+#   update gate), and the layer adds its input back: $y = h + x$.
+#
+# Dropout sits where the official code puts it: `hidden_dropout` on $mx$, on $O \odot r$ and on
+# the FFN's hidden layer; `dropout` on $h$, on the FFN output and on the embeddings;
+# `attention_dropout` on the attention probabilities.
+#
+# **Streaming state.** Three things in a layer look back in time, and each has a small summary of
+# the past (SPEC §6): the timestep norm its running (count, mean, variance) per group, the CEMA its
+# complex hidden state $h \in \mathbb{C}^{D\times N}$, and the attention the keys and values of the
+# current, unfinished chunk (fewer than $c$ tokens; a finished chunk is never looked at again).
+# `LayerState` holds these three; the model's state adds the statistics of the final norm.
+
+# %% tags=["export:model"]
+@dataclass
+class LayerState:
+    """What one Megalodon layer carries from one call to the next.
+
+    Attributes:
+        norm: the timestep norm's running statistics: ``count`` (B,) int64, ``mean`` and ``var``
+            (B, G) float32, over every token seen so far.
+        cema: the complex EMA hidden state after the last token, complex64 (B, D, N).
+        attention: keys (post-RoPE) and values of the unfinished chunk: ``k`` (B, H, n, z_dim/H),
+            ``v`` (B, H, n, value_dim/H) with 0 <= n < chunk_size.
+    """
+
+    norm: TimestepNormState
+    cema: Tensor
+    attention: ChunkKVCache
+
+
+@dataclass
+class MegalodonState:
+    """The whole model's memory of the stream: one :class:`LayerState` per block and the final
+    norm's statistics. Its size depends on the batch, the shapes and the position inside the
+    current chunk, never on how many tokens came before."""
+
+    layers: list[LayerState]
+    final_norm: TimestepNormState
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.final_norm.count.shape[0])
+
+    @property
+    def num_tokens(self) -> Tensor:
+        """Tokens read so far, per sequence: (B,) int64."""
+        return self.final_norm.count
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held by the state."""
+        out = list(self.final_norm)
+        for layer in self.layers:
+            out += [*layer.norm, layer.cema, layer.attention.k, layer.attention.v]
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of memory the state keeps alive (distinct storages, counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
+        return sum(storages.values())
+
+    def detach(self) -> MegalodonState:
+        """A copy cut from the autograd graph, each tensor owning no more memory than it shows
+        (a slice of a long key tensor would otherwise keep the whole tensor alive)."""
+
+        def own(t: Tensor) -> Tensor:
+            t = t.detach()
+            return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+        def own_norm(s: TimestepNormState) -> TimestepNormState:
+            return TimestepNormState(*(own(t) for t in s))
+
+        layers = [LayerState(own_norm(s.norm), own(s.cema), ChunkKVCache(own(s.attention.k), own(s.attention.v)))
+                  for s in self.layers]
+        return MegalodonState(layers, own_norm(self.final_norm))
+
+
+class MegalodonLayer(nn.Module):
+    """The moving-average gated attention layer of Megalodon (official name
+    ``MovingAverageGatedAttention``), residual included.
+
+    ``forward(x, state)``: x (B, L, D) -> (x + h (B, L, D), new LayerState), with
+
+        X  = TimestepNorm(x);     mx = RMSNorm(CEMA(X))
+        z  = mx W_z + b_z;        v = SiLU(X W_v + b_v);     r = SiLU(mx W_r + b_r)
+        O  = ChunkAttention(z, v)        (per-head normalised q, k; RoPE; softmax inside chunks)
+        h  = mx W_h1 + b_h + (O ⊙ r) W_h2
+    """
+
+    def __init__(self, config: MegalodonConfig) -> None:
+        super().__init__()
+        cfg = config
+        self.init_mode = cfg.init_mode
+        self.dropout, self.hidden_dropout = cfg.dropout, cfg.hidden_dropout
+        self.timenorm = TimestepNorm(cfg.model_dim, cfg.norm_num_groups, eps=cfg.norm_eps)
+        self.cema = CEMA(cfg.model_dim, cfg.cema_ndim)
+        self.rmsnorm = RMSNorm(cfg.model_dim, eps=cfg.norm_eps)
+        self.wz = nn.Linear(cfg.model_dim, cfg.z_dim)
+        self.wv = nn.Linear(cfg.model_dim, cfg.value_dim)
+        self.wr = nn.Linear(cfg.model_dim, cfg.value_dim)
+        self.wh1 = nn.Linear(cfg.model_dim, cfg.model_dim)
+        self.wh2 = nn.Linear(cfg.value_dim, cfg.model_dim, bias=False)
+        self.attention = ChunkAttention(cfg.z_dim, cfg.value_dim, cfg.num_heads, cfg.chunk_size,
+                                        rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout)
+        self._init_projections()  # the sub-modules initialised themselves when built
+
+    def _init_projections(self) -> None:
+        init = linear_init(self.init_mode)
+        for linear in (self.wz, self.wv, self.wr, self.wh1, self.wh2):
+            init(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def reset_parameters(self) -> None:
+        """Official init: projection weights by ``init_mode``, biases 0, the CEMA its own init, and
+        every norm scale/shift (timestep norm, RMS norm, q/k affine) 0."""
+        self._init_projections()
+        self.cema.reset_parameters()
+        for param in (self.timenorm.weight, self.timenorm.bias, self.rmsnorm.weight,
+                      self.attention.gamma, self.attention.beta):
+            nn.init.zeros_(param)
+
+    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+        """x: (B, L, D); state: what the previous call returned, or None at the start of a stream."""
+        norm_state, h0, kv = (None, None, None) if state is None else (state.norm, state.cema, state.attention)
+        X, norm_state = self.timenorm(x, norm_state)
+        ema, h_last = self.cema(X, h0)
+        mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
+        v = F.silu(self.wv(X))
+        r = F.silu(self.wr(mx))
+        attn, kv = self.attention(self.wz(mx), v, kv)
+        attn = F.dropout(attn * r, self.hidden_dropout, self.training)
+        h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
+        return h + x, LayerState(norm_state, h_last, kv)
+
+
+class MegalodonBlock(nn.Module):
+    """Megalodon layer plus normalised FFN with the two-hop residual (Megalodon §3.4):
+
+        y = MegalodonLayer(x)            (= x + h)
+        out = FFN(LayerNorm(y)) + x      (the FFN's residual is the block input x, not y)
+
+    x: (B, L, D) -> (B, L, D).
+    """
+
+    def __init__(self, config: MegalodonConfig, layer_index: int) -> None:
+        super().__init__()
+        self.mega = MegalodonLayer(config)
+        layer_scale = 0.1 * 0.5 ** layer_index if config.rescale_nffn else None
+        self.ffn = NormalizedFFN(config.model_dim, config.ffn_hidden_dim, swiglu=config.swiglu, eps=config.norm_eps,
+                                 dropout=config.dropout, hidden_dropout=config.hidden_dropout,
+                                 layer_scale=layer_scale, init_mode=config.init_mode)
+
+    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+        y, state = self.mega(x, state)
+        return self.ffn(y, residual=x), state
+
+# %% [markdown]
+# The language model wraps the blocks: embedding (scaled by $\sqrt D$ if `scale_emb`, then
+# dropout), the blocks, a final **timestep** norm (the official `MegaOutputLayer` uses a
+# TimestepNorm here, not a LayerNorm, so it too carries statistics in the stream), and a linear
+# head without bias, optionally tied to the embedding. Logits come back in float32 even under
+# bf16 autocast, as in the official code.
+#
+# `forward(tokens, state)` always returns the new state, detached from the autograd graph: a stream
+# is read by calling the model again with that state, for as long as one likes. Malformed input
+# is refused with an error that names the argument.
+
+# %% tags=["export:model"]
+def check_tokens(tokens: object, vocab_size: int, name: str = "tokens") -> Tensor:
+    """Refuse anything but a non-empty (B, L) integer tensor of ids in [0, vocab_size)."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (torch.int64 or torch.int32), got {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got shape {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (vocab_size), got ids from {low} to {high}")
+    return tokens
+
+
+def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
+    """Refuse a negative temperature or a top_k outside [1, vocab_size]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r}")
+
+
+def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row from logits (B, V) -> (B,) int64.
+
+    ``temperature == 0`` picks the argmax; otherwise softmax(logits / temperature), restricted to the
+    ``top_k`` largest logits when given (ties at the k-th value are kept). ``generator`` (on the
+    logits' device) makes the draw reproducible.
+    """
+    check_sampling(temperature, top_k, logits.shape[-1])
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class MegalodonLM(nn.Module):
+    """Megalodon language model: embedding -> blocks -> final TimestepNorm -> head.
+
+    ``forward(tokens (B, L) int, state=None) -> (logits (B, L, V) float32, state)``. Feeding a
+    sequence in pieces, each call taking the previous call's state, gives the logits of one call
+    over the whole sequence; the state stays the same size however long the stream.
+    """
+
+    def __init__(self, config: MegalodonConfig) -> None:
+        super().__init__()
+        if not isinstance(config, MegalodonConfig):
+            raise TypeError(f"config must be a MegalodonConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.model_dim)
+        self.blocks = nn.ModuleList(MegalodonBlock(config, i) for i in range(config.num_layers))
+        self.final_norm = TimestepNorm(config.model_dim, config.norm_num_groups, eps=config.norm_eps)
+        self.head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        if config.share_emb:
+            self.head.weight = self.embed.weight
+        embedding_init_(self.embed.weight)
+        if not config.share_emb:
+            embedding_init_(self.head.weight)
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter with the official initialisation."""
+        embedding_init_(self.embed.weight)
+        if not self.config.share_emb:
+            embedding_init_(self.head.weight)
+        for block in self.blocks:
+            block.mega.reset_parameters()
+            block.ffn.reset_parameters()
+        nn.init.zeros_(self.final_norm.weight)
+        nn.init.zeros_(self.final_norm.bias)
+
+    def _check_state(self, state: object, batch_size: int) -> MegalodonState:
+        if not isinstance(state, MegalodonState):
+            raise TypeError(f"state must be a MegalodonState (what forward returned) or None, "
+                            f"got {type(state).__name__}")
+        if len(state.layers) != len(self.blocks):
+            raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.blocks)}")
+        if state.batch_size != batch_size:
+            raise ValueError(f"state is for batch size {state.batch_size}, tokens have batch size {batch_size}")
+        return state
+
+    def forward(self, tokens: Tensor, state: MegalodonState | None = None) -> tuple[Tensor, MegalodonState]:
+        """tokens: (B, L) int64/int32 ids; state: None to start a stream, else the previous call's.
+
+        Returns logits (B, L, V) in float32 (float64 for a float64 model) and the state after the
+        last token (detached).
+        """
+        check_tokens(tokens, self.config.vocab_size)
+        if state is not None:
+            self._check_state(state, tokens.shape[0])
+        x = self.embed(tokens)
+        if self.config.scale_emb:
+            x = x * math.sqrt(self.config.model_dim)
+        x = F.dropout(x, self.config.dropout, self.training)
+        layer_states = []
+        for i, block in enumerate(self.blocks):
+            x, layer_state = block(x, None if state is None else state.layers[i])
+            layer_states.append(layer_state)
+        x, final_state = self.final_norm(x, None if state is None else state.final_norm)
+        logits = self.head(x)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return logits, MegalodonState(layer_states, final_state).detach()
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``prompt`` (B, P) by ``max_new_tokens`` sampled tokens -> (B, max_new_tokens) int64.
+
+        The prompt is read in one call, then one token per call through the streaming state, so
+        memory does not grow with the length generated. Runs in eval mode (no dropout) and
+        restores the previous mode. See :func:`sample_next_token` for the sampling options.
+        """
+        check_tokens(prompt, self.config.vocab_size, name="prompt")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, self.config.vocab_size)
+        was_training = self.training
+        self.eval()
+        try:
+            new_tokens = []
+            logits, state = self(prompt)
+            for step in range(max_new_tokens):
+                token = sample_next_token(logits[:, -1], temperature, top_k, generator)
+                new_tokens.append(token)
+                if step + 1 < max_new_tokens:
+                    logits, state = self(token[:, None], state)
+        finally:
+            self.train(was_training)
+        if not new_tokens:
+            return prompt.new_zeros((prompt.shape[0], 0), dtype=torch.int64)
+        return torch.stack(new_tokens, dim=1)
+
+# %% [markdown]
+# ## 7. Saving and loading
+#
+# A checkpoint is a folder with two files: `config.json` (the config, a format version, the name
+# of the weights file and its SHA-256) and the weights in safetensors, a format that holds only
+# tensors — loading it never runs code, unlike a pickle. The writes are atomic: each file is
+# written under a temporary name in the same folder, flushed to disk, and moved into place with
+# `os.replace`. The weights file is named by its hash, so the new weights land *beside* the old
+# ones; replacing `config.json` is the single step that switches the checkpoint from old to new.
+# A save that fails anywhere before that step leaves the old checkpoint as it was and no
+# temporary file behind; one that fails after it leaves the new checkpoint whole.
+#
+# Loading checks everything it can before touching the model: the JSON parses, the format is
+# ours, the config is valid (and, when loading into an existing model, equal to its config — the
+# error names the fields that differ), the weights file has the recorded hash (a truncated or
+# corrupted file is refused by name), and the tensor names and shapes match.
+
+# %% tags=["export:checkpoint"]
+"""Save and load a :class:`~megalodon_lite.model.MegalodonLM`: safetensors weights, JSON config, atomic.
+
+A checkpoint is a folder::
+
+    config.json                    {"format", "version", "config", "weights", "weights_sha256", "tied"}
+    model-<sha256[:16]>.safetensors
+
+``config.json`` is the entry point and the commit point: a save writes the new weights file
+beside the old one, then replaces ``config.json`` atomically (temporary file + ``os.replace``),
+then deletes weights files no longer named. Loading verifies the SHA-256 of the weights and never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from megalodon_lite.config import MegalodonConfig
+from megalodon_lite.model import MegalodonLM
+
+FORMAT = "megalodon-lite"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_GLOB = "model-*.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupted, or does not fit the model."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform can open a directory
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _temp_path(directory: Path, kind: str) -> Path:
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=f".{kind}")
+    os.close(fd)
+    return Path(name)
+
+
+def _weights_and_ties(model: MegalodonLM) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict as contiguous CPU tensors, each shared tensor once; ``ties`` maps a dropped
+    name to the name that was kept."""
+    tensors: dict[str, torch.Tensor] = {}
+    ties: dict[str, str] = {}
+    seen: dict[tuple[int, int], str] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        if tensor.device.type == "meta":
+            raise ValueError(f"cannot save {name}: it is on the meta device (no data)")
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen and tensor.shape == tensors[seen[key]].shape:
+            ties[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, ties
+
+
+def _current_weights_name(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_checkpoint(model: MegalodonLM, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s config and weights into ``directory`` (created if needed); return its path.
+
+    Atomic: until the final ``os.replace`` of ``config.json`` the previous checkpoint in
+    ``directory`` is untouched and loadable; temporary files are removed when the save fails.
+    """
+    if not isinstance(model, MegalodonLM):
+        raise TypeError(f"model must be a MegalodonLM, got {type(model).__name__}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, ties = _weights_and_ties(model)
+    previous = _current_weights_name(directory)
+    weights_tmp = config_tmp = placed = None
+    try:
+        weights_tmp = _temp_path(directory, "safetensors")
+        save_file(tensors, str(weights_tmp), metadata={"format": FORMAT})
+        _fsync_file(weights_tmp)
+        digest = _sha256(weights_tmp)
+        weights_name = f"model-{digest[:16]}.safetensors"
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
+                    "weights": weights_name, "weights_sha256": digest, "tied": ties}
+        config_tmp = _temp_path(directory, "json")
+        config_tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _fsync_file(config_tmp)
+        placed = directory / weights_name
+        os.replace(weights_tmp, placed)
+        weights_tmp = None
+        os.replace(config_tmp, directory / CONFIG_FILE)  # the commit point
+        config_tmp = None
+    except BaseException:
+        for tmp in (weights_tmp, config_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if placed is not None and placed.name != previous and _current_weights_name(directory) != placed.name:
+            placed.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    for stale in directory.glob(WEIGHTS_GLOB):
+        if stale.name != weights_name:
+            stale.unlink(missing_ok=True)
+    return directory
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The parsed and checked ``config.json`` of a checkpoint folder."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {Path(directory)}: {CONFIG_FILE} not found")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (its 'format' field is missing or wrong)")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {manifest.get('version')!r}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    for field, kind in (("config", dict), ("weights", str), ("weights_sha256", str), ("tied", dict)):
+        if not isinstance(manifest.get(field), kind):
+            raise CheckpointError(f"{path}: field {field!r} is missing or not a {kind.__name__}")
+    if Path(manifest["weights"]).name != manifest["weights"]:
+        raise CheckpointError(f"{path}: 'weights' must be a file name inside the folder, got {manifest['weights']!r}")
+    return manifest
+
+
+def load_config(directory: str | os.PathLike) -> MegalodonConfig:
+    """The :class:`MegalodonConfig` stored in a checkpoint folder."""
+    manifest = read_manifest(directory)
+    try:
+        return MegalodonConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: bad config: {err}") from None
+
+
+def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = None, *,
+                    device: str | torch.device = "cpu", verify: bool = True) -> MegalodonLM:
+    """Load a checkpoint into ``model`` (its config must be equal) or into a new model on ``device``.
+
+    ``verify`` checks the weights' SHA-256 first (reads the file twice; turn off only for speed
+    with a trusted file). Raises :class:`CheckpointError` (a ValueError) naming the problem.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    config = load_config(directory)
+    if model is None:
+        model = MegalodonLM(config).to(device)
+    elif not isinstance(model, MegalodonLM):
+        raise TypeError(f"model must be a MegalodonLM or None, got {type(model).__name__}")
+    else:
+        differ = config.differences(model.config)
+        if differ:
+            details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, model {getattr(model.config, name)!r})"
+                                for name in differ)
+            raise CheckpointError(f"checkpoint config does not match the model's: {details}")
+    weights_path = directory / manifest["weights"]
+    if not weights_path.is_file():
+        raise CheckpointError(f"weights file {weights_path} named in {CONFIG_FILE} is missing")
+    if verify and _sha256(weights_path) != manifest["weights_sha256"]:
+        raise CheckpointError(f"weights file {weights_path} does not have the SHA-256 recorded in "
+                              f"{CONFIG_FILE}: it is truncated or corrupted")
+    target_device = next(model.parameters()).device
+    try:
+        tensors = load_file(str(weights_path), device=str(target_device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read weights file {weights_path}: {err}") from None
+    expected = model.state_dict()
+    tied = manifest["tied"]
+    missing = sorted(set(expected) - set(tensors) - set(tied))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"weight {name} has shape {tuple(tensor.shape)} in the checkpoint, "
+                                  f"{tuple(expected[name].shape)} in the model")
+    for name, kept in tied.items():
+        if name not in expected or kept not in tensors:
+            raise CheckpointError(f"tied weight {name} -> {kept} does not fit the model")
+        tensors[name] = tensors[kept]
+    model.load_state_dict(tensors, strict=True)
+    return model
