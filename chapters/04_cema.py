@@ -1,0 +1,769 @@
+# %% [markdown]
+# # 04 · Complex EMA (CEMA)
+#
+# Chapter 02 built MEGA's damped EMA: every channel $j$ of the input is spread over $N$ hidden
+# dimensions, each a leaky integrator
+#
+# $$h_t = \alpha \odot \beta x_t + (1 - \alpha \odot \delta) \odot h_{t-1}, \qquad y_t = \eta^\top h_t$$
+#
+# (MEGA §2), whose response to a single spike is a sum of $N$ decaying exponentials
+# $\sum_n \eta_n \alpha_n \beta_n \varphi_n^t$ with $\varphi_n = 1 - \alpha_n\delta_n \in (0, 1)$.
+# Such a kernel can only *smooth*: every term keeps one sign for ever, so the layer cannot express
+# "react to a change", "ring at a period of 7 tokens" or any band-pass behaviour.
+#
+# Megalodon (§3.1) makes the decay factor complex. Multiplying $\varphi$ by a rotation
+# $e^{i\theta}$ turns each term into a damped oscillation,
+#
+# $$\mathrm{Re}\big(c\,(\varphi e^{i\theta})^t\big) = |c|\,\varphi^t \cos(\theta t + \arg c),$$
+#
+# so with $N$ states at different frequencies the kernel can approximate a much richer family of
+# causal filters, and it is still a *diagonal linear state-space model*: $h_t = q \odot h_{t-1} +
+# p \odot x_t$, one complex number per state, $|q| < 1$ so nothing blows up.
+#
+# This chapter writes that layer three times — as the recurrence (the definition), as an FFT
+# convolution, and in a *chunked* form that later chapters turn into a Triton kernel — proves the
+# three agree with a float64 reference, and ends with a widget to play with $|q|$ and $\theta$.
+
+# %%
+import copy
+import math
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+
+seed_everything(0)
+device = pick_device()
+B = 2
+L = pick(smoke=300, full=16_384)   # not a multiple of the chunk size on purpose
+D = pick(smoke=8, full=256)
+N = 16
+print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
+
+# %% [markdown]
+# ## The parameterisation the official code uses
+#
+# Per channel $d$ and state $n = 1..N$ (`MG:megalodon/modules/complex_exponential_moving_average.py`):
+#
+# $$p = \sigma(\texttt{alpha}), \qquad
+#   \theta_n = n \cdot \tfrac{2\pi}{N}\,\sigma(\texttt{theta}), \qquad
+#   q = \big(1 - \sigma(\texttt{alpha})\,\sigma(\texttt{delta})\big)\, e^{i\theta_n}, \qquad
+#   \gamma = (\texttt{gamma}_{re} + i\,\texttt{gamma}_{im}) / \sqrt{N},$$
+#
+# $$h_t = q \odot h_{t-1} + p \odot x_t, \qquad
+#   y_t = \mathrm{Re}\Big(\sum_n \gamma_n h_{t,n}\Big) + \omega \odot x_t .$$
+#
+# * `alpha`, `delta` are per state ($D\times N$), `theta` is one number per channel: the channel
+#   owns a base frequency and its $N$ states sit at the harmonics $1, 2, \dots, N$ of it, spread
+#   over at most one full turn.
+# * $|q| = 1 - \sigma\sigma \in (0, 1)$ by construction, whatever the optimiser does.
+# * $\omega$ is MEGA's skip weight: the raw input leaks straight to the output.
+#
+# **Paper vs code.** The paper writes
+# $h_t = \alpha e^{i\theta} \odot \beta x_t + (1-\alpha\delta) e^{i\theta} \odot h_{t-1}$,
+# $y_t = \mathrm{Re}(\eta^\top h_t)$: the rotation multiplies the input term as well, and there is
+# an expansion vector $\beta$. Unrolling the paper's recurrence gives
+# $h_t = \sum_s \alpha\beta e^{i\theta}\, q^{t-s} x_s$, i.e. the code's state times the constant
+# $\beta e^{i\theta}$; since $\gamma$ is a free complex vector, $\eta \beta e^{i\theta}$ is just another
+# $\gamma$. The code drops both and keeps the $\omega$ skip. (The paper also calls the base
+# frequency $\omega$; in the code `omega` is the skip weight.) A cell below checks the equivalence
+# numerically.
+#
+# **Initialisation** (official `_reset_parameters`): `alpha`, `delta` $\sim \mathcal N(0, 0.2^2)$;
+# `theta` $= \mathrm{logit}(D^{-m/D})$ for a random permutation $m$ of $1..D$, so base frequencies
+# are spread log-uniformly over channels; `gamma_re` $\sim \mathcal N(0,1)$, `gamma_im` $= 0$;
+# `omega` $\sim$ TruncNormal$(0, 0.25, [-1, 1])$.
+#
+# The coefficients are computed in float32 whatever the parameters' dtype (float64 only when the
+# parameters themselves are float64, which the tests use as a reference).
+
+# %% tags=["export:cema"]
+"""Complex exponential moving average (CEMA): Megalodon §3.1, parameterised as the official code.
+
+Per channel d and state n (n = 1..N)::
+
+    p = sigmoid(alpha)                                     (D, N) real
+    q = (1 - sigmoid(alpha) * sigmoid(delta)) * exp(i * theta_n),
+        theta_n = n * (2 pi / N) * sigmoid(theta)           (D, N) complex, |q| < 1
+    gamma = (gamma_re + i gamma_im) / sqrt(N)              (D, N) complex
+    h_t = q * h_{t-1} + p * x_t                            (B, D, N) complex state
+    y_t = Re(sum_n gamma_n h_{t,n}) + omega * x_t          (B, L, D)
+
+Three equal computations: :func:`cema_recurrence` (the definition, O(L) sequential steps),
+:func:`cema_fft` (causal convolution with the kernel k[t] = Re sum_n p_n gamma_n q_n^t) and
+:func:`cema_chunked` (a C x C Toeplitz matmul inside blocks of C tokens, the N complex states
+carried across blocks). All of them take an initial state h0 and return the final state, compute
+in float32/complex64 (float64/complex128 when the coefficients are float64) even under autocast,
+and return y in x's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from megalodon_lite.ema import fft_causal_conv
+
+METHODS = ("auto", "recurrence", "fft", "chunked")
+DEFAULT_CHUNK_SIZE = 64
+RECURRENCE_MAX_LENGTH = 8  # "auto" steps token by token up to this length (streaming decode)
+
+
+def _compute_dtypes(reference: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(real, complex) dtypes to compute in: float64 only for float64 input, else float32."""
+    if reference.dtype in (torch.float64, torch.complex128):
+        return torch.float64, torch.complex128
+    return torch.float32, torch.complex64
+
+
+def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CEMA coefficients from the raw parameters (official parameterisation).
+
+    Args:
+        alpha, delta: (D, N, 1) raw parameters; p = sigmoid(alpha), |q| = 1 - sigmoid(alpha) sigmoid(delta).
+        theta: (D, 1, 1) raw base frequency; theta_n = n (2 pi / N) sigmoid(theta), n = 1..N.
+        gamma: (D, N, 2) real and imaginary parts of the output weights (scaled by 1/sqrt(N)).
+
+    Returns:
+        p (D, N) real, q (D, N) complex, gamma (D, N) complex, in float32/complex64
+        (float64/complex128 when alpha is float64).
+    """
+    if alpha.dim() != 3 or alpha.shape[-1] != 1:
+        raise ValueError(f"alpha must have shape (D, N, 1), got {tuple(alpha.shape)}")
+    d_model, n_states, _ = alpha.shape
+    expected = {"delta": (delta, (d_model, n_states, 1)), "theta": (theta, (d_model, 1, 1)),
+                "gamma": (gamma, (d_model, n_states, 2))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    real, _ = _compute_dtypes(alpha)
+    with torch.autocast(device_type=alpha.device.type, enabled=False):
+        p = torch.sigmoid(alpha.to(real)).squeeze(-1)
+        magnitude = 1.0 - p * torch.sigmoid(delta.to(real)).squeeze(-1)
+        harmonics = torch.arange(1, n_states + 1, dtype=real, device=alpha.device)
+        phase = torch.sigmoid(theta.to(real)).view(d_model, 1) * (2 * math.pi / n_states) * harmonics
+        q = torch.polar(magnitude, phase)
+        gamma_c = torch.view_as_complex(gamma.to(real).contiguous()) / math.sqrt(n_states)
+    return p, q, gamma_c
+
+
+def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
+    """Powers q^t for t = start .. start + length - 1, shape (D, N, length).
+
+    Built as exp(t log q) = |q|^t e^{i theta t} from the log-magnitude and the phase, so every
+    power is one rounding away from exact (a cumulative product would drift with t).
+    """
+    exponents = torch.arange(start, start + length, dtype=q.real.dtype, device=q.device)
+    return torch.exp(torch.log(q).unsqueeze(-1) * exponents)
+
+
+def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:
+    """The real convolution kernel k[t] = Re sum_n p_n gamma_n q_n^t, shape (D, length)."""
+    return torch.einsum("dn,dnt->dt", p * gamma, cema_powers(q, length)).real
+
+
+def _check_inputs(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                  h0: Tensor | None) -> tuple[torch.dtype, torch.dtype]:
+    """Validate shapes and dtypes shared by the three forms; return the compute dtypes."""
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a 3-D tensor (B, L, D), got shape {tuple(getattr(x, 'shape', ()))}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    batch, length, d_model = x.shape
+    if length == 0:
+        raise ValueError("x must hold at least one time step (L >= 1)")
+    if p.dim() != 2 or p.shape[0] != d_model:
+        raise ValueError(f"p must have shape (D={d_model}, N), got {tuple(p.shape)} (x has D={d_model})")
+    n_states = p.shape[1]
+    real, complex_ = _compute_dtypes(p)
+    if p.dtype != real:
+        raise TypeError(f"p must be float32 or float64, got {p.dtype}")
+    for name, tensor in (("q", q), ("gamma", gamma)):
+        if tuple(tensor.shape) != (d_model, n_states) or tensor.dtype != complex_:
+            raise ValueError(f"{name} must be {complex_} of shape {(d_model, n_states)}, "
+                             f"got {tensor.dtype} {tuple(tensor.shape)}")
+    if tuple(omega.shape) != (d_model,):
+        raise ValueError(f"omega must have shape ({d_model},), got {tuple(omega.shape)}")
+    if h0 is not None:
+        if not isinstance(h0, Tensor) or h0.dtype != complex_:
+            raise TypeError(f"h0 must be a {complex_} tensor (B, D, N), got {getattr(h0, 'dtype', type(h0))}")
+        if tuple(h0.shape) != (batch, d_model, n_states):
+            raise ValueError(f"h0 must have shape (B, D, N) = {(batch, d_model, n_states)}, got {tuple(h0.shape)}")
+    return real, complex_
+
+
+def cema_recurrence(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                    h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CEMA by its definition, one time step after the other (the reference; O(L) Python steps).
+
+    Args:
+        x: (B, L, D) input, any float dtype.
+        p, q, gamma: (D, N) coefficients from :func:`cema_coefficients`.
+        omega: (D,) skip weight.
+        h0: (B, D, N) complex initial state, or None for zeros.
+
+    Returns:
+        y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex.
+    """
+    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
+    batch, length, d_model = x.shape
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_c = x.to(real)
+        h = x_c.new_zeros(batch, d_model, p.shape[1], dtype=complex_) if h0 is None else h0
+        outputs = []
+        for t in range(length):
+            h = q * h + p * x_c[:, t, :, None]
+            outputs.append((gamma * h).real.sum(-1))
+        y = torch.stack(outputs, dim=1) + omega.to(real) * x_c
+    return y.to(x.dtype), h
+
+
+def cema_fft(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+             h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CEMA as a causal FFT convolution, plus the closed forms for the initial/final state.
+
+    y[t] = sum_{s<=t} k[t-s] x[s] + b[t] + omega x[t], with k[t] = Re sum_n p_n gamma_n q_n^t and
+    b[t] = Re sum_n gamma_n q_n^{t+1} h0_n; h_L = sum_t p q^{L-1-t} x_t + q^L h0.
+    Memory O(D N L) for the powers. Same arguments and returns as :func:`cema_recurrence`.
+    """
+    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
+    length = x.shape[1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_c = x.to(real)
+        powers = cema_powers(q, length + 1)                               # q^0 .. q^L
+        kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :length]).real
+        y = fft_causal_conv(x_c, kernel) + omega.to(real) * x_c
+        h_last = p * torch.einsum("btd,dnt->bdn", x_c.to(complex_), powers[..., :length].flip(-1))
+        if h0 is not None:
+            y = y + torch.einsum("bdn,dnt->btd", gamma * h0, powers[..., 1:]).real
+            h_last = h_last + powers[..., length] * h0
+    return y.to(x.dtype), h_last
+
+
+def _as_real_pairs(z: Tensor, dim: int) -> Tensor:
+    """Concatenate real and imaginary parts along dim (a complex N becomes a real 2N)."""
+    return torch.cat([z.real, z.imag], dim=dim)
+
+
+def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                 h0: Tensor | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
+    """CEMA in blocks of C = chunk_size tokens: Toeplitz matmul inside, complex state across.
+
+    For block m with start state H_m (H_0 = h0), tokens i, j = 0..C-1 of the block:
+        y[i]    = sum_{j<=i} k[i-j] x[j] + Re sum_n gamma_n q_n^{i+1} H_m,n + omega x[i]
+        H_{m+1} = q^C H_m + sum_j p q^{C-1-j} x[j]
+    All matmuls are real (complex numbers as real/imaginary pairs); only the scan over blocks is
+    sequential. A length that is not a multiple of C ends with one shorter block.
+    Same arguments and returns as :func:`cema_recurrence`.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
+    batch, length, d_model = x.shape
+    n_states = p.shape[1]
+    tail = length % chunk_size
+    if tail and length > tail:  # whole blocks first, then the tail as one shorter block
+        y_head, h_head = cema_chunked(x[:, :length - tail], p, q, gamma, omega, h0, chunk_size=chunk_size)
+        y_tail, h_last = cema_chunked(x[:, length - tail:], p, q, gamma, omega, h_head, chunk_size=tail)
+        return torch.cat([y_head, y_tail], dim=1), h_last
+    chunk_size = min(chunk_size, length)
+    n_chunks = length // chunk_size
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_c = x.to(real)
+        blocks = x_c.reshape(batch, n_chunks, chunk_size, d_model)
+        powers = cema_powers(q, chunk_size + 1)                           # q^0 .. q^C
+        # inside a block: lower-triangular Toeplitz T[d, i, j] = k[d, i - j]
+        kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :chunk_size]).real
+        offsets = torch.arange(chunk_size, device=x.device)
+        lag = offsets[:, None] - offsets[None, :]
+        toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)
+        y = torch.einsum("dij,bmjd->bmid", toeplitz, blocks)
+        # what each block adds to the state (from zero): sum_j p q^{C-1-j} x[j]
+        to_state = _as_real_pairs(p[..., None] * powers[..., :chunk_size].flip(-1), dim=1)   # (D, 2N, C)
+        local = torch.einsum("bmjd,dkj->bmdk", blocks, to_state)
+        local = torch.complex(local[..., :n_states], local[..., n_states:])
+        # carry the state across blocks (sequential, n_chunks steps)
+        step = powers[..., chunk_size]
+        h = x_c.new_zeros(batch, d_model, n_states, dtype=complex_) if h0 is None else h0
+        starts = []
+        for m in range(n_chunks):
+            starts.append(h)
+            h = step * h + local[:, m]
+        starts = _as_real_pairs(torch.stack(starts, dim=1), dim=-1)      # (B, M, D, 2N)
+        # what the carried state adds to each token: Re sum_n gamma_n q_n^{i+1} H_n
+        from_state = gamma[..., None] * powers[..., 1:]
+        from_state = torch.cat([from_state.real, -from_state.imag], dim=1)  # (D, 2N, C)
+        y = y + torch.einsum("bmdk,dki->bmid", starts, from_state)
+        y = y.reshape(batch, length, d_model) + omega.to(real) * x_c
+    return y.to(x.dtype), h
+
+
+class CEMA(nn.Module):
+    """Multi-dimensional damped complex EMA of Megalodon (§3.1), as in the official code.
+
+    Parameters: alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2) (real, imaginary);
+    omega (D,) skip weight. ``forward(x, h0)`` maps (B, L, D) to (B, L, D) and returns the final
+    complex state (B, D, N), so that feeding a sequence in pieces equals one call.
+    """
+
+    def __init__(self, d_model: int, n_states: int = 16) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_states", n_states)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.d_model = d_model
+        self.n_states = n_states
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.alpha = nn.Parameter(torch.empty(d_model, n_states, 1))
+        self.delta = nn.Parameter(torch.empty(d_model, n_states, 1))
+        self.theta = nn.Parameter(torch.empty(d_model, 1, 1))
+        self.gamma = nn.Parameter(torch.empty(d_model, n_states, 2))
+        self.omega = nn.Parameter(torch.empty(d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: alpha, delta ~ N(0, 0.2); theta = logit(D^{-m/D}) for a random
+        permutation m of 1..D; gamma_re ~ N(0, 1), gamma_im = 0; omega ~ TruncNormal(0, 0.25, [-1, 1])."""
+        d_model = self.d_model
+        with torch.no_grad():
+            nn.init.normal_(self.alpha, mean=0.0, std=0.2)
+            nn.init.normal_(self.delta, mean=0.0, std=0.2)
+            m = torch.randperm(d_model, device=self.theta.device).to(torch.float64) + 1
+            base_frequency = d_model ** (-m / d_model)   # in [1/D, 1); D = 1 gives 1, clamped by eps
+            self.theta.copy_(torch.logit(base_frequency, eps=1e-6).view(d_model, 1, 1))
+            nn.init.normal_(self.gamma, mean=0.0, std=1.0)
+            self.gamma[:, :, 1] = 0.0
+            nn.init.trunc_normal_(self.omega, mean=0.0, std=0.25, a=-1.0, b=1.0)
+
+    def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """p (D, N) float32, q (D, N) complex64, gamma (D, N) complex64 (64-bit for float64 parameters)."""
+        return cema_coefficients(self.alpha, self.delta, self.theta, self.gamma)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, *, method: str = "auto") -> tuple[Tensor, Tensor]:
+        """Apply CEMA to x (B, L, D) from state h0 (B, D, N) complex64 or None (zeros).
+
+        method: "recurrence", "fft", "chunked", or "auto" (the recurrence up to
+        RECURRENCE_MAX_LENGTH tokens, e.g. one-token decoding steps, else the chunked form).
+        Returns y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex64.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, L, D={self.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+        p, q, gamma = self.coefficients()
+        if method == "auto":
+            method = "recurrence" if x.shape[1] <= RECURRENCE_MAX_LENGTH else "chunked"
+        if method == "recurrence":
+            return cema_recurrence(x, p, q, gamma, self.omega, h0)
+        if method == "fft":
+            return cema_fft(x, p, q, gamma, self.omega, h0)
+        return cema_chunked(x, p, q, gamma, self.omega, h0, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_states={self.n_states}"
+
+
+# %% [markdown]
+# A layer at its official initialisation: the decay $|q|$ sits around $1 - \sigma(0)^2$, the base
+# frequencies are spread over channels, and $\gamma$ starts real.
+
+# %%
+layer = CEMA(D, N).to(device)
+p, q, gamma = layer.coefficients()
+print(p.dtype, q.dtype, gamma.dtype, tuple(q.shape))
+print(f"|q| over all states: min {q.abs().min():.3f}  median {q.abs().median():.3f}  max {q.abs().max():.3f}")
+base = torch.sigmoid(layer.theta.detach().view(-1)) * 2 * math.pi / N
+print(f"base frequency theta_1 over channels: min {base.min():.4f}  max {base.max():.4f} rad/token")
+assert (q.abs() < 1).all() and (q.abs() > 0).all()
+assert torch.equal(layer.gamma[..., 1], torch.zeros_like(layer.gamma[..., 1]))
+assert layer.omega.abs().max() <= 1.0
+
+# %% [markdown]
+# What the rotation buys: below, the kernel of one channel with its $N$ states at the official
+# initialisation (left: each state's term $\mathrm{Re}(p\gamma_n q_n^t)$; right: their sum) against the
+# same channel with $\theta = 0$, which is MEGA's real damped EMA with the same decays.
+
+# %%
+def kernel_terms(p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-state terms Re(p_n gamma_n q_n^t), shape (D, N, length)."""
+    return ((p * gamma)[..., None] * cema_powers(q, length)).real
+
+
+horizon = 64
+channel = int(torch.argmax(base))  # the fastest-rotating channel shows the oscillation best
+terms = kernel_terms(p, q, gamma, horizon)[channel].cpu()
+terms_real = kernel_terms(p, q.abs().to(q.dtype), gamma, horizon)[channel].cpu()
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+axes[0].plot(terms.T.detach(), lw=0.8)
+axes[0].set(title=f"channel {channel}: the {N} terms Re(p γ_n q_n^t)", xlabel="t")
+axes[1].plot(terms.sum(0).detach(), label="CEMA kernel k[t]")
+axes[1].plot(terms_real.sum(0).detach(), "--", label="same |q|, θ = 0 (real EMA)")
+axes[1].set(title="their sum", xlabel="t")
+axes[1].legend()
+fig.tight_layout()
+save_figure(fig, "cema_kernel_terms")
+plt.show()
+assert torch.allclose(terms.sum(0), cema_kernel(p, q, gamma, horizon)[channel].cpu(), atol=1e-6)
+
+# %% [markdown]
+# ## 1 · The recurrence, and a float64 reference
+#
+# `cema_recurrence` is the definition, one token at a time. Run on float64 coefficients (a
+# float64 copy of the layer) it is our reference; the float32 run must match it to float32
+# accuracy: the state is a sum of at most $1/(1-|q|)$ effective terms of size $O(1)$, each rounded
+# to a relative $2^{-24}$, so we allow an absolute $10^{-5}$ on outputs of size $O(1)$.
+
+# %%
+x = torch.randn(B, L, D, device=device)
+reference = copy.deepcopy(layer).double()
+p64, q64, gamma64 = reference.coefficients()
+y_ref, h_ref = cema_recurrence(x.double(), p64, q64, gamma64, reference.omega)
+
+y_rec, h_rec = cema_recurrence(x, p, q, gamma, layer.omega)
+scale = y_ref.abs().max().item()
+err_rec = (y_rec.double() - y_ref).abs().max().item()
+print(f"max |y| = {scale:.3f};  recurrence float32 vs float64: max error {err_rec:.2e}, "
+      f"state error {(h_rec.to(torch.complex128) - h_ref).abs().max().item():.2e}")
+assert err_rec < 1e-5 * max(1.0, scale)
+
+# %% [markdown]
+# ## 2 · The convolution view and the FFT
+#
+# Unrolling $h_t = q h_{t-1} + p x_t$ from a state $h_0$ before the first token gives
+# $h_t = \sum_{s\le t} p\,q^{t-s} x_s + q^{t+1} h_0$, hence
+#
+# $$y_t = \sum_{s \le t} k[t-s]\, x_s \;+\; b[t] \;+\; \omega x_t,\qquad
+#   k[t] = \mathrm{Re}\sum_n p_n\gamma_n q_n^t,\qquad b[t] = \mathrm{Re}\sum_n \gamma_n q_n^{t+1} h_{0,n},$$
+#
+# and the state after the last token is $h_L = \sum_t p\,q^{L-1-t} x_t + q^L h_0$.
+# The kernel is *real*, so the convolution is chapter 01's zero-padded real FFT convolution
+# (`fft_causal_conv`), $O(L \log L)$ per channel. Two details matter in float32:
+#
+# * the powers are built as $q^t = \exp(t \log q) = |q|^t e^{i\theta t}$ — each one a single
+#   rounding away from exact — never as a running product $q \cdot q \cdots q$, whose error grows
+#   with $t$;
+# * everything runs in float32/complex64 with autocast disabled, and only the output is cast
+#   back to the input's dtype.
+#
+# The official CUDA path does the same (`ema_parameters` for $k$ and $b$, `fftconv`,
+# `ema_hidden` for $h_L$). We test it with a non-zero $h_0$.
+
+# %%
+h0 = torch.randn(B, D, N, dtype=torch.complex64, device=device)
+y_ref0, h_ref0 = cema_recurrence(x.double(), p64, q64, gamma64, reference.omega, h0.to(torch.complex128))
+y_fft, h_fft = cema_fft(x, p, q, gamma, layer.omega, h0)
+err_fft = (y_fft.double() - y_ref0).abs().max().item()
+err_fft_h = (h_fft.to(torch.complex128) - h_ref0).abs().max().item()
+print(f"FFT vs float64 recurrence (with h0): output error {err_fft:.2e}, final-state error {err_fft_h:.2e}")
+assert err_fft < 1e-5 * max(1.0, y_ref0.abs().max().item())
+assert err_fft_h < 1e-5 * max(1.0, h_ref0.abs().max().item())
+
+# %% [markdown]
+# ## 3 · The chunked form
+#
+# The FFT touches $O(L\log L)$ numbers and needs the whole sequence at once. The convolution has
+# more structure than a general one: its kernel has *rank* $2N$ (it is a sum of $N$ complex
+# exponentials), so a block of $C$ tokens talks to everything after it only through $N$ complex
+# numbers, the state. Cut the sequence into blocks of $C$ tokens; for block $m$ with state $H_m$
+# at its start,
+#
+# $$y_{mC+i} = \underbrace{\sum_{j \le i} k[i-j]\, x_{mC+j}}_{C\times C \text{ Toeplitz matmul}}
+#   + \underbrace{\mathrm{Re}\sum_n \gamma_n q_n^{i+1} H_{m,n}}_{\text{from the carried state}}
+#   + \omega x_{mC+i},\qquad
+#   H_{m+1} = q^C H_m + \sum_{j<C} p\, q^{C-1-j} x_{mC+j}.$$
+#
+# All of it is real matmuls of size $C$ (complex numbers as real/imaginary pairs, i.e. $2N$ real
+# rows) plus a scan over $L/C$ blocks. $H_0 = h_0$ gives the initial-state term $b[t]$ for free and
+# the last $H$ is the final state. This is the form the Triton chapter fuses: memory traffic is
+# one read of $x$ and one write of $y$.
+
+# %%
+y_chk, h_chk = cema_chunked(x, p, q, gamma, layer.omega, h0, chunk_size=64)
+err_chk = (y_chk.double() - y_ref0).abs().max().item()
+err_chk_h = (h_chk.to(torch.complex128) - h_ref0).abs().max().item()
+print(f"chunked (C=64, L={L}) vs float64 recurrence: output error {err_chk:.2e}, final-state error {err_chk_h:.2e}")
+assert err_chk < 1e-5 * max(1.0, y_ref0.abs().max().item())
+assert err_chk_h < 1e-5 * max(1.0, h_ref0.abs().max().item())
+for chunk in (1, 7, 128):
+    y_c, _ = cema_chunked(x, p, q, gamma, layer.omega, h0, chunk_size=chunk)
+    assert (y_c.double() - y_ref0).abs().max() < 1e-5 * max(1.0, y_ref0.abs().max().item()), chunk
+
+# %% [markdown]
+# Gradients flow through all three forms by autograd; they agree with each other (the tests
+# compare every form's gradients with a float64 reference for $x$ and every parameter).
+
+# %%
+def grads(method: str) -> list[torch.Tensor]:
+    xg = x[:, : min(L, 200)].clone().requires_grad_(True)
+    layer.zero_grad()
+    y, h = layer(xg, h0, method=method)
+    (y.square().mean() + h.abs().square().mean()).backward()
+    return [xg.grad] + [param.grad.clone() for param in layer.parameters()]
+
+
+g_rec, g_fft, g_chk = grads("recurrence"), grads("fft"), grads("chunked")
+for a, b_, c in zip(g_rec, g_fft, g_chk):
+    tol = 1e-4 * max(1.0, a.abs().max().item())
+    assert (a - b_).abs().max() < tol and (a - c).abs().max() < tol
+print("gradients of x and", [name for name, _ in layer.named_parameters()], "agree across the three forms")
+
+# %% [markdown]
+# ## 4 · State in, state out: streaming
+#
+# Because every form takes $h_0$ and returns $h_L$, a long sequence can be fed in pieces of any
+# size — the basis of Megalodon's unlimited-context inference. `method="auto"` picks the recurrence
+# for very short pieces (one-token decoding) and the chunked form otherwise.
+
+# %%
+cuts = sorted(torch.randperm(L - 1)[:5].add(1).tolist())
+pieces, h = [], None
+for a, b_ in zip([0] + cuts, cuts + [L]):
+    y_piece, h = layer(x[:, a:b_], h)
+    pieces.append(y_piece)
+y_stream = torch.cat(pieces, dim=1)
+y_whole, h_whole = layer(x)
+err_stream = (y_stream - y_whole).abs().max().item()
+print(f"pieces {[b_ - a for a, b_ in zip([0] + cuts, cuts + [L])]}: max difference to one call {err_stream:.2e}")
+assert err_stream < 1e-5 * max(1.0, y_whole.abs().max().item())
+assert (h - h_whole).abs().max() < 1e-5 * max(1.0, h_whole.abs().max().item())
+
+# %% [markdown]
+# ## 5 · The paper's form is the code's form with a different $\gamma$
+#
+# The paper puts the rotation on the input term as well and has an input expansion $\beta$:
+# $h_t = \alpha e^{i\theta}\beta x_t + (1-\alpha\delta)e^{i\theta} h_{t-1}$, $y_t = \mathrm{Re}(\eta^\top h_t)$.
+# Its state is the code's state times $\beta e^{i\theta}$, so the code with
+# $\gamma = \eta\,\beta\,e^{i\theta}$ must give the same outputs. Checked in float64:
+
+# %%
+xs = x[:, :50].double()
+beta = torch.randn(D, N, dtype=torch.float64, device=device)
+eta = torch.randn(D, N, dtype=torch.complex128, device=device)
+rotation = torch.polar(torch.ones_like(q64.abs()), q64.angle())
+h_paper = torch.zeros(B, D, N, dtype=torch.complex128, device=device)
+y_paper = []
+for t in range(xs.shape[1]):
+    h_paper = p64 * rotation * beta * xs[:, t, :, None] + q64 * h_paper
+    y_paper.append((eta * h_paper).real.sum(-1))
+y_paper = torch.stack(y_paper, dim=1)
+y_code, _ = cema_recurrence(xs, p64, q64, eta * beta * rotation, torch.zeros(D, dtype=torch.float64, device=device))
+print(f"paper form vs code form with gamma = eta·beta·e^(iθ): max difference {(y_paper - y_code).abs().max().item():.1e}")
+assert torch.allclose(y_paper, y_code, atol=1e-12)
+
+# %% [markdown]
+# ## 6 · Low precision
+#
+# Under bf16 the state and the powers must stay in float32: $|q|^t$ for $t$ in the thousands and
+# sums of thousands of terms are exactly what bf16's 8-bit mantissa cannot hold. The forms cast
+# $x$ to float32, disable autocast inside, and round only the output. So a bf16 input gives the
+# float32 result on the same (rounded) input, rounded once to bf16: a relative error of at most
+# bf16's unit roundoff $2^{-8}$ (8 significant bits) of each output.
+
+# %%
+x_bf16 = x.to(torch.bfloat16)
+y_bf16, h_bf16 = layer(x_bf16)
+y_fp32, h_fp32 = layer(x_bf16.float())
+rel = ((y_bf16.float() - y_fp32).abs() / y_fp32.abs().clamp_min(1e-6)).max().item()
+print(f"bf16 in -> {y_bf16.dtype} out, state {h_bf16.dtype}; max relative difference to float32: {rel:.2e} "
+      f"(bound 2^-8 = {2**-8:.2e})")
+assert y_bf16.dtype == torch.bfloat16 and h_bf16.dtype == torch.complex64
+assert rel <= 2**-8 and torch.equal(h_bf16, h_fp32)
+with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    y_auto, _ = layer(x)
+assert y_auto.dtype == torch.float32 and torch.allclose(y_auto, layer(x)[0], atol=1e-6)
+
+# %% [markdown]
+# Timing the three forms is only meaningful on the GPU at full size (this cell is skipped on a
+# CPU; nothing later uses it). The numbers it prints are for this machine only.
+
+# %% tags=["gpu"]
+def time_ms(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+x_gpu = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+layer_gpu = CEMA(D, N).cuda()
+with torch.no_grad():
+    for method in ("fft", "chunked"):
+        print(f"{method:8s} forward B={B} L={L} D={D}: {time_ms(lambda: layer_gpu(x_gpu, method=method)):.2f} ms")
+
+# %% [markdown]
+# ## 7 · The CEMA decay widget
+#
+# One channel with $N$ states. The sliders set the *sigmoid-space* values, each in $(0, 1)$:
+# **alpha** is $p = \sigma(\texttt{alpha})$, **delta** is $\sigma(\texttt{delta})$, so that
+# $|q| = 1 - \sigma(\texttt{alpha})\sigma(\texttt{delta})$; **theta** is $\sigma(\texttt{theta})$, the base
+# frequency as a fraction of $2\pi/N$. The state selector shows one state $n$ (at frequency
+# $\theta_n = n\theta_1$) or all of them. Panels: (1) the kernel $k[t]$ (its per-state terms);
+# (2) the path of $q_n^t$ in the complex plane, a spiral inside the unit circle; (3) the impulse
+# response of the whole channel, computed by running the layer on a spike (so it includes the
+# $\omega$ skip at $t = 0$); (4) its magnitude frequency response
+# $|H(e^{i\nu})| = |\omega + \tfrac12\sum_n (\frac{p\gamma_n}{1-q_n e^{-i\nu}} + \frac{\overline{p\gamma_n}}{1-\bar q_n e^{-i\nu}})|$
+# (curve), with the FFT of the computed impulse response (dots) on top. The readout shows $|q|$,
+# $\theta$ and the half-life $\ln 2 / (-\ln|q|)$ in tokens.
+
+# %%
+import io
+
+import ipywidgets as widgets
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def frequency_response(p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor, nu: torch.Tensor) -> torch.Tensor:
+    """Per-state transfer functions of the real terms Re(p gamma_n q_n^t) at frequencies nu, shape (len(nu), N).
+
+    Re(c q^t) = (c q^t + conj(c) conj(q)^t) / 2 and sum_t q^t z^t = 1 / (1 - q z) with z = e^{-i nu}.
+    """
+    z = torch.exp(-1j * nu.to(torch.float64))[:, None]
+    c, q = (p * gamma).to(torch.complex128), q.to(torch.complex128)
+    return 0.5 * (c / (1 - q * z) + c.conj() / (1 - q.conj() * z))
+
+
+# The closed form for panel (4) against the FFT of an impulse response computed by the layer
+# (long enough, 4096 steps, that the truncated tail is below float32 resolution at these decays):
+spike = torch.zeros(1, 4096, D, device=device)
+spike[0, 0] = 1.0
+with torch.no_grad():
+    response = layer(spike)[0][0].T.double().cpu()                  # (D, 4096)
+    nu_check = torch.linspace(0, math.pi, 4096 // 2 + 1)
+    closed = torch.stack([frequency_response(p[d].cpu(), q[d].cpu(), gamma[d].cpu(), nu_check).sum(1)
+                          for d in range(D)]) + layer.omega.detach().cpu().double()[:, None]
+err_h = (torch.fft.rfft(response).abs() - closed.abs()).abs().max().item()
+print(f"closed-form |H| vs FFT of the impulse response: max difference {err_h:.1e} (max |H| {closed.abs().max():.2f})")
+assert err_h < 1e-4 * closed.abs().max().item()
+
+
+# %%
+def build_cema_widget(n_states: int = 16, horizon: int = 96, seed: int = 0) -> widgets.VBox:
+    """Sliders for sigma(alpha), sigma(delta), sigma(theta) and a state selector; four redrawn panels.
+
+    The figure's artists are made once and only their data change on a redraw (re-laying out a
+    matplotlib figure costs far more than drawing it).
+    """
+    torch.manual_seed(seed)
+    cell = CEMA(1, n_states)                                 # one channel, official init of gamma, omega
+    slider = dict(min=0.01, max=0.99, step=0.01, readout_format=".2f",
+                  style={"description_width": "48px"}, layout=widgets.Layout(width="340px"))
+    alpha = widgets.FloatSlider(value=0.30, description="alpha", tooltip="σ(alpha) = p", **slider)
+    delta = widgets.FloatSlider(value=0.30, description="delta", tooltip="σ(delta); |q| = 1 − σ(alpha)σ(delta)", **slider)
+    theta = widgets.FloatSlider(value=0.25, description="theta", tooltip="σ(theta); θ_1 = σ(theta)·2π/N", **slider)
+    state = widgets.Dropdown(options=[("all", 0)] + [(f"n = {n}", n) for n in range(1, n_states + 1)],
+                             value=1, description="state", layout=widgets.Layout(width="200px"))
+    for control, css in ((alpha, "cema-alpha"), (delta, "cema-delta"), (theta, "cema-theta"), (state, "cema-state")):
+        control.add_class(css)
+    note = widgets.HTML("sliders set the sigmoid-space values σ(alpha), σ(delta), σ(theta) ∈ (0, 1)")
+    readout = widgets.HTML().add_class("cema-readout")
+    plot = widgets.Image(format="png").add_class("cema-plot")
+
+    t = torch.arange(horizon)
+    fft_length = 512                                         # impulse length used for the FFT dots
+    nu = torch.linspace(0, math.pi, fft_length // 2 + 1)     # the rfft bins of a length-512 signal
+    spike = torch.zeros(1, fft_length, 1)
+    spike[0, 0, 0] = 1.0
+    circle = torch.exp(1j * torch.linspace(0, 2 * math.pi, 200))
+
+    fig = Figure(figsize=(10, 6.4), dpi=72)
+    canvas = FigureCanvasAgg(fig)
+    ax_kernel, ax_plane, ax_impulse, ax_freq = fig.subplots(2, 2).ravel()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.95, hspace=0.35, wspace=0.2)
+    term_lines = [ax_kernel.plot([], [], lw=0.8)[0] for _ in range(n_states)]
+    envelope_lines = [ax_kernel.plot([], [], "k:", lw=0.8)[0] for _ in range(2)]
+    (sum_line,) = ax_kernel.plot([], [], "k", lw=1.5, label="k[t] = sum of terms")
+    ax_kernel.set_xlabel("t")
+    paths = [ax_plane.plot([], [], ".-", ms=2, lw=0.6)[0] for _ in range(n_states)]
+    ax_plane.plot(circle.real, circle.imag, "k", lw=0.5)
+    ax_plane.set(title="(2) q_n^t in the complex plane", aspect="equal", xlim=(-1.1, 1.1), ylim=(-1.1, 1.1))
+    stems = ax_impulse.stem(t, torch.zeros(horizon), basefmt=" ", markerfmt=".")
+    ax_impulse.set(title="(3) impulse response of the channel (all states + ω skip)", xlabel="t")
+    (channel_line,) = ax_freq.plot([], [], "k", label="channel (closed form)")
+    (fft_dots,) = ax_freq.plot([], [], "o", ms=3, label="FFT of the impulse response")
+    (state_line,) = ax_freq.plot([], [], "--", label="selected state")
+    ax_freq.set(title="(4) magnitude frequency response |H(e^{iν})|", xlabel="ν (rad/token)", yscale="log")
+
+    def redraw(*_) -> None:
+        with torch.no_grad():
+            for parameter, slider_ in ((cell.alpha, alpha), (cell.delta, delta), (cell.theta, theta)):
+                parameter.fill_(math.log(slider_.value / (1 - slider_.value)))   # logit of the σ value
+            p, q, gamma = (c[0] for c in cell.coefficients())                    # (N,) each
+            powers = cema_powers(q[None], horizon)[0]                             # (N, horizon)
+            terms = ((p * gamma)[:, None] * powers).real
+            impulse = cell(spike, method="chunked")[0][0, :, 0]
+            H = frequency_response(p, q, gamma, nu)
+            H_channel = H.sum(1) + cell.omega[0].double()
+        single = state.value != 0
+        shown = [state.value - 1] if single else list(range(n_states))
+        for n in range(n_states):
+            visible = n in shown
+            term_lines[n].set_visible(visible)
+            paths[n].set_visible(visible)
+            if visible:
+                term_lines[n].set_data(t, terms[n])
+                paths[n].set_data(powers[n].real, powers[n].imag)
+                paths[n].set_linestyle("-" if single else "none")   # 16 spirals: dots only
+        envelope = (p * gamma)[shown[0]].abs() * q[shown[0]].abs() ** t
+        for sign, line in zip((1, -1), envelope_lines):
+            line.set_data(t, sign * envelope)
+            line.set_visible(single)
+        sum_line.set_data(t, terms.sum(0))
+        sum_line.set_visible(not single)
+        ax_kernel.set_title(f"(1) kernel term Re(p γ_n q_n^t), n = {state.value}" if single
+                            else "(1) kernel k[t] and its N terms")
+        ax_kernel.relim(visible_only=True)
+        ax_kernel.autoscale_view()
+        stems.markerline.set_ydata(impulse[:horizon])
+        stems.stemlines.set_segments([[(i, 0.0), (i, v)] for i, v in enumerate(impulse[:horizon].tolist())])
+        ax_impulse.set_ylim(min(0.0, impulse.min().item()) * 1.1 - 1e-3, max(0.0, impulse.max().item()) * 1.1 + 1e-3)
+        channel_line.set_data(nu, H_channel.abs())
+        fft_dots.set_data(nu[::8], torch.fft.rfft(impulse).abs()[::8])
+        state_line.set_data(nu, H[:, shown[0]].abs())
+        state_line.set_visible(single)
+        ax_freq.legend(handles=[channel_line, fft_dots] + ([state_line] if single else []),
+                       loc="upper right", fontsize=8)
+        ax_freq.relim(visible_only=True)
+        ax_freq.autoscale_view()
+        buffer = io.BytesIO()
+        canvas.print_png(buffer)
+        plot.value = buffer.getvalue()
+        magnitude = q.abs()[0].item()
+        half_life = math.log(2) / -math.log(magnitude)
+        chosen = f", θ_{state.value} = {q[state.value - 1].angle().abs().item():.3f} rad" if single else ""
+        readout.value = (f"|q| = {magnitude:.4f} &nbsp;·&nbsp; θ = θ_1 = {q[0].angle().item():.4f} rad/token{chosen}"
+                         f" &nbsp;·&nbsp; half-life = {half_life:.2f} tokens")
+
+    for control in (alpha, delta, theta, state):
+        control.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.VBox([note, alpha, delta, theta, state, readout]), plot]).add_class("cema-widget")
+    box.redraw = redraw
+    return box
+
+
+cema_widget = build_cema_widget()
+times = []
+for _ in range(3):
+    start = time.perf_counter()
+    cema_widget.redraw()
+    times.append(time.perf_counter() - start)
+print(f"redraw time on this machine: {1e3 * min(times):.0f} ms (best of 3), {1e3 * max(times):.0f} ms (worst)")
+cema_widget
+
+# %% [markdown]
+# Things to try: push **alpha** and **delta** down and watch the half-life grow and the spiral
+# tighten towards the unit circle; raise **theta** and the states spread around the circle, each
+# contributing a band around its frequency $\theta_n$ to panel (4).
+#
+# **Summary.** `megalodon_lite.cema` exports `CEMA` (parameters and official initialisation),
+# `cema_coefficients`, `cema_powers`, `cema_kernel` and the three equal computations
+# `cema_recurrence`, `cema_fft`, `cema_chunked`, each with a state in and a state out. Chapter 07
+# builds the Megalodon layer on `CEMA`; the Triton chapter fuses `cema_chunked`.
