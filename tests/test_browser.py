@@ -1,0 +1,411 @@
+"""Chapter 04's CEMA widget, driven in a real browser.
+
+Starts JupyterLab on 127.0.0.1 (random port, random token, isolated settings), opens
+``chapters/04_cema.py`` as a notebook through jupytext in Debian's headless Chromium (Playwright
+with ``executable_path="/usr/bin/chromium"``; no downloaded browser), runs all cells, moves the
+``theta`` slider and asserts that the plot's pixels and the readout changed. The server is stopped
+by its process id (with every process it started) and the chapter file must be left byte for byte
+as it was.
+
+The widget contract this relies on (chapter 04): the whole widget has CSS class ``cema-widget``;
+FloatSliders ``alpha``, ``delta``, ``theta`` carry ``cema-alpha``, ``cema-delta``, ``cema-theta``;
+the state selector ``cema-state``; the plot is an ``ipywidgets.Image`` with ``cema-plot``; an
+``ipywidgets.HTML`` readout with ``cema-readout`` shows |q|, θ and a half-life after every redraw.
+
+Without ``/usr/bin/chromium`` the test is skipped, unless the ``CI`` environment variable is set:
+then it fails. Screenshots of the widget before and after go to pytest's ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHAPTER = Path("chapters/04_cema.py")  # relative to the server's root_dir
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Bounded waits, generous because the CI machine has 2 shared cores. Each wait polls and returns
+# as soon as its condition holds; none of them is a fixed sleep.
+SERVER_START_S = 60.0
+SERVER_STOP_S = 20.0
+PAGE_LOAD_S = 60.0
+RUN_ALL_S = 90.0
+REDRAW_S = 30.0
+
+# JupyterLab user settings for the isolated settings dir: open .py files with jupytext's notebook
+# view, never autosave (the chapter file must stay untouched), render every cell (no virtual
+# scrolling, so the widget is in the DOM wherever it sits), start the kernel without asking, and
+# fetch no news or updates.
+LAB_SETTINGS = {
+    "@jupyterlab/docmanager-extension/plugin": {
+        "autosave": False,
+        "defaultViewers": {"python": "Jupytext Notebook"},
+    },
+    "@jupyterlab/notebook-extension/tracker": {
+        "windowingMode": "none",
+        "autoStartDefaultKernel": True,
+    },
+    "@jupyterlab/apputils-extension/notification": {
+        "checkForUpdates": False,
+        "fetchNews": "false",
+    },
+}
+
+# Server configuration: nothing fetched from the internet (news, update check, extension index).
+SERVER_CONFIG = {
+    "LabApp": {
+        "news_url": None,
+        "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",
+        "extension_manager": "readonly",
+    },
+}
+
+
+def require_chromium() -> None:
+    """Skip without Chromium or Playwright, except on CI (``CI`` set), where that is a failure."""
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright Python package (pip install -e '.[dev]')")
+    if not missing:
+        return
+    reason = "browser test needs " + " and ".join(missing)
+    if os.environ.get("CI"):
+        pytest.fail(reason + "; CI is set, so this is an error, not a skip")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of every live descendant of ``pid`` (kernels included), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # Field 4 is the parent pid; field 2 (the name) is in parentheses and may hold spaces.
+        parent = int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop ``proc`` and everything it started, by process id: terminate, wait, then kill."""
+    family = descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=SERVER_STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=SERVER_STOP_S)
+    # A clean server shutdown ends its kernels; anything left over is stopped by its own pid.
+    for pid in family:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+    deadline = time.monotonic() + SERVER_STOP_S
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in family:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+@dataclass
+class LabServer:
+    url: str  # http://127.0.0.1:<port>
+    token: str
+    proc: subprocess.Popen
+    log: Path
+
+
+@contextlib.contextmanager
+def jupyterlab(root_dir: Path, home: Path) -> Iterator[LabServer]:
+    """Run JupyterLab on 127.0.0.1 with a random token and settings isolated under ``home``.
+
+    Yields once the server answers; on exit stops it by process id and checks that it, and every
+    process it started, is gone.
+    """
+    config_dir = home / "jupyter-config"
+    settings_dir = config_dir / "lab" / "user-settings"
+    for plugin, settings in LAB_SETTINGS.items():
+        package, name = plugin.rsplit("/", 1)
+        target = settings_dir / package / f"{name}.jupyterlab-settings"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(settings))
+    (config_dir / "jupyter_server_config.json").write_text(json.dumps(SERVER_CONFIG))
+
+    token = secrets.token_hex(24)
+    port = free_port()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "JUPYTER_CONFIG_DIR": str(config_dir),
+        "JUPYTER_DATA_DIR": str(home / "jupyter-data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "jupyter-runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(settings_dir),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "jupyter-workspaces"),
+        "IPYTHONDIR": str(home / "ipython"),
+        "MPLCONFIGDIR": str(home / "matplotlib"),
+        "MEGALODON_SMOKE": "1",  # inherited by the kernel: the chapter runs at smoke sizes
+    }
+    env.pop("JUPYTER_PATH", None)
+    env.pop("JUPYTER_CONFIG_PATH", None)
+    log = home / "jupyterlab.log"
+    command = [
+        sys.executable, "-m", "jupyter", "lab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--port-retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root_dir}",
+    ]  # fmt: skip
+    if os.geteuid() == 0:  # CI containers run as root; JupyterLab refuses that unless told
+        command.append("--allow-root")
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            command, cwd=root_dir, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = LabServer(url=f"http://127.0.0.1:{port}", token=token, proc=proc, log=log)
+    try:
+        wait_until_answering(server)
+        yield server
+    finally:
+        stop_process(proc)
+        assert proc.poll() is not None, f"JupyterLab (pid {proc.pid}) is still running"
+        assert not alive(proc.pid), f"JupyterLab (pid {proc.pid}) is still running"
+
+
+def wait_until_answering(server: LabServer) -> None:
+    request = urllib.request.Request(
+        f"{server.url}/api/status", headers={"Authorization": f"token {server.token}"}
+    )
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"JupyterLab exited with code {server.proc.returncode}:\n{server.log.read_text()[-4000:]}"
+            )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"JupyterLab did not answer within {SERVER_START_S:.0f} s:\n{server.log.read_text()[-4000:]}"
+            )
+        time.sleep(0.25)
+
+
+def decode_png(png_base64: str):
+    """The pixels (H, W, channels) of a base64-encoded PNG."""
+    import matplotlib.image
+
+    data = base64.b64decode(png_base64)
+    assert data.startswith(b"\x89PNG"), f"the plot is not a PNG: {data[:16]!r}"
+    return matplotlib.image.imread(io.BytesIO(data), format="png")
+
+
+# In-page JavaScript. The plot's <img> is the .cema-plot element or inside it; ipywidgets.Image
+# serves its value as a blob: URL, and PNG_BASE64 reads the bytes behind it.
+PLOT_SRC = """() => {
+    const el = document.querySelector('.cema-widget .cema-plot');
+    const img = el && (el.tagName === 'IMG' ? el : el.querySelector('img'));
+    return img && img.complete && img.naturalWidth > 0 ? img.src : null;
+}"""
+READOUT_TEXT = "() => document.querySelector('.cema-widget .cema-readout')?.innerText.trim() || null"
+PNG_BASE64 = """async (src) => {
+    const bytes = new Uint8Array(await (await fetch(src)).arrayBuffer());
+    let binary = '';
+    for (const byte of bytes) binary += String.fromCharCode(byte);
+    return btoa(binary);
+}"""
+# 'dialog' while JupyterLab asks which kernel to start (the chapters carry no kernelspec),
+# 'ready' once a kernel is attached and idle, else null.
+KERNEL_STATE = """() => {
+    if (document.querySelector('.jp-Dialog')) return 'dialog';
+    const panel = document.querySelector('.jp-NotebookPanel');
+    const name = panel?.querySelector('.jp-Toolbar-kernelName')?.textContent.trim();
+    const idle = panel?.querySelector(".jp-Notebook-ExecutionIndicator[data-status='idle']");
+    return name && name !== 'No Kernel' && idle ? 'ready' : null;
+}"""
+# True once every code cell has run: each prompt shows an execution count, none shows "*".
+ALL_CELLS_RAN = """() => {
+    const prompts = [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt')];
+    return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+}"""
+
+
+def start_kernel(page) -> None:
+    """Answer JupyterLab's "Select Kernel" dialog with Python 3 and wait for an idle kernel."""
+    deadline = time.monotonic() + PAGE_LOAD_S
+    while True:
+        remaining_ms = max(1.0, deadline - time.monotonic()) * 1000
+        state = page.wait_for_function(KERNEL_STATE, timeout=remaining_ms).json_value()
+        if state == "ready":
+            return
+        dialog = page.locator(".jp-Dialog").first
+        header = dialog.locator(".jp-Dialog-header").inner_text().strip()
+        assert header == "Select Kernel", f"unexpected JupyterLab dialog: {dialog.inner_text()!r}"
+        dialog.locator("select").select_option(value='{"name":"python3"}')
+        dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
+        dialog.wait_for(state="detached", timeout=remaining_ms)
+
+
+def widget_state(page, widget) -> dict:
+    """The plot's src and PNG bytes (base64), the readout text and the theta slider's readout."""
+    plot = page.evaluate(PLOT_SRC)
+    return {
+        "plot": plot,
+        "png": page.evaluate(PNG_BASE64, plot),
+        "readout": page.evaluate(READOUT_TEXT),
+        "theta": widget.locator(".cema-theta .widget-readout").first.inner_text().strip(),
+    }
+
+
+def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path) -> dict:
+    """Open ``notebook`` (a jupytext .py under the server root), run all cells, move ``theta``.
+
+    Returns the widget's state (see :func:`widget_state`) before and after moving the slider, and
+    the URLs outside 127.0.0.1 that the page tried to load (all blocked). Screenshots of the widget
+    (and of the whole page if something fails) are written to ``out_dir``.
+    """
+    from playwright.sync_api import sync_playwright
+
+    observed: dict = {"blocked": []}
+    local_host = urlsplit(server.url).netloc
+
+    def only_local(route) -> None:
+        parts = urlsplit(route.request.url)
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc != local_host:
+            observed["blocked"].append(route.request.url)
+            route.abort()
+        else:
+            route.continue_()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.route("**/*", only_local)
+            page.goto(f"{server.url}/lab/tree/{notebook.as_posix()}?token={server.token}")
+            # The jupytext notebook view (not the text editor) opens, with a running kernel.
+            panel = page.locator(".jp-NotebookPanel").first
+            panel.wait_for(state="visible", timeout=PAGE_LOAD_S * 1000)
+            start_kernel(page)
+
+            # Run → Run All Cells, as a reader would.
+            panel.locator(".jp-Notebook").first.click()
+            page.locator(".lm-MenuBar-itemLabel").get_by_text("Run", exact=True).click()
+            page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
+            page.wait_for_function(ALL_CELLS_RAN, timeout=RUN_ALL_S * 1000)
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+            assert errors.count() == 0, f"a cell raised:\n{errors.first.inner_text()}"
+
+            widget = page.locator(".cema-widget").first
+            widget.wait_for(state="visible", timeout=REDRAW_S * 1000)
+            widget.scroll_into_view_if_needed()
+            page.wait_for_function(f"() => ({PLOT_SRC})() && ({READOUT_TEXT})()", timeout=REDRAW_S * 1000)
+            observed["before"] = widget_state(page, widget)
+            widget.screenshot(path=str(out_dir / "cema_before.png"))
+
+            # Move theta with the keyboard, as a reader could: focus the handle and press PageUp
+            # (once: one new value, so one redraw, and the state read below is the settled one).
+            handle = widget.locator(".cema-theta .noUi-handle").first
+            handle.focus()
+            handle.press("PageUp")
+            page.wait_for_function(
+                f"""([plot, readout]) => {{
+                    const now = ({PLOT_SRC})(), text = ({READOUT_TEXT})();
+                    return now && text && now !== plot && text !== readout;
+                }}""",
+                arg=[observed["before"]["plot"], observed["before"]["readout"]],
+                timeout=REDRAW_S * 1000,
+            )
+            observed["after"] = widget_state(page, widget)
+            widget.screenshot(path=str(out_dir / "cema_after.png"))
+        except Exception:
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(out_dir / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    return observed
+
+
+def test_cema_widget_redraws_when_theta_moves(tmp_path: Path) -> None:
+    require_chromium()
+    chapter = REPO_ROOT / CHAPTER
+    assert chapter.is_file(), f"{CHAPTER} is missing"
+    digest_before = hashlib.sha256(chapter.read_bytes()).hexdigest()
+
+    with jupyterlab(REPO_ROOT, tmp_path / "home") as server:
+        observed = run_widget_in_browser(server, CHAPTER, tmp_path)
+
+    before, after = observed["before"], observed["after"]
+    assert after["theta"] != before["theta"], f"theta slider did not move: {before['theta']!r}"
+    assert after["readout"] != before["readout"], f"readout did not change: {before['readout']!r}"
+    pixels_before, pixels_after = decode_png(before["png"]), decode_png(after["png"])
+    assert pixels_before.shape != pixels_after.shape or (pixels_before != pixels_after).any(), (
+        "plot image changed its bytes but not its pixels"
+    )
+    assert observed["blocked"] == [], f"the page tried to reach the internet: {observed['blocked']}"
+    digest_after = hashlib.sha256(chapter.read_bytes()).hexdigest()
+    assert digest_after == digest_before, f"{CHAPTER} was modified by the browser session"
