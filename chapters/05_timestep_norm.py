@@ -397,8 +397,11 @@ assert welford_errors[1e4] < 1e-2 < naive_errors[1e4]
 # **Mean.** With $n_t = c_0 + (\text{real steps} \le t)$ and any constant $K$ (a shift),
 # $M_t = K + \frac{1}{n_t}\big(c_0 (M_0 - K) + \sum_{i\le t} (m_i - K)\big)$.
 # Choosing $K$ near the data removes the offset before summing: $K = M_0$ when the incoming
-# state has seen steps, else the first real step's $m$. The shift is a constant for autograd
-# (the result does not depend on it), so no gradient flows through it.
+# state has seen steps, else the first real step's $m$. This matters where the running sum is
+# kept in float32 (PyTorch's CUDA `cumsum`; its CPU `cumsum` happens to accumulate float32 in
+# float64): an unshifted sum of values near an offset grows with $t$ and loses the low digits
+# that carry the signal. The shift is a constant for autograd (the result does not depend on
+# it), so no gradient flows through it.
 #
 # **Variance.** Multiply the Welford variance update by $c' = c + 1$:
 # $c'S' = c\,S + v + \tfrac{c}{c'}(m - M)^2$. So $Q_t = n_t S_t$ (the sum of squared deviations)
