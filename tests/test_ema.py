@@ -263,3 +263,31 @@ def test_bad_kernel_length_argument_is_refused() -> None:
         ema_kernel(ALPHA, 0)
     with pytest.raises(TypeError, match="length must be an int, got float"):
         ema_kernel(ALPHA, 4.0)
+
+
+# ---- CUDA (skipped on machines without one) ----------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", FORMS)
+def test_cuda_matches_float64_reference(form: str) -> None:
+    x, alpha, upstream = random_problem(11, 2, 333, 4)
+    expected = reference_ema(x, alpha)
+    alpha_cuda = alpha.cuda().requires_grad_()
+    x_cuda = x.cuda().requires_grad_()
+    y = FORMS[form](x_cuda, alpha_cuda)
+    assert y.device.type == "cuda" and y.dtype == torch.float32
+    # Same bound as the CPU test: 4 * L * eps32 * max|x|.
+    torch.testing.assert_close(y.double().cpu(), expected, rtol=0, atol=4 * 333 * EPS32 * x.abs().max().item())
+    grad_x, = torch.autograd.grad((y * upstream.cuda()).sum(), x_cuda)
+    x64 = x.double().requires_grad_()
+    ref_grad_x, = torch.autograd.grad((reference_ema(x64, alpha) * upstream.double()).sum(), x64)
+    torch.testing.assert_close(grad_x.double().cpu(), ref_grad_x, rtol=0,
+                               atol=4 * 333 * EPS32 * upstream.abs().max().item())
+    # bfloat16 input: computed in float32, so only the final rounding (relative 2^-8) remains.
+    x_bf16 = x.bfloat16()
+    got = FORMS[form](x_bf16.cuda(), alpha.cuda())
+    assert got.dtype == torch.bfloat16
+    expected_bf16 = reference_ema(x_bf16, alpha)
+    assert ((got.double().cpu() - expected_bf16).abs() <= 2**-8 * expected_bf16.abs() + 1e-4).all()
+    with pytest.raises(ValueError, match="alpha must be on x's device"):
+        FORMS[form](x.cuda(), alpha)

@@ -1,0 +1,286 @@
+# %% [markdown]
+# # 00 · Why Megalodon
+#
+# A Transformer decoder lets every token look at every earlier token. For a sequence of $L$ tokens
+# causal softmax attention computes, per head,
+#
+# $$O = \operatorname{softmax}\!\Big(\frac{QK^\top}{\sqrt{d}} + M\Big)\,V, \qquad
+# M_{ts} = \begin{cases} 0 & s \le t \\ -\infty & s > t \end{cases}$$
+#
+# with $Q, K, V \in \mathbb{R}^{L \times d}$. The score matrix $QK^\top$ has $L^2$ entries: the work
+# grows as $L^2 d$, and so does the memory if the matrix is materialised. Fused kernels
+# (FlashAttention, PyTorch's `scaled_dot_product_attention`) never store it, which makes the memory
+# linear, but they still do the $L^2 d$ work. Doubling the context quadruples the cost.
+#
+# Megalodon (Ma et al. 2024, arXiv 2404.08801) keeps softmax attention but only **inside chunks**
+# of $c$ tokens, which costs $L \cdot c$ instead of $L^2$, and carries information across chunks
+# with a **moving average** (CEMA), a recurrence with a fixed-size state that costs $O(L)$ and needs
+# constant memory however long the stream. This chapter measures the wall that motivates all of
+# that, on whatever device runs the notebook.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+
+seed_everything(0)
+device = pick_device()
+on_gpu = device.type == "cuda"
+dtype = torch.bfloat16 if on_gpu else torch.float32
+heads, head_dim = pick(smoke=2, full=8), 64
+chunk = pick(smoke=128, full=2048 if on_gpu else 512)   # Megalodon-7B uses 4096 (paper), the repo 2048
+if on_gpu:
+    lengths = pick(smoke=[256, 512, 1024, 2048], full=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+else:
+    lengths = pick(smoke=[128, 256, 512, 1024, 2048], full=[256, 512, 1024, 2048, 4096, 8192])
+print(f"device={device}  dtype={dtype}  smoke={SMOKE}  heads={heads}  head_dim={head_dim}  chunk={chunk}")
+print(f"sequence lengths: {lengths}")
+
+# %% [markdown]
+# ## Four ways to mix tokens
+#
+# - **naive attention** materialises the $L \times L$ scores, masks, softmaxes and multiplies by $V$:
+#   the textbook formula, $O(L^2)$ time and memory;
+# - **SDPA**: PyTorch's fused `scaled_dot_product_attention(..., is_causal=True)`, the same numbers
+#   without storing the scores (on a GPU a FlashAttention kernel): $O(L^2)$ time, $O(L)$ memory;
+# - **chunked attention**: the same SDPA, but each token only sees earlier tokens of its own chunk
+#   of $c$ tokens, as in Megalodon: $O(L c)$ time;
+# - **cumulative mean**, the cheapest causal mixer there is: $y_t = \frac{1}{t+1}\sum_{s \le t} v_s$,
+#   one running sum, $O(L)$. It is exactly attention with *equal* scores (all $q = 0$), so it
+#   mixes the same tokens; what attention pays $L^2$ for is choosing the weights from the data.
+#   Chapter 01's moving average is the same kind of linear-time operation, with decaying instead
+#   of equal weights.
+#
+# First, the check that these compute what we say: naive attention equals SDPA, and attention with
+# $q = 0$ equals the cumulative mean (float64 on the CPU, where both are exact up to rounding).
+
+# %%
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention with the (B, H, L, L) score matrix materialised. q, k, v: (B, H, L, d)."""
+    length = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5                  # (B, H, L, L)
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same attention through PyTorch's fused kernel, which never stores the scores."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = chunk) -> torch.Tensor:
+    """Causal attention restricted to non-overlapping chunks of ``chunk_size`` tokens (L divisible by it)."""
+    batch, n_heads, length, dim = q.shape
+    size = min(chunk_size, length)
+
+    def split(t: torch.Tensor) -> torch.Tensor:                                 # (B, H, L, d) -> (B*L/c, H, c, d)
+        return t.view(batch, n_heads, length // size, size, dim).transpose(1, 2).reshape(-1, n_heads, size, dim)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+    return out.view(batch, length // size, n_heads, size, dim).transpose(1, 2).reshape(batch, n_heads, length, dim)
+
+
+def cumulative_mean(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """y_t = mean of v_0..v_t: linear time. Takes (q, k) only to share the others' signature."""
+    accumulate = torch.promote_types(v.dtype, torch.float32)                    # bf16 sums would drift
+    counts = torch.arange(1, v.shape[-2] + 1, device=v.device, dtype=accumulate)
+    # Scan with time as the last, contiguous dimension: PyTorch's fast path for cumsum.
+    running_sum = v.transpose(-2, -1).to(accumulate).cumsum(dim=-1)             # (B, H, d, L)
+    return (running_sum / counts).transpose(-2, -1).to(v.dtype)
+
+
+q, k, v = (torch.randn(1, 2, 300, 16, dtype=torch.float64) for _ in range(3))
+err_sdpa = (naive_attention(q, k, v) - sdpa_attention(q, k, v)).abs().max().item()
+err_uniform = (naive_attention(torch.zeros_like(q), k, v) - cumulative_mean(q, k, v)).abs().max().item()
+print(f"naive vs SDPA: {err_sdpa:.1e}    attention with q = 0 vs cumulative mean: {err_uniform:.1e}")
+assert err_sdpa < 1e-12 and err_uniform < 1e-12   # float64, sums of 300 terms of size ~1
+
+# %% [markdown]
+# ## The measurement
+#
+# Forward time (the best of a few calls) for each method as the sequence grows, with one batch,
+# `heads` heads of dimension 64. Naive attention is run only where its score matrix fits: on a GPU
+# we skip the sizes whose scores (and the masked and softmaxed copies of them) cannot fit in the
+# free memory, and catch an out-of-memory error if the estimate was optimistic. Next to the times,
+# the bytes of the materialised $L \times L$ score matrix ($B \cdot H \cdot L^2 \cdot$ bytes per
+# element). That column is **computed, not measured**; the GPU-only cell further down measures
+# peak memory with `torch.cuda.max_memory_allocated`.
+
+# %%
+def fastest_seconds(fn, repeats: int) -> float:
+    """Best of ``repeats`` timed calls: other work on the machine only ever adds time."""
+    fn()                                                  # warm-up: kernels, plans, allocator
+    times = []
+    for _ in range(repeats):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def naive_fits(length: int) -> bool:
+    """Whether the naive version's three (B, H, L, L) temporaries fit (CPU: cap at 2 GiB)."""
+    needed = 3 * heads * length**2 * torch.finfo(dtype).bits // 8
+    budget = torch.cuda.mem_get_info(device)[0] if on_gpu else 2 * 2**30
+    return needed < 0.9 * budget
+
+
+methods = {"naive": naive_attention, "SDPA": sdpa_attention, "chunked": chunked_attention,
+           "cumulative mean": cumulative_mean}
+repeats = pick(smoke=3, full=5)
+seconds = {name: [] for name in methods}
+score_bytes = []
+for length in lengths:
+    q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
+    for name, fn in methods.items():
+        elapsed = float("nan")
+        if name != "naive" or naive_fits(length):
+            try:
+                elapsed = fastest_seconds(lambda: fn(q, k, v), repeats)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        seconds[name].append(elapsed)
+    score_bytes.append(heads * length**2 * torch.finfo(dtype).bits // 8)
+    del q, k, v
+
+def cell(value: float, scale: float) -> str:
+    return f"{value * scale:>19.3f}" if np.isfinite(value) else f"{'does not fit':>19}"
+
+
+print(f"{'L':>7} " + " ".join(f"{name + ' ms':>19}" for name in methods) + f" {'L×L scores (MiB)':>18}")
+for i, length in enumerate(lengths):
+    print(f"{length:>7} " + " ".join(cell(seconds[name][i], 1e3) for name in methods)
+          + f" {score_bytes[i] / 2**20:>18.1f}")
+
+# %% [markdown]
+# On log-log axes a cost $\propto L^p$ is a straight line of slope $p$. We fit the slope of each
+# curve over the larger sizes (at small sizes fixed overheads such as kernel launches dominate and
+# flatten every curve). Full attention should approach slope 2, the chunked version and the
+# cumulative mean slope 1 (or less while they are still dominated by overhead). In smoke mode the
+# sizes are too small and the timings too noisy for the slopes to mean much: they are printed,
+# not asserted.
+
+# %%
+fit_from = pick(smoke=256, full=16384 if on_gpu else 1024)
+
+
+def fitted_slope(times: list[float]) -> float:
+    points = [(np.log(n), np.log(t)) for n, t in zip(lengths, times) if n >= fit_from and np.isfinite(t)]
+    if len(points) < 2:
+        return float("nan")
+    return float(np.polyfit(*zip(*points), deg=1)[0])
+
+
+slopes = {name: fitted_slope(seconds[name]) for name in methods}
+print(f"time ∝ L^p, fitted over L >= {fit_from}: " + ", ".join(f"{n} p = {s:.2f}" for n, s in slopes.items()))
+
+fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
+    ax_time.loglog(lengths, seconds[name], style, label=f"{name} (slope {slopes[name]:.2f})")
+ax_time.set(xlabel="sequence length L", ylabel="forward time (s)", title=f"time on {device.type}, {dtype}")
+ax_time.legend()
+activation_bytes = [heads * n * head_dim * torch.finfo(dtype).bits // 8 for n in lengths]
+ax_mem.loglog(lengths, score_bytes, "o-", color="C0", label="L×L score matrix (computed)")
+ax_mem.loglog(lengths, activation_bytes, "o-", color="C3", label="one (B, H, L, d) activation (computed)")
+ax_mem.set(xlabel="sequence length L", ylabel="bytes", title="what the naive version must store")
+ax_mem.legend()
+fig.tight_layout()
+save_figure(fig, "00_quadratic_wall")
+plt.show()
+
+if not SMOKE:
+    # Full sizes only: attention's L^2 must stand clearly above the linear-time mixers.
+    for name in ("SDPA", "naive"):
+        if np.isfinite(slopes[name]):
+            assert slopes[name] > slopes["cumulative mean"] + 0.5, (name, slopes)
+            assert slopes[name] > slopes["chunked"] + 0.5, (name, slopes)
+
+# %% [markdown]
+# On a GPU, measure instead of compute: the peak memory each method allocates beyond its inputs.
+# The naive version's peak grows as $L^2$ and soon exceeds the device; the fused kernels stay
+# linear. (This cell runs only where CUDA is present, and nothing after it depends on it.)
+
+# %% tags=["gpu"]
+def peak_bytes(fn, q, k, v) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn(q, k, v)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+gpu_peak = {name: [] for name in methods}
+for length in lengths:
+    q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
+    for name, fn in methods.items():
+        peak = float("nan")
+        if name != "naive" or naive_fits(length):
+            try:
+                peak = peak_bytes(fn, q, k, v)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        gpu_peak[name].append(peak)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+print(f"{'L':>7} " + " ".join(f"{name + ' MiB':>19}" for name in methods) + f" {'naive / L×L scores':>19}")
+for i, length in enumerate(lengths):
+    print(f"{length:>7} " + " ".join(cell(gpu_peak[name][i], 2**-20) for name in methods)
+          + f" {gpu_peak['naive'][i] / score_bytes[i]:>19.2f}")
+fig_gpu, ax_gpu = plt.subplots(figsize=(6, 4.5))
+for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
+    ax_gpu.loglog(lengths, gpu_peak[name], style, label=name)
+ax_gpu.loglog(lengths, score_bytes, "k--", label="L×L score matrix (computed)")
+ax_gpu.set(xlabel="sequence length L", ylabel="peak bytes beyond the inputs",
+           title=f"measured peak memory, {torch.cuda.get_device_name(device)}")
+ax_gpu.legend()
+save_figure(fig_gpu, "00_gpu_peak_memory")
+plt.show()
+for i, length in enumerate(lengths):
+    if np.isfinite(gpu_peak["naive"][i]):
+        assert gpu_peak["naive"][i] >= score_bytes[i]               # it really stores the L×L scores
+    assert gpu_peak["SDPA"][i] < score_bytes[i]                 # the fused kernel does not
+
+# %% [markdown]
+# ## What Megalodon claims, and what this book checks
+#
+# The paper (Ma et al. 2024) reports, for a 7B-parameter model trained on 2 trillion tokens in a
+# controlled comparison with Llama2:
+#
+# - **training loss 1.70** for Megalodon-7B against **1.75** for Llama2-7B (and 1.67 for Llama2-13B);
+# - **speed**: about **6% slower** than Llama2-7B at a 4K context but about **32% faster** at 32K,
+#   because the attention cost stays linear in the context;
+# - **unlimited context length**: the model reads a stream of any length with memory that does
+#   not grow, since everything that crosses a chunk boundary is a fixed-size state.
+#
+# Those are the paper's numbers; nothing in this notebook reproduces a 7B run. The book builds the
+# architecture piece by piece, checks every piece against a slow reference, and then tests the
+# claims at a scale one GPU can afford:
+#
+# | chapter | topic | what it establishes |
+# |---|---|---|
+# | 00 | why Megalodon | the quadratic wall, measured (this chapter) |
+# | 01 | the exponential moving average | recurrence = convolution = FFT; `fft_causal_conv` |
+# | 02 | MEGA's damped, multi-dimensional EMA | several decays per channel, its kernel |
+# | 03 | MEGA's gated attention | the MEGA layer around the EMA |
+# | 04 | CEMA, the complex EMA | the rotating, decaying kernel Megalodon uses |
+# | 05 | timestep normalization | causal group norm with running statistics |
+# | 06 | normalized chunk attention | attention inside chunks, normalised q and k |
+# | 07 | the model and streaming | the full model; pieces of a stream give the same logits as the whole, at constant memory |
+# | 08 | Triton kernels | fused GPU kernels for the memory-bound parts |
+# | 09 | a GPU training run | Megalodon vs a Llama-style baseline: loss and tokens per second as the context grows |
+# | 10 | chunk parallelism | splitting one long sequence across GPUs |
+#
+# The "unlimited context" claim is tested directly in chapter 07 (streaming equals one long call,
+# with a state whose size does not depend on the stream length); the loss and speed claims are
+# tested, in direction rather than in magnitude, by the training run of chapter 09.
