@@ -1,0 +1,311 @@
+"""megalodon_lite.mega: MEGA's gated attention layer, block and LM against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megalodon_lite.mega import (
+    LAPLACE_MU,
+    LAPLACE_SIGMA,
+    MegaBlock,
+    MegaLM,
+    MovingAverageGatedAttention,
+    SimpleRelativePositionalBias,
+    attention_weights,
+    chunked_attention,
+    laplace_attention,
+    split_chunks,
+)
+from megalodon_lite.mega_ema import damped_ema_recurrence
+
+
+# ---------------------------------------------------------------- float64 references
+
+def reference_attention(q, k, v, bias_weight, max_positions, chunk_size, attention):
+    """One query at a time, float64: attend to keys start..i of the query's own chunk."""
+    q, k, v, bias_weight = (t.double() for t in (q, k, v, bias_weight))
+    length = q.shape[1]
+    chunk = length if chunk_size is None else min(chunk_size, length)
+    rows = []
+    for i in range(length):
+        start = (i // chunk) * chunk
+        keys = torch.arange(start, i + 1)
+        rel = bias_weight[keys - i + max_positions - 1]
+        dots = torch.einsum("bz,bjz->bj", q[:, i], k[:, keys])
+        if attention == "softmax":
+            w = torch.softmax(dots / math.sqrt(q.shape[-1]) + rel, dim=-1)
+        else:
+            w = torch.special.ndtr((dots / (i - start + 1) + rel - LAPLACE_MU) / LAPLACE_SIGMA)
+        rows.append(torch.einsum("bj,bje->be", w, v[:, keys]))
+    return torch.stack(rows, dim=1)
+
+
+def reference_layer(layer, x, params=None):
+    """The MEGA layer in float64 from its parameters: recurrent EMA, per-query attention."""
+    p = params if params is not None else {n: t.detach().double() for n, t in layer.named_parameters()}
+    x = x.double()
+    d, z_dim, v_dim = layer.d_model, layer.z_dim, layer.v_dim
+    xn = F.layer_norm(x, (d,), p["norm.weight"], p["norm.bias"], eps=layer.norm.eps)
+    v = F.silu(xn @ p["v_proj.weight"].T + p["v_proj.bias"])
+    n_dims = p["ema.alpha"].shape[1]
+    ema, _ = damped_ema_recurrence(xn, torch.sigmoid(p["ema.alpha"]), torch.sigmoid(p["ema.delta"]),
+                                   p["ema.beta"], p["ema.eta"] / math.sqrt(n_dims))
+    mx = F.silu(ema + p["ema.omega"] * xn)
+    base = mx @ p["mx_proj.weight"].T + p["mx_proj.bias"]
+    update, zz, reset, hx = torch.split(base, [d, z_dim, v_dim, d], dim=-1)
+    update, zz, reset = torch.sigmoid(update), F.silu(zz), F.silu(reset)
+    q = zz * p["qk_weight"][0] + p["qk_bias"][0]
+    k = zz * p["qk_weight"][1] + p["qk_bias"][1]
+    o = reference_attention(q, k, v, p["rel_pos_bias.weight"], layer.rel_pos_bias.max_positions,
+                            layer.chunk_size, layer.attention)
+    h = F.silu(hx + (o * reset) @ p["h_proj.weight"].T + p["h_proj.bias"])
+    return update * h + (1 - update) * x
+
+
+def perturb_parameters(module, generator, scale=0.3):
+    """MEGA's N(0, 0.02²) init makes most terms tiny; move every parameter so all of them matter."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+# ---------------------------------------------------------------- Laplace function
+
+def test_laplace_is_a_gaussian_cdf_matching_relu2_at_mu():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1000, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    y = laplace_attention(x)
+    # Independent reference: the normal CDF Φ((x − μ)/σ) and its derivative φ(·)/σ, float64.
+    torch.testing.assert_close(y, torch.special.ndtr((x - LAPLACE_MU) / LAPLACE_SIGMA), rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    density = torch.exp(-0.5 * ((x - LAPLACE_MU) / LAPLACE_SIGMA) ** 2) / (LAPLACE_SIGMA * math.sqrt(2 * math.pi))
+    torch.testing.assert_close(grad, density.detach(), rtol=1e-10, atol=1e-14)
+    # The constants: value 1/2 = μ² and slope √2 = 2μ at μ.
+    mu = torch.tensor(LAPLACE_MU, dtype=torch.float64, requires_grad=True)
+    value = laplace_attention(mu)
+    (slope,) = torch.autograd.grad(value, mu)
+    assert value.item() == pytest.approx(LAPLACE_MU**2, abs=1e-12)
+    assert slope.item() == pytest.approx(2 * LAPLACE_MU, abs=1e-12)
+
+
+# ---------------------------------------------------------------- relative bias
+
+@settings(max_examples=8, deadline=None)
+@given(max_positions=st.integers(1, 20), data=st.data())
+def test_relative_bias_matches_megas_tiling_construction(max_positions, data):
+    length = data.draw(st.integers(1, max_positions))
+    bias = SimpleRelativePositionalBias(max_positions)
+    w = bias.weight.detach()
+    # The official code's construction, re-derived: pad the 2L-1 window with L zeros, tile it L
+    # times, drop the last L entries, view as (L, 3L-2) and keep the middle L columns.
+    window = w[max_positions - length:max_positions + length - 1]
+    tiled = torch.tile(F.pad(window, (0, length)), (length,))[:-length].view(length, 3 * length - 2)
+    expected = tiled[:, length - 1:2 * length - 1] if length > 1 else tiled
+    assert torch.equal(bias(length), expected)
+
+
+def test_relative_bias_rejects_bad_lengths():
+    bias = SimpleRelativePositionalBias(8)
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match=r"length must be an int in \[1, max_positions=8\]"):
+            bias(bad)
+
+
+# ---------------------------------------------------------------- chunked attention
+
+LENGTH_AND_CHUNK = st.sampled_from([(5, None), (12, None), (7, 8), (12, 4), (16, 8), (18, 3), (8, 8)])
+
+
+@settings(max_examples=12, deadline=None)
+@given(length_chunk=LENGTH_AND_CHUNK, b=st.integers(1, 2), z=st.integers(1, 6), e=st.integers(1, 5),
+       attention=st.sampled_from(["softmax", "laplace"]), seed=st.integers(0, 2**31 - 1))
+def test_chunked_attention_forward_and_gradients_match_float64(length_chunk, b, z, e, attention, seed):
+    length, chunk_size = length_chunk
+    g = torch.Generator().manual_seed(seed)
+    positions = length if chunk_size is None else chunk_size
+    q64, k64 = (torch.randn(b, length, z, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v64 = torch.randn(b, length, e, generator=g, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(2 * positions - 1, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves32 = [t.detach().float().requires_grad_() for t in (q64, k64, v64, w64)]
+    q, k, v, w = leaves32
+
+    bias_module = SimpleRelativePositionalBias(positions)
+    with torch.no_grad():
+        bias_module.weight.copy_(w)
+    chunk = length if chunk_size is None else min(chunk_size, length)
+    out, weights = chunked_attention(q, k, v, bias_module(chunk), chunk_size, attention)
+    ref = reference_attention(q64, k64, v64, w64, positions, chunk_size, attention)
+    assert out.shape == (b, length, e) and weights.shape[-2:] == (chunk, chunk)
+    # float32 scores ~ sqrt(z) and sums over <= 18 keys: relative error ~1e-6; 1e-4 is generous.
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+    cotangent = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads_ref = torch.autograd.grad((ref * cotangent).sum(), [q64, k64, v64, w64])
+    grads = torch.autograd.grad((out * cotangent.float()).sum(), [q, k, v, bias_module.weight])
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "laplace"])
+def test_chunked_attention_equals_full_attention_with_block_diagonal_causal_mask(attention):
+    g = torch.Generator().manual_seed(1)
+    b, length, chunk, z, e = 2, 24, 6, 5, 4
+    q, k = (torch.randn(b, length, z, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, length, e, generator=g, dtype=torch.float64)
+    bias = SimpleRelativePositionalBias(chunk).double()
+    with torch.no_grad():
+        bias.weight.normal_(generator=g)
+        chunked, _ = chunked_attention(q, k, v, bias(chunk), chunk, attention)
+    # One L x L attention; positions restart in each chunk, so the offset j - i and the count of
+    # visible keys are those inside the chunk. The mask keeps j <= i within the same chunk.
+    pos = torch.arange(length)
+    same_chunk = (pos[:, None] // chunk) == (pos[None, :] // chunk)
+    mask = same_chunk & (pos[None, :] <= pos[:, None])
+    offsets = (pos[None, :] - pos[:, None]).clamp(-(chunk - 1), chunk - 1)
+    full_bias = bias.weight.detach()[offsets + chunk - 1]
+    scores = q @ k.transpose(1, 2)
+    if attention == "softmax":
+        weights = torch.softmax((scores / math.sqrt(z) + full_bias).masked_fill(~mask, float("-inf")), dim=-1)
+    else:
+        n_visible = (pos % chunk + 1).double()[:, None]
+        weights = laplace_attention(scores / n_visible + full_bias) * mask
+    # float64 both ways: only summation order differs.
+    torch.testing.assert_close(chunked, weights @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_is_causal_bit_for_bit():
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 16, 4, generator=g) for _ in range(2))
+    v = torch.randn(1, 16, 3, generator=g)
+    bias = SimpleRelativePositionalBias(16)(16).detach()
+    out, _ = chunked_attention(q, k, v, bias, None, "softmax")
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, 9:] = torch.randn(t[:, 9:].shape, generator=g)
+    out2, _ = chunked_attention(q2, k2, v2, bias, None, "softmax")
+    # Masked keys get weight exactly 0 and the future queries are separate rows: the past is identical.
+    assert torch.equal(out[:, :9], out2[:, :9])
+
+
+# ---------------------------------------------------------------- the layer, block and LM
+
+LAYER_CASES = [(None, "softmax"), (4, "softmax"), (4, "laplace"), (16, "laplace")]
+
+
+@pytest.mark.parametrize("chunk_size,attention", LAYER_CASES)
+def test_layer_and_block_match_float64_reference_forward_and_gradients(chunk_size, attention):
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    b, length, d = 2, 12, 6
+    block = MegaBlock(d, z_dim=4, v_dim=5, ffn_dim=7, n_dims=3, chunk_size=chunk_size, attention=attention,
+                      max_positions=16)
+    perturb_parameters(block, g)
+    layer = block.mega
+    x = torch.randn(b, length, d, generator=g, requires_grad=True)
+    y = block(x)
+
+    params64 = {n: t.detach().double().requires_grad_() for n, t in block.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    h = reference_layer(layer, x64, {n[len("mega."):]: t for n, t in params64.items() if n.startswith("mega.")})
+    hn = F.layer_norm(h, (d,), params64["ffn_norm.weight"], params64["ffn_norm.bias"], eps=block.ffn_norm.eps)
+    y_ref = h + F.silu(hn @ params64["fc1.weight"].T + params64["fc1.bias"]) @ params64["fc2.weight"].T \
+        + params64["fc2.bias"]
+    # float32 forward through ~10 ops on values of order one: 1e-4 is ~100x the rounding.
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+    cotangent = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
+    names = list(params64)
+    module_params = dict(block.named_parameters())
+    grads = torch.autograd.grad((y * cotangent.float()).sum(), [x, *(module_params[n] for n in names)])
+    grads_ref = torch.autograd.grad((y_ref * cotangent).sum(), [x64, *params64.values()])
+    for name, got, want in zip(["x", *names], grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item()),
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("chunk_size,attention", LAYER_CASES)
+def test_layer_block_and_lm_are_causal(chunk_size, attention):
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    length, cut = 16, 9
+    block = MegaBlock(6, 4, 5, 7, n_dims=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
+    perturb_parameters(block, g)
+    x = torch.randn(2, length, 6, generator=g, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, cut:] = torch.randn(2, length - cut, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for module in (block.mega, block):
+            y, y2 = module(x), module(x2)
+            # The EMA's FFT mixes positions numerically: the past moves by float64 rounding only,
+            # while a leak would move it by the size of the perturbation (order one).
+            torch.testing.assert_close(y2[:, :cut], y[:, :cut], rtol=0, atol=1e-12)
+            assert (y2[:, cut:] - y[:, cut:]).abs().max() > 1e-3
+
+    lm = MegaLM(11, 6, 2, 4, 5, 7, n_dims=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
+    perturb_parameters(lm, g)
+    tokens = torch.randint(0, 11, (2, length), generator=g)
+    tokens2 = tokens.clone()
+    tokens2[:, cut:] = (tokens[:, cut:] + 1) % 11
+    with torch.no_grad():
+        logits, logits2 = lm(tokens), lm(tokens2)
+    assert logits.dtype == torch.float32 and logits.shape == (2, length, 11)
+    torch.testing.assert_close(logits2[:, :cut], logits[:, :cut], rtol=0, atol=1e-5)  # float32 logits
+    assert (logits2[:, cut:] - logits[:, cut:]).abs().max() > 1e-3
+
+
+def test_lm_pads_to_whole_chunks_without_changing_real_tokens():
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    lm = MegaLM(13, 8, 2, 4, 6, 8, n_dims=4, chunk_size=4).double()
+    perturb_parameters(lm, g)
+    tokens = torch.randint(0, 13, (3, 15), generator=g)       # 15 = 3 chunks + 3 tokens
+    longer = torch.cat([tokens, torch.randint(0, 13, (3, 1), generator=g)], dim=1)   # 16 = 4 chunks
+    with torch.no_grad():
+        torch.testing.assert_close(lm(tokens), lm(longer)[:, :15], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence length 15 must be at most chunk_size=4 or a multiple"):
+        lm.blocks[0](torch.randn(3, 15, 8, dtype=torch.float64))
+
+
+def test_attention_map_is_block_diagonal_and_causal():
+    torch.manual_seed(6)
+    layer = MovingAverageGatedAttention(8, 4, 6, n_dims=2, chunk_size=4)
+    with torch.no_grad():
+        weights = layer.attention_map(torch.randn(2, 12, 8))
+    assert weights.shape == (2, 3, 4, 4)
+    assert torch.all(weights.triu(1) == 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 4))   # softmax rows sum to one
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer = MovingAverageGatedAttention(8, 4, 6, chunk_size=4)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, D\) with L >= 1 and D = 8"):
+        layer(torch.randn(2, 8, 7))
+    with pytest.raises(ValueError, match="sequence length 10 must be at most chunk_size=4 or a multiple"):
+        layer(torch.randn(2, 10, 8))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        layer(torch.ones(2, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_positions=8"):
+        MovingAverageGatedAttention(8, 4, 6, max_positions=8)(torch.randn(1, 9, 8))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        MovingAverageGatedAttention(8, 4, 6, attention="relu")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        MovingAverageGatedAttention(8, 4, 6, chunk_size=0)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        attention_weights(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 4, 2), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="v must have shape"):
+        chunked_attention(torch.randn(1, 4, 2), torch.randn(1, 4, 2), torch.randn(1, 5, 3), torch.zeros(4, 4), None)
+    with pytest.raises(ValueError, match="x must have shape"):
+        split_chunks(torch.randn(4, 2), 2)
+    lm = MegaLM(10, 8, 1, 4, 6, 8, chunk_size=4)
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, 10\)"):
+        lm(torch.tensor([[1, 2, 10]]))
+    with pytest.raises(ValueError, match="tokens must be an integer tensor"):
+        lm(torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"tokens must have shape \(B, L\) with B, L >= 1"):
+        lm(torch.zeros(1, 0, dtype=torch.long))
