@@ -251,6 +251,9 @@ class ChunkAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if z_dim % num_heads or v_dim % num_heads:
             raise ValueError(f"z_dim ({z_dim}) and v_dim ({v_dim}) must be divisible by num_heads ({num_heads})")
+        if (z_dim // num_heads) % 2:
+            raise ValueError(f"z_dim / num_heads must be even (RoPE rotates channel pairs), got "
+                             f"{z_dim} / {num_heads} = {z_dim // num_heads}")
         if not 0.0 <= attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
         self.z_dim, self.v_dim, self.num_heads, self.chunk_size = z_dim, v_dim, num_heads, chunk_size
