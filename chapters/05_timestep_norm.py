@@ -511,6 +511,18 @@ for offset in (0.0, 1e4):
     # inherits that, plus a few float32 ulps from the sums.
     assert err_y < 1e-4 + 4 * 2**-24 * offset and err_var < 1e-4
 
+# %% tags=["gpu"]
+# On CUDA, cumsum accumulates float32 in float32. The running mean of data near an offset, summed
+# without and with the shift, each against float64 (this is why cumulative_moments shifts).
+x_off_gpu = torch.randn(1, 65_536, 1024, device="cuda") + 100.0
+m_gpu, _ = group_moments(x_off_gpu, 32)
+steps_gpu = torch.arange(1, m_gpu.shape[1] + 1, device="cuda")[None, :, None]
+truth_gpu = m_gpu.double().cumsum(1) / steps_gpu
+unshifted_gpu = m_gpu.cumsum(1) / steps_gpu
+shifted_gpu = m_gpu[:, :1] + (m_gpu - m_gpu[:, :1]).cumsum(1) / steps_gpu
+print(f"running mean, float32 on CUDA, max |error|: unshifted {(unshifted_gpu - truth_gpu).abs().max().item():.1e}, "
+      f"shifted {(shifted_gpu - truth_gpu).abs().max().item():.1e}")
+
 # %% [markdown]
 # ## 6. Streaming and padding
 #
@@ -558,7 +570,8 @@ print("padded steps: output 0, state untouched; real steps equal the unpadded se
 # `TimestepNorm` holds the per-channel `weight` and `bias`, both stored as 0 and applied as
 # `weight + 1` and `bias` (so a fresh module is a pure normaliser), and calls `timestep_norm`.
 # Statistics and the returned state are float32 even for bfloat16 input; the output has the
-# input's dtype.
+# input's dtype. (The official kernel returns the state in the input's dtype; keeping it in
+# float32 means a bfloat16 stream does not round its statistics at every call boundary.)
 
 # %% tags=["export:timestep_norm"]
 class TimestepNorm(nn.Module):
