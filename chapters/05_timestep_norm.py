@@ -60,9 +60,9 @@ print(f"GroupNorm over the sequence: first output moved by {first_step_change:.3
 assert first_step_change > 1e-3
 
 # %% [markdown]
-# A per-token LayerNorm has no such leak, but it also learns nothing about the sequence: each
-# token is normalised alone. TimestepNorm keeps the group statistics over time and only
-# looks back.
+# A per-token LayerNorm (statistics over the $D$ channels of one step) has no such leak, but its
+# statistics come from that one step alone. TimestepNorm keeps group statistics accumulated over
+# time, and only looks back.
 #
 # ## 2. Cumulative group statistics
 #
