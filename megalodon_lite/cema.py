@@ -74,13 +74,17 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
 
 
 def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
-    """Powers q^t for t = start .. start + length - 1, shape (D, N, length).
+    """Powers q^t for t = start .. start + length - 1, shape (D, N, length), in q's dtype.
 
-    Built as exp(t log q) = |q|^t e^{i theta t} from the log-magnitude and the phase, so every
-    power is one rounding away from exact (a cumulative product would drift with t).
+    Built as |q|^t e^{i theta t} from the log-magnitude and the phase, each power on its own (no
+    running product). The exponent t log q is formed in float64 and the phase t theta reduced
+    modulo 2 pi before the exp, so at any t each power is within a few roundings of the exact power
+    of the stored q (float32 arithmetic on t theta alone would lose ~t eps theta).
     """
-    exponents = torch.arange(start, start + length, dtype=q.real.dtype, device=q.device)
-    return torch.exp(torch.log(q).unsqueeze(-1) * exponents)
+    log_q = torch.log(q.to(torch.complex128))
+    exponents = torch.arange(start, start + length, dtype=torch.float64, device=q.device)
+    scaled = log_q.unsqueeze(-1) * exponents
+    return torch.polar(torch.exp(scaled.real), torch.remainder(scaled.imag, 2 * math.pi)).to(q.dtype)
 
 
 def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:

@@ -173,17 +173,19 @@ def test_causal_output_at_t_ignores_later_inputs(method):
     assert (y_changed[:, t0] - y[:, t0]).abs().max() > 1e-2  # the change is visible where it starts
 
 
-def test_powers_are_as_accurate_as_q_allows_at_large_t():
+def test_powers_stay_accurate_at_large_t():
     generator = torch.Generator().manual_seed(7)
     layer = random_layer(4, 16, generator, slow=True)
     _, q, _ = layer.coefficients()
     length = 20_000
-    got = cema_powers(q, length).to(torch.complex128)
+    got = cema_powers(q, length)
+    assert got.dtype == torch.complex64 and got.shape == (4, 16, length)
     exact = torch.exp(torch.log(q.to(torch.complex128))[..., None] * torch.arange(length, dtype=torch.float64))
-    t = torch.arange(length, dtype=torch.float64)
-    # q^t's condition number is t: rounding log q (and t log q) costs ~t eps relatively; 8 t eps is a bound
-    bound = 8 * (t + 1) * F32_EPS * exact.abs() + 1e-30
-    assert ((got - exact).abs() <= bound).all()
+    # the exact powers of the stored float32 q: the exponent is formed in float64, so what is left is
+    # the complex64 exp and the final rounding, a few eps relative at every t (a float32 exponent
+    # t log q would be off by ~t eps |theta|, i.e. ~1e-2 here)
+    relative = (got.to(torch.complex128) - exact).abs() / exact.abs()
+    assert relative.max() < 8 * F32_EPS
     assert (got.abs() <= 1).all()
 
 
