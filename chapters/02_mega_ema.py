@@ -225,7 +225,8 @@ print(f"  cumprod     : {((by_cumprod - exact).abs() / scale).max().item():.2e}"
 # With several hidden dimensions the kernel is a *sum* of exponentials with signed weights $\eta\beta$.
 # A fast and a slow exponential of opposite signs make a kernel that starts at zero, rises and then
 # decays (right): it responds most to the input a few steps back, something no single exponential can.
-# MEGA's initialisation of $\beta$ alternates signs ($+1, -1, +1, \dots$) for this reason.
+# MEGA's code initialises $\beta$ with alternating signs ($+1, -1, +1, \dots$; its comment says this
+# "seems more stable"), so a fresh layer already mixes exponentials of both signs.
 
 # %%
 t = torch.arange(pick(smoke=60, full=200), dtype=torch.float64)

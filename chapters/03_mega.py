@@ -21,7 +21,7 @@
 #
 # It reads like a GRU whose "hidden state" is the attention output: the reset gate $\gamma$ decides how
 # much of the attention reaches the candidate $\hat H$, and the update gate $\varphi$ interpolates
-# between the candidate and the untouched input. **MEGA-chunk** (§3.5) splits the sequence into chunks
+# between the candidate and the untouched input. **MEGA-chunk** splits the sequence into chunks
 # of $c$ tokens and lets attention see only its own chunk, which makes the cost linear in $L$; the
 # EMA still runs over the whole sequence and is then the only path from one chunk to the next.
 #
@@ -49,8 +49,8 @@ print(f"smoke={SMOKE} device={device}")
 #
 # Softmax makes each query's weights compete: they are positive and sum to one. MEGA also offers
 # element-wise attention functions that score each (query, key) pair on its own. The squared ReLU
-# $\mathrm{relu}^2(x) = \max(x, 0)^2$ works well but is unbounded, which makes training unstable, so
-# MEGA (§3.4) replaces it with the *Laplace function*, a Gaussian CDF:
+# $\mathrm{relu}^2(x) = \max(x, 0)^2$ is one such function, but it is unbounded; MEGA proposes a bounded
+# function that behaves like it where it matters, the *Laplace function*, a Gaussian CDF:
 #
 # $$f_{\mathrm{laplace}}(x; \mu, \sigma) = \tfrac12\left[1 + \mathrm{erf}\!\left(\frac{x-\mu}{\sigma\sqrt2}\right)\right],
 #   \qquad \mu = \sqrt{1/2},\ \sigma = \sqrt{1/(4\pi)}.$$
@@ -98,7 +98,7 @@ ATTENTION_FUNCTIONS = ("softmax", "laplace")
 
 
 def laplace_attention(scores: Tensor) -> Tensor:
-    """The Laplace attention function f(x) = ½[1 + erf((x − μ)/(σ√2))], μ = √½, σ = √(1/(4π)) (MEGA §3.4).
+    """The Laplace attention function f(x) = ½[1 + erf((x − μ)/(σ√2))], μ = √½, σ = √(1/(4π)) (MEGA §3).
 
     Element-wise, values in (0, 1); equals relu²(x) in value and slope at x = μ.
 
@@ -181,7 +181,9 @@ class SimpleRelativePositionalBias(nn.Module):
 # - **softmax:** $A = \mathrm{softmax}_j\!\left(S / \sqrt{z} + b_{\mathrm{rel}}\right)$ over the visible keys;
 # - **Laplace:** $A_{ij} = f_{\mathrm{laplace}}\!\left(S_{ij} / n_i + b_{\mathrm{rel}}[i, j]\right)$ for
 #   visible keys and 0 otherwise, where $n_i = i + 1$ is the number of keys query $i$ can see. The
-#   paper's $\tau(X) = n$ keeps the sum of $n_i$ element-wise weights from growing with the length.
+#   paper writes the scale as $\tau(X) = n$, the sequence length; the official code divides by the
+#   number of *visible* keys, which under a causal mask differs from row to row. Unlike softmax
+#   weights, a row of Laplace weights need not sum to one.
 #
 # Then $O = A V$. MEGA-chunk reshapes $(B, L, \cdot)$ into $(B, L/c, c, \cdot)$ and applies the same
 # thing to every chunk at once; positions (for the mask, $n_i$ and $b_{\mathrm{rel}}$) restart at 0 in
@@ -210,7 +212,7 @@ def split_chunks(x: Tensor, chunk_size: int | None) -> Tensor:
 
 
 def attention_weights(q: Tensor, k: Tensor, bias: Tensor, attention: str = "softmax") -> Tensor:
-    """Causal single-head attention weights inside each chunk (MEGA §3.2, §3.4).
+    """Causal single-head attention weights inside each chunk (MEGA §3.2).
 
     softmax: softmax_j(q_i·k_j / √z + b[i, j]) over j <= i.
     laplace: f_laplace(q_i·k_j / (i + 1) + b[i, j]) for j <= i, else 0.
@@ -342,6 +344,8 @@ plt.show()
 #   linear layer $\mathcal N(0, 0.02^2)$ with zero bias.
 # - **The chunk decides the bias table.** With chunks, the relative bias only needs offsets inside
 #   one chunk; without, it needs `max_positions`.
+# - **No dropout.** The official layer has four dropouts; this book's models are small and leave
+#   them out.
 
 # %% tags=["export:mega"]
 def _check_sequence(x: Tensor, d_model: int) -> None:
@@ -504,7 +508,9 @@ for chunk_size, attention in ((None, "softmax"), (L_layer // 4, "softmax"), (L_l
 # A MEGA block is the layer followed by a feed-forward network with its own pre-norm and residual,
 # $x + W_2\,\mathrm{SiLU}(W_1\,\mathrm{LayerNorm}(x))$ (the official `NormalizedFeedForwardNetwork`).
 # The language model embeds tokens (scaled by $\sqrt d$, initialised $\mathcal N(0, 1/d)$ as in the
-# official `mega_lm`), runs the blocks, applies a final LayerNorm and a linear head. With chunked
+# official `mega_lm`), runs the blocks, applies a final LayerNorm and a linear head. The official
+# code can put its norms before or after each sub-layer (`--normalize-before`); we use the pre-norm
+# arrangement throughout. With chunked
 # attention it pads the sequence at the end to a whole number of chunks and drops the padding
 # afterwards; every part is causal, so the padding never reaches a real token.
 

@@ -35,7 +35,7 @@ ATTENTION_FUNCTIONS = ("softmax", "laplace")
 
 
 def laplace_attention(scores: Tensor) -> Tensor:
-    """The Laplace attention function f(x) = ½[1 + erf((x − μ)/(σ√2))], μ = √½, σ = √(1/(4π)) (MEGA §3.4).
+    """The Laplace attention function f(x) = ½[1 + erf((x − μ)/(σ√2))], μ = √½, σ = √(1/(4π)) (MEGA §3).
 
     Element-wise, values in (0, 1); equals relu²(x) in value and slope at x = μ.
 
@@ -95,7 +95,7 @@ def split_chunks(x: Tensor, chunk_size: int | None) -> Tensor:
 
 
 def attention_weights(q: Tensor, k: Tensor, bias: Tensor, attention: str = "softmax") -> Tensor:
-    """Causal single-head attention weights inside each chunk (MEGA §3.2, §3.4).
+    """Causal single-head attention weights inside each chunk (MEGA §3.2).
 
     softmax: softmax_j(q_i·k_j / √z + b[i, j]) over j <= i.
     laplace: f_laplace(q_i·k_j / (i + 1) + b[i, j]) for j <= i, else 0.
