@@ -40,8 +40,8 @@ print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
 #
 # Each channel is an independent scalar filter: a large $\alpha_d$ follows the input closely, a
 # small one remembers a long past. The state is one number per channel, so a stream of any length
-# costs $O(D)$ memory, which is the property Megalodon is named for ("unlimited context"). The
-# price is that step $t$ needs step $t-1$: written as a loop, the work is sequential in $L$.
+# costs $O(D)$ memory: this is what lets Megalodon claim an unlimited context. The price is that
+# step $t$ needs step $t-1$: written as a loop, the work is sequential in $L$.
 #
 # The package keeps tensors as `(B, L, D)` (batch, length, channels) at every public interface, and
 # all three forms share one validation helper, so a wrong shape or an $\alpha$ outside $(0, 1)$ is
@@ -61,7 +61,9 @@ convolution with the kernel ``k_j = alpha * (1 - alpha)**j``:
 
 :func:`fft_causal_conv` is the shared causal FFT convolution that the damped EMA (chapter 02) and
 CEMA (chapter 04) reuse with their own kernels. Tensors are ``(B, L, D)``; arithmetic runs in at
-least float32 (float64 stays float64) and results come back in ``x.dtype``.
+least float32 (float64 stays float64) and results come back in ``x.dtype``. Every function checks
+its inputs and raises TypeError/ValueError naming the argument; the check that alpha lies in (0, 1)
+reads one bool back from alpha's device (on CUDA, a host sync).
 """
 
 import operator
@@ -420,10 +422,10 @@ def median_seconds(fn, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-timing_channels = 64
+timing_channels = pick(smoke=16, full=64)
 alpha_timing = torch.rand(timing_channels, device=device) * 0.9 + 0.05
 print(f"{'L':>7} {'recurrence':>12} {'convolution':>12} {'fft':>12}   (milliseconds, B=1, D={timing_channels})")
-for length in pick(smoke=[256, 1024], full=[256, 1024, 4096, 16384]):
+for length in pick(smoke=[128, 512], full=[256, 1024, 4096, 16384]):
     x_timing = torch.randn(1, length, timing_channels, device=device)
     row = [median_seconds(lambda: ema_recurrence(x_timing, alpha_timing))]
     row.append(median_seconds(lambda: ema_convolution(x_timing, alpha_timing)) if length <= 2048 else float("nan"))

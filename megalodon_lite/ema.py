@@ -15,7 +15,9 @@ convolution with the kernel ``k_j = alpha * (1 - alpha)**j``:
 
 :func:`fft_causal_conv` is the shared causal FFT convolution that the damped EMA (chapter 02) and
 CEMA (chapter 04) reuse with their own kernels. Tensors are ``(B, L, D)``; arithmetic runs in at
-least float32 (float64 stays float64) and results come back in ``x.dtype``.
+least float32 (float64 stays float64) and results come back in ``x.dtype``. Every function checks
+its inputs and raises TypeError/ValueError naming the argument; the check that alpha lies in (0, 1)
+reads one bool back from alpha's device (on CUDA, a host sync).
 """
 
 import operator
