@@ -12,8 +12,13 @@ FloatSliders ``alpha``, ``delta``, ``theta`` carry ``cema-alpha``, ``cema-delta`
 the state selector ``cema-state``; the plot is an ``ipywidgets.Image`` with ``cema-plot``; an
 ``ipywidgets.HTML`` readout with ``cema-readout`` shows |q|, θ and a half-life after every redraw.
 
+On a machine without CUDA the chapter's cells tagged ``gpu`` raise, as they would for a reader;
+the test then resumes below each of them (any other error fails it). To read cell tags and outputs
+it runs JupyterLab with ``LabApp.expose_app_in_browser``.
+
 Without ``/usr/bin/chromium`` the test is skipped, unless the ``CI`` environment variable is set:
-then it fails. Screenshots of the widget before and after go to pytest's ``tmp_path``.
+then it fails. Screenshots of the widget before and after (and of the page on a failure) go to
+pytest's ``tmp_path``; JupyterLab's log is ``tmp_path/home/jupyterlab.log``.
 """
 
 from __future__ import annotations
@@ -39,12 +44,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-GPU_TAG = "gpu"  # cells that need CUDA (CONTRIBUTING.md); the suite skips them without one
-
 pytestmark = pytest.mark.browser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = Path("chapters/04_cema.py")  # relative to the server's root_dir
+GPU_TAG = "gpu"  # cells that need CUDA (CONTRIBUTING.md); the test suite skips them without one
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -67,17 +71,13 @@ REDRAW_S = 30.0
 
 # JupyterLab user settings for the isolated settings dir: open .py files with jupytext's notebook
 # view, never autosave (the chapter file must stay untouched), render every cell (no virtual
-# scrolling, so the widget is in the DOM wherever it sits), start the kernel without asking, and
-# fetch no news or updates.
+# scrolling, so the widget is in the DOM wherever it sits), and fetch no news or updates.
 LAB_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin": {
         "autosave": False,
         "defaultViewers": {"python": "Jupytext Notebook"},
     },
-    "@jupyterlab/notebook-extension/tracker": {
-        "windowingMode": "none",
-        "autoStartDefaultKernel": True,
-    },
+    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
     "@jupyterlab/apputils-extension/notification": {
         "checkForUpdates": False,
         "fetchNews": "false",
@@ -145,8 +145,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """Stop ``proc`` and everything it started, by process id: terminate, wait, then kill."""
+def stop_process(proc: subprocess.Popen) -> list[int]:
+    """Stop ``proc`` and everything it started, by process id: terminate, wait, then kill.
+
+    Returns the ids of those processes still running afterwards (none, unless something is wrong).
+    """
     family = descendants(proc.pid)
     proc.terminate()
     try:
@@ -166,6 +169,7 @@ def stop_process(proc: subprocess.Popen) -> None:
         if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+    return [pid for pid in [proc.pid, *family] if alive(pid)]
 
 
 @dataclass
@@ -206,8 +210,10 @@ def jupyterlab(root_dir: Path, home: Path) -> Iterator[LabServer]:
         "MPLCONFIGDIR": str(home / "matplotlib"),
         "MEGALODON_SMOKE": "1",  # inherited by the kernel: the chapter runs at smoke sizes
     }
-    env.pop("JUPYTER_PATH", None)
-    env.pop("JUPYTER_CONFIG_PATH", None)
+    # Nothing from the test session leaks into the reader's view: no extra Jupyter paths, the
+    # kernel's own (inline) matplotlib backend, and never writing figures into the repository.
+    for name in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "MPLBACKEND", "MEGALODON_WRITE_FIGURES"):
+        env.pop(name, None)
     log = home / "jupyterlab.log"
     command = [
         sys.executable, "-m", "jupyter", "lab",
@@ -230,9 +236,10 @@ def jupyterlab(root_dir: Path, home: Path) -> Iterator[LabServer]:
         wait_until_answering(server)
         yield server
     finally:
-        stop_process(proc)
-        assert proc.poll() is not None, f"JupyterLab (pid {proc.pid}) is still running"
-        assert not alive(proc.pid), f"JupyterLab (pid {proc.pid}) is still running"
+        survivors = stop_process(proc)
+        assert proc.returncode is not None and not survivors, (
+            f"JupyterLab (pid {proc.pid}) or its processes {survivors} are still running"
+        )
 
 
 def wait_until_answering(server: LabServer) -> None:
@@ -296,10 +303,9 @@ KERNEL_STATE = """() => {
 # (the server runs with LabApp.expose_app_in_browser).
 CELL_STATES = """() => {
     const panel = window.jupyterapp.shell.currentWidget;
-    const views = [...panel.node.querySelectorAll('.jp-Notebook-cell')];
-    return panel.content.widgets.map((cell, i) => {
+    return panel.content.widgets.map(cell => {
         const code = cell.model.type === 'code';
-        const match = code && /\\[(\\d+)\\]/.exec(views[i].querySelector('.jp-InputPrompt').textContent);
+        const match = code && /\\[(\\d+)\\]/.exec(cell.node.querySelector('.jp-InputPrompt').textContent);
         const errors = [];
         for (let j = 0; code && j < cell.model.outputs.length; j++) {
             const output = cell.model.outputs.get(j).toJSON();
@@ -466,9 +472,7 @@ def test_cema_widget_redraws_when_theta_moves(tmp_path: Path) -> None:
     digest_before = hashlib.sha256(chapter.read_bytes()).hexdigest()
 
     with jupyterlab(REPO_ROOT, tmp_path / "home") as server:
-        observed = run_widget_in_browser(
-            server, CHAPTER, tmp_path, has_cuda=torch.cuda.is_available()
-        )
+        observed = run_widget_in_browser(server, CHAPTER, tmp_path, has_cuda=torch.cuda.is_available())
 
     before, after = observed["before"], observed["after"]
     assert after["theta"] != before["theta"], f"theta slider did not move: {before['theta']!r}"
