@@ -42,8 +42,8 @@ from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_
 seed_everything(0)
 device = pick_device()
 B = pick(smoke=2, full=4)
-L = pick(smoke=256, full=65_536)
-D = pick(smoke=8, full=1024)
+L = pick(smoke=256, full=16_384)
+D = pick(smoke=8, full=256)
 N = 16
 print(f"smoke={SMOKE} device={device} B={B} L={L} D={D} N={N}")
 

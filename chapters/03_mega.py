@@ -497,10 +497,12 @@ for chunk_size, attention in ((None, "softmax"), (L_layer // 4, "softmax"), (L_l
         y_changed = layer(x_changed)
     leak = (y_changed[:, :L_layer // 2] - y[:, :L_layer // 2]).abs().max().item()
     moved = (y_changed[:, L_layer // 2:] - y[:, L_layer // 2:]).abs().max().item()
+    scale = max(1.0, y.abs().max().item())
     print(f"chunk={chunk_size}, {attention:8s}: |layer - float64 reference| = {err:.1e}; "
-          f"after changing the future: past moved {leak:.1e}, future moved {moved:.1e}")
-    assert err < 1e-4            # float32 throughout, outputs of order one
-    assert leak < 1e-5 < 1e-2 < moved
+          f"after changing the future: past moved {leak:.1e}, future moved {moved:.1e} (output scale {scale:.0f})")
+    # float32 throughout: rounding is ~1e-7 of the output scale per operation, a few dozen operations deep.
+    assert err < 1e-5 * scale
+    assert leak < 1e-5 * scale and moved > 1e-2
 
 # %% [markdown]
 # ## The block and the language model
