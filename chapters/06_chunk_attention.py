@@ -1,8 +1,8 @@
 # %% [markdown]
 # # 06 · Normalized attention, chunk by chunk
 #
-# Megalodon keeps softmax attention, but changes three things about it (Megalodon §3.3 and
-# §3.5; SPEC §5 steps 3 and 5):
+# Megalodon keeps softmax attention, but changes three things about it (Megalodon §3.3, and
+# MEGA's chunk-wise variant "Mega-chunk"; SPEC §5 steps 3 and 5):
 #
 # 1. **Normalized attention.** Queries and keys come from one shared representation $z$ that is
 #    normalised per head before a learned per-channel scale and offset. The dot products are
@@ -43,9 +43,9 @@ print(f"device {device}, smoke mode {SMOKE}")
 # As everywhere in the official code, the scale is *stored* as $w = 0$ and *applied* as $w + 1$,
 # so weight decay pulls it towards 1 (the identity) rather than towards 0. The official
 # `FusedRMSNorm` uses $\varepsilon = 10^{-5}$ (`ModelConf.norm_eps`), for the affine norm after
-# CEMA and for the per-head norm of $z$ without affine, and so do we. The statistics are taken in
-# float32 even for bfloat16 inputs: a mean of squares over a thousand channels in bfloat16 would
-# lose digits.
+# CEMA and for the per-head norm of $z$ without affine, and so do we. As in the official code,
+# the statistics are taken in float32 even for bfloat16 inputs (bfloat16 keeps 8 significant bits)
+# and only the result is rounded back.
 
 # %% tags=["export:attention"]
 """Normalized chunk-wise attention: RMSNorm, rotary embeddings, and the chunk KV cache."""
@@ -327,9 +327,9 @@ assert torch.allclose(s0, s1, atol=1e-9)
 # call, the cache holds the tokens of the last unfinished chunk, and is emptied whenever a chunk
 # is complete, so it never holds $c$ tokens or more.
 #
-# The fast path is PyTorch's `scaled_dot_product_attention` with `scale=1.0`: a fused kernel that
-# never writes the $c \times c$ probabilities to memory, and accumulates the softmax of bfloat16
-# inputs in float32 (the tests measure it). Beside it, `causal_attention(..., use_sdpa=False)` is
+# The fast path is PyTorch's `scaled_dot_product_attention` with `scale=1.0`: on a GPU a fused
+# kernel that need not write the $c \times c$ probabilities to memory; for bfloat16 inputs it
+# accumulates the softmax in float32 (`tests/test_attention.py` checks the error it leaves). Beside it, `causal_attention(..., use_sdpa=False)` is
 # the explicit product $\mathrm{softmax}(q k^\top + M)\, v$ with scores and softmax in float32
 # (the official code's non-fused path takes the scores in the input dtype and only the softmax in
 # float32).
@@ -523,11 +523,11 @@ class ChunkAttention(nn.Module):
         if length == 0:
             return v.new_zeros(batch, 0, self.v_dim), cache
 
-        q, k = normalized_qk(self.z_norm(z.view(batch, length, heads, self.z_head_dim)), self.gamma, self.beta)
+        q, k = normalized_qk(self.z_norm(z.unflatten(-1, (heads, self.z_head_dim))), self.gamma, self.beta)
         positions = (n_cached + torch.arange(length, device=z.device)) % c
         q = self.rope(q.transpose(1, 2), positions)  # (B, H, L, dz)
         k = self.rope(k.transpose(1, 2), positions)
-        v = v.view(batch, length, heads, self.v_head_dim).transpose(1, 2)  # (B, H, L, dv)
+        v = v.unflatten(-1, (heads, self.v_head_dim)).transpose(1, 2)  # (B, H, L, dv)
         kwargs = {"dropout_p": self.attention_dropout if self.training else 0.0, "use_sdpa": self.use_sdpa}
 
         out = []
@@ -695,14 +695,15 @@ def time_call(module, z, v, repeats):
 chunk = pick(smoke=64, full=2048)
 lengths = [2**p for p in pick(smoke=range(8, 13), full=range(12, 18))]
 dim = pick(smoke=32, full=128)
+batch = pick(smoke=1, full=8)  # enough work per call on a GPU to leave the launch-overhead regime
 repeats = pick(smoke=5, full=10)
 threads = torch.get_num_threads()
 if device.type == "cpu":
     torch.set_num_threads(1)  # a CPU shared with other work times far more steadily on one thread
 timed = {"chunk attention": [], "full causal attention": []}
 for length in lengths:
-    zt = torch.randn(1, length, dim, device=device)
-    vt = torch.randn(1, length, dim, device=device)
+    zt = torch.randn(batch, length, dim, device=device)
+    vt = torch.randn(batch, length, dim, device=device)
     timed["chunk attention"].append(time_call(ChunkAttention(dim, dim, 1, chunk).to(device), zt, vt, repeats))
     timed["full causal attention"].append(time_call(ChunkAttention(dim, dim, 1, length).to(device), zt, vt, repeats))
 torch.set_num_threads(threads)
@@ -715,7 +716,7 @@ for name, seconds in timed.items():
     ax.plot(lengths, [1e3 * s for s in seconds], "o-", label=f"{name} (slope {slope:.2f})")
 ax.set_xscale("log", base=2)
 ax.set_yscale("log")
-ax.set(xlabel="sequence length L", ylabel="ms per forward call", title=f"c = {chunk}, d = {dim}, {device.type}")
+ax.set(xlabel="sequence length L", ylabel="ms per forward call", title=f"B = {batch}, c = {chunk}, d = {dim}, {device.type}")
 ax.legend()
 save_figure(fig, "chunk_attention_scaling")
 plt.show()

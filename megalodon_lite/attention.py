@@ -316,11 +316,11 @@ class ChunkAttention(nn.Module):
         if length == 0:
             return v.new_zeros(batch, 0, self.v_dim), cache
 
-        q, k = normalized_qk(self.z_norm(z.view(batch, length, heads, self.z_head_dim)), self.gamma, self.beta)
+        q, k = normalized_qk(self.z_norm(z.unflatten(-1, (heads, self.z_head_dim))), self.gamma, self.beta)
         positions = (n_cached + torch.arange(length, device=z.device)) % c
         q = self.rope(q.transpose(1, 2), positions)  # (B, H, L, dz)
         k = self.rope(k.transpose(1, 2), positions)
-        v = v.view(batch, length, heads, self.v_head_dim).transpose(1, 2)  # (B, H, L, dv)
+        v = v.unflatten(-1, (heads, self.v_head_dim)).transpose(1, 2)  # (B, H, L, dv)
         kwargs = {"dropout_p": self.attention_dropout if self.training else 0.0, "use_sdpa": self.use_sdpa}
 
         out = []

@@ -330,3 +330,27 @@ def test_forward_errors():
         attn(z, v, ChunkKVCache(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 3)))
     with pytest.raises(TypeError, match="cache must have z's dtype"):
         attn(z, v, ChunkKVCache.empty(2, 2, 4, 3, dtype=F64))
+
+
+def test_non_contiguous_inputs():
+    attn, z, v = make(3, 2, 4, 5, chunk=4, length=9)
+    out, _ = attn(z, v)
+    z_t = z.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-minor strides
+    v_t = torch.cat([v, v], dim=-1)[..., : v.shape[-1]]   # a slice of a wider tensor
+    assert not z_t.is_contiguous() and not v_t.is_contiguous()
+    torch.testing.assert_close(attn(z_t, v_t)[0], out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_low_precision_softmax_is_accumulated_in_float32(use_sdpa):
+    """Against float64 on the same bfloat16-rounded q, k, v: what is left is the rounding of the
+    probabilities (explicit path) and of the output, each at most 2^-8 relative of a weighted mean
+    of v, so below 2^-7 max|v|. Scores rounded to bfloat16 (|q.k| up to ~15 here) would miss it."""
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 2, 300, 16).bfloat16(), torch.randn(2, 2, 300, 16).bfloat16()
+    v = torch.randn(2, 2, 300, 32).bfloat16()
+    allowed = torch.ones(300, 300, dtype=torch.bool).tril()
+    ref = (q.to(F64) @ k.to(F64).transpose(-1, -2)).masked_fill(~allowed, float("-inf")).softmax(-1) @ v.to(F64)
+    out = causal_attention(q, k, v, use_sdpa=use_sdpa)
+    assert out.dtype == torch.bfloat16
+    assert (out.to(F64) - ref).abs().max() < 2**-7 * v.abs().max().item()
