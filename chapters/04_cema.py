@@ -600,7 +600,7 @@ with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
 assert y_auto.dtype == torch.float32 and torch.allclose(y_auto, layer(x)[0], atol=1e-6)
 
 # %% [markdown]
-# Timing the three forms is only meaningful on the GPU at full size (this cell is skipped on a
+# Timing the FFT and chunked forms is only meaningful on the GPU at full size (this cell is skipped on a
 # CPU; nothing later uses it). The numbers it prints are for this machine only.
 
 # %% tags=["gpu"]
@@ -802,7 +802,7 @@ print(parts["cema-readout"].value.replace("&nbsp;", " "))
 
 # %% [markdown]
 # Things to try: push **alpha** and **delta** down and watch the half-life grow and the spiral
-# tighten towards the unit circle; raise **theta** and the states spread around the circle, each
+# stay close to the unit circle for many more turns; raise **theta** and the states spread around the circle, each
 # contributing a band around its frequency $\theta_n$ to panel (4).
 #
 # **Summary.** `megalodon_lite.cema` exports `CEMA` (parameters and official initialisation),
