@@ -270,7 +270,9 @@ assert band[0].abs() < band[peak] and peak > 0
 # - **Final state out.** $h_L = \sum_{s<L} \alpha\odot\beta\,\varphi^{L-1-s} x_s + \varphi^L \odot h_0$:
 #   the kernel's terms before the sum over $n$, run backwards over the piece.
 #
-# Everything is computed in at least float32, whatever the input dtype.
+# Everything is computed in at least float32, whatever the input dtype. Like MEGA's code, this form
+# materialises the powers $\varphi^t$ as a $(D, N, L)$ tensor: $D \cdot N \cdot L$ numbers, which at
+# $D = 1024$, $N = 16$, $L = 65\,536$ is $2^{30}$ floats (4 GiB in float32) per call.
 
 # %% tags=["export:mega_ema"]
 def damped_ema_fft(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor,

@@ -744,6 +744,22 @@ print(f"accuracy, repeated key inside the chunk (attention can copy): {correct[r
 print(f"chance: {1 / (config['vocab'] - config['vocab'] // 2):.3f}")
 
 # %% [markdown]
+# Where the trained first layer looks: its attention weights on one sequence. Inside the first chunk
+# the queries see the key–value list; in later chunks a query key can only find earlier queries of
+# its own chunk, and everything older reaches it through the EMA.
+
+# %%
+with torch.no_grad():
+    first_layer_input = model.embed(tokens[:1].to(device)) * math.sqrt(config["d_model"])
+    trained_map = model.blocks[0].mega.attention_map(first_layer_input)[0]       # (K, C, C)
+fig, ax = plt.subplots(figsize=(4.6, 4.2))
+image = ax.imshow(weights_as_matrix(trained_map) ** 0.5, cmap="magma")
+ax.set(title="trained layer 1, MEGA-chunk", xlabel="key position", ylabel="query position")
+fig.colorbar(image, ax=ax, shrink=0.8, label="√weight")
+save_figure(fig, "03_trained_attention")
+plt.show()
+
+# %% [markdown]
 # ## What we have
 #
 # `megalodon_lite.mega` exports the Laplace attention function, MEGA's simple relative positional
