@@ -98,7 +98,7 @@ def _check_alpha(alpha: Tensor, channels: int | None = None, device: torch.devic
     """``alpha`` must be a real floating (D,) tensor strictly inside (0, 1).
 
     The range check reduces on ``alpha``'s device and reads one bool back, so on CUDA it waits for
-    the GPU (a host sync); it is cheap next to the EMA itself and catches saturated sigmoids early.
+    the GPU (a host sync). It catches a saturated sigmoid (alpha rounded to 0 or 1) at the call.
     """
     if not isinstance(alpha, Tensor):
         raise TypeError(f"alpha must be a torch.Tensor of shape (D,), got {type(alpha).__name__}")
