@@ -329,10 +329,10 @@ assert torch.allclose(s0, s1, atol=1e-9)
 #
 # The fast path is PyTorch's `scaled_dot_product_attention` with `scale=1.0`: on a GPU a fused
 # kernel that need not write the $c \times c$ probabilities to memory; for bfloat16 inputs it
-# accumulates the softmax in float32 (`tests/test_attention.py` checks the error it leaves). Beside it, `causal_attention(..., use_sdpa=False)` is
-# the explicit product $\mathrm{softmax}(q k^\top + M)\, v$ with scores and softmax in float32
-# (the official code's non-fused path takes the scores in the input dtype and only the softmax in
-# float32).
+# accumulates the softmax in float32 (`tests/test_attention.py` checks the error it leaves).
+# Beside it, `causal_attention(..., use_sdpa=False)` is the explicit product
+# $\mathrm{softmax}(q k^\top + M)\, v$ with scores and softmax in float32 (the official code's
+# non-fused path takes the scores in the input dtype and only the softmax in float32).
 
 # %% tags=["export:attention"]
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0,
@@ -716,7 +716,8 @@ for name, seconds in timed.items():
     ax.plot(lengths, [1e3 * s for s in seconds], "o-", label=f"{name} (slope {slope:.2f})")
 ax.set_xscale("log", base=2)
 ax.set_yscale("log")
-ax.set(xlabel="sequence length L", ylabel="ms per forward call", title=f"B = {batch}, c = {chunk}, d = {dim}, {device.type}")
+ax.set(xlabel="sequence length L", ylabel="ms per forward call",
+       title=f"B = {batch}, c = {chunk}, d = {dim}, {device.type}")
 ax.legend()
 save_figure(fig, "chunk_attention_scaling")
 plt.show()
