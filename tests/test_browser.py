@@ -333,9 +333,13 @@ def remaining_ms(deadline: float) -> float:
 
 
 def run_menu(page, item: str) -> None:
-    """Click Run → ``item`` in JupyterLab's menu bar."""
+    """Click Run → ``item`` in JupyterLab's menu bar (failing at once if the item is disabled)."""
+    from playwright.sync_api import expect
+
     page.locator(".lm-MenuBar-itemLabel").get_by_text("Run", exact=True).click()
-    page.locator(".lm-Menu-itemLabel").get_by_text(item, exact=True).click()
+    entry = page.locator(".lm-Menu-item").filter(has=page.get_by_text(item, exact=True))
+    expect(entry).not_to_have_class(re.compile(r"\blm-mod-disabled\b"), timeout=5000)
+    entry.click()
 
 
 def run_all_cells(page, has_cuda: bool) -> None:
@@ -365,7 +369,10 @@ def run_all_cells(page, has_cuda: bool) -> None:
         start = failed + 1
         cells.nth(start).locator(".jp-InputPrompt").first.click()
         expect(cells.nth(start)).to_have_class(re.compile(r"\bjp-mod-active\b"), timeout=remaining_ms(deadline))
-        run_menu(page, "Run Selected Cell and All Below")
+        # On the last cell JupyterLab disables "... and All Below" (and "Run Selected Cell" would
+        # add a new cell below it).
+        last = start == len(states) - 1
+        run_menu(page, "Run Selected Cell and Do not Advance" if last else "Run Selected Cell and All Below")
     not_run = [i for i, cell in enumerate(states) if cell["code"] and cell["count"] is None]
     assert not not_run, f"cells {not_run} did not run"
 
@@ -406,6 +413,7 @@ def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, h
     the URLs outside 127.0.0.1 that the page tried to load (all blocked). Screenshots of the widget
     (and of the whole page if something fails) are written to ``out_dir``.
     """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import sync_playwright
 
     observed: dict = {"blocked": []}
@@ -444,14 +452,21 @@ def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, h
             handle = widget.locator(".cema-theta .noUi-handle").first
             handle.focus()
             handle.press("PageUp")
-            page.wait_for_function(
-                f"""([plot, readout]) => {{
-                    const now = ({PLOT_SRC})(), text = ({READOUT_TEXT})();
-                    return now && text && now !== plot && text !== readout;
-                }}""",
-                arg=[observed["before"]["plot"], observed["before"]["readout"]],
-                timeout=REDRAW_S * 1000,
-            )
+            try:
+                page.wait_for_function(
+                    f"""([plot, readout]) => {{
+                        const now = ({PLOT_SRC})(), text = ({READOUT_TEXT})();
+                        return now && text && now !== plot && text !== readout;
+                    }}""",
+                    arg=[observed["before"]["plot"], observed["before"]["readout"]],
+                    timeout=REDRAW_S * 1000,
+                )
+            except PlaywrightTimeoutError:
+                now = {"plot": page.evaluate(PLOT_SRC), "readout": page.evaluate(READOUT_TEXT)}
+                unchanged = [key for key in now if now[key] == observed["before"][key]]
+                raise AssertionError(
+                    f"{REDRAW_S:.0f} s after moving theta, still unchanged: {unchanged} (readout {now['readout']!r})"
+                ) from None
             observed["after"] = widget_state(page, widget)
             widget.screenshot(path=str(out_dir / "cema_after.png"))
         except Exception:
@@ -484,3 +499,13 @@ def test_cema_widget_redraws_when_theta_moves(tmp_path: Path) -> None:
     assert observed["blocked"] == [], f"the page tried to reach the internet: {observed['blocked']}"
     digest_after = hashlib.sha256(chapter.read_bytes()).hexdigest()
     assert digest_after == digest_before, f"{CHAPTER} was modified by the browser session"
+
+
+def test_missing_chromium_skips_here_but_fails_on_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(globals(), "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-chromium"):
+        require_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require_chromium()
