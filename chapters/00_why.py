@@ -236,7 +236,7 @@ for length in lengths:
 print(f"{'L':>7} " + " ".join(f"{name + ' MiB':>19}" for name in methods) + f" {'naive / L×L scores':>19}")
 for i, length in enumerate(lengths):
     print(f"{length:>7} " + " ".join(cell(gpu_peak[name][i], 2**-20) for name in methods)
-          + f" {gpu_peak['naive'][i] / score_bytes[i]:>19.2f}")
+          + cell(gpu_peak["naive"][i] / score_bytes[i], 1.0))
 fig_gpu, ax_gpu = plt.subplots(figsize=(6, 4.5))
 for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
     ax_gpu.loglog(lengths, gpu_peak[name], style, label=name)

@@ -430,7 +430,7 @@ for length in pick(smoke=[128, 512], full=[256, 1024, 4096, 16384]):
     row = [median_seconds(lambda: ema_recurrence(x_timing, alpha_timing))]
     row.append(median_seconds(lambda: ema_convolution(x_timing, alpha_timing)) if length <= 2048 else float("nan"))
     row.append(median_seconds(lambda: ema_fft(x_timing, alpha_timing)))
-    print(f"{length:>7} " + " ".join(f"{1e3 * s:>12.3f}" for s in row))
+    print(f"{length:>7} " + " ".join(f"{1e3 * s:>12.3f}" if np.isfinite(s) else f"{'(skipped)':>12}" for s in row))
 
 # %% [markdown]
 # ## 4. Play with it
