@@ -843,11 +843,12 @@ print(f"{'total':>28} {'':>12} {total:>14,}")
 #
 # A pre-norm Transformer block adds both of its sub-layers to the residual stream:
 # $y = x + \mathrm{Attn}(\mathrm{N}(x))$, $\;\text{out} = y + \mathrm{FFN}(\mathrm{N}(y))$.
-# Megalodon §3.4 observes that with pre-norm the stream grows with depth (each block adds
-# un-normalised outputs on top), which hurt stability at scale, and replaces the second residual:
-# $\text{out} = x + \mathrm{FFN}(\mathrm{LN}(y))$. The output of the attention layer still reaches
-# the stream, but only through the normalised FFN input, never added as is; the stream gains one
-# term per block instead of two.
+# Every sub-layer output is added to the stream un-normalised, so the stream grows with depth.
+# Megalodon §3.4 keeps the pre-normalisation but rewires the second residual to skip back to
+# the block input: $\text{out} = x + \mathrm{FFN}(\mathrm{LN}(y))$, motivated by training
+# stability as the model grows. The output of the attention layer still shapes the block's
+# output, but only through the normalised FFN input, never added to the stream as is; the stream
+# gains one term per block instead of two.
 #
 # Because `NormalizedFFN.forward` takes the residual as an argument, the pre-norm variant uses the
 # very same parameters: `ffn(y, residual=y)` instead of `ffn(y, residual=x)`. Below, the RMS of
@@ -875,7 +876,9 @@ def stream_rms(model: MegalodonLM, tokens: torch.Tensor, two_hop: bool) -> list[
 rms_two_hop = stream_rms(deep, tokens, two_hop=True)
 rms_pre_norm = stream_rms(deep, tokens, two_hop=False)
 print(f"RMS of the stream after {depth_cfg.num_layers} blocks: two-hop {rms_two_hop[-1]:.3f}, "
-      f"pre-norm {rms_pre_norm[-1]:.3f} (embedding {rms_two_hop[0]:.3f})")
+      f"pre-norm {rms_pre_norm[-1]:.3f} (embedding {rms_two_hop[0]:.3f}); "
+      f"ratio {rms_pre_norm[-1] / rms_two_hop[-1]:.1f}")
+assert rms_pre_norm[-1] > rms_two_hop[-1]
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(rms_two_hop, "o-", label="two-hop: out = x + FFN(LN(y))")
@@ -889,10 +892,10 @@ save_figure(fig, "07_two_hop_residual")
 plt.show()
 
 # %% [markdown]
-# At initialisation both streams grow roughly linearly with depth: each block adds outputs of a
-# similar size. The pre-norm stream grows faster, since every block adds the attention layer's
-# output $h$ on top of the FFN's. This is a picture of the mechanism at one random point, not of
-# training stability, which the paper measures at 7B scale.
+# Both streams grow with depth, as each block adds a term of similar size to it. The pre-norm
+# stream grows faster, since every block adds the attention layer's output $h$ on top of the
+# FFN's. This is a picture of the mechanism at one random initialisation, not a measurement of
+# training stability, which the paper's argument is about.
 
 # %% [markdown]
 # ## 6. Streaming: unlimited context with a constant-size state
@@ -928,7 +931,7 @@ assert torch.equal(state.num_tokens, full_state.num_tokens)
 # what the model holds. We use a small byte-level model (two layers, $D = 32$, chunks of 128)
 # and feed random bytes in pieces of 64 chunks, recording after each piece the bytes held by the
 # state (`MegalodonState.nbytes`, every tensor it keeps alive), the memory of the whole Python
-# process (resident set size) and the time per token.
+# process (resident set size; on a GPU, the device memory allocated) and the time per token.
 
 # %%
 import os
@@ -970,16 +973,20 @@ with torch.inference_mode():
         seconds_per_token.append((time.perf_counter() - t0) / piece)
         positions.append(start + piece)
         state_bytes.append(state.nbytes())
-        rss_bytes.append(process_rss_bytes())
+        rss_bytes.append(torch.cuda.memory_allocated() if device.type == "cuda" else process_rss_bytes())
 elapsed = time.perf_counter() - start_all
 torch.set_num_threads(threads)
 assert int(state.num_tokens[0]) == n_tokens and torch.isfinite(logits).all()
 print(f"read {n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / elapsed:,.0f} tokens/s on {device})")
 print(f"state: {min(state_bytes):,} to {max(state_bytes):,} bytes over the whole stream")
 if rss_bytes[0] is not None:
-    print(f"process memory: {rss_bytes[1] / 2**20:.1f} MiB after the second piece, "
-          f"{rss_bytes[-1] / 2**20:.1f} MiB after the last")
+    print(f"{'GPU memory allocated' if device.type == 'cuda' else 'process memory (RSS)'}: between "
+          f"{min(rss_bytes) / 2**20:.1f} and {max(rss_bytes) / 2**20:.1f} MiB over the whole stream")
+first, last = np.mean(seconds_per_token[: len(seconds_per_token) // 4]), np.mean(seconds_per_token[-len(seconds_per_token) // 4:])
+print(f"time per token: {first * 1e6:.2f} µs in the first quarter of the stream, {last * 1e6:.2f} µs in the last")
 assert max(state_bytes) == min(state_bytes)  # pieces are whole chunks: the same state shapes every time
+if rss_bytes[0] is not None:  # a leak of one piece's logits would add 8 MiB per piece
+    assert max(rss_bytes[1:]) - rss_bytes[1] < 64 * 2**20, "memory grew along the stream"
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -989,7 +996,7 @@ axes[0].set_ylim(0, 1.2 * max(state_bytes) / 1024)
 if rss_bytes[0] is not None:
     axes[1].plot(positions, np.array(rss_bytes, dtype=float) / 2**20)
     axes[1].set_ylim(0, 1.2 * max(rss_bytes) / 2**20)
-axes[1].set_ylabel("process RSS (MiB)")
+axes[1].set_ylabel("GPU memory allocated (MiB)" if device.type == "cuda" else "process RSS (MiB)")
 axes[2].plot(positions, np.array(seconds_per_token) * 1e6)
 axes[2].set_ylim(0, 1.5 * max(seconds_per_token) * 1e6)
 axes[2].set_ylabel("time per token (µs)")
@@ -1001,11 +1008,12 @@ save_figure(fig, "07_streaming_memory")
 plt.show()
 
 # %% [markdown]
-# Three flat lines: the state is the same size after a million tokens as after the first piece,
-# the process does not grow, and a token costs the same at the end as at the start. The state
-# is a few kilobytes here; for `mega7.1B` it would be, per sequence and layer, the CEMA state
-# $D \times N$ complex numbers, $2G$ statistics and at most one chunk of keys and values — it
-# grows with the model and the chunk, never with the stream.
+# Flat lines: the state is exactly the same size after a million tokens as after the first piece,
+# the process memory only wobbles as the allocator reuses blocks, and a token costs no more at
+# the end of the stream than at the start (the spikes are the noise of a shared machine). For
+# a large model the state is larger — per sequence and layer the CEMA state of $D \times N$
+# complex numbers, $2G$ statistics and at most one chunk of keys and values — but it grows with
+# the model and the chunk, never with the stream.
 #
 # (The official evaluation code, past eight chunks, *replaces* the norm statistics by ones
 # recomputed over the last six chunks; the paper does not mention it. This package keeps the
@@ -1021,12 +1029,12 @@ plt.show()
 # %%
 text_model = MegalodonLM(preset("tiny")).eval()
 prompt = torch.tensor([list("Megalodon reads ".encode())])
-sampled = text_model.generate(prompt, 48, temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(3))
-again = text_model.generate(prompt, 48, temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(3))
+sampled = text_model.generate(prompt, 32, temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(3))
+again = text_model.generate(prompt, 32, temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(3))
 assert torch.equal(sampled, again)
 print("sampled:", repr(bytes(sampled[0].tolist()).decode("utf-8", errors="replace")))
 
-greedy = text_model.generate(prompt, 32, temperature=0)
+greedy = text_model.generate(prompt, 24, temperature=0)
 with torch.no_grad():
     logits, _ = text_model(torch.cat([prompt, greedy], dim=1))
 teacher_forced = logits[:, prompt.shape[1] - 1:-1].argmax(-1)
@@ -1307,5 +1315,5 @@ with tempfile.TemporaryDirectory() as tmp:
 #   stream of a million tokens.
 # * Checkpoints are safetensors plus JSON, written atomically and verified by hash on load.
 #
-# Chapter 08 spreads the chunks of one long sequence over several GPUs; chapter 09 trains the
-# `small` preset.
+# Later chapters spread the chunks of one long sequence over several GPUs and train the `small`
+# preset (chapter 09).
