@@ -50,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = Path("chapters/04_cema.py")  # relative to the server's root_dir
 GPU_TAG = "gpu"  # cells that need CUDA (CONTRIBUTING.md); the test suite skips them without one
 CHROMIUM = Path("/usr/bin/chromium")
+# Headless; no sandbox (it needs privileges a CI container lacks); nothing that phones home.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -174,6 +175,8 @@ def stop_process(proc: subprocess.Popen) -> list[int]:
 
 @dataclass
 class LabServer:
+    """A running JupyterLab started by :func:`jupyterlab`."""
+
     url: str  # http://127.0.0.1:<port>
     token: str
     proc: subprocess.Popen
@@ -243,6 +246,7 @@ def jupyterlab(root_dir: Path, home: Path) -> Iterator[LabServer]:
 
 
 def wait_until_answering(server: LabServer) -> None:
+    """Poll the server's REST API until it answers (or fail with the end of its log)."""
     request = urllib.request.Request(
         f"{server.url}/api/status", headers={"Authorization": f"token {server.token}"}
     )
@@ -319,7 +323,8 @@ CELL_STATES = """() => {
 # queued or running ("[*]") and the first code cell from `start` on ran after `last`.
 RUN_FINISHED = """([start, last]) => {
     const cells = [...document.querySelectorAll('.jp-NotebookPanel .jp-Notebook-cell')];
-    const prompts = cells.map(c => c.classList.contains('jp-CodeCell') ? c.querySelector('.jp-InputPrompt').textContent : null);
+    const prompts = cells.map(c =>
+        c.classList.contains('jp-CodeCell') ? c.querySelector('.jp-InputPrompt').textContent : null);
     if (prompts.some(p => p !== null && p.includes('*'))) return false;
     const first = prompts.findIndex((p, i) => i >= start && p !== null);
     if (first < 0) return true;
