@@ -5,6 +5,9 @@
     python -m megalodon_lite.book --only 01 04    # some chapters
     python -m megalodon_lite.book --out site/     # somewhere else than build/book
 
+The output folder holds one HTML page per chapter, ``index.html`` linking them in order, and
+``manifest.json`` (command, date, device, library versions, per-chapter time and status).
+
 Every chapter is executed in a fresh kernel. A chapter that fails is reported by name with its
 error and rendered up to the failing cell; the others are still built, and the command exits 1.
 Cells tagged ``gpu`` are shown but not run when no CUDA device is present.
@@ -148,6 +151,35 @@ def write_index(out_dir: Path, results: list[ChapterResult], *, smoke: bool) -> 
     return index
 
 
+def write_manifest(out_dir: Path, results: list[ChapterResult], *, smoke: bool, argv: list[str]) -> Path:
+    """``manifest.json``: what was built, where, with which versions, by which command."""
+    import json
+    import platform
+
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    manifest = {
+        "command": "python -m megalodon_lite.book " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "size": "smoke" if smoke else "full",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "chapters": [{"chapter": r.chapter.name, "title": r.title, "seconds": round(r.seconds, 1),
+                      "ok": r.error is None, "error": r.error} for r in results],
+    }
+    path = out_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def select_chapters(only: list[str] | None) -> list[Path]:
     """All chapters, or those whose number or stem is listed in ``only``."""
     chapters = chapter_paths(repo_root())
@@ -194,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                       + result.error.replace("\n", "\n        "))
         write_index(out_dir, results, smoke=not args.full)  # the index is usable even if we stop here
     index = write_index(out_dir, results, smoke=not args.full)
+    write_manifest(out_dir, results, smoke=not args.full, argv=sys.argv[1:] if argv is None else argv)
     failed = [r.chapter.name for r in results if r.error is not None]
     print(f"book: {len(results) - len(failed)}/{len(results)} chapters built -> {index}")
     if failed:

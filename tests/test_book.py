@@ -95,3 +95,17 @@ def test_pick_follows_smoke_mode(monkeypatch):
     assert notebook.pick(smoke=2, full=2048) == 2
     monkeypatch.setattr(notebook, "SMOKE", False)
     assert notebook.pick(smoke=2, full=2048) == 2048
+
+
+def test_manifest_records_versions_and_status(tmp_path):
+    import json
+
+    import torch
+
+    results = [book.ChapterResult(Path("chapters/01_a.py"), "01 · A", "01_a.html", 1.23),
+               book.ChapterResult(Path("chapters/02_b.py"), "02 · B", "02_b.html", 4.56, error="boom")]
+    manifest = json.loads(book.write_manifest(tmp_path, results, smoke=True, argv=["--only", "01", "02"]).read_text())
+    assert manifest["command"] == "python -m megalodon_lite.book --only 01 02"
+    assert manifest["torch"] == torch.__version__ and manifest["size"] == "smoke"
+    assert [(c["chapter"], c["ok"], c["error"]) for c in manifest["chapters"]] == [
+        ("01_a.py", True, None), ("02_b.py", False, "boom")]
