@@ -545,6 +545,97 @@ class MegalodonBlock(nn.Module):
         return self.ffn(y, residual=x), state
 
 # %% [markdown]
+# ### Checking the block against the equations
+#
+# The block is only a few lines because the hard parts live in chapters 04–06. To make sure the
+# wiring is right — which tensor feeds which projection, where the residuals go — we write the
+# block once more, slowly and in float64, straight from the equations: the timestep norm from
+# cumulative sums, the CEMA as an explicit complex recurrence, RoPE and the chunk mask spelled out
+# over the whole $L \times L$ score matrix. It shares nothing with the fast path but the
+# parameter values, and it is exported too, so that the tests can use it (with gradients).
+
+# %% tags=["export:model"]
+def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
+    """One Megalodon block in float64, written from the equations (SPEC §5); slow, for checking.
+
+    x: (B, L, D) -> (B, L, D) float64, from a fresh stream. Shares nothing with the fast path but
+    the parameter values (cast to float64 with gradients kept, so it also checks gradients):
+    cumulative-sum timestep norm, explicit complex CEMA recurrence, RoPE and the same-chunk causal
+    mask written out over the full L x L score matrix, the two-hop residual.
+    """
+    P = {name: param.double() for name, param in block.named_parameters()}
+    mega = block.mega
+    x = x.double()
+    B, L, D = x.shape
+    G, eps = mega.timenorm.num_groups, mega.timenorm.eps
+    N, H, dz, c = mega.cema.n_states, mega.attention.num_heads, mega.attention.z_head_dim, mega.attention.chunk_size
+    # X = TimestepNorm(x): mean and variance of group g over all steps <= t
+    xg = x.view(B, L, G, D // G)
+    steps = torch.arange(1, L + 1, dtype=torch.float64, device=x.device).view(1, L, 1)
+    mean = xg.mean(-1).cumsum(1) / steps
+    var = (xg ** 2).mean(-1).cumsum(1) / steps - mean ** 2
+    X = ((xg - mean[..., None]) / torch.sqrt(var[..., None] + eps)).reshape(B, L, D)
+    X = X * (1 + P["mega.timenorm.weight"]) + P["mega.timenorm.bias"]
+    # CEMA: h_t = q h_{t-1} + p X_t,  y_t = Re(sum_n gamma_n h_{t,n}) + omega X_t
+    p = torch.sigmoid(P["mega.cema.alpha"])[..., 0]
+    radius = 1 - p * torch.sigmoid(P["mega.cema.delta"])[..., 0]
+    angle = torch.arange(1, N + 1, dtype=torch.float64, device=x.device) * (2 * math.pi / N) * torch.sigmoid(P["mega.cema.theta"]).view(D, 1)
+    q = torch.polar(radius, angle)
+    gamma = torch.complex(P["mega.cema.gamma"][..., 0], P["mega.cema.gamma"][..., 1]) / math.sqrt(N)
+    h, ema = torch.zeros(B, D, N, dtype=torch.complex128, device=x.device), []
+    for t in range(L):
+        h = q * h + p * X[:, t, :, None]
+        ema.append((gamma * h).real.sum(-1))
+    ema = torch.stack(ema, 1) + P["mega.cema.omega"] * X
+    mx = ema / torch.sqrt(ema.pow(2).mean(-1, keepdim=True) + mega.rmsnorm.eps) * (1 + P["mega.rmsnorm.weight"])
+    # normalised q, k per head; RoPE at the position inside the chunk; softmax (scale 1) inside chunks
+    z = (mx @ P["mega.wz.weight"].T + P["mega.wz.bias"]).view(B, L, H, dz)
+    z = z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + mega.attention.z_norm.eps)
+    t = torch.arange(L, device=x.device)
+    freq = mega.attention.rope.base ** (-torch.arange(0, dz, 2, dtype=torch.float64, device=x.device) / dz)
+    rotation = torch.polar(torch.ones(L, dz // 2, dtype=torch.float64, device=x.device), (t % c)[:, None] * freq)
+    q_k = []
+    for i in (0, 1):  # row 0 of gamma/beta for queries, row 1 for keys
+        u = z * (P["mega.attention.gamma"][i] + 1) / math.sqrt(dz) + P["mega.attention.beta"][i]
+        u = torch.view_as_complex(u.reshape(B, L, H, dz // 2, 2).contiguous()) * rotation[:, None]
+        q_k.append(torch.view_as_real(u).reshape(B, L, H, dz))
+    v = F.silu(X @ P["mega.wv.weight"].T + P["mega.wv.bias"]).view(B, L, H, -1)
+    visible = (t[:, None] // c == t[None] // c) & (t[:, None] >= t[None])
+    scores = torch.einsum("bthd,bshd->bhts", *q_k).masked_fill(~visible, float("-inf"))
+    O = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), v).reshape(B, L, -1)
+    r = F.silu(mx @ P["mega.wr.weight"].T + P["mega.wr.bias"])
+    y = mx @ P["mega.wh1.weight"].T + P["mega.wh1.bias"] + (O * r) @ P["mega.wh2.weight"].T + x
+    # two-hop residual: out = FFN(LayerNorm(y)) + x
+    u = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + block.ffn.norm.eps)
+    u = u * (1 + P["ffn.norm.weight"]) + P["ffn.norm.bias"]
+    hidden = F.silu(u @ P["ffn.fc1.weight"].T)
+    if "ffn.fc3.weight" in P:
+        hidden = hidden * (u @ P["ffn.fc3.weight"].T)
+    out = hidden @ P["ffn.fc2.weight"].T
+    return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
+
+
+# %%
+from megalodon_lite.model import MegalodonBlock, megalodon_block_reference
+
+check_cfg = preset("tiny", chunk_size=16)
+block = MegalodonBlock(check_cfg, layer_index=0)
+with torch.no_grad():  # move the zero-initialised norm and q/k parameters off zero so they are tested too
+    for name, param in block.named_parameters():
+        if name.endswith(("timenorm.weight", "timenorm.bias", "rmsnorm.weight", "attention.gamma",
+                          "attention.beta", "ffn.norm.weight", "ffn.norm.bias", "wz.bias", "wv.bias")):
+            param.normal_(0.0, 0.3)
+x = torch.randn(2, 3 * check_cfg.chunk_size + 7, check_cfg.model_dim)  # three chunks and a partial one
+out, _ = block(x)
+with torch.no_grad():
+    expected = megalodon_block_reference(block, x)
+err = (out.double() - expected).abs().max().item() / expected.abs().max().item()
+print(f"block (float32) vs float64 reference: max error {err:.2e} of the largest output")
+assert err < 1e-5, err  # float32 has a 6e-8 unit roundoff; a few hundred roundings per output stay far below 1e-5
+
+# %% [markdown]
+# ## 4. The language model, and where its parameters are
+#
 # The language model wraps the blocks: embedding (scaled by $\sqrt D$ if `scale_emb`, then
 # dropout), the blocks, a final **timestep** norm (the official `MegaOutputLayer` uses a
 # TimestepNorm here, not a LayerNorm, so it too carries statistics in the stream), and a linear
@@ -695,106 +786,16 @@ class MegalodonLM(nn.Module):
             return prompt.new_zeros((prompt.shape[0], 0), dtype=torch.int64)
         return torch.stack(new_tokens, dim=1)
 
-# %% [markdown]
-# ### Checking the block against the equations
-#
-# The block is only a few lines because the hard parts live in chapters 04–06. To make sure the
-# wiring is right — which tensor feeds which projection, where the residuals go — we write the
-# block once more, slowly and in float64, straight from the equations: the timestep norm from
-# cumulative sums, the CEMA as an explicit complex recurrence, RoPE and the chunk mask spelled out
-# over the whole $L \times L$ score matrix. It shares nothing with the fast path but the
-# parameter values, and it is exported too, so that the tests can use it (with gradients).
-
-# %% tags=["export:model"]
-def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
-    """One Megalodon block in float64, written from the equations (SPEC §5); slow, for checking.
-
-    x: (B, L, D) -> (B, L, D) float64, from a fresh stream. Shares nothing with the fast path but
-    the parameter values (cast to float64 with gradients kept, so it also checks gradients):
-    cumulative-sum timestep norm, explicit complex CEMA recurrence, RoPE and the same-chunk causal
-    mask written out over the full L x L score matrix, the two-hop residual.
-    """
-    P = {name: param.double() for name, param in block.named_parameters()}
-    mega = block.mega
-    x = x.double()
-    B, L, D = x.shape
-    G, eps = mega.timenorm.num_groups, mega.timenorm.eps
-    N, H, dz, c = mega.cema.n_states, mega.attention.num_heads, mega.attention.z_head_dim, mega.attention.chunk_size
-    # X = TimestepNorm(x): mean and variance of group g over all steps <= t
-    xg = x.view(B, L, G, D // G)
-    steps = torch.arange(1, L + 1, dtype=torch.float64, device=x.device).view(1, L, 1)
-    mean = xg.mean(-1).cumsum(1) / steps
-    var = (xg ** 2).mean(-1).cumsum(1) / steps - mean ** 2
-    X = ((xg - mean[..., None]) / torch.sqrt(var[..., None] + eps)).reshape(B, L, D)
-    X = X * (1 + P["mega.timenorm.weight"]) + P["mega.timenorm.bias"]
-    # CEMA: h_t = q h_{t-1} + p X_t,  y_t = Re(sum_n gamma_n h_{t,n}) + omega X_t
-    p = torch.sigmoid(P["mega.cema.alpha"])[..., 0]
-    radius = 1 - p * torch.sigmoid(P["mega.cema.delta"])[..., 0]
-    angle = torch.arange(1, N + 1, dtype=torch.float64, device=x.device) * (2 * math.pi / N) * torch.sigmoid(P["mega.cema.theta"]).view(D, 1)
-    q = torch.polar(radius, angle)
-    gamma = torch.complex(P["mega.cema.gamma"][..., 0], P["mega.cema.gamma"][..., 1]) / math.sqrt(N)
-    h, ema = torch.zeros(B, D, N, dtype=torch.complex128, device=x.device), []
-    for t in range(L):
-        h = q * h + p * X[:, t, :, None]
-        ema.append((gamma * h).real.sum(-1))
-    ema = torch.stack(ema, 1) + P["mega.cema.omega"] * X
-    mx = ema / torch.sqrt(ema.pow(2).mean(-1, keepdim=True) + mega.rmsnorm.eps) * (1 + P["mega.rmsnorm.weight"])
-    # normalised q, k per head; RoPE at the position inside the chunk; softmax (scale 1) inside chunks
-    z = (mx @ P["mega.wz.weight"].T + P["mega.wz.bias"]).view(B, L, H, dz)
-    z = z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + mega.attention.z_norm.eps)
-    t = torch.arange(L, device=x.device)
-    freq = mega.attention.rope.base ** (-torch.arange(0, dz, 2, dtype=torch.float64, device=x.device) / dz)
-    rotation = torch.polar(torch.ones(L, dz // 2, dtype=torch.float64, device=x.device), (t % c)[:, None] * freq)
-    q_k = []
-    for i in (0, 1):  # row 0 of gamma/beta for queries, row 1 for keys
-        u = z * (P["mega.attention.gamma"][i] + 1) / math.sqrt(dz) + P["mega.attention.beta"][i]
-        u = torch.view_as_complex(u.reshape(B, L, H, dz // 2, 2).contiguous()) * rotation[:, None]
-        q_k.append(torch.view_as_real(u).reshape(B, L, H, dz))
-    v = F.silu(X @ P["mega.wv.weight"].T + P["mega.wv.bias"]).view(B, L, H, -1)
-    visible = (t[:, None] // c == t[None] // c) & (t[:, None] >= t[None])
-    scores = torch.einsum("bthd,bshd->bhts", *q_k).masked_fill(~visible, float("-inf"))
-    O = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), v).reshape(B, L, -1)
-    r = F.silu(mx @ P["mega.wr.weight"].T + P["mega.wr.bias"])
-    y = mx @ P["mega.wh1.weight"].T + P["mega.wh1.bias"] + (O * r) @ P["mega.wh2.weight"].T + x
-    # two-hop residual: out = FFN(LayerNorm(y)) + x
-    u = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + block.ffn.norm.eps)
-    u = u * (1 + P["ffn.norm.weight"]) + P["ffn.norm.bias"]
-    hidden = F.silu(u @ P["ffn.fc1.weight"].T)
-    if "ffn.fc3.weight" in P:
-        hidden = hidden * (u @ P["ffn.fc3.weight"].T)
-    out = hidden @ P["ffn.fc2.weight"].T
-    return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
-
-
 # %%
-from megalodon_lite.model import MegalodonBlock, MegalodonLM, MegalodonState, megalodon_block_reference
+from megalodon_lite.model import MegalodonLM  # the package's class, which the checkpoint module checks for
 
-check_cfg = preset("tiny", chunk_size=16)
-block = MegalodonBlock(check_cfg, layer_index=0)
-with torch.no_grad():  # move the zero-initialised norm and q/k parameters off zero so they are tested too
-    for name, param in block.named_parameters():
-        if name.endswith(("timenorm.weight", "timenorm.bias", "rmsnorm.weight", "attention.gamma",
-                          "attention.beta", "ffn.norm.weight", "ffn.norm.bias", "wz.bias", "wv.bias")):
-            param.normal_(0.0, 0.3)
-x = torch.randn(2, 3 * check_cfg.chunk_size + 7, check_cfg.model_dim)  # three chunks and a partial one
-out, _ = block(x)
-with torch.no_grad():
-    expected = megalodon_block_reference(block, x)
-err = (out.double() - expected).abs().max().item() / expected.abs().max().item()
-print(f"block (float32) vs float64 reference: max error {err:.2e} of the largest output")
-assert err < 1e-5, err  # float32 has a 6e-8 unit roundoff; a few hundred roundings per output stay far below 1e-5
-
-# %% [markdown]
-# ## 4. The language model, and where its parameters are
-#
-# Every count below is computed from the module; the large presets are built on PyTorch's
-# `meta` device, which records shapes without allocating memory, so a 7B model costs nothing to
-# inspect.
-
-# %%
 tiny = MegalodonLM(preset("tiny"))
 print(tiny)
 
+# %% [markdown]
+# Every count below is computed from the module; the large presets are built on PyTorch's
+# `meta` device, which records shapes without allocating memory, so a 7B model costs nothing to
+# inspect.
 
 # %%
 def parameter_groups(model: MegalodonLM) -> dict[str, int]:

@@ -255,6 +255,66 @@ class MegalodonBlock(nn.Module):
         return self.ffn(y, residual=x), state
 
 # %% chapters/07_model.py cell 12
+def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
+    """One Megalodon block in float64, written from the equations (SPEC §5); slow, for checking.
+
+    x: (B, L, D) -> (B, L, D) float64, from a fresh stream. Shares nothing with the fast path but
+    the parameter values (cast to float64 with gradients kept, so it also checks gradients):
+    cumulative-sum timestep norm, explicit complex CEMA recurrence, RoPE and the same-chunk causal
+    mask written out over the full L x L score matrix, the two-hop residual.
+    """
+    P = {name: param.double() for name, param in block.named_parameters()}
+    mega = block.mega
+    x = x.double()
+    B, L, D = x.shape
+    G, eps = mega.timenorm.num_groups, mega.timenorm.eps
+    N, H, dz, c = mega.cema.n_states, mega.attention.num_heads, mega.attention.z_head_dim, mega.attention.chunk_size
+    # X = TimestepNorm(x): mean and variance of group g over all steps <= t
+    xg = x.view(B, L, G, D // G)
+    steps = torch.arange(1, L + 1, dtype=torch.float64, device=x.device).view(1, L, 1)
+    mean = xg.mean(-1).cumsum(1) / steps
+    var = (xg ** 2).mean(-1).cumsum(1) / steps - mean ** 2
+    X = ((xg - mean[..., None]) / torch.sqrt(var[..., None] + eps)).reshape(B, L, D)
+    X = X * (1 + P["mega.timenorm.weight"]) + P["mega.timenorm.bias"]
+    # CEMA: h_t = q h_{t-1} + p X_t,  y_t = Re(sum_n gamma_n h_{t,n}) + omega X_t
+    p = torch.sigmoid(P["mega.cema.alpha"])[..., 0]
+    radius = 1 - p * torch.sigmoid(P["mega.cema.delta"])[..., 0]
+    angle = torch.arange(1, N + 1, dtype=torch.float64, device=x.device) * (2 * math.pi / N) * torch.sigmoid(P["mega.cema.theta"]).view(D, 1)
+    q = torch.polar(radius, angle)
+    gamma = torch.complex(P["mega.cema.gamma"][..., 0], P["mega.cema.gamma"][..., 1]) / math.sqrt(N)
+    h, ema = torch.zeros(B, D, N, dtype=torch.complex128, device=x.device), []
+    for t in range(L):
+        h = q * h + p * X[:, t, :, None]
+        ema.append((gamma * h).real.sum(-1))
+    ema = torch.stack(ema, 1) + P["mega.cema.omega"] * X
+    mx = ema / torch.sqrt(ema.pow(2).mean(-1, keepdim=True) + mega.rmsnorm.eps) * (1 + P["mega.rmsnorm.weight"])
+    # normalised q, k per head; RoPE at the position inside the chunk; softmax (scale 1) inside chunks
+    z = (mx @ P["mega.wz.weight"].T + P["mega.wz.bias"]).view(B, L, H, dz)
+    z = z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + mega.attention.z_norm.eps)
+    t = torch.arange(L, device=x.device)
+    freq = mega.attention.rope.base ** (-torch.arange(0, dz, 2, dtype=torch.float64, device=x.device) / dz)
+    rotation = torch.polar(torch.ones(L, dz // 2, dtype=torch.float64, device=x.device), (t % c)[:, None] * freq)
+    q_k = []
+    for i in (0, 1):  # row 0 of gamma/beta for queries, row 1 for keys
+        u = z * (P["mega.attention.gamma"][i] + 1) / math.sqrt(dz) + P["mega.attention.beta"][i]
+        u = torch.view_as_complex(u.reshape(B, L, H, dz // 2, 2).contiguous()) * rotation[:, None]
+        q_k.append(torch.view_as_real(u).reshape(B, L, H, dz))
+    v = F.silu(X @ P["mega.wv.weight"].T + P["mega.wv.bias"]).view(B, L, H, -1)
+    visible = (t[:, None] // c == t[None] // c) & (t[:, None] >= t[None])
+    scores = torch.einsum("bthd,bshd->bhts", *q_k).masked_fill(~visible, float("-inf"))
+    O = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), v).reshape(B, L, -1)
+    r = F.silu(mx @ P["mega.wr.weight"].T + P["mega.wr.bias"])
+    y = mx @ P["mega.wh1.weight"].T + P["mega.wh1.bias"] + (O * r) @ P["mega.wh2.weight"].T + x
+    # two-hop residual: out = FFN(LayerNorm(y)) + x
+    u = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + block.ffn.norm.eps)
+    u = u * (1 + P["ffn.norm.weight"]) + P["ffn.norm.bias"]
+    hidden = F.silu(u @ P["ffn.fc1.weight"].T)
+    if "ffn.fc3.weight" in P:
+        hidden = hidden * (u @ P["ffn.fc3.weight"].T)
+    out = hidden @ P["ffn.fc2.weight"].T
+    return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
+
+# %% chapters/07_model.py cell 15
 def check_tokens(tokens: object, vocab_size: int, name: str = "tokens") -> Tensor:
     """Refuse anything but a non-empty (B, L) integer tensor of ids in [0, vocab_size)."""
     if not isinstance(tokens, Tensor):
@@ -393,63 +453,3 @@ class MegalodonLM(nn.Module):
         if not new_tokens:
             return prompt.new_zeros((prompt.shape[0], 0), dtype=torch.int64)
         return torch.stack(new_tokens, dim=1)
-
-# %% chapters/07_model.py cell 14
-def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
-    """One Megalodon block in float64, written from the equations (SPEC §5); slow, for checking.
-
-    x: (B, L, D) -> (B, L, D) float64, from a fresh stream. Shares nothing with the fast path but
-    the parameter values (cast to float64 with gradients kept, so it also checks gradients):
-    cumulative-sum timestep norm, explicit complex CEMA recurrence, RoPE and the same-chunk causal
-    mask written out over the full L x L score matrix, the two-hop residual.
-    """
-    P = {name: param.double() for name, param in block.named_parameters()}
-    mega = block.mega
-    x = x.double()
-    B, L, D = x.shape
-    G, eps = mega.timenorm.num_groups, mega.timenorm.eps
-    N, H, dz, c = mega.cema.n_states, mega.attention.num_heads, mega.attention.z_head_dim, mega.attention.chunk_size
-    # X = TimestepNorm(x): mean and variance of group g over all steps <= t
-    xg = x.view(B, L, G, D // G)
-    steps = torch.arange(1, L + 1, dtype=torch.float64, device=x.device).view(1, L, 1)
-    mean = xg.mean(-1).cumsum(1) / steps
-    var = (xg ** 2).mean(-1).cumsum(1) / steps - mean ** 2
-    X = ((xg - mean[..., None]) / torch.sqrt(var[..., None] + eps)).reshape(B, L, D)
-    X = X * (1 + P["mega.timenorm.weight"]) + P["mega.timenorm.bias"]
-    # CEMA: h_t = q h_{t-1} + p X_t,  y_t = Re(sum_n gamma_n h_{t,n}) + omega X_t
-    p = torch.sigmoid(P["mega.cema.alpha"])[..., 0]
-    radius = 1 - p * torch.sigmoid(P["mega.cema.delta"])[..., 0]
-    angle = torch.arange(1, N + 1, dtype=torch.float64, device=x.device) * (2 * math.pi / N) * torch.sigmoid(P["mega.cema.theta"]).view(D, 1)
-    q = torch.polar(radius, angle)
-    gamma = torch.complex(P["mega.cema.gamma"][..., 0], P["mega.cema.gamma"][..., 1]) / math.sqrt(N)
-    h, ema = torch.zeros(B, D, N, dtype=torch.complex128, device=x.device), []
-    for t in range(L):
-        h = q * h + p * X[:, t, :, None]
-        ema.append((gamma * h).real.sum(-1))
-    ema = torch.stack(ema, 1) + P["mega.cema.omega"] * X
-    mx = ema / torch.sqrt(ema.pow(2).mean(-1, keepdim=True) + mega.rmsnorm.eps) * (1 + P["mega.rmsnorm.weight"])
-    # normalised q, k per head; RoPE at the position inside the chunk; softmax (scale 1) inside chunks
-    z = (mx @ P["mega.wz.weight"].T + P["mega.wz.bias"]).view(B, L, H, dz)
-    z = z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + mega.attention.z_norm.eps)
-    t = torch.arange(L, device=x.device)
-    freq = mega.attention.rope.base ** (-torch.arange(0, dz, 2, dtype=torch.float64, device=x.device) / dz)
-    rotation = torch.polar(torch.ones(L, dz // 2, dtype=torch.float64, device=x.device), (t % c)[:, None] * freq)
-    q_k = []
-    for i in (0, 1):  # row 0 of gamma/beta for queries, row 1 for keys
-        u = z * (P["mega.attention.gamma"][i] + 1) / math.sqrt(dz) + P["mega.attention.beta"][i]
-        u = torch.view_as_complex(u.reshape(B, L, H, dz // 2, 2).contiguous()) * rotation[:, None]
-        q_k.append(torch.view_as_real(u).reshape(B, L, H, dz))
-    v = F.silu(X @ P["mega.wv.weight"].T + P["mega.wv.bias"]).view(B, L, H, -1)
-    visible = (t[:, None] // c == t[None] // c) & (t[:, None] >= t[None])
-    scores = torch.einsum("bthd,bshd->bhts", *q_k).masked_fill(~visible, float("-inf"))
-    O = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), v).reshape(B, L, -1)
-    r = F.silu(mx @ P["mega.wr.weight"].T + P["mega.wr.bias"])
-    y = mx @ P["mega.wh1.weight"].T + P["mega.wh1.bias"] + (O * r) @ P["mega.wh2.weight"].T + x
-    # two-hop residual: out = FFN(LayerNorm(y)) + x
-    u = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + block.ffn.norm.eps)
-    u = u * (1 + P["ffn.norm.weight"]) + P["ffn.norm.bias"]
-    hidden = F.silu(u @ P["ffn.fc1.weight"].T)
-    if "ffn.fc3.weight" in P:
-        hidden = hidden * (u @ P["ffn.fc3.weight"].T)
-    out = hidden @ P["ffn.fc2.weight"].T
-    return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
