@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm
 from megalodon_lite.cema import CEMA
-from megalodon_lite.config import MegalodonConfig
+from megalodon_lite.config import INIT_MODES, MegalodonConfig
 from megalodon_lite.timestep_norm import TimestepNorm, TimestepNormState
 
 
@@ -36,7 +36,7 @@ def linear_init(mode: str) -> Callable[[Tensor], Tensor]:
         return lambda w: nn.init.normal_(w, mean=0.0, std=0.02)
     if mode == "xavier":
         return nn.init.xavier_uniform_
-    raise ValueError(f"init mode must be one of 'he', 'bert', 'xavier', got {mode!r}")
+    raise ValueError(f"init mode must be one of {INIT_MODES}, got {mode!r}")
 
 
 def embedding_init_(weight: Tensor) -> Tensor:
@@ -117,8 +117,9 @@ class LayerState:
 
     Attributes:
         norm: the timestep norm's running statistics: ``count`` (B,) int64, ``mean`` and ``var``
-            (B, G) float32, over every token seen so far.
-        cema: the complex EMA hidden state after the last token, complex64 (B, D, N).
+            (B, G) float32 (float64 in a float64 model), over every token seen so far.
+        cema: the complex EMA hidden state after the last token, (B, D, N) complex64
+            (complex128 in a float64 model).
         attention: keys (post-RoPE) and values of the unfinished chunk: ``k`` (B, H, n, z_dim/H),
             ``v`` (B, H, n, value_dim/H) with 0 <= n < chunk_size.
     """
@@ -250,6 +251,11 @@ class MegalodonBlock(nn.Module):
                                  dropout=config.dropout, hidden_dropout=config.hidden_dropout,
                                  layer_scale=layer_scale, init_mode=config.init_mode)
 
+    def reset_parameters(self) -> None:
+        """Official init of the layer and the FFN."""
+        self.mega.reset_parameters()
+        self.ffn.reset_parameters()
+
     def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
         y, state = self.mega(x, state)
         return self.ffn(y, residual=x), state
@@ -279,12 +285,13 @@ def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     # CEMA: h_t = q h_{t-1} + p X_t,  y_t = Re(sum_n gamma_n h_{t,n}) + omega X_t
     p = torch.sigmoid(P["mega.cema.alpha"])[..., 0]
     radius = 1 - p * torch.sigmoid(P["mega.cema.delta"])[..., 0]
-    angle = torch.arange(1, N + 1, dtype=torch.float64, device=x.device) * (2 * math.pi / N) * torch.sigmoid(P["mega.cema.theta"]).view(D, 1)
+    harmonics = torch.arange(1, N + 1, dtype=torch.float64, device=x.device)
+    angle = harmonics * (2 * math.pi / N) * torch.sigmoid(P["mega.cema.theta"]).view(D, 1)
     q = torch.polar(radius, angle)
     gamma = torch.complex(P["mega.cema.gamma"][..., 0], P["mega.cema.gamma"][..., 1]) / math.sqrt(N)
     h, ema = torch.zeros(B, D, N, dtype=torch.complex128, device=x.device), []
-    for t in range(L):
-        h = q * h + p * X[:, t, :, None]
+    for step in range(L):
+        h = q * h + p * X[:, step, :, None]
         ema.append((gamma * h).real.sum(-1))
     ema = torch.stack(ema, 1) + P["mega.cema.omega"] * X
     mx = ema / torch.sqrt(ema.pow(2).mean(-1, keepdim=True) + mega.rmsnorm.eps) * (1 + P["mega.rmsnorm.weight"])
@@ -388,8 +395,7 @@ class MegalodonLM(nn.Module):
         if not self.config.share_emb:
             embedding_init_(self.head.weight)
         for block in self.blocks:
-            block.mega.reset_parameters()
-            block.ffn.reset_parameters()
+            block.reset_parameters()
         nn.init.zeros_(self.final_norm.weight)
         nn.init.zeros_(self.final_norm.bias)
 

@@ -296,6 +296,14 @@ def test_initialisation_follows_the_official_code():
     tied = MegalodonLM(preset("tiny", share_emb=True))
     assert tied.head.weight is tied.embed.weight
 
+    # reset_parameters re-draws a trained-looking model back to the same kind of initialisation
+    perturb_zero_initialised(model, torch.Generator().manual_seed(5))
+    model.reset_parameters()
+    for name, param in model.named_parameters():
+        if name.endswith(("norm.weight", "norm.bias", ".bias", "attention.gamma", "attention.beta")):
+            assert torch.count_nonzero(param) == 0, name
+    assert model.embed.weight.abs().max() <= 3 / math.sqrt(D) + 1e-7
+
 
 def test_dropout_is_wired_and_only_active_in_training():
     cfg = tiny(dropout=0.2, hidden_dropout=0.1, attention_dropout=0.1)
