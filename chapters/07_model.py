@@ -53,15 +53,17 @@ print("device:", device, "| smoke mode:", SMOKE)
 # groups of the timestep norm, `chunk_size` the attention chunk $c$.
 #
 # Where the official code differs from what one might guess from the paper, the config follows the
-# code: the values have one wide head per z-head (`value_dim / num_heads` can be 2048 wide), the
-# RMS norm after the CEMA uses `norm_eps` (1e-5) like every other norm, and there is an optional
-# SwiGLU, a layer scale on the FFN (`rescale_nffn`: $0.1 \cdot 0.5^{\ell}$ at layer $\ell$), an
-# embedding scale $\sqrt{D}$ (`scale_emb`) and a tied output head (`share_emb`).
+# code: each head pairs a narrow query/key (`z_dim / num_heads` channels) with a much wider value
+# (`value_dim / num_heads`), the RMS norm after the CEMA uses `norm_eps` like every other norm,
+# and there is an optional SwiGLU, a layer scale on the FFN (`rescale_nffn`: $0.1 \cdot 0.5^{\ell}$
+# at layer $\ell$), an embedding scale $\sqrt{D}$ (`scale_emb`) and a tied output head
+# (`share_emb`).
 #
-# The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19`, `mega7.1B` and
-# `mega7.3B` (the paper's "7B" is `mega7.1B`); its vocabulary comes from the LLaMA-2 tokenizer,
-# 32,000 tokens. We add `small` (four layers of the 200M model, for the GPU training run of
-# chapter 09) and `tiny` (a byte-level model for the CPU).
+# The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19` (SwiGLU, scaled and
+# tied embeddings) and two 7B shapes, `mega7.1B` (SiLU FFN) and `mega7.3B` (SwiGLU FFN); there is
+# no preset called "mega7B". The repository leaves `vocab_size` to the tokenizer; the paper
+# trains with LLaMA-2's, so our presets set its 32,000 tokens. We add `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
+# (a byte-level model for the CPU).
 
 # %% tags=["export:config"]
 """The shape of a Megalodon language model: one dataclass, the official presets, validation.
@@ -264,7 +266,7 @@ for bad in (dict(num_heads=3), dict(norm_num_groups=7), dict(dropout=1.0), dict(
 # $\mathrm{FFN}(y) = W_2\,\mathrm{SiLU}(W_1\,\mathrm{LN}(y))$, or with SwiGLU
 # $W_2\,(\mathrm{SiLU}(W_1\,\mathrm{LN}(y)) \odot W_3\,\mathrm{LN}(y))$. Its `forward` takes the
 # residual as a second argument: that is how the official code wires the two-hop residual, and it
-# lets us build the ordinary pre-norm block from the same parts in section 4.
+# lets us build the ordinary pre-norm block from the same parts in section 5.
 
 # %% tags=["export:model"]
 """The Megalodon language model (Ma et al. 2024, arXiv 2404.08801, §3), with streaming state.
