@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · Why Megalodon
 #
@@ -26,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
@@ -108,8 +116,8 @@ assert err_sdpa < 1e-12 and err_uniform < 1e-12   # float64, sums of 300 terms o
 # we skip the sizes whose scores (and the masked and softmaxed copies of them) cannot fit in the
 # free memory, and catch an out-of-memory error if the estimate was optimistic. Next to the times,
 # the bytes of the materialised $L \times L$ score matrix ($B \cdot H \cdot L^2 \cdot$ bytes per
-# element). That column is **computed, not measured**; the GPU-only cell further down measures
-# peak memory with `torch.cuda.max_memory_allocated`.
+# element). That column is **computed, not measured**; the GPU-only cell at the end of the chapter
+# (*On a GPU*) measures peak memory with `torch.cuda.max_memory_allocated`.
 
 # %%
 def fastest_seconds(fn, repeats: int) -> float:
@@ -205,53 +213,6 @@ if not SMOKE:
             assert slopes[name] > slopes["chunked"] + 0.5, (name, slopes)
 
 # %% [markdown]
-# On a GPU, measure instead of compute: the peak memory each method allocates beyond its inputs.
-# The naive version's peak grows as $L^2$ and soon exceeds the device; the fused kernels stay
-# linear. (This cell runs only where CUDA is present, and nothing after it depends on it.)
-
-# %% tags=["gpu"]
-def peak_bytes(fn, q, k, v) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn(q, k, v)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
-gpu_peak = {name: [] for name in methods}
-for length in lengths:
-    q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
-    for name, fn in methods.items():
-        peak = float("nan")
-        if name != "naive" or naive_fits(length):
-            try:
-                peak = peak_bytes(fn, q, k, v)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-        gpu_peak[name].append(peak)
-    del q, k, v
-    torch.cuda.empty_cache()
-
-print(f"{'L':>7} " + " ".join(f"{name + ' MiB':>19}" for name in methods) + f" {'naive / L×L scores':>19}")
-for i, length in enumerate(lengths):
-    print(f"{length:>7} " + " ".join(cell(gpu_peak[name][i], 2**-20) for name in methods)
-          + cell(gpu_peak["naive"][i] / score_bytes[i], 1.0))
-fig_gpu, ax_gpu = plt.subplots(figsize=(6, 4.5))
-for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
-    ax_gpu.loglog(lengths, gpu_peak[name], style, label=name)
-ax_gpu.loglog(lengths, score_bytes, "k--", label="L×L score matrix (computed)")
-ax_gpu.set(xlabel="sequence length L", ylabel="peak bytes beyond the inputs",
-           title=f"measured peak memory, {torch.cuda.get_device_name(device)}")
-ax_gpu.legend()
-save_figure(fig_gpu, "00_gpu_peak_memory")
-plt.show()
-for i, length in enumerate(lengths):
-    if np.isfinite(gpu_peak["naive"][i]):
-        assert gpu_peak["naive"][i] >= score_bytes[i]               # it really stores the L×L scores
-    assert gpu_peak["SDPA"][i] < score_bytes[i]                 # the fused kernel does not
-
-# %% [markdown]
 # ## What Megalodon claims, and what this book checks
 #
 # The paper (Ma et al. 2024) reports, for a 7B-parameter model trained on 2 trillion tokens in a
@@ -284,3 +245,57 @@ for i, length in enumerate(lengths):
 # The "unlimited context" claim is tested directly in chapter 07 (streaming equals one long call,
 # with a state whose size does not depend on the stream length); the loss and speed claims are
 # tested, in direction rather than in magnitude, by the training run of chapter 09.
+
+# %% [markdown]
+# ## On a GPU
+#
+# *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
+#
+# Measure instead of compute: the peak memory each method allocates beyond its inputs, at the
+# lengths timed above. The naive version's peak grows as $L^2$ and soon exceeds the device; the
+# fused kernels stay linear.
+
+# %% tags=["gpu"]
+cuda = require_cuda()
+
+
+def peak_bytes(fn, q, k, v) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn(q, k, v)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+gpu_peak = {name: [] for name in methods}
+for length in lengths:
+    q, k, v = (torch.randn(1, heads, length, head_dim, device=cuda, dtype=dtype) for _ in range(3))
+    for name, fn in methods.items():
+        peak = float("nan")
+        if name != "naive" or naive_fits(length):
+            try:
+                peak = peak_bytes(fn, q, k, v)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        gpu_peak[name].append(peak)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+print(f"{'L':>7} " + " ".join(f"{name + ' MiB':>19}" for name in methods) + f" {'naive / L×L scores':>19}")
+for i, length in enumerate(lengths):
+    print(f"{length:>7} " + " ".join(cell(gpu_peak[name][i], 2**-20) for name in methods)
+          + cell(gpu_peak["naive"][i] / score_bytes[i], 1.0))
+fig_gpu, ax_gpu = plt.subplots(figsize=(6, 4.5))
+for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
+    ax_gpu.loglog(lengths, gpu_peak[name], style, label=name)
+ax_gpu.loglog(lengths, score_bytes, "k--", label="L×L score matrix (computed)")
+ax_gpu.set(xlabel="sequence length L", ylabel="peak bytes beyond the inputs",
+           title=f"measured peak memory, {torch.cuda.get_device_name(cuda)}")
+ax_gpu.legend()
+save_figure(fig_gpu, "00_gpu_peak_memory")
+plt.show()
+for i, length in enumerate(lengths):
+    if np.isfinite(gpu_peak["naive"][i]):
+        assert gpu_peak["naive"][i] >= score_bytes[i]               # it really stores the L×L scores
+    assert gpu_peak["SDPA"][i] < score_bytes[i]                 # the fused kernel does not

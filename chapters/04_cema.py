@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 · Complex EMA (CEMA)
 #
@@ -32,7 +40,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
@@ -600,30 +608,6 @@ with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
 assert y_auto.dtype == torch.float32 and torch.allclose(y_auto, layer(x)[0], atol=1e-6)
 
 # %% [markdown]
-# Timing the FFT and chunked forms is only meaningful on the GPU at full size (this cell is skipped on a
-# CPU; nothing later uses it). The numbers it prints are for this machine only.
-
-# %% tags=["gpu"]
-def time_ms(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
-x_gpu = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
-layer_gpu = CEMA(D, N).cuda()
-for method in ("fft", "chunked"):
-    with torch.no_grad():
-        forward_ms = time_ms(lambda: layer_gpu(x_gpu, method=method))
-    x_grad = x_gpu.clone().requires_grad_(True)
-    both_ms = time_ms(lambda: layer_gpu(x_grad, method=method)[0].float().sum().backward())
-    print(f"{method:8s} B={B} L={L} D={D} N={N}, bf16 input: forward {forward_ms:.2f} ms, forward+backward {both_ms:.2f} ms")
-
-# %% [markdown]
 # ## 7 · The CEMA decay widget
 #
 # One channel with $N$ states. The sliders set the *sigmoid-space* values, each in $(0, 1)$:
@@ -809,3 +793,34 @@ print(parts["cema-readout"].value.replace("&nbsp;", " "))
 # `cema_coefficients`, `cema_powers`, `cema_kernel` and the three equal computations
 # `cema_recurrence`, `cema_fft`, `cema_chunked`, each with a state in and a state out. Chapter 07
 # builds the Megalodon layer on `CEMA`; the Triton chapter fuses `cema_chunked`.
+
+# %% [markdown]
+# ## On a GPU
+#
+# *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
+#
+# Timing the FFT and chunked forms is only meaningful on a GPU at full size. The numbers printed
+# are for that GPU only.
+
+# %% tags=["gpu"]
+cuda = require_cuda()
+
+
+def time_ms(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+x_gpu = torch.randn(B, L, D, device=cuda, dtype=torch.bfloat16)
+layer_gpu = CEMA(D, N).to(cuda)
+for method in ("fft", "chunked"):
+    with torch.no_grad():
+        forward_ms = time_ms(lambda: layer_gpu(x_gpu, method=method))
+    x_grad = x_gpu.clone().requires_grad_(True)
+    both_ms = time_ms(lambda: layer_gpu(x_grad, method=method)[0].float().sum().backward())
+    print(f"{method:8s} B={B} L={L} D={D} N={N}, bf16 input: forward {forward_ms:.2f} ms, forward+backward {both_ms:.2f} ms")

@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 05 · Timestep normalization
 #
@@ -25,7 +33,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
@@ -511,18 +519,6 @@ for offset in (0.0, 1e4):
     # inherits that, plus a few float32 ulps from the sums.
     assert err_y < 1e-4 + 4 * 2**-24 * offset and err_var < 1e-4
 
-# %% tags=["gpu"]
-# On CUDA, cumsum accumulates float32 in float32. The running mean of data near an offset, summed
-# without and with the shift, each against float64 (this is why cumulative_moments shifts).
-x_off_gpu = torch.randn(1, 65_536, 1024, device="cuda") + 100.0
-m_gpu, _ = group_moments(x_off_gpu, 32)
-steps_gpu = torch.arange(1, m_gpu.shape[1] + 1, device="cuda")[None, :, None]
-truth_gpu = m_gpu.double().cumsum(1) / steps_gpu
-unshifted_gpu = m_gpu.cumsum(1) / steps_gpu
-shifted_gpu = m_gpu[:, :1] + (m_gpu - m_gpu[:, :1]).cumsum(1) / steps_gpu
-print(f"running mean, float32 on CUDA, max |error|: unshifted {(unshifted_gpu - truth_gpu).abs().max().item():.1e}, "
-      f"shifted {(shifted_gpu - truth_gpu).abs().max().item():.1e}")
-
 # %% [markdown]
 # ## 6. Streaming and padding
 #
@@ -683,28 +679,6 @@ for offset in (0.0, 100.0):
     assert (diff <= 2**-8 * y_f32.abs()).all()   # bfloat16 keeps 8 significant bits: rounding ≤ 2^-8 relative
 
 # %% [markdown]
-# ## 10. Speed on a GPU
-#
-# A timing of forward and backward of this pure-PyTorch cumulative-sum form at the full size
-# (runs only where CUDA is present), for comparison with fused kernels later in the book.
-
-# %% tags=["gpu"]
-x_gpu = torch.randn(1, 65_536, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-norm_gpu = TimestepNorm(1024, 32).cuda()
-def step() -> None:
-    y_gpu, _ = norm_gpu(x_gpu)
-    y_gpu.float().square().mean().backward()
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-start = time.perf_counter()
-repeats = 10
-for _ in range(repeats):
-    step()
-torch.cuda.synchronize()
-print(f"TimestepNorm fwd+bwd, (1, 65536, 1024) bf16, G=32: {(time.perf_counter() - start) / repeats * 1e3:.2f} ms")
-
-# %% [markdown]
 # ## Summary
 #
 # - Statistics over the whole sequence leak the future; TimestepNorm accumulates them over steps
@@ -718,3 +692,43 @@ print(f"TimestepNorm fwd+bwd, (1, 65536, 1024) bf16, G=32: {(time.perf_counter()
 # `megalodon_lite.timestep_norm` exports `TimestepNorm`, `TimestepNormState`,
 # `timestep_norm` (parallel), `timestep_norm_reference` (sequential), `cumulative_moments`,
 # `welford_update`, `group_moments` and `initial_timestep_norm_state`.
+
+# %% [markdown]
+# ## On a GPU
+#
+# *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
+#
+# Why `cumulative_moments` shifts before it sums: on CUDA, `cumsum` accumulates float32 in
+# float32. The running mean of data near an offset of 100, summed without and with the shift, each
+# against float64.
+
+# %% tags=["gpu"]
+cuda = require_cuda()
+x_off_gpu = torch.randn(1, 65_536, 1024, device=cuda) + 100.0
+m_gpu, _ = group_moments(x_off_gpu, 32)
+steps_gpu = torch.arange(1, m_gpu.shape[1] + 1, device=cuda)[None, :, None]
+truth_gpu = m_gpu.double().cumsum(1) / steps_gpu
+unshifted_gpu = m_gpu.cumsum(1) / steps_gpu
+shifted_gpu = m_gpu[:, :1] + (m_gpu - m_gpu[:, :1]).cumsum(1) / steps_gpu
+print(f"running mean, float32 on CUDA, max |error|: unshifted {(unshifted_gpu - truth_gpu).abs().max().item():.1e}, "
+      f"shifted {(shifted_gpu - truth_gpu).abs().max().item():.1e}")
+
+# %% [markdown]
+# A timing of forward and backward of this pure-PyTorch cumulative-sum form at the full size, for
+# comparison with fused kernels later in the book.
+
+# %% tags=["gpu"]
+x_gpu = torch.randn(1, 65_536, 1024, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+norm_gpu = TimestepNorm(1024, 32).to(cuda)
+def step() -> None:
+    y_gpu, _ = norm_gpu(x_gpu)
+    y_gpu.float().square().mean().backward()
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+start = time.perf_counter()
+repeats = 10
+for _ in range(repeats):
+    step()
+torch.cuda.synchronize()
+print(f"TimestepNorm fwd+bwd, (1, 65536, 1024) bf16, G=32: {(time.perf_counter() - start) / repeats * 1e3:.2f} ms")

@@ -1,3 +1,11 @@
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 06 · Normalized attention, chunk by chunk
 #
@@ -27,7 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, seed_everything, save_figure
+from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, seed_everything, save_figure
 
 seed_everything(0)
 device = pick_device()
@@ -723,24 +731,6 @@ save_figure(fig, "chunk_attention_scaling")
 plt.show()
 
 # %% [markdown]
-# On a GPU, the same module in bfloat16 against the float64 reference. bfloat16 keeps 8
-# significant bits, so q, k, v each carry a relative rounding of $2^{-9}$; scores of size up to
-# $\lVert\kappa\rVert$ and an average of values of size 1 then agree to a few $10^{-2}$.
-
-# %% tags=["gpu"]
-attn_bf16 = ChunkAttention(z_dim, v_dim, H, c).to(device)
-with torch.no_grad():
-    attn_bf16.gamma.copy_(attn.gamma)
-    attn_bf16.beta.copy_(attn.beta)
-zb, vb = z.detach().bfloat16(), v.detach().bfloat16()
-with torch.no_grad():
-    out_bf16, _ = attn_bf16.bfloat16()(zb, vb)
-    ref_bf16 = chunk_attention_reference(zb, vb, attn.gamma, attn.beta, H, c)
-err = (out_bf16.double() - ref_bf16).abs().max().item()
-print(f"bfloat16 on {torch.cuda.get_device_name()}: max abs error vs float64 reference {err:.1e}")
-assert err < 5e-2
-
-# %% [markdown]
 # ## Summary
 #
 # - `RMSNorm(dim, eps=1e-5, affine=True)`: statistics in float32, scale stored as 0, applied as +1.
@@ -753,3 +743,26 @@ assert err < 5e-2
 #
 # Chapter 07 wraps this in the Megalodon layer: CEMA and RMSNorm produce $m$, linear maps produce
 # $z$, $v$ and the gate $r$, and the output $O \odot r$ joins the residual stream.
+
+# %% [markdown]
+# ## On a GPU
+#
+# *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
+#
+# The same module in bfloat16 against the float64 reference. bfloat16 keeps 8
+# significant bits, so q, k, v each carry a relative rounding of $2^{-9}$; scores of size up to
+# $\lVert\kappa\rVert$ and an average of values of size 1 then agree to a few $10^{-2}$.
+
+# %% tags=["gpu"]
+cuda = require_cuda()
+attn_bf16 = ChunkAttention(z_dim, v_dim, H, c).to(cuda)
+with torch.no_grad():
+    attn_bf16.gamma.copy_(attn.gamma)
+    attn_bf16.beta.copy_(attn.beta)
+zb, vb = z.detach().to(cuda, torch.bfloat16), v.detach().to(cuda, torch.bfloat16)
+with torch.no_grad():
+    out_bf16, _ = attn_bf16.bfloat16()(zb, vb)
+    ref_bf16 = chunk_attention_reference(zb, vb, attn.gamma.to(cuda), attn.beta.to(cuda), H, c)
+err = (out_bf16.double() - ref_bf16).abs().max().item()
+print(f"bfloat16 on {torch.cuda.get_device_name()}: max abs error vs float64 reference {err:.1e}")
+assert err < 5e-2

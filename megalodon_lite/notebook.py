@@ -42,6 +42,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def require_cuda() -> torch.device:
+    """The CUDA device, for the cells tagged ``gpu`` that close a chapter (section "On a GPU").
+
+    Raises:
+        RuntimeError: when no CUDA device is present. A reader's "Run All" then stops at the first
+            such cell, after every CPU cell of the chapter has run (the tests and the book build skip
+            these cells without CUDA).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("this cell needs a CUDA GPU (it is tagged 'gpu'); everything above ran without one")
+    return torch.device("cuda")
+
+
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch (all devices) so a chapter prints the same numbers each run."""
     random.seed(seed)

@@ -242,7 +242,7 @@ def timestep_norm(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
     mean, var, final = cumulative_moments(step_mean, step_var, state, is_real)
     return _normalize(x, mean, var, weight, bias, eps, padding_mask), final
 
-# %% chapters/05_timestep_norm.py cell 31
+# %% chapters/05_timestep_norm.py cell 30
 class TimestepNorm(nn.Module):
     """Causal group normalisation with cumulative statistics (Megalodon §3.2).
 

@@ -12,6 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from megalodon_lite import book, notebook  # noqa: E402
+from megalodon_lite.export import chapter_paths, repo_root  # noqa: E402
+
+KERNELSPEC_HEADER = """\
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+"""
 
 
 def write_chapter(tmp_path: Path, name: str, body: str) -> Path:
@@ -95,6 +106,42 @@ def test_pick_follows_smoke_mode(monkeypatch):
     assert notebook.pick(smoke=2, full=2048) == 2
     monkeypatch.setattr(notebook, "SMOKE", False)
     assert notebook.pick(smoke=2, full=2048) == 2048
+
+
+def test_require_cuda_names_the_gpu_tag_without_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU .*tagged 'gpu'.*everything above ran"):
+        notebook.require_cuda()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert notebook.require_cuda() == torch.device("cuda")
+
+
+CHAPTERS = chapter_paths(repo_root())
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_chapter_opens_with_a_kernel_and_ends_with_its_gpu_cells(chapter):
+    """CONTRIBUTING.md: a kernelspec header (JupyterLab starts Python 3 without asking), and the
+    cells tagged gpu last, under "## On a GPU", the first calling require_cuda() (so a reader's
+    Run All on a laptop runs every CPU cell before it stops)."""
+    import jupytext
+
+    assert chapter.read_text(encoding="utf-8").startswith(KERNELSPEC_HEADER), (
+        f"{chapter.name} must start with the jupytext header\n{KERNELSPEC_HEADER}")
+    cells = jupytext.read(chapter).cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith(f"# {chapter.name[:2]} · ")
+    gpu = [i for i, c in enumerate(cells) if c.cell_type == "code" and "gpu" in c.metadata.get("tags", [])]
+    if not gpu:
+        return
+    cpu_after = [i for i, c in enumerate(cells) if c.cell_type == "code" and i > gpu[0] and i not in gpu]
+    assert not cpu_after, f"{chapter.name}: CPU code cells {cpu_after} come after the first gpu cell {gpu[0]}"
+    headings = [i for i, c in enumerate(cells[: gpu[0]]) if c.cell_type == "markdown"
+                and c.source.startswith("## On a GPU")]
+    last_cpu = max(i for i, c in enumerate(cells) if c.cell_type == "code" and i not in gpu)
+    assert headings and headings[-1] > last_cpu, f"{chapter.name}: no '## On a GPU' section after the CPU cells"
+    assert "require_cuda()" in cells[gpu[0]].source, f"{chapter.name}: the first gpu cell must call require_cuda()"
 
 
 def test_manifest_records_versions_and_status(tmp_path):
