@@ -60,8 +60,9 @@ print("device:", device, "| smoke mode:", SMOKE)
 # (`share_emb`).
 #
 # The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19` (SwiGLU, scaled and
-# tied embeddings) and two 7B shapes, `mega7.1B` (SiLU FFN) and `mega7.3B` (SwiGLU FFN); there is
-# no preset called "mega7B". The repository leaves `vocab_size` to the tokenizer; the paper
+# tied embeddings) and two 7B shapes, `mega7.1B` (SiLU FFN) and `mega7.3B` (SwiGLU FFN). Our
+# `mega7B` names the paper's Megalodon-7B: the `mega7.1B` shape with the paper's chunk size of
+# 4096 (the repository's configurations use 2048). The repository leaves `vocab_size` to the tokenizer; the paper
 # trains with LLaMA-2's, so our presets set its 32,000 tokens. We add `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
 # (a byte-level model for the CPU).
 
@@ -220,6 +221,9 @@ PRESETS: dict[str, MegalodonConfig] = {
     "mega7.3B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=32, model_dim=4096, num_heads=4, z_dim=1024,
                                 value_dim=8192, ffn_hidden_dim=8192, chunk_size=2048, norm_num_groups=64,
                                 swiglu=True),
+    # The paper's Megalodon-7B: mega7.1B's shape with the paper's chunk size (the repository uses 2048).
+    "mega7B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=32, model_dim=4096, num_heads=4, z_dim=1024,
+                              value_dim=8192, ffn_hidden_dim=11264, chunk_size=4096, norm_num_groups=64),
     # Four layers of mega200M: the GPU training run of chapter 09.
     "small": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=4, model_dim=1024, num_heads=1, z_dim=256,
                              value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),

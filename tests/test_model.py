@@ -249,8 +249,11 @@ def test_config_dict_round_trip_and_unknown_fields():
     del values["chunk_size"]
     with pytest.raises(ValueError, match="chunk_size"):
         MegalodonConfig.from_dict(values)
-    with pytest.raises(ValueError, match="mega7B"):
-        preset("mega7B")
+    with pytest.raises(ValueError, match="mega8B"):
+        preset("mega8B")
+    # The paper's 7B: the repository's mega7.1B shape, with the paper's chunk size.
+    assert preset("mega7B").differences(preset("mega7.1B")) == ["chunk_size"]
+    assert preset("mega7B").chunk_size == 4096
     with pytest.raises(TypeError, match="MegalodonConfig"):
         MegalodonLM(cfg.to_dict())
 
