@@ -12,9 +12,12 @@ FloatSliders ``alpha``, ``delta``, ``theta`` carry ``cema-alpha``, ``cema-delta`
 the state selector ``cema-state``; the plot is an ``ipywidgets.Image`` with ``cema-plot``; an
 ``ipywidgets.HTML`` readout with ``cema-readout`` shows |q|, θ and a half-life after every redraw.
 
-On a machine without CUDA the chapter's cells tagged ``gpu`` raise, as they would for a reader;
-the test then resumes below each of them (any other error fails it). To read cell tags and outputs
-it runs JupyterLab with ``LabApp.expose_app_in_browser``.
+The chapter carries a kernelspec, so JupyterLab must start Python 3 without asking (a "Select
+Kernel" dialog fails the test). Run All must end cleanly: every CPU cell runs without an error. The
+cells tagged ``gpu`` close the chapter (section "On a GPU"); without CUDA the first of them stops
+the run with ``require_cuda()``'s RuntimeError, as it would for a reader on a laptop, and that is
+the only error allowed. To read cell tags and outputs it runs JupyterLab with
+``LabApp.expose_app_in_browser``.
 
 Without ``/usr/bin/chromium`` the test is skipped, unless the ``CI`` environment variable is set:
 then it fails. Screenshots of the widget before and after (and of the page on a failure) go to
@@ -49,6 +52,8 @@ pytestmark = pytest.mark.browser
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = Path("chapters/04_cema.py")  # relative to the server's root_dir
 GPU_TAG = "gpu"  # cells that need CUDA (CONTRIBUTING.md); the test suite skips them without one
+# How the first gpu cell stops a run without CUDA (megalodon_lite.notebook.require_cuda).
+NO_CUDA_ERROR = "RuntimeError: this cell needs a CUDA GPU (it is tagged 'gpu')"
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless; no sandbox (it needs privileges a CI container lacks); nothing that phones home.
 CHROMIUM_ARGS = [
@@ -292,10 +297,11 @@ PNG_BASE64 = """async (src) => {
     for (const byte of bytes) binary += String.fromCharCode(byte);
     return btoa(binary);
 }"""
-# 'dialog' while JupyterLab asks which kernel to start (the chapters carry no kernelspec),
+# The header of a dialog (such as "Select Kernel", which a chapter without a kernelspec raises),
 # 'ready' once a kernel is attached and idle, else null.
 KERNEL_STATE = """() => {
-    if (document.querySelector('.jp-Dialog')) return 'dialog';
+    const dialog = document.querySelector('.jp-Dialog');
+    if (dialog) return 'dialog: ' + (dialog.querySelector('.jp-Dialog-header')?.innerText.trim() || '?');
     const panel = document.querySelector('.jp-NotebookPanel');
     const name = panel?.querySelector('.jp-Toolbar-kernelName')?.textContent.trim();
     const idle = panel?.querySelector(".jp-Notebook-ExecutionIndicator[data-status='idle']");
@@ -319,22 +325,13 @@ CELL_STATES = """() => {
                 error: errors.length ? errors.join('\\n') : null};
     });
 }"""
-# True once a run started at cell `start` after execution count `last` has finished: no cell is
-# queued or running ("[*]") and the first code cell from `start` on ran after `last`.
-RUN_FINISHED = """([start, last]) => {
-    const cells = [...document.querySelectorAll('.jp-NotebookPanel .jp-Notebook-cell')];
-    const prompts = cells.map(c =>
-        c.classList.contains('jp-CodeCell') ? c.querySelector('.jp-InputPrompt').textContent : null);
-    if (prompts.some(p => p !== null && p.includes('*'))) return false;
-    const first = prompts.findIndex((p, i) => i >= start && p !== null);
-    if (first < 0) return true;
-    const match = /\\[(\\d+)\\]/.exec(prompts[first]);
-    return match !== null && Number(match[1]) > last;
+# True once a run has finished: no cell is queued or running ("[*]") and the first code cell has
+# an execution count (it has run). A cell whose run the kernel dropped after an error shows "[ ]".
+RUN_FINISHED = """() => {
+    const prompts = [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt')]
+        .map(p => p.textContent);
+    return prompts.length > 0 && !prompts.some(p => p.includes('*')) && /\\[\\d+\\]/.test(prompts[0]);
 }"""
-
-
-def remaining_ms(deadline: float) -> float:
-    return max(1.0, deadline - time.monotonic()) * 1000
 
 
 def run_menu(page, item: str) -> None:
@@ -348,54 +345,40 @@ def run_menu(page, item: str) -> None:
 
 
 def run_all_cells(page, has_cuda: bool) -> None:
-    """Run → Run All Cells, as a reader would, and wait until every cell has run.
+    """Run → Run All Cells, as a reader would; wait until the run ends and check how it ended.
 
-    Without CUDA a cell tagged ``gpu`` raises and the kernel drops the cells queued after it; like a
-    reader on a laptop (and like the test suite, which skips those cells), select the next cell and
-    Run → Run Selected Cell and All Below. An error anywhere else fails the test.
+    Every CPU code cell must have run without an error. With CUDA the cells tagged ``gpu`` must
+    have run too. Without it the first of them (the chapter's last section) stops the run with
+    ``require_cuda()``'s RuntimeError, the one error allowed, and the kernel drops those after it.
     """
-    from playwright.sync_api import expect
-
-    deadline = time.monotonic() + RUN_ALL_S
-    cells = page.locator(".jp-NotebookPanel .jp-Notebook-cell")
-    start, last_count = 0, 0
     run_menu(page, "Run All Cells")
-    while True:
-        page.wait_for_function(RUN_FINISHED, arg=[start, last_count], timeout=remaining_ms(deadline))
-        states = page.evaluate(CELL_STATES)
-        last_count = max((cell["count"] or 0) for cell in states)
-        failed = next((i for i in range(start, len(states)) if states[i]["error"]), None)
-        if failed is None:
-            break
-        if has_cuda or GPU_TAG not in states[failed]["tags"]:
-            raise AssertionError(f"cell {failed} of the notebook raised {states[failed]['error']}")
-        if failed + 1 == len(states):
-            break
-        start = failed + 1
-        cells.nth(start).locator(".jp-InputPrompt").first.click()
-        expect(cells.nth(start)).to_have_class(re.compile(r"\bjp-mod-active\b"), timeout=remaining_ms(deadline))
-        # On the last cell JupyterLab disables "... and All Below" (and "Run Selected Cell" would
-        # add a new cell below it).
-        last = start == len(states) - 1
-        run_menu(page, "Run Selected Cell and Do not Advance" if last else "Run Selected Cell and All Below")
-    not_run = [i for i, cell in enumerate(states) if cell["code"] and cell["count"] is None]
+    page.wait_for_function(RUN_FINISHED, timeout=RUN_ALL_S * 1000)
+    states = page.evaluate(CELL_STATES)
+    code = [i for i, cell in enumerate(states) if cell["code"]]
+    gpu = [i for i in code if GPU_TAG in states[i]["tags"]]
+    cpu = [i for i in code if i not in gpu]
+    assert not gpu or not cpu or max(cpu) < gpu[0], f"CPU cells {[i for i in cpu if i > gpu[0]]} follow the gpu cell {gpu[0]}"
+    errors = {i: cell["error"] for i, cell in enumerate(states) if cell["error"]}
+    if gpu and not has_cuda:
+        first_gpu_error = errors.pop(gpu[0], None) or ""
+        assert first_gpu_error.startswith(NO_CUDA_ERROR), (
+            f"without CUDA the first gpu cell ({gpu[0]}) must stop the run with {NO_CUDA_ERROR!r}, "
+            f"got {first_gpu_error!r}")
+    assert not errors, f"Run All raised in cells {errors}"
+    must_run = code if has_cuda else cpu
+    not_run = [i for i in must_run if states[i]["count"] is None]
     assert not not_run, f"cells {not_run} did not run"
 
 
-def start_kernel(page) -> None:
-    """Answer JupyterLab's "Select Kernel" dialog with Python 3 and wait for an idle kernel."""
-    from playwright.sync_api import expect
+def wait_for_kernel(page) -> None:
+    """Wait for an idle Python kernel, which JupyterLab starts from the chapter's kernelspec.
 
-    deadline = time.monotonic() + PAGE_LOAD_S
-    while True:
-        state = page.wait_for_function(KERNEL_STATE, timeout=remaining_ms(deadline)).json_value()
-        if state == "ready":
-            return
-        dialog = page.locator(".jp-Dialog").first
-        expect(dialog.locator(".jp-Dialog-header")).to_have_text("Select Kernel", timeout=remaining_ms(deadline))
-        dialog.locator("select").select_option(value='{"name":"python3"}')
-        dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
-        dialog.wait_for(state="detached", timeout=remaining_ms(deadline))
+    A dialog instead (above all "Select Kernel": the chapter lost its kernelspec header) fails.
+    """
+    state = page.wait_for_function(KERNEL_STATE, timeout=PAGE_LOAD_S * 1000).json_value()
+    assert state == "ready", f"JupyterLab showed a dialog instead of starting the kernel ({state})"
+    name = page.locator(".jp-NotebookPanel .jp-Toolbar-kernelName").first.inner_text().strip()
+    assert name.startswith("Python 3"), f"the notebook's kernel is {name!r}, expected Python 3"
 
 
 def widget_state(page, widget) -> dict:
@@ -412,7 +395,8 @@ def widget_state(page, widget) -> dict:
 def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, has_cuda: bool) -> dict:
     """Open ``notebook`` (a jupytext .py under the server's root), run all cells, move ``theta``.
 
-    Cells tagged ``gpu`` may fail when ``has_cuda`` is false (see :func:`run_all_cells`).
+    Without CUDA (``has_cuda`` false) the run stops at the first cell tagged ``gpu`` (see
+    :func:`run_all_cells`).
 
     Returns the widget's state (see :func:`widget_state`) before and after moving the slider, and
     the URLs outside 127.0.0.1 that the page tried to load (all blocked). Screenshots of the widget
@@ -441,7 +425,7 @@ def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, h
             # The jupytext notebook view (not the text editor) opens, with a running kernel.
             panel = page.locator(".jp-NotebookPanel").first
             panel.wait_for(state="visible", timeout=PAGE_LOAD_S * 1000)
-            start_kernel(page)
+            wait_for_kernel(page)
 
             run_all_cells(page, has_cuda)
 
