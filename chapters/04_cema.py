@@ -417,7 +417,7 @@ axes[1].plot(terms_real.sum(0).detach(), "--", label="same |q|, θ = 0 (real EMA
 axes[1].set(title="their sum", xlabel="t")
 axes[1].legend()
 fig.tight_layout()
-save_figure(fig, "cema_kernel_terms")
+save_figure(fig, "04_cema_kernel_terms")
 plt.show()
 assert torch.allclose(terms.sum(0), cema_kernel(p, q, gamma, horizon)[channel].cpu(), atol=1e-6)
 

@@ -644,7 +644,7 @@ with torch.no_grad():
 fig, ax = plt.subplots(figsize=(4.2, 4))
 ax.imshow(probs[0].numpy(), cmap="viridis")
 ax.set(title="chunk attention probabilities (c = 12, L = 40)", xlabel="key s", ylabel="query t")
-save_figure(fig, "chunk_attention_probabilities")
+save_figure(fig, "06_chunk_attention_probabilities")
 plt.show()
 assert torch.allclose(probs.sum(-1), torch.ones(1, 40, dtype=torch.float64))
 
@@ -727,7 +727,7 @@ ax.set_yscale("log")
 ax.set(xlabel="sequence length L", ylabel="ms per forward call",
        title=f"B = {batch}, c = {chunk}, d = {dim}, {device.type}")
 ax.legend()
-save_figure(fig, "chunk_attention_scaling")
+save_figure(fig, "06_chunk_attention_scaling")
 plt.show()
 
 # %% [markdown]
