@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,6 +43,34 @@ def pick_device() -> torch.device:
     if forced:
         return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
+              device: torch.device | str | None = None, reduce: str = "median") -> float:
+    """Seconds one call of ``fn()`` takes: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    On CUDA the device is synchronised around every timed call (kernels run asynchronously, so a
+    host clock alone would time the launch, not the work). ``reduce`` is ``"median"`` (robust to
+    a busy machine) or ``"min"`` (the best case). For kernel benchmarks use
+    ``triton.testing.do_bench``; this is for the chapters' rough scaling plots.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if reduce not in ("median", "min"):
+        raise ValueError(f"reduce must be 'median' or 'min', got {reduce!r}")
+    sync = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) if reduce == "median" else min(times)
 
 
 def require_cuda() -> torch.device:

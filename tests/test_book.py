@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import matplotlib
@@ -156,3 +157,19 @@ def test_manifest_records_versions_and_status(tmp_path):
     assert manifest["torch"] == torch.__version__ and manifest["size"] == "smoke"
     assert [(c["chapter"], c["ok"], c["error"]) for c in manifest["chapters"]] == [
         ("01_a.py", True, None), ("02_b.py", False, "boom")]
+
+
+def test_time_call_warms_up_repeats_and_reduces():
+    calls = []
+    seconds = notebook.time_call(lambda: calls.append(1), repeats=4, warmup=2, device="cpu")
+    assert len(calls) == 6 and 0 <= seconds < 1
+    durations = iter([0.0, 0.03, 0.01, 0.02])
+
+    def sleeper():
+        time.sleep(next(durations))
+
+    assert notebook.time_call(sleeper, repeats=3, warmup=1, reduce="min", device="cpu") < 0.02
+    with pytest.raises(ValueError, match="reduce must be"):
+        notebook.time_call(lambda: None, reduce="mean")
+    with pytest.raises(ValueError, match="repeats must be"):
+        notebook.time_call(lambda: None, repeats=0)
