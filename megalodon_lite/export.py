@@ -140,6 +140,11 @@ def write(root: Path, only: Iterable[Path] | None = None) -> list[Path]:
     """Write the generated modules (all, or only those of the given chapters); return what changed."""
     wanted, stale = plan(root)
     only_set = None if only is None else {Path(p).resolve() for p in only}
+    if only_set is not None:
+        unknown = only_set - {p.resolve() for p in chapter_paths(root)}
+        if unknown:
+            raise ExportError(f"not a chapter of {root / 'chapters'}: {sorted(str(p) for p in unknown)} "
+                              "(expected chapters/NN_slug.py)")
     changed = []
     for path, module in wanted.items():
         if only_set is not None and module.chapter.resolve() not in only_set:

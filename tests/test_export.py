@@ -126,6 +126,12 @@ def test_single_chapter_regeneration_leaves_others_alone(tmp_path):
     assert not (root / "megalodon_lite" / "alpha.py").exists()
 
 
+def test_regenerating_something_that_is_not_a_chapter_is_refused(tmp_path):
+    root = make_repo(tmp_path, {"01_a.py": CH01})
+    with pytest.raises(export.ExportError, match="not a chapter"):
+        export.write(root, only=[root / "chapters" / "99_missing.py"])
+
+
 def test_dotted_module_goes_to_subpackage(tmp_path):
     root = make_repo(tmp_path, {"08_k.py": CH01.replace("export:alpha", "export:ops.alpha")})
     export.write(root)
