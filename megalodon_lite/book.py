@@ -139,12 +139,13 @@ def write_index(out_dir: Path, results: list[ChapterResult], *, smoke: bool) -> 
     size = "smoke (tiny sizes)" if smoke else "full size"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>megalodon-lite: the book</title>
-<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}} pre{{color:#a00}}</style></head>
+<style>body{{font-family:sans-serif;max-width:50em;margin:2em auto}} pre{{color:#a00}}
+ul{{list-style:none;padding:0}} li{{margin:.4em 0}}</style></head>
 <body><h1>megalodon-lite</h1>
 <p>Megalodon, built chapter by chapter. Executed {time.strftime('%Y-%m-%d %H:%M')} at {size}.</p>
-<ol>
+<ul>
 {chr(10).join(rows)}
-</ol></body></html>
+</ul></body></html>
 """
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
