@@ -27,13 +27,11 @@
 # 7. wrap it in the `TimestepNorm` module that chapter 07 builds the model on.
 
 # %%
-import time
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
@@ -252,7 +250,10 @@ def _normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tenso
 
 # %% [markdown]
 # Before the loop, the inputs are checked once. A wrong shape or dtype raises an error that
-# names the argument, instead of broadcasting into a silently wrong answer.
+# names the argument, instead of broadcasting into a silently wrong answer. Padded steps are then
+# set to zero before any sum sees them: a merge with weight 0 multiplies their moments by 0, and
+# $0 \cdot \infty$ or $0 \cdot \mathrm{NaN}$ is NaN, so garbage in the padding (uninitialised
+# memory, a huge sentinel value) would otherwise poison every later step and every gradient.
 
 # %% tags=["export:timestep_norm"]
 def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
@@ -299,6 +300,20 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
     return TimestepNormState(count, mean.to(dtype), var.to(dtype))
 
 
+def _prepare(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, state: TimestepNormState | None,
+             padding_mask: Tensor | None) -> tuple[Tensor, TimestepNormState, Tensor, Tensor, Tensor]:
+    """Checked inputs for both forms: x with padded steps zeroed, the incoming state, the per-step
+    moments m, v (B, L, G) and ``is_real`` (B, L)."""
+    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
+    if padding_mask is None:
+        is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    else:
+        is_real = ~padding_mask
+        x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # no gradient flows to padded steps either
+    step_mean, step_var = group_moments(x, num_groups)
+    return x, state, step_mean, step_var, is_real
+
+
 # %% [markdown]
 # The sequential reference is then a loop over steps: merge, record, normalise. It is slow
 # (one merge per step in Python) and obviously right, which is what a reference is for.
@@ -320,9 +335,7 @@ def timestep_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, num_groups:
     Returns:
         y (B, L, D) in x's dtype, and the state after the last step.
     """
-    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
-    step_mean, step_var = group_moments(x, num_groups)
-    is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
+    x, state, step_mean, step_var, is_real = _prepare(x, weight, bias, num_groups, state, padding_mask)
     running_means, running_vars = [], []
     for t in range(x.shape[1]):
         state = welford_update(state, step_mean[:, t], step_var[:, t], is_real[:, t])
@@ -478,9 +491,7 @@ def timestep_norm(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
     Returns:
         y (B, L, D) in x's dtype, and the state after the last step (the next call's state).
     """
-    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
-    step_mean, step_var = group_moments(x, num_groups)
-    is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
+    x, state, step_mean, step_var, is_real = _prepare(x, weight, bias, num_groups, state, padding_mask)
     mean, var, final = cumulative_moments(step_mean, step_var, state, is_real)
     return _normalize(x, mean, var, weight, bias, eps, padding_mask), final
 
@@ -558,7 +569,11 @@ for row in range(B):
     assert torch.allclose(y_pad[row, ~pad[row]], y_row[0], rtol=0, atol=1e-12)
     assert state_pad.count[row] == state_row.count[0] == (~pad[row]).sum()
     assert torch.allclose(state_pad.var[row], state_row.var[0], rtol=0, atol=1e-12)
-print("padded steps: output 0, state untouched; real steps equal the unpadded sequence")
+x_garbage = x_small.masked_fill(pad.unsqueeze(-1), float("nan"))   # whatever the padding holds
+y_garbage, state_garbage = timestep_norm(x_garbage, weight_r, bias_r, G, padding_mask=pad)
+assert torch.equal(y_garbage, y_pad) and all(torch.equal(a, b) for a, b in zip(state_garbage, state_pad))
+print("padded steps: output 0, state untouched, NaN in the padding changes nothing; "
+      "real steps equal the unpadded sequence")
 
 # %% [markdown]
 # ## 7. The module
@@ -720,15 +735,12 @@ print(f"running mean, float32 on CUDA, max |error|: unshifted {(unshifted_gpu - 
 # %% tags=["gpu"]
 x_gpu = torch.randn(1, 65_536, 1024, device=cuda, dtype=torch.bfloat16, requires_grad=True)
 norm_gpu = TimestepNorm(1024, 32).to(cuda)
+
+
 def step() -> None:
     y_gpu, _ = norm_gpu(x_gpu)
     y_gpu.float().square().mean().backward()
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-start = time.perf_counter()
-repeats = 10
-for _ in range(repeats):
-    step()
-torch.cuda.synchronize()
-print(f"TimestepNorm fwd+bwd, (1, 65536, 1024) bf16, G=32: {(time.perf_counter() - start) / repeats * 1e3:.2f} ms")
+
+
+step_ms = 1e3 * time_call(step, repeats=10, warmup=3, device=cuda)
+print(f"TimestepNorm fwd+bwd, (1, 65536, 1024) bf16, G=32: {step_ms:.2f} ms (median of 10)")

@@ -151,6 +151,20 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
             raise ValueError(f"state.{name} is on {t.device}, x on {x.device}")
     return TimestepNormState(count, mean.to(dtype), var.to(dtype))
 
+
+def _prepare(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, state: TimestepNormState | None,
+             padding_mask: Tensor | None) -> tuple[Tensor, TimestepNormState, Tensor, Tensor, Tensor]:
+    """Checked inputs for both forms: x with padded steps zeroed, the incoming state, the per-step
+    moments m, v (B, L, G) and ``is_real`` (B, L)."""
+    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
+    if padding_mask is None:
+        is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    else:
+        is_real = ~padding_mask
+        x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # no gradient flows to padded steps either
+    step_mean, step_var = group_moments(x, num_groups)
+    return x, state, step_mean, step_var, is_real
+
 # %% chapters/05_timestep_norm.py cell 14
 def timestep_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
                             state: TimestepNormState | None = None, padding_mask: Tensor | None = None,
@@ -168,9 +182,7 @@ def timestep_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, num_groups:
     Returns:
         y (B, L, D) in x's dtype, and the state after the last step.
     """
-    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
-    step_mean, step_var = group_moments(x, num_groups)
-    is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
+    x, state, step_mean, step_var, is_real = _prepare(x, weight, bias, num_groups, state, padding_mask)
     running_means, running_vars = [], []
     for t in range(x.shape[1]):
         state = welford_update(state, step_mean[:, t], step_var[:, t], is_real[:, t])
@@ -236,9 +248,7 @@ def timestep_norm(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
     Returns:
         y (B, L, D) in x's dtype, and the state after the last step (the next call's state).
     """
-    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
-    step_mean, step_var = group_moments(x, num_groups)
-    is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask
+    x, state, step_mean, step_var, is_real = _prepare(x, weight, bias, num_groups, state, padding_mask)
     mean, var, final = cumulative_moments(step_mean, step_var, state, is_real)
     return _normalize(x, mean, var, weight, bias, eps, padding_mask), final
 

@@ -229,6 +229,20 @@ def test_padding_in_the_middle_and_at_the_end() -> None:
         assert torch.equal(got, was)
 
 
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 3e38])
+@pytest.mark.parametrize("form", [timestep_norm, timestep_norm_reference])
+def test_values_in_padding_never_matter(garbage: float, form) -> None:
+    """Padded steps are skipped whatever they hold: NaN, inf, or a float32 value whose square overflows."""
+    x, weight, bias, groups, state, mask = random_case(302, torch.float32, min_group=4)
+    mask[:, 0] = True  # at least one padded step per row
+    y, final = form(x, weight, bias, groups, state, mask)
+    dirty = x.masked_fill(mask.unsqueeze(-1), garbage).requires_grad_(True)
+    y_dirty, final_dirty = form(dirty, weight, bias, groups, state, mask)
+    assert torch.equal(y_dirty, y) and all(torch.equal(a, b) for a, b in zip(final_dirty, final))
+    (y_dirty.square().sum() + final_dirty.var.sum()).backward()
+    assert torch.isfinite(dirty.grad).all() and (dirty.grad[mask] == 0).all()
+
+
 def test_all_padding_row_from_initial_state() -> None:
     x, weight, bias, groups, _, _ = random_case(301, with_state=False, with_padding=False)
     mask = torch.zeros(x.shape[:2], dtype=torch.bool)
