@@ -426,7 +426,8 @@ class LayerState:
         cema: the complex EMA hidden state after the last token, (B, D, N) complex64
             (complex128 in a float64 model).
         attention: keys (post-RoPE) and values of the unfinished chunk: ``k`` (B, H, n, z_dim/H),
-            ``v`` (B, H, n, value_dim/H) with 0 <= n < chunk_size.
+            ``v`` (B, H, n, value_dim/H) in the model's dtype, with 0 <= n < chunk_size (n is also
+            the position inside its chunk of the next token; emptied at every chunk boundary).
     """
 
     norm: TimestepNormState
@@ -436,9 +437,15 @@ class LayerState:
 
 @dataclass
 class MegalodonState:
-    """The whole model's memory of the stream: one :class:`LayerState` per block and the final
-    norm's statistics. Its size depends on the batch, the shapes and the position inside the
-    current chunk, never on how many tokens came before."""
+    """The whole model's memory of the stream (SPEC §6).
+
+    Attributes:
+        layers: one :class:`LayerState` per block, in order.
+        final_norm: the final timestep norm's ``count`` (B,), ``mean`` and ``var`` (B, G).
+
+    Its size depends on the batch, the shapes and the position inside the current chunk, never
+    on how many tokens came before.
+    """
 
     layers: list[LayerState]
     final_norm: TimestepNormState
@@ -507,6 +514,7 @@ class MegalodonLayer(nn.Module):
         self.wh2 = nn.Linear(cfg.value_dim, cfg.model_dim, bias=False)
         self.attention = ChunkAttention(cfg.z_dim, cfg.value_dim, cfg.num_heads, cfg.chunk_size,
                                         rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout)
+        self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
         self._init_projections()  # the sub-modules initialised themselves when built
 
     def _init_projections(self) -> None:
@@ -783,9 +791,10 @@ class MegalodonLM(nn.Module):
                  generator: torch.Generator | None = None) -> Tensor:
         """Continue ``prompt`` (B, P) by ``max_new_tokens`` sampled tokens -> (B, max_new_tokens) int64.
 
-        The prompt is read in one call, then one token per call through the streaming state, so
-        memory does not grow with the length generated. Runs in eval mode (no dropout) and
-        restores the previous mode. See :func:`sample_next_token` for the sampling options.
+        The prompt is read one chunk (``chunk_size`` tokens) per call, then each sampled token is
+        fed back alone, always through the streaming state: memory does not grow with the length
+        of the prompt or of the continuation. Runs in eval mode (no dropout) and restores the
+        previous mode. See :func:`sample_next_token` for the sampling options.
         """
         check_tokens(prompt, self.config.vocab_size, name="prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -794,8 +803,9 @@ class MegalodonLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            new_tokens = []
-            logits, state = self(prompt)
+            new_tokens, state, piece = [], None, self.config.chunk_size
+            for start in range(0, prompt.shape[1], piece):
+                logits, state = self(prompt[:, start:start + piece], state)
             for step in range(max_new_tokens):
                 token = sample_next_token(logits[:, -1], temperature, top_k, generator)
                 new_tokens.append(token)
@@ -1253,13 +1263,15 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = No
                     device: str | torch.device = "cpu", verify: bool = True) -> MegalodonLM:
     """Load a checkpoint into ``model`` (its config must be equal) or into a new model on ``device``.
 
-    ``verify`` checks the weights' SHA-256 first (reads the file twice; turn off only for speed
+    A new model takes the dtype the weights were saved in (e.g. bfloat16); an existing model keeps
+    its own dtype and device, the weights being cast on copy. ``verify`` checks the weights' SHA-256 first (reads the file twice; turn off only for speed
     with a trusted file). Raises :class:`CheckpointError` (a ValueError) naming the problem.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = load_config(directory)
-    if model is None:
+    new_model = model is None
+    if new_model:
         model = MegalodonLM(config).to(device)
     elif not isinstance(model, MegalodonLM):
         raise TypeError(f"model must be a MegalodonLM or None, got {type(model).__name__}")
@@ -1280,6 +1292,9 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = No
         tensors = load_file(str(weights_path), device=str(target_device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read weights file {weights_path}: {err}") from None
+    saved_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if new_model and len(saved_dtypes) == 1:
+        model = model.to(saved_dtypes.pop())
     expected = model.state_dict()
     tied = manifest["tied"]
     missing = sorted(set(expected) - set(tensors) - set(tied))

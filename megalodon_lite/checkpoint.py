@@ -173,13 +173,15 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = No
                     device: str | torch.device = "cpu", verify: bool = True) -> MegalodonLM:
     """Load a checkpoint into ``model`` (its config must be equal) or into a new model on ``device``.
 
-    ``verify`` checks the weights' SHA-256 first (reads the file twice; turn off only for speed
+    A new model takes the dtype the weights were saved in (e.g. bfloat16); an existing model keeps
+    its own dtype and device, the weights being cast on copy. ``verify`` checks the weights' SHA-256 first (reads the file twice; turn off only for speed
     with a trusted file). Raises :class:`CheckpointError` (a ValueError) naming the problem.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = load_config(directory)
-    if model is None:
+    new_model = model is None
+    if new_model:
         model = MegalodonLM(config).to(device)
     elif not isinstance(model, MegalodonLM):
         raise TypeError(f"model must be a MegalodonLM or None, got {type(model).__name__}")
@@ -200,6 +202,9 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = No
         tensors = load_file(str(weights_path), device=str(target_device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"cannot read weights file {weights_path}: {err}") from None
+    saved_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if new_model and len(saved_dtypes) == 1:
+        model = model.to(saved_dtypes.pop())
     expected = model.state_dict()
     tied = manifest["tied"]
     missing = sorted(set(expected) - set(tensors) - set(tied))

@@ -121,7 +121,8 @@ class LayerState:
         cema: the complex EMA hidden state after the last token, (B, D, N) complex64
             (complex128 in a float64 model).
         attention: keys (post-RoPE) and values of the unfinished chunk: ``k`` (B, H, n, z_dim/H),
-            ``v`` (B, H, n, value_dim/H) with 0 <= n < chunk_size.
+            ``v`` (B, H, n, value_dim/H) in the model's dtype, with 0 <= n < chunk_size (n is also
+            the position inside its chunk of the next token; emptied at every chunk boundary).
     """
 
     norm: TimestepNormState
@@ -131,9 +132,15 @@ class LayerState:
 
 @dataclass
 class MegalodonState:
-    """The whole model's memory of the stream: one :class:`LayerState` per block and the final
-    norm's statistics. Its size depends on the batch, the shapes and the position inside the
-    current chunk, never on how many tokens came before."""
+    """The whole model's memory of the stream (SPEC §6).
+
+    Attributes:
+        layers: one :class:`LayerState` per block, in order.
+        final_norm: the final timestep norm's ``count`` (B,), ``mean`` and ``var`` (B, G).
+
+    Its size depends on the batch, the shapes and the position inside the current chunk, never
+    on how many tokens came before.
+    """
 
     layers: list[LayerState]
     final_norm: TimestepNormState
@@ -202,6 +209,7 @@ class MegalodonLayer(nn.Module):
         self.wh2 = nn.Linear(cfg.value_dim, cfg.model_dim, bias=False)
         self.attention = ChunkAttention(cfg.z_dim, cfg.value_dim, cfg.num_heads, cfg.chunk_size,
                                         rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout)
+        self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
         self._init_projections()  # the sub-modules initialised themselves when built
 
     def _init_projections(self) -> None:
@@ -436,9 +444,10 @@ class MegalodonLM(nn.Module):
                  generator: torch.Generator | None = None) -> Tensor:
         """Continue ``prompt`` (B, P) by ``max_new_tokens`` sampled tokens -> (B, max_new_tokens) int64.
 
-        The prompt is read in one call, then one token per call through the streaming state, so
-        memory does not grow with the length generated. Runs in eval mode (no dropout) and
-        restores the previous mode. See :func:`sample_next_token` for the sampling options.
+        The prompt is read one chunk (``chunk_size`` tokens) per call, then each sampled token is
+        fed back alone, always through the streaming state: memory does not grow with the length
+        of the prompt or of the continuation. Runs in eval mode (no dropout) and restores the
+        previous mode. See :func:`sample_next_token` for the sampling options.
         """
         check_tokens(prompt, self.config.vocab_size, name="prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -447,8 +456,9 @@ class MegalodonLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            new_tokens = []
-            logits, state = self(prompt)
+            new_tokens, state, piece = [], None, self.config.chunk_size
+            for start in range(0, prompt.shape[1], piece):
+                logits, state = self(prompt[:, start:start + piece], state)
             for step in range(max_new_tokens):
                 token = sample_next_token(logits[:, -1], temperature, top_k, generator)
                 new_tokens.append(token)

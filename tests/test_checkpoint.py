@@ -46,6 +46,16 @@ def test_round_trip_is_bit_exact(tmp_path, share_emb):
         (folder / "config.json").read_text())["weights"]]
 
 
+def test_bf16_round_trip_keeps_the_dtype(tmp_path):
+    model = small_model().to(torch.bfloat16)
+    restored = load_checkpoint(save_checkpoint(model, tmp_path))
+    assert all(p.dtype == torch.bfloat16 for p in restored.parameters())
+    assert_same_weights(model, restored)
+    into_float32 = load_checkpoint(tmp_path, small_model(seed=1))  # an existing model keeps its dtype
+    assert all(p.dtype == torch.float32 for p in into_float32.parameters())
+    assert all(torch.equal(a.float(), b) for a, b in zip(model.parameters(), into_float32.parameters()))
+
+
 def test_mismatched_config_is_refused_naming_the_fields(tmp_path):
     folder = save_checkpoint(small_model(), tmp_path)
     with pytest.raises(CheckpointError, match=r"num_layers \(checkpoint 2, model 3\)"):

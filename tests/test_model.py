@@ -3,6 +3,7 @@ gradients, bf16, bad input, configuration."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -77,10 +78,14 @@ def test_streaming_in_random_pieces_equals_one_call(data):
     torch.manual_seed(seed)
     model = MegalodonLM(cfg).double().eval()
     perturb_zero_initialised(model, torch.Generator().manual_seed(seed))
-    length = data.draw(st.integers(2, 40), label="length")
+    # piece sizes: single tokens, exactly a chunk, one off a chunk either way, or anything up to
+    # three chunks, so that pieces start and end inside chunks, on boundaries and across several
+    c = cfg.chunk_size
+    sizes = data.draw(st.lists(st.one_of(st.just(1), st.sampled_from([c - 1, c, c + 1]), st.integers(1, 3 * c)),
+                               min_size=1, max_size=8), label="piece sizes")
+    length = sum(sizes)
     tokens = torch.randint(0, cfg.vocab_size, (2, length))
-    cuts = data.draw(st.lists(st.integers(1, length - 1), max_size=8, unique=True), label="cuts")
-    boundaries = [0, *sorted(cuts), length]
+    boundaries = [0, *itertools.accumulate(sizes)]
     with torch.no_grad():
         full, full_state = model(tokens)
         pieces, state = [], None
@@ -108,6 +113,14 @@ def test_single_token_steps_across_chunk_boundaries_float32():
     # float32: one token at a time changes the summation order of the norms and the CEMA
     # (recurrence vs chunked form); logits are O(1), 1e-4 is ~1000 float32 roundoffs.
     assert torch.allclose(torch.cat(steps, 1), full, rtol=0, atol=1e-4)
+
+
+def test_every_norm_uses_the_configured_epsilon():
+    model = MegalodonLM(tiny(norm_eps=1e-3))
+    norms = [m for m in model.modules() if hasattr(m, "eps")]
+    # per block: timestep norm, RMS norm, q/k RMS norm, FFN layer norm; plus the final norm
+    assert len(norms) == 4 * model.config.num_layers + 1
+    assert all(m.eps == 1e-3 for m in norms), [(type(m).__name__, m.eps) for m in norms]
 
 
 def test_state_size_does_not_grow_with_the_stream():
@@ -156,6 +169,16 @@ def test_generation_is_deterministic_and_greedy_matches_teacher_forcing():
         logits, _ = model(torch.cat([prompt, greedy], 1))
     assert torch.equal(greedy, logits[:, prompt.shape[1] - 1:-1].argmax(-1))
     assert model.generate(prompt, 0).shape == (2, 0)
+
+    # a prompt of several chunks is read chunk by chunk: the same first token as one full call
+    long_prompt = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.chunk_size + 2))
+    with torch.no_grad():
+        expected = model(long_prompt)[0][:, -1].argmax(-1)
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda tokens, state=None: calls.append(tokens.shape[1]) or real_forward(tokens, state)
+    assert torch.equal(model.generate(long_prompt, 3, temperature=0)[:, 0], expected)
+    assert calls == [cfg.chunk_size] * 3 + [2, 1, 1]  # never more than a chunk per call
 
 
 def test_top_k_sampling_only_draws_from_the_top_k():
