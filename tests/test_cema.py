@@ -168,8 +168,14 @@ def test_causal_output_at_t_ignores_later_inputs(method):
     with torch.no_grad():
         y, _ = layer(x, method=method)
         y_changed, _ = layer(x_changed, method=method)
-    # FFT round-off spreads ~eps x (largest |y|) over all positions; exact forms leave them bit-equal
-    torch.testing.assert_close(y_changed[:, :t0], y[:, :t0], rtol=0, atol=1e-5)
+    if method == "fft":
+        # the FFT mixes every position and then cancels: round-off of ~eps log2(n) x the largest |y|
+        # (up to ~30 here) lands everywhere, so earlier outputs move by rounding, not by more
+        torch.testing.assert_close(y_changed[:, :t0], y[:, :t0], rtol=0, atol=1e-5)
+    else:
+        # the recurrence and the Toeplitz blocks never read a later input (the upper triangle
+        # multiplies it by an exact 0): earlier outputs are bit for bit the same
+        assert torch.equal(y_changed[:, :t0], y[:, :t0])
     assert (y_changed[:, t0] - y[:, t0]).abs().max() > 1e-2  # the change is visible where it starts
 
 
