@@ -70,8 +70,9 @@ print("device:", device, "| smoke mode:", SMOKE)
 # The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19` (SwiGLU, scaled and
 # tied embeddings) and two 7B shapes, `mega7.1B` (SiLU FFN) and `mega7.3B` (SwiGLU FFN). Our
 # `mega7B` names the paper's Megalodon-7B: the `mega7.1B` shape with the paper's chunk size of
-# 4096 (the repository's configurations use 2048). The repository leaves `vocab_size` to the tokenizer; the paper
-# trains with LLaMA-2's, so our presets set its 32,000 tokens. We add `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
+# 4096 (every configuration in the repository uses 2048). The repository leaves `vocab_size` to
+# the tokenizer; the paper trains with LLaMA-2's, so our presets set its 32,000 tokens. We add
+# `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
 # (a byte-level model for the CPU).
 
 # %% tags=["export:config"]
@@ -835,7 +836,7 @@ def parameter_groups(model: MegalodonLM) -> dict[str, int]:
     for name, param in model.named_parameters():  # named_parameters lists a shared tensor once
         parts = name.split(".")
         key = ".".join(parts[2:4]) if parts[0] == "blocks" else parts[0]
-        key = {"mega.attention": "mega.attention (q/k affine)", "ffn.fc3": "ffn.fc1"}.get(key, key)
+        key = {"mega.attention": "mega.attention (q/k affine)"}.get(key, key)
         groups[key] = groups.get(key, 0) + param.numel()
     return groups
 
@@ -856,9 +857,13 @@ for name, (cfg, total, body) in rows.items():
           f"{cfg.ffn_hidden_dim:>6} {cfg.vocab_size:>6} {total:>14,} {body:>14,}")
 
 # %% [markdown]
-# The same count for `mega200M`, by component. Most of a Megalodon layer sits in the four wide
-# matrices that touch the values ($W_v$, $W_r$, $W_{h2}$, all $D \times$ `value_dim`) and in the
-# FFN; the CEMA, for all its role, is $D(4N + 2)$ numbers per layer.
+# The same count for `mega200M`, by component. A layer's parameters sit almost all in matrices:
+# the three that touch the values ($W_v$ and $W_r$, $D \times$ `value_dim`, and $W_{h2}$,
+# `value_dim` $\times D$; the value width is twice $D$ in every official preset), the FFN's two
+# ($D \times$ `ffn_hidden_dim` each), $W_{h1}$ ($D \times D$) and the narrow $W_z$
+# ($D \times$ `z_dim`). The CEMA, for all its role, holds $D(4N + 2)$ numbers per layer
+# ($\alpha, \delta$: $N$ each, $\gamma$: $2N$, $\theta$ and $\omega$: one each per channel), and every
+# norm only $D$ or $2D$.
 
 # %%
 groups = groups_of["mega200M"]
@@ -869,6 +874,13 @@ for key, count in groups.items():
     per_layer = f"{count // n_layers:,}" if key.startswith(("mega.", "ffn.")) else ""
     print(f"{key:>28} {per_layer:>12} {count:>14,} {count / total:>7.1%}")
 print(f"{'total':>28} {'':>12} {total:>14,}")
+share = {name: sum(groups[k] for k in keys) / total for name, keys in {
+    "value matrices W_v, W_r, W_h2": ("mega.wv", "mega.wr", "mega.wh2"),
+    "FFN": ("ffn.fc1", "ffn.fc2"),
+    "embedding and head": ("embed", "head"),
+    "CEMA": ("mega.cema",),
+}.items()}
+print("; ".join(f"{name}: {fraction:.1%}" for name, fraction in share.items()))
 
 # %% [markdown]
 # ## 5. Why a two-hop residual
@@ -883,9 +895,9 @@ print(f"{'total':>28} {'':>12} {total:>14,}")
 # gains one term per block instead of two.
 #
 # Because `NormalizedFFN.forward` takes the residual as an argument, the pre-norm variant uses the
-# very same parameters: `ffn(y, residual=y)` instead of `ffn(y, residual=x)`. Below, the RMS of
-# the residual stream at initialisation, block after block, for a deep narrow model fed random
-# tokens, with both wirings.
+# very same parameters: `ffn(y, residual=y)` instead of `ffn(y, residual=x)`. The next cell
+# follows the RMS of the residual stream at initialisation, block after block, for a deep narrow
+# model fed random tokens, with both wirings.
 
 # %%
 depth_cfg = preset("tiny", num_layers=pick(smoke=12, full=32), chunk_size=64)
@@ -960,10 +972,11 @@ assert torch.equal(state.num_tokens, full_state.num_tokens)
 
 # %% [markdown]
 # **A long stream.** Now the promise itself: read a long input, piece after piece, and watch
-# what the model holds. We use a small byte-level model (two layers, $D = 32$, chunks of 128)
-# and feed random bytes in pieces of 64 chunks, recording after each piece the bytes held by the
-# state (`MegalodonState.nbytes`, every tensor it keeps alive), the memory of the whole Python
-# process (resident set size; on a GPU, the device memory allocated) and the time per token.
+# what the model holds. A small byte-level model (its shape is printed) reads random bytes in
+# pieces of many chunks; after each piece we record the bytes held by the state
+# (`MegalodonState.nbytes`, every tensor it keeps alive), the memory of the whole Python process
+# (resident set size; on a GPU, the device memory allocated) and the time per token. The stream
+# is longer than a million tokens in smoke mode too: the model is small enough for a CPU.
 
 # %%
 import os
@@ -989,7 +1002,9 @@ long_cfg = preset("tiny", model_dim=32, z_dim=16, value_dim=32, ffn_hidden_dim=3
                   norm_num_groups=4, chunk_size=128)
 long_model = MegalodonLM(long_cfg).to(device).eval()
 piece = 64 * long_cfg.chunk_size
-n_tokens = 2 ** 20  # 1,048,576 tokens in smoke mode too: it fits the time budget on a CPU
+n_tokens = 2 ** 20
+print(f"{long_cfg.num_layers} layers, D={long_cfg.model_dim}, chunks of {long_cfg.chunk_size}, "
+      f"{sum(p.numel() for p in long_model.parameters()):,} parameters; pieces of {piece:,} tokens")
 generator = torch.Generator().manual_seed(2)
 state, positions, state_bytes, rss_bytes, seconds_per_token = None, [], [], [], []
 threads = torch.get_num_threads()
@@ -1043,7 +1058,7 @@ plt.show()
 # %% [markdown]
 # Flat lines: the state is exactly the same size after a million tokens as after the first piece,
 # the process memory only wobbles as the allocator reuses blocks, and a token costs no more at
-# the end of the stream than at the start (the spikes are the noise of a shared machine). For
+# the end of the stream than at the start (spikes, if any, are other work on the machine). For
 # a large model the state is larger — per sequence and layer the CEMA state of $D \times N$
 # complex numbers, $2G$ statistics and at most one chunk of keys and values — but it grows with
 # the model and the chunk, never with the stream.
@@ -1053,11 +1068,12 @@ plt.show()
 # statistics of the whole history, which is what "feeding in pieces equals one call" requires.)
 
 # %% [markdown]
-# **Generating text.** `generate` reads the prompt in one call and then feeds each sampled token
-# back through the state, one token per call. An untrained byte-level model produces noise, of
-# course — chapter 09 trains one — but two things can be checked already: the same seed gives
-# the same text, and greedy decoding through the state picks exactly the tokens a single full
-# forward pass over prompt and continuation would pick (teacher forcing).
+# **Generating text.** `generate` reads the prompt through the state one chunk per call, then
+# feeds each sampled token back alone, so neither a long prompt nor a long continuation makes
+# memory grow. An untrained byte-level model produces noise, of course — chapter 09 trains
+# one — but two things can be checked already: the same seed gives the same text, and greedy
+# decoding through the state picks exactly the tokens a single full forward pass over prompt and
+# continuation would pick (teacher forcing).
 
 # %%
 text_model = MegalodonLM(preset("tiny")).eval()
