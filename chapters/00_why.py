@@ -27,14 +27,12 @@
 # that, on whatever device runs the notebook.
 
 # %%
-import time
-
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
@@ -120,21 +118,6 @@ assert err_sdpa < 1e-12 and err_uniform < 1e-12   # float64, sums of 300 terms o
 # (*On a GPU*) measures peak memory with `torch.cuda.max_memory_allocated`.
 
 # %%
-def fastest_seconds(fn, repeats: int) -> float:
-    """Best of ``repeats`` timed calls: other work on the machine only ever adds time."""
-    fn()                                                  # warm-up: kernels, plans, allocator
-    times = []
-    for _ in range(repeats):
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def naive_fits(length: int) -> bool:
     """Whether the naive version's three (B, H, L, L) temporaries fit (CPU: cap at 2 GiB)."""
     needed = 3 * heads * length**2 * torch.finfo(dtype).bits // 8
@@ -153,7 +136,7 @@ for length in lengths:
         elapsed = float("nan")
         if name != "naive" or naive_fits(length):
             try:
-                elapsed = fastest_seconds(lambda: fn(q, k, v), repeats)
+                elapsed = time_call(lambda: fn(q, k, v), repeats=repeats, device=device, reduce="min")
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
         seconds[name].append(elapsed)
@@ -238,13 +221,13 @@ if not SMOKE:
 # | 05 | timestep normalization | causal group norm with running statistics |
 # | 06 | normalized chunk attention | attention inside chunks, normalised q and k |
 # | 07 | the model and streaming | the full model; pieces of a stream give the same logits as the whole, at constant memory |
-# | 08 | Triton kernels | fused GPU kernels for the memory-bound parts |
-# | 09 | a GPU training run | Megalodon vs a Llama-style baseline: loss and tokens per second as the context grows |
-# | 10 | chunk parallelism | splitting one long sequence across GPUs |
+# | 08 | Triton kernels (planned) | fused GPU kernels for the memory-bound parts |
+# | 09 | a GPU training run (planned) | Megalodon vs a Llama-style baseline: loss and tokens per second as the context grows |
+# | 10 | chunk parallelism (planned) | splitting one long sequence across GPUs |
 #
 # The "unlimited context" claim is tested directly in chapter 07 (streaming equals one long call,
 # with a state whose size does not depend on the stream length); the loss and speed claims are
-# tested, in direction rather than in magnitude, by the training run of chapter 09.
+# to be tested, in direction rather than in magnitude, by the training run of chapter 09.
 
 # %% [markdown]
 # ## On a GPU

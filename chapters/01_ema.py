@@ -23,7 +23,6 @@
 
 # %%
 import io
-import time
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
@@ -416,28 +415,14 @@ assert worst_output < 1e-11 and worst_gradient < 1e-9   # float64 (eps 2e-16); F
 # only measured while it stays small; the FFT does a fixed number of passes over the data.
 
 # %%
-def median_seconds(fn, repeats: int = 3) -> float:
-    fn()                                       # warm-up (allocations, CUDA context, FFT plans)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 timing_channels = pick(smoke=16, full=64)
 alpha_timing = torch.rand(timing_channels, device=device) * 0.9 + 0.05
 print(f"{'L':>7} {'recurrence':>12} {'convolution':>12} {'fft':>12}   (milliseconds, B=1, D={timing_channels})")
 for length in pick(smoke=[128, 512], full=[256, 1024, 4096, 16384]):
     x_timing = torch.randn(1, length, timing_channels, device=device)
-    row = [median_seconds(lambda: ema_recurrence(x_timing, alpha_timing))]
-    row.append(median_seconds(lambda: ema_convolution(x_timing, alpha_timing)) if length <= 2048 else float("nan"))
-    row.append(median_seconds(lambda: ema_fft(x_timing, alpha_timing)))
+    forms_to_time = [ema_recurrence, ema_convolution if length <= 2048 else None, ema_fft]
+    row = [time_call(lambda: form(x_timing, alpha_timing), repeats=3, device=device) if form else float("nan")
+           for form in forms_to_time]
     print(f"{length:>7} " + " ".join(f"{1e3 * s:>12.3f}" if np.isfinite(s) else f"{'(skipped)':>12}" for s in row))
 
 # %% [markdown]
@@ -445,8 +430,8 @@ for length in pick(smoke=[128, 512], full=[256, 1024, 4096, 16384]):
 #
 # Move $\alpha$ and change the input: the left panel redraws the kernel, the right one the input
 # (grey) and its EMA computed by `ema_fft` (blue). Small $\alpha$ smooths heavily and lags behind
-# the input; large $\alpha$ follows the noise. (Without a live kernel, the figure below shows the
-# first state.)
+# the input; large $\alpha$ follows the noise. (In the rendered HTML book, without a kernel, the
+# widget shows its first state and does not respond.)
 
 # %%
 signal_length = 300
@@ -470,7 +455,7 @@ ax_s.legend(loc="upper left")
 image = widgets.Image(format="png")
 alpha_slider = widgets.FloatLogSlider(value=0.1, base=10, min=-2.5, max=-0.01, step=0.01,
                                       description="α", readout_format=".3f")
-signal_choice = widgets.Dropdown(options=list(signals), value="noisy sine", description="input")
+signal_choice = widgets.SelectionSlider(options=list(signals), value="noisy sine", description="input")
 
 
 def redraw(_change=None) -> None:

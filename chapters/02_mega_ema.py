@@ -40,12 +40,11 @@
 
 # %%
 import math
-import time
 
 import matplotlib.pyplot as plt
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
@@ -476,29 +475,17 @@ print(f"initial decays φ: min {decay_init.min().item():.3f}, mean {decay_init.m
 # ## Cost: recurrence against FFT
 #
 # The recurrence takes $L$ sequential steps; the FFT form takes a few transforms of length $2L$.
-# The cell times both on this machine (the numbers are whatever it prints).
+# The cell times both on this machine with `time_call` (one call of the slow recurrence, the best of
+# three for the FFT); the numbers are whatever it prints.
 
 # %%
-def best_time(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 coeffs32 = [c.float() for c in coeffs64]
 print(f"{'L':>7} {'recurrence ms':>14} {'FFT ms':>8}")
 for length in pick(smoke=[64, 256, 1024], full=[1024, 4096, 16_384]):
     xs = torch.randn(B, length, D, device=device)
     with torch.no_grad():
-        t_rec = best_time(lambda: damped_ema_recurrence(xs, *coeffs32), repeats=1)
-        t_fft = best_time(lambda: damped_ema_fft(xs, *coeffs32))
+        t_rec = time_call(lambda: damped_ema_recurrence(xs, *coeffs32), repeats=1, warmup=0, device=device)
+        t_fft = time_call(lambda: damped_ema_fft(xs, *coeffs32), repeats=3, device=device, reduce="min")
     print(f"{length:>7} {1e3 * t_rec:>14.2f} {1e3 * t_fft:>8.2f}")
 
 # %% [markdown]

@@ -39,14 +39,18 @@
 # train on a task that can only be solved by carrying information across chunks.
 
 # %%
+import copy
 import math
 import time
+from unittest import mock
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite import mega_ema                             # chapter 02
+from megalodon_lite.mega_ema import damped_ema_recurrence
+from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
@@ -458,14 +462,14 @@ class MovingAverageGatedAttention(nn.Module):
 #
 # The reference recomputes the layer in float64 from its parameters with chapter 02's *recurrence*
 # (not the FFT) and the one-query-at-a-time attention above: two independent routes to the same
-# numbers. Then causality: change the second half of the input and the first half of the output
-# must not move. The FFT in the EMA mixes all positions numerically, so "not move" means "by no more
-# than rounding"; a leak would move it by the size of the change.
+# numbers. Then causality: change the second half of the input, and the first half of the output
+# must not move. We check it in float64 twice. With the EMA computed by the FFT, the past moves by
+# rounding only: the FFT mixes every input into every output numerically (chapter 01), at the level
+# of $10^{-16}$ of the values involved, while a real leak would move it by the size of the change.
+# With chapter 02's recurrence swapped in for the FFT, nothing in the layer reads the future at
+# all (masked attention weights are exact zeros), and the past is identical bit for bit.
 
 # %%
-from megalodon_lite.mega_ema import damped_ema_recurrence  # noqa: E402  (chapter 02)
-
-
 def reference_layer(layer, x):
     """MEGA layer in float64: LayerNorm, recurrent EMA, gates, per-query attention, gated residual."""
     p = {name: t.detach().double() for name, t in layer.named_parameters()}
@@ -500,17 +504,27 @@ for chunk_size, attention in ((None, "softmax"), (L_layer // 4, "softmax"), (L_l
             param.add_(0.3 * torch.randn_like(param))
         y = layer(x_layer)
         err = (y.double() - reference_layer(layer, x_layer)).abs().max().item()
-        x_changed = x_layer.clone()
-        x_changed[:, L_layer // 2:] += torch.randn_like(x_changed[:, L_layer // 2:])
-        y_changed = layer(x_changed)
-    leak = (y_changed[:, :L_layer // 2] - y[:, :L_layer // 2]).abs().max().item()
-    moved = (y_changed[:, L_layer // 2:] - y[:, L_layer // 2:]).abs().max().item()
-    scale = max(1.0, y.abs().max().item())
-    print(f"chunk={chunk_size}, {attention:8s}: |layer - float64 reference| = {err:.1e}; "
-          f"after changing the future: past moved {leak:.1e}, future moved {moved:.1e} (output scale {scale:.0f})")
+    # Causality, in float64: change the second half of the input.
+    layer64, x64 = copy.deepcopy(layer).double(), x_layer.double()
+    x64_changed = x64.clone()
+    x64_changed[:, L_layer // 2:] += torch.randn_like(x64_changed[:, L_layer // 2:])
+    with torch.no_grad():
+        y64, y64_changed = layer64(x64), layer64(x64_changed)
+        with mock.patch.object(mega_ema, "damped_ema_fft", damped_ema_recurrence):   # the EMA as a loop
+            y_loop, y_loop_changed = layer64(x64), layer64(x64_changed)
+    past, future = slice(0, L_layer // 2), slice(L_layer // 2, None)
+    leak = (y64_changed[:, past] - y64[:, past]).abs().max().item()
+    moved = (y64_changed[:, future] - y64[:, future]).abs().max().item()
+    print(f"chunk={chunk_size}, {attention:8s}: |float32 layer - float64 reference| = {err:.1e}; "
+          f"after changing the future: past moved {leak:.1e} (FFT EMA), "
+          f"{(y_loop_changed[:, past] - y_loop[:, past]).abs().max().item():.0e} (recurrent EMA); "
+          f"future moved {moved:.1e}")
     # float32 throughout: rounding is ~1e-7 of the output scale per operation, a few dozen operations deep.
+    scale = max(1.0, y.abs().max().item())
     assert err < 1e-5 * scale
-    assert leak < 1e-5 * scale and moved > 1e-2
+    # float64: the FFT's rounding is ~1e-16 relative, times log n and the sizes of x and the kernel.
+    assert leak < 1e-12 * scale and moved > 1e-2
+    assert torch.equal(y_loop_changed[:, past], y_loop[:, past])
 
 # %% [markdown]
 # ## The block and the language model
@@ -619,19 +633,6 @@ assert (logits_longer[:, :29] - logits).abs().max() < 1e-5
 # growing $L$ at a fixed chunk; the numbers are whatever this machine measures.
 
 # %%
-def best_time(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 chunk_cost = pick(smoke=64, full=1024)
 lengths = pick(smoke=[128, 256, 512, 1024], full=[2048, 4096, 8192, 16_384])
 z_cost, v_cost = pick(smoke=16, full=128), pick(smoke=32, full=256)
@@ -641,9 +642,12 @@ for length in lengths:
     qc, kc = torch.randn(2, 1, length, z_cost, device=device)
     vc = torch.randn(1, length, v_cost, device=device)
     with torch.no_grad():
-        t_full = best_time(lambda: chunked_attention(qc, kc, vc, torch.zeros(length, length, device=device), None))
-        t_chunk = best_time(lambda: chunked_attention(qc, kc, vc, torch.zeros(chunk_cost, chunk_cost, device=device),
-                                                      chunk_cost))
+        bias_full = torch.zeros(length, length, device=device)
+        bias_chunk = torch.zeros(chunk_cost, chunk_cost, device=device)
+        t_full = time_call(lambda: chunked_attention(qc, kc, vc, bias_full, None), repeats=3, device=device,
+                           reduce="min")
+        t_chunk = time_call(lambda: chunked_attention(qc, kc, vc, bias_chunk, chunk_cost), repeats=3, device=device,
+                            reduce="min")
     timings["full"].append(t_full)
     timings["chunked"].append(t_chunk)
     print(f"{length:>7} {1e3 * t_full:>9.2f} {1e3 * t_chunk:>11.2f}")
@@ -697,7 +701,7 @@ def mqar_batch(batch: int, n_pairs: int, chunk: int, n_chunks: int, vocab: int, 
 
 config = pick(
     smoke=dict(vocab=32, n_pairs=4, chunk=16, n_chunks=3, d_model=32, n_layers=2, z_dim=16, v_dim=64, ffn_dim=64,
-               batch=32, steps=120, lr=3e-3),
+               batch=16, steps=60, lr=3e-3),
     full=dict(vocab=64, n_pairs=8, chunk=64, n_chunks=4, d_model=128, n_layers=2, z_dim=64, v_dim=256,
               ffn_dim=256, batch=64, steps=2000, lr=2e-3),
 )
