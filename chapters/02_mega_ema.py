@@ -106,8 +106,16 @@ def _check_coefficients(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor)
     return alpha.shape[0], alpha.shape[1]
 
 
-def _check_input(x: Tensor, d_model: int, n_dims: int, h0: Tensor | None) -> None:
-    """Validate x (B, L, D) and the optional initial state h0 (B, D, N)."""
+def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    """``value`` must be an int >= 1 (or None when ``allow_none``); bools are refused."""
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_input(x: Tensor, d_model: int, n_dims: int | None = None, h0: Tensor | None = None) -> None:
+    """Validate x (B, L, D), a real floating tensor with L >= 1, and the optional state h0 (B, D, N)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < 1:
@@ -117,6 +125,8 @@ def _check_input(x: Tensor, d_model: int, n_dims: int, h0: Tensor | None) -> Non
     if h0 is not None:
         if not isinstance(h0, Tensor):
             raise TypeError(f"h0 must be a torch.Tensor or None, got {type(h0).__name__}")
+        if not h0.is_floating_point():
+            raise TypeError(f"h0 must be a floating-point tensor, got {h0.dtype}")
         expected = (x.shape[0], d_model, n_dims)
         if tuple(h0.shape) != expected:
             raise ValueError(f"h0 must have shape (B, D, N) = {expected}, got {tuple(h0.shape)}")
@@ -176,8 +186,7 @@ def damped_ema_kernel(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor, l
         The kernel (D, L), in the coefficients' dtype.
     """
     _check_coefficients(alpha, delta, beta, eta)
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        raise ValueError(f"length must be a positive int, got {length!r}")
+    _check_positive_int("length", length)
     log_decay = torch.log1p(-alpha * delta)                                  # log φ (D, N)
     steps = torch.arange(length, device=alpha.device, dtype=alpha.dtype)
     powers = torch.exp(log_decay[..., None] * steps)                         # φ^t (D, N, L)
@@ -227,7 +236,9 @@ print(f"  cumprod     : {((by_cumprod - exact).abs() / scale).max().item():.2e}"
 # Take one hidden dimension ($N = 1$, $\beta = \eta = 1$), so the kernel is $\alpha(1-\alpha\delta)^t$.
 # Fix $\alpha = 0.5$ and lower $\delta$ (left): at $\delta = 1$ it is chapter 01's kernel, which forgets
 # within a few steps; smaller $\delta$ keeps the same first tap $\alpha$ but stretches the memory.
-# Chapter 01 could only stretch the memory by shrinking $\alpha$, and with it the weight of every tap.
+# Chapter 01 could only stretch the memory by shrinking $\alpha$, and with it the weight of every tap:
+# the dotted line is chapter 01's kernel with the same memory as $\delta = 0.1$ ($\varphi = 0.95$),
+# which needs $\alpha = 0.05$ and so takes in a tenth as much of each new token.
 #
 # With several hidden dimensions the kernel is a *sum* of exponentials with signed weights $\eta\beta$.
 # A fast and a slow exponential of opposite signs make a kernel that starts at zero, rises and then
@@ -242,6 +253,9 @@ for delta_value in (1.0, 0.5, 0.1, 0.02):
     one = torch.ones(1, 1, dtype=torch.float64)
     k = damped_ema_kernel(0.5 * one, delta_value * one, one, one, len(t))[0]
     ax_left.plot(t, k, label=f"δ = {delta_value}")
+# Chapter 01's kernel with the same memory as δ = 0.1 (φ = 0.95) needs α = 0.05: ten times smaller taps.
+k01 = damped_ema_kernel(0.05 * one, one, one, one, len(t))[0]
+ax_left.plot(t, k01, "k:", label="α = 0.05, δ = 1 (chapter 01)")
 ax_left.set(title="one hidden dimension, α = 0.5", xlabel="lag t", ylabel="k[t]")
 ax_left.legend()
 
@@ -381,9 +395,8 @@ class DampedEMA(nn.Module):
 
     def __init__(self, d_model: int, n_dims: int = 16) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_dims", n_dims)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_dims", n_dims)
         self.d_model = d_model
         self.n_dims = n_dims
         self.alpha = nn.Parameter(torch.empty(d_model, n_dims))

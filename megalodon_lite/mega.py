@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon_lite.mega_ema import DampedEMA
+from megalodon_lite.mega_ema import DampedEMA, _check_input, _check_positive_int
 
 LAPLACE_MU = math.sqrt(0.5)
 """μ of the Laplace function: relu²(μ) = 1/2."""
@@ -57,8 +57,7 @@ class SimpleRelativePositionalBias(nn.Module):
 
     def __init__(self, max_positions: int) -> None:
         super().__init__()
-        if not isinstance(max_positions, int) or isinstance(max_positions, bool) or max_positions < 1:
-            raise ValueError(f"max_positions must be a positive int, got {max_positions!r}")
+        _check_positive_int("max_positions", max_positions)
         self.max_positions = max_positions
         self.weight = nn.Parameter(torch.empty(2 * max_positions - 1))   # offsets −(P−1) .. P−1
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
@@ -146,22 +145,6 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, chunk_size:
     return out.reshape(v.shape), weights
 
 # %% chapters/03_mega.py cell 16
-def _check_sequence(x: Tensor, d_model: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < 1:
-        raise ValueError(f"x must have shape (B, L, D) with L >= 1 and D = {d_model}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-
-
-def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 class MovingAverageGatedAttention(nn.Module):
     """The MEGA layer: damped EMA, single-head gated attention and a gated residual (MEGA §3.2).
 
@@ -207,7 +190,7 @@ class MovingAverageGatedAttention(nn.Module):
 
     def _gates_and_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Everything up to the attention weights: (update gate, reset gate, X'W_h + b, O, weights)."""
-        _check_sequence(x, self.d_model)
+        _check_input(x, self.d_model)
         length = x.shape[1]
         if self.chunk_size is None and length > self.rel_pos_bias.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions={self.rel_pos_bias.max_positions}; "

@@ -43,8 +43,16 @@ def _check_coefficients(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor)
     return alpha.shape[0], alpha.shape[1]
 
 
-def _check_input(x: Tensor, d_model: int, n_dims: int, h0: Tensor | None) -> None:
-    """Validate x (B, L, D) and the optional initial state h0 (B, D, N)."""
+def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    """``value`` must be an int >= 1 (or None when ``allow_none``); bools are refused."""
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_input(x: Tensor, d_model: int, n_dims: int | None = None, h0: Tensor | None = None) -> None:
+    """Validate x (B, L, D), a real floating tensor with L >= 1, and the optional state h0 (B, D, N)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < 1:
@@ -54,6 +62,8 @@ def _check_input(x: Tensor, d_model: int, n_dims: int, h0: Tensor | None) -> Non
     if h0 is not None:
         if not isinstance(h0, Tensor):
             raise TypeError(f"h0 must be a torch.Tensor or None, got {type(h0).__name__}")
+        if not h0.is_floating_point():
+            raise TypeError(f"h0 must be a floating-point tensor, got {h0.dtype}")
         expected = (x.shape[0], d_model, n_dims)
         if tuple(h0.shape) != expected:
             raise ValueError(f"h0 must have shape (B, D, N) = {expected}, got {tuple(h0.shape)}")
@@ -98,8 +108,7 @@ def damped_ema_kernel(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor, l
         The kernel (D, L), in the coefficients' dtype.
     """
     _check_coefficients(alpha, delta, beta, eta)
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        raise ValueError(f"length must be a positive int, got {length!r}")
+    _check_positive_int("length", length)
     log_decay = torch.log1p(-alpha * delta)                                  # log φ (D, N)
     steps = torch.arange(length, device=alpha.device, dtype=alpha.dtype)
     powers = torch.exp(log_decay[..., None] * steps)                         # φ^t (D, N, L)
@@ -156,9 +165,8 @@ class DampedEMA(nn.Module):
 
     def __init__(self, d_model: int, n_dims: int = 16) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_dims", n_dims)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_dims", n_dims)
         self.d_model = d_model
         self.n_dims = n_dims
         self.alpha = nn.Parameter(torch.empty(d_model, n_dims))

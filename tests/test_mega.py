@@ -207,35 +207,83 @@ def test_attention_is_causal_bit_for_bit(chunk_size, attention):
 LAYER_CASES = [(None, "softmax"), (4, "softmax"), (4, "laplace"), (16, "laplace")]
 
 
+def reference_block(block, x, params):
+    """MegaBlock in float64: the reference layer, then x + W2 SiLU(W1 LN(x)) with the block's parameters."""
+    h = reference_layer(block.mega, x, {n[len("mega."):]: t for n, t in params.items() if n.startswith("mega.")})
+    hn = F.layer_norm(h, h.shape[-1:], params["ffn_norm.weight"], params["ffn_norm.bias"], eps=block.ffn_norm.eps)
+    return h + F.silu(hn @ params["fc1.weight"].T + params["fc1.bias"]) @ params["fc2.weight"].T + params["fc2.bias"]
+
+
+def reference_lm(lm, tokens, params):
+    """MegaLM in float64 without any padding: the reference attention handles a last, partial chunk."""
+    x = params["embed.weight"][tokens] * math.sqrt(lm.d_model)
+    for i, block in enumerate(lm.blocks):
+        prefix = f"blocks.{i}."
+        x = reference_block(block, x, {n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)})
+    x = F.layer_norm(x, x.shape[-1:], params["final_norm.weight"], params["final_norm.bias"], eps=lm.final_norm.eps)
+    return x @ params["head.weight"].T
+
+
+def random_size(chunk_size, g):
+    """(B, L, D) with L allowed for the chunk: at most 16 without chunks, else <= chunk or a multiple."""
+    b, d = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (3, 8))
+    if chunk_size is None:
+        return b, int(torch.randint(1, 17, (1,), generator=g)), d
+    choices = list(range(1, chunk_size + 1)) + [chunk_size * m for m in (2, 3) if chunk_size * m <= 16]
+    return b, choices[int(torch.randint(len(choices), (1,), generator=g))], d
+
+
+def assert_gradients_close(module, inputs, output, inputs64, params64, output_ref, g):
+    """Gradients of <output, random cotangent> w.r.t. inputs and every parameter, float32 vs float64."""
+    cotangent = torch.randn(output_ref.shape, generator=g, dtype=torch.float64)
+    names = list(params64)
+    module_params = dict(module.named_parameters())
+    grads = torch.autograd.grad((output * cotangent.float()).sum(), [*inputs, *(module_params[n] for n in names)])
+    grads_ref = torch.autograd.grad((output_ref * cotangent).sum(), [*inputs64, *params64.values()])
+    labels = [f"input {i}" for i in range(len(inputs))] + names
+    for name, got, want in zip(labels, grads, grads_ref):
+        # float32 backward through ~20 ops; sums over B*L terms: relative 1e-3 of the largest entry.
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item()),
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("chunk_size,attention", LAYER_CASES)
-def test_layer_and_block_match_float64_reference_forward_and_gradients(chunk_size, attention):
-    g = torch.Generator().manual_seed(3)
-    torch.manual_seed(3)
-    b, length, d = 2, 12, 6
+def test_block_matches_float64_reference_forward_and_gradients(chunk_size, attention, seed):
+    g = torch.Generator().manual_seed(3 + 10 * seed)
+    torch.manual_seed(3 + 10 * seed)
+    b, length, d = random_size(chunk_size, g)
     block = MegaBlock(d, z_dim=4, v_dim=5, ffn_dim=7, n_dims=3, chunk_size=chunk_size, attention=attention,
                       max_positions=16)
     perturb_parameters(block, g)
-    layer = block.mega
     x = torch.randn(b, length, d, generator=g, requires_grad=True)
     y = block(x)
-
     params64 = {n: t.detach().double().requires_grad_() for n, t in block.named_parameters()}
     x64 = x.detach().double().requires_grad_()
-    h = reference_layer(layer, x64, {n[len("mega."):]: t for n, t in params64.items() if n.startswith("mega.")})
-    hn = F.layer_norm(h, (d,), params64["ffn_norm.weight"], params64["ffn_norm.bias"], eps=block.ffn_norm.eps)
-    y_ref = h + F.silu(hn @ params64["fc1.weight"].T + params64["fc1.bias"]) @ params64["fc2.weight"].T \
-        + params64["fc2.bias"]
+    y_ref = reference_block(block, x64, params64)
     # float32 forward through ~10 ops on values of order one: 1e-4 is ~100x the rounding.
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    assert_gradients_close(block, [x], y, [x64], params64, y_ref, g)
 
-    cotangent = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
-    names = list(params64)
-    module_params = dict(block.named_parameters())
-    grads = torch.autograd.grad((y * cotangent.float()).sum(), [x, *(module_params[n] for n in names)])
-    grads_ref = torch.autograd.grad((y_ref * cotangent).sum(), [x64, *params64.values()])
-    for name, got, want in zip(["x", *names], grads, grads_ref):
-        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item()),
-                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+@pytest.mark.parametrize("chunk_size,attention", LAYER_CASES)
+def test_lm_matches_float64_reference_forward_and_gradients(chunk_size, attention):
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    b, _, d = random_size(chunk_size, g)
+    length = 11 if chunk_size == 4 else int(torch.randint(1, 17, (1,), generator=g))   # 11: the LM pads to 12
+    lm = MegaLM(13, d, 2, z_dim=4, v_dim=5, ffn_dim=7, n_dims=3, chunk_size=chunk_size, attention=attention,
+                max_positions=16)
+    perturb_parameters(lm, g)
+    tokens = torch.randint(0, 13, (b, length), generator=g)
+    logits = lm(tokens)
+    params64 = {n: t.detach().double().requires_grad_() for n, t in lm.named_parameters()}
+    logits_ref = reference_lm(lm, tokens, params64)
+    assert logits.dtype == torch.float32 and logits.shape == (b, length, 13)
+    # Two float32 blocks, a norm and the head: relative 1e-4 of the logits' size.
+    scale = max(1.0, logits_ref.abs().max().item())
+    torch.testing.assert_close(logits.double(), logits_ref, rtol=1e-4, atol=1e-4 * scale)
+    assert_gradients_close(lm, [], logits, [], params64, logits_ref, g)
 
 
 @pytest.fixture

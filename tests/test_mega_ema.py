@@ -44,6 +44,13 @@ def test_kernel_equals_closed_form_and_impulse_response(shape, seed):
     # float64 throughout: the three sum the same N terms, differences are rounding (~1e-16 each).
     torch.testing.assert_close(kernel, closed_form_kernel(*coeffs, length), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kernel, response[0].T, rtol=1e-12, atol=1e-12)
+    # Gradients with respect to all four coefficients, against the closed form's (float64).
+    leaves = [c.clone().requires_grad_() for c in coeffs]
+    cotangent = torch.randn(kernel.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((damped_ema_kernel(*leaves, length) * cotangent).sum(), leaves)
+    grads_ref = torch.autograd.grad((closed_form_kernel(*leaves, length) * cotangent).sum(), leaves)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @settings(max_examples=10, deadline=None)
@@ -212,6 +219,10 @@ def test_bad_inputs_raise_clear_errors():
         layer([[1.0]])
     with pytest.raises(ValueError, match=r"h0 must have shape \(B, D, N\) = \(2, 4, 3\)"):
         layer(torch.randn(2, 5, 4), torch.randn(2, 4, 4))
+    with pytest.raises(TypeError, match="h0 must be a floating-point tensor"):
+        layer(torch.randn(2, 5, 4), torch.ones(2, 4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="d_model must be a positive int"):
+        DampedEMA(True, 3)
     coeffs = [torch.rand(4, 3) for _ in range(4)]
     with pytest.raises(ValueError, match="eta must have the same shape"):
         damped_ema_fft(torch.randn(1, 5, 4), *coeffs[:3], torch.rand(4, 2))
