@@ -59,11 +59,13 @@ def group_norm_over_sequence(x: torch.Tensor, groups: int) -> torch.Tensor:
     """nn.GroupNorm applied to a (B, L, D) sequence: statistics over all L steps of each group."""
     return F.group_norm(x.transpose(1, 2), groups).transpose(1, 2)
 
-first_step_change = (group_norm_over_sequence(x_leak_future, G)[:, 0]
-                     - group_norm_over_sequence(x_leak, G)[:, 0]).abs().max().item()
-print(f"GroupNorm over the sequence: first output moved by {first_step_change:.3e} "
-      "when only the last token changed")
-assert first_step_change > 1e-3
+# G groups, and G = 1: one group of all D channels, i.e. a LayerNorm over the whole (L, D) sequence
+for name, groups in ((f"GroupNorm (G={G})", G), ("LayerNorm over (L, D)", 1)):
+    first_step_change = (group_norm_over_sequence(x_leak_future, groups)[:, 0]
+                         - group_norm_over_sequence(x_leak, groups)[:, 0]).abs().max().item()
+    print(f"{name} over the sequence: first output moved by {first_step_change:.3e} "
+          "when only the last token changed")
+    assert first_step_change > 1e-3
 
 # %% [markdown]
 # A per-token LayerNorm (statistics over the $D$ channels of one step) has no such leak, but its
