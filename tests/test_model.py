@@ -331,10 +331,11 @@ def test_initialisation_follows_the_official_code():
     assert model.embed.weight.abs().max() <= 3 / math.sqrt(D) + 1e-7
 
 
-def test_dropout_is_wired_and_only_active_in_training():
-    cfg = tiny(dropout=0.2, hidden_dropout=0.1, attention_dropout=0.1)
+@pytest.mark.parametrize("rate", ["dropout", "hidden_dropout", "attention_dropout"])
+def test_each_dropout_rate_is_wired_and_only_active_in_training(rate):
+    cfg = tiny(**{rate: 0.2})  # one rate at a time: a rate that reaches no layer leaves training deterministic
     model = MegalodonLM(cfg)
-    assert model.blocks[0].mega.attention.attention_dropout == 0.1
+    assert model.blocks[0].mega.attention.attention_dropout == cfg.attention_dropout
     tokens = torch.randint(0, cfg.vocab_size, (1, 20))
     with torch.no_grad():
         torch.manual_seed(0)
