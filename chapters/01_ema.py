@@ -41,7 +41,7 @@ print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
 # ## 1. The recurrence
 #
 # For a sequence $x_0, x_1, \dots$ of $D$-dimensional vectors and a per-channel smoothing factor
-# $\alpha \in (0, 1)^D$, the EMA is (MEGA, Ma et al. 2023, eq. (2))
+# $\alpha \in (0, 1)^D$, the EMA is (MEGA, Ma et al. 2023, §2.1)
 #
 # $$y_t = \alpha \odot x_t + (1 - \alpha) \odot y_{t-1}, \qquad y_{-1} = 0.$$
 #
@@ -57,7 +57,7 @@ print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
 # %% tags=["export:ema"]
 """The classic exponential moving average (EMA), in three forms that compute the same numbers.
 
-    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, eq. (2))
+    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, §2.1)
 
 with one smoothing factor ``alpha_d`` in (0, 1) per channel. Unrolled, the EMA is a causal
 convolution with the kernel ``k_j = alpha * (1 - alpha)**j``:
@@ -127,7 +127,7 @@ def _check_x_and_alpha(x: Tensor, alpha: Tensor) -> None:
 
 # %% tags=["export:ema"]
 def ema_recurrence(x: Tensor, alpha: Tensor) -> Tensor:
-    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA eq. (2)).
+    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA §2.1).
 
     One vectorised step per time step: O(B L D) work, but L sequential steps. The reference the
     other forms are checked against; differentiable through autograd.
@@ -476,7 +476,13 @@ def redraw(_change=None) -> None:
 alpha_slider.observe(redraw, names="value")
 signal_choice.observe(redraw, names="value")
 redraw()
-assert len(image.value) > 0
+first_frame = image.value
+alpha_slider.value = 0.5                       # moving either control must redraw the picture
+assert image.value != first_frame
+alpha_slider.value, signal_choice.value = 0.1, "step"
+assert image.value not in (first_frame, b"")
+signal_choice.value = "noisy sine"             # back to the first state
+assert image.value == first_frame
 display(widgets.VBox([widgets.HBox([alpha_slider, signal_choice]), image]))
 
 # %% [markdown]

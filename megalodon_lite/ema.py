@@ -4,7 +4,7 @@
 # %% chapters/01_ema.py cell 4
 """The classic exponential moving average (EMA), in three forms that compute the same numbers.
 
-    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, eq. (2))
+    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, §2.1)
 
 with one smoothing factor ``alpha_d`` in (0, 1) per channel. Unrolled, the EMA is a causal
 convolution with the kernel ``k_j = alpha * (1 - alpha)**j``:
@@ -74,7 +74,7 @@ def _check_x_and_alpha(x: Tensor, alpha: Tensor) -> None:
 
 # %% chapters/01_ema.py cell 5
 def ema_recurrence(x: Tensor, alpha: Tensor) -> Tensor:
-    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA eq. (2)).
+    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA §2.1).
 
     One vectorised step per time step: O(B L D) work, but L sequential steps. The reference the
     other forms are checked against; differentiable through autograd.
