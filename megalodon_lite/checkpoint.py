@@ -40,7 +40,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted, or does not fit the model."""
 
 
-def _fsync_file(path: Path) -> None:
+def _finish_file(path: Path) -> None:
+    """Make a written temporary file readable like any other file (mkstemp makes it owner-only)
+    and flush it to disk before it is moved into place."""
+    os.chmod(path, 0o644)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -111,14 +114,14 @@ def save_checkpoint(model: MegalodonLM, directory: str | os.PathLike) -> Path:
     try:
         weights_tmp = _temp_path(directory, "safetensors")
         save_file(tensors, str(weights_tmp), metadata={"format": FORMAT})
-        _fsync_file(weights_tmp)
+        _finish_file(weights_tmp)
         digest = _sha256(weights_tmp)
         weights_name = f"model-{digest[:16]}.safetensors"
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
                     "weights": weights_name, "weights_sha256": digest, "tied": ties}
         config_tmp = _temp_path(directory, "json")
         config_tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync_file(config_tmp)
+        _finish_file(config_tmp)
         placed = directory / weights_name
         os.replace(weights_tmp, placed)
         weights_tmp = None

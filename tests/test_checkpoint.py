@@ -44,6 +44,7 @@ def test_round_trip_is_bit_exact(tmp_path, share_emb):
     assert_same_weights(model, other)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", json.loads(
         (folder / "config.json").read_text())["weights"]]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir())  # readable by others, as usual
 
 
 def test_bf16_round_trip_keeps_the_dtype(tmp_path):
