@@ -1147,9 +1147,11 @@ class CheckpointError(ValueError):
 
 
 def _finish_file(path: Path) -> None:
-    """Make a written temporary file readable like any other file (mkstemp makes it owner-only)
-    and flush it to disk before it is moved into place."""
-    os.chmod(path, 0o644)
+    """Give a written temporary file the permissions of any new file (mkstemp makes it
+    owner-only; the umask decides, as for ``open``) and flush it to disk before it is moved."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -44,7 +45,9 @@ def test_round_trip_is_bit_exact(tmp_path, share_emb):
     assert_same_weights(model, other)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", json.loads(
         (folder / "config.json").read_text())["weights"]]
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.iterdir())  # readable by others, as usual
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())  # as any new file
 
 
 def test_bf16_round_trip_keeps_the_dtype(tmp_path):
