@@ -10,7 +10,8 @@
 # # 06 · Normalized attention, chunk by chunk
 #
 # Megalodon keeps softmax attention, but changes three things about it (Megalodon §3.3, and
-# MEGA's chunk-wise variant "Mega-chunk"; SPEC §5 steps 3 and 5):
+# MEGA's chunk-wise variant "Mega-chunk"; official code
+# `megalodon/modules/moving_average_gated_attention.py`):
 #
 # 1. **Normalized attention.** Queries and keys come from one shared representation $z$ that is
 #    normalised per head before a learned per-channel scale and offset. The dot products are
@@ -441,7 +442,8 @@ class ChunkAttention(nn.Module):
 
     Per head: ``z_hat = RMSNorm(z_h)`` (no affine, eps 1e-5); ``q = z_hat (gamma_q + 1)/sqrt(dz)
     + beta_q``, ``k`` likewise (Megalodon §3.3); RoPE at position ``t mod chunk_size``; causal
-    softmax attention with scale 1 inside each chunk of ``chunk_size`` tokens (SPEC §5 steps 3, 5).
+    softmax attention with scale 1 inside each chunk of ``chunk_size`` tokens (official
+    ``megalodon/modules/moving_average_gated_attention.py``).
 
     Args:
         z_dim: size of the shared representation z, split into ``num_heads`` heads of dz.
