@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon_lite.ema import fft_causal_conv
+from megalodon_lite.ema import _compute_dtype, fft_causal_conv
 
 
 def _check_coefficients(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor) -> tuple[int, int]:
@@ -80,18 +80,22 @@ def damped_ema_recurrence(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor,
         h0: optional initial state (B, D, N); zeros when None.
 
     Returns:
-        y (B, L, D) with y_t = Σ_n η_n h_{t,n}, and the last state h_L (B, D, N).
+        y (B, L, D) with y_t = Σ_n η_n h_{t,n}, in x's dtype, and the last state h_L (B, D, N) in the
+        working dtype: the inputs' common dtype, at least float32 (as :func:`damped_ema_fft`).
     """
     d_model, n_dims = _check_coefficients(alpha, delta, beta, eta)
     _check_input(x, d_model, n_dims, h0)
+    work = _compute_dtype(x, alpha, delta, beta, eta)
+    alpha, delta, beta, eta = (c.to(work) for c in (alpha, delta, beta, eta))
     decay = 1.0 - alpha * delta                                     # φ (D, N)
     input_weight = alpha * beta                                     # α β (D, N)
-    h = x.new_zeros(x.shape[0], d_model, n_dims) if h0 is None else h0.to(x.dtype)
+    xw = x.to(work)
+    h = xw.new_zeros(x.shape[0], d_model, n_dims) if h0 is None else h0.to(work)
     outputs = []
     for t in range(x.shape[1]):
-        h = input_weight * x[:, t, :, None] + decay * h             # (B, D, N)
+        h = input_weight * xw[:, t, :, None] + decay * h            # (B, D, N)
         outputs.append(torch.einsum("bdn,dn->bd", h, eta))
-    return torch.stack(outputs, dim=1), h
+    return torch.stack(outputs, dim=1).to(x.dtype), h
 
 # %% chapters/02_mega_ema.py cell 6
 def damped_ema_kernel(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor, length: int) -> Tensor:
@@ -132,7 +136,7 @@ def damped_ema_fft(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor, eta: T
     """
     d_model, n_dims = _check_coefficients(alpha, delta, beta, eta)
     _check_input(x, d_model, n_dims, h0)
-    work = torch.promote_types(torch.promote_types(x.dtype, alpha.dtype), torch.float32)
+    work = _compute_dtype(x, alpha, delta, beta, eta)
     alpha, delta, beta, eta = (c.to(work) for c in (alpha, delta, beta, eta))
     length = x.shape[1]
     xw = x.to(work)

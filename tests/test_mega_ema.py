@@ -190,6 +190,12 @@ def test_low_precision_input_is_computed_in_float32():
     # Only the final cast of y to bfloat16 differs (8 mantissa bits: relative step 2^-8).
     torch.testing.assert_close(y_bf16.float(), y_ref, rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(h_bf16, h_ref)
+    # The recurrence follows the same dtype rules, so either form can stand in for the other.
+    coeffs = [c.detach() for c in layer.coefficients()]
+    (y_fft, h_fft), (y_rec, h_rec) = (form(x.bfloat16(), *coeffs) for form in (damped_ema_fft, damped_ema_recurrence))
+    assert y_rec.dtype == y_fft.dtype == torch.bfloat16 and h_rec.dtype == h_fft.dtype == torch.float32
+    torch.testing.assert_close(y_rec.float(), y_fft.float(), rtol=2**-7, atol=2**-7)   # bf16 rounding
+    torch.testing.assert_close(h_rec, h_fft, rtol=1e-4, atol=1e-4)                     # float32 inside
 
 
 def test_initialisation_follows_mega():
