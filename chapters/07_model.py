@@ -48,6 +48,9 @@ from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_
 
 seed_everything(0)
 device = pick_device()
+# Every model run on the CPU in this chapter is tiny: its matrices gain nothing from a second
+# thread, and on a busy machine threads waiting for each other make every small call slower.
+torch.set_num_threads(1)
 print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
@@ -271,8 +274,8 @@ for bad in (dict(num_heads=3), dict(norm_num_groups=7), dict(dropout=1.0), dict(
 # * every linear layer of a block, by default (`init_mode="he"`), with `kaiming_normal_(a=√5)`:
 #   a normal with σ = $1/\sqrt{3\,d_\text{in}}$ (the variance of PyTorch's default uniform init,
 #   drawn from a normal);
-# * every bias with 0, and every norm scale with 0, applied as $(1 + w)$, so that weight decay
-#   pulls a norm towards the identity instead of towards zero.
+# * every bias with 0, and every norm scale with 0, applied as $(1 + w)$: a norm starts as the
+#   plain normalisation, and weight decay on $w$ pulls its scale towards 1, not towards 0.
 #
 # The feed-forward network (`MG:megalodon/modules/normalized_feedforward_network.py`) carries its
 # own LayerNorm (with the same "+1" scale) and has no biases:
@@ -329,7 +332,7 @@ class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with the scale stored as 0 and applied as (1 + weight).
 
     (B, L, D) -> (B, L, D). Same function as ``nn.LayerNorm``; the storage follows the official
-    ``FusedLayerNorm`` so that weight decay pulls the scale towards 1.
+    ``FusedLayerNorm`` (weight decay on the stored value pulls the scale towards 1, not 0).
     """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -1007,8 +1010,6 @@ print(f"{long_cfg.num_layers} layers, D={long_cfg.model_dim}, chunks of {long_cf
       f"{sum(p.numel() for p in long_model.parameters()):,} parameters; pieces of {piece:,} tokens")
 generator = torch.Generator().manual_seed(2)
 state, positions, state_bytes, rss_bytes, seconds_per_token = None, [], [], [], []
-threads = torch.get_num_threads()
-torch.set_num_threads(1)  # matrices this small gain nothing from a second CPU thread, and busy cores make it lose
 start_all = time.perf_counter()
 with torch.inference_mode():
     for start in tqdm(range(0, n_tokens, piece), desc="streaming", unit="piece", mininterval=1.0):
@@ -1022,7 +1023,6 @@ with torch.inference_mode():
         state_bytes.append(state.nbytes())
         rss_bytes.append(torch.cuda.memory_allocated() if device.type == "cuda" else process_rss_bytes())
 elapsed = time.perf_counter() - start_all
-torch.set_num_threads(threads)
 assert int(state.num_tokens[0]) == n_tokens and torch.isfinite(logits).all()
 print(f"read {n_tokens:,} tokens in {elapsed:.1f} s ({n_tokens / elapsed:,.0f} tokens/s on {device})")
 print(f"state: {min(state_bytes):,} to {max(state_bytes):,} bytes over the whole stream")

@@ -49,7 +49,7 @@ class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with the scale stored as 0 and applied as (1 + weight).
 
     (B, L, D) -> (B, L, D). Same function as ``nn.LayerNorm``; the storage follows the official
-    ``FusedLayerNorm`` so that weight decay pulls the scale towards 1.
+    ``FusedLayerNorm`` (weight decay on the stored value pulls the scale towards 1, not 0).
     """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
