@@ -82,6 +82,14 @@ def test_truncated_or_corrupted_weights_are_refused(tmp_path):
     weights.write_bytes(bytes(flipped))
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(folder)
+    # a refused load leaves the target model exactly as it was (nothing half-loaded)
+    target = small_model(seed=1)
+    before = {name: t.clone() for name, t in target.state_dict().items()}
+    weights.write_bytes(data[: len(data) // 2])
+    for verify in (True, False):
+        with pytest.raises(CheckpointError):
+            load_checkpoint(folder, target, verify=verify)
+        assert all(torch.equal(before[name], t) for name, t in target.state_dict().items())
 
 
 @pytest.mark.parametrize("damage, words", [
