@@ -114,10 +114,36 @@ assert err_sdpa < 1e-12 and err_uniform < 1e-12   # float64, sums of 300 terms o
 # we skip the sizes whose scores (and the masked and softmaxed copies of them) cannot fit in the
 # free memory, and catch an out-of-memory error if the estimate was optimistic. Next to the times,
 # the bytes of the materialised $L \times L$ score matrix ($B \cdot H \cdot L^2 \cdot$ bytes per
-# element). That column is **computed, not measured**; the GPU-only cell at the end of the chapter
-# (*On a GPU*) measures peak memory with `torch.cuda.max_memory_allocated`.
+# element), computed. On a CPU under Linux we also **measure** how much each call grows the
+# process's peak resident memory: writing `5` to `/proc/self/clear_refs` resets the kernel's
+# high-water mark `VmHWM`, and after the call `VmHWM` minus the resident size before it is what the
+# call needed on top. It is a lower bound: memory the allocator already holds from earlier calls is
+# reused without growing the process, so small sizes read close to 0 (and a log axis cannot draw
+# a 0: those points are left out of the plot). On a GPU the cell at the end
+# of the chapter (*On a GPU*) measures the peak with `torch.cuda.max_memory_allocated` instead.
 
 # %%
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_growth(fn) -> float:
+    """Bytes by which ``fn()`` raised this process's peak resident memory (Linux), else nan."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")                                 # reset the high-water mark VmHWM
+        before = _status_bytes("VmRSS")
+        fn()
+        return float(max(0, _status_bytes("VmHWM") - before))   # freeing may shrink the RSS below before
+    except OSError:                                               # not Linux, or /proc not writable
+        return float("nan")
+
+
 def naive_fits(length: int) -> bool:
     """Whether the naive version's three (B, H, L, L) temporaries fit (CPU: cap at 2 GiB)."""
     needed = 3 * heads * length**2 * torch.finfo(dtype).bits // 8
@@ -129,17 +155,21 @@ methods = {"naive": naive_attention, "SDPA": sdpa_attention, "chunked": chunked_
            "cumulative mean": cumulative_mean}
 repeats = pick(smoke=3, full=5)
 seconds = {name: [] for name in methods}
+cpu_peak = {name: [] for name in methods}                         # measured, CPU only
 score_bytes = []
 for length in lengths:
     q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
     for name, fn in methods.items():
-        elapsed = float("nan")
+        elapsed = peak = float("nan")
         if name != "naive" or naive_fits(length):
             try:
                 elapsed = time_call(lambda: fn(q, k, v), repeats=repeats, device=device, reduce="min")
+                if not on_gpu:
+                    peak = cpu_peak_growth(lambda: fn(q, k, v))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
         seconds[name].append(elapsed)
+        cpu_peak[name].append(peak)
     score_bytes.append(heads * length**2 * torch.finfo(dtype).bits // 8)
     del q, k, v
 
@@ -151,6 +181,11 @@ print(f"{'L':>7} " + " ".join(f"{name + ' ms':>19}" for name in methods) + f" {'
 for i, length in enumerate(lengths):
     print(f"{length:>7} " + " ".join(cell(seconds[name][i], 1e3) for name in methods)
           + f" {score_bytes[i] / 2**20:>18.1f}")
+if not on_gpu:
+    print("\npeak resident memory growth, measured (MiB):")
+    print(f"{'L':>7} " + " ".join(f"{name:>19}" for name in methods))
+    for i, length in enumerate(lengths):
+        print(f"{length:>7} " + " ".join(cell(cpu_peak[name][i], 2**-20) for name in methods))
 
 # %% [markdown]
 # On log-log axes a cost $\propto L^p$ is a straight line of slope $p$. We fit the slope of each
@@ -180,9 +215,15 @@ for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
 ax_time.set(xlabel="sequence length L", ylabel="forward time (s)", title=f"time on {device.type}, {dtype}")
 ax_time.legend()
 activation_bytes = [heads * n * head_dim * torch.finfo(dtype).bits // 8 for n in lengths]
-ax_mem.loglog(lengths, score_bytes, "o-", color="C0", label="L×L score matrix (computed)")
-ax_mem.loglog(lengths, activation_bytes, "o-", color="C3", label="one (B, H, L, d) activation (computed)")
-ax_mem.set(xlabel="sequence length L", ylabel="bytes", title="what the naive version must store")
+ax_mem.loglog(lengths, score_bytes, "k--", label="L×L score matrix (computed)")
+ax_mem.loglog(lengths, activation_bytes, "k:", label="one (B, H, L, d) activation (computed)")
+if not on_gpu:
+    for name, style in zip(methods, ["o-", "x--", "s:", "d-"]):
+        measured = [b if b > 0 else float("nan") for b in cpu_peak[name]]   # 0 cannot go on a log axis
+        ax_mem.loglog(lengths, measured, style, label=f"{name}: peak RSS growth (measured)")
+ax_mem.set(xlabel="sequence length L", ylabel="bytes", title="memory: what the naive version must store")
+for ax in (ax_time, ax_mem):
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())             # label only the powers of ten
 ax_mem.legend()
 fig.tight_layout()
 save_figure(fig, "00_quadratic_wall")
@@ -194,6 +235,10 @@ if not SMOKE:
         if np.isfinite(slopes[name]):
             assert slopes[name] > slopes["cumulative mean"] + 0.5, (name, slopes)
             assert slopes[name] > slopes["chunked"] + 0.5, (name, slopes)
+    # At the largest size that ran, the naive version really holds the scores; SDPA does not.
+    largest = max(i for i, t in enumerate(seconds["naive"]) if np.isfinite(t))
+    if not on_gpu and np.isfinite(cpu_peak["naive"][largest]):
+        assert cpu_peak["naive"][largest] >= score_bytes[largest] > cpu_peak["SDPA"][largest]
 
 # %% [markdown]
 # ## What Megalodon claims, and what this book checks
