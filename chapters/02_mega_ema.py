@@ -173,7 +173,7 @@ def damped_ema_recurrence(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor,
 # It is a (D, N) × (N, L) product of the coefficients with a Vandermonde matrix of powers
 # $\varphi^t$. We build the powers as $\exp(t \log \varphi)$, which every $t$ computes independently,
 # rather than by a cumulative product, which is sequential and whose rounding error grows with $t$.
-# The first cell below checks the kernel against the recurrence's impulse response.
+# The check after the code compares the kernel with the recurrence's impulse response.
 
 # %% tags=["export:mega_ema"]
 def damped_ema_kernel(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor, length: int) -> Tensor:
