@@ -54,7 +54,11 @@ from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_
 
 seed_everything(0)
 device = pick_device()
-print(f"smoke={SMOKE} device={device}")
+if device.type == "cpu":
+    # Every model here is tiny: its matrices gain nothing from a second thread, and on a busy
+    # machine threads waiting for each other make each small call several times slower.
+    torch.set_num_threads(1)
+print(f"smoke={SMOKE} device={device} threads={torch.get_num_threads()}")
 
 # %% [markdown]
 # ## The Laplace attention function
