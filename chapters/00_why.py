@@ -279,9 +279,10 @@ if not SMOKE:
 #
 # *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
 #
-# Measure instead of compute: the peak memory each method allocates beyond its inputs, at the
-# lengths timed above. The naive version's peak grows as $L^2$ and soon exceeds the device; the
-# fused kernels stay linear.
+# The peak memory each method allocates beyond its inputs, at the lengths timed in the measurement
+# section, read from PyTorch's CUDA allocator (`torch.cuda.max_memory_allocated`): exact, unlike
+# the CPU's resident-memory lower bound. The naive version's peak grows as $L^2$ and soon exceeds
+# the device; the fused kernels stay linear.
 
 # %% tags=["gpu"]
 cuda = require_cuda()
