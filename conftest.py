@@ -2,8 +2,11 @@
 
 - Smoke sizes for every chapter, a non-interactive matplotlib backend, and the Triton interpreter
   when there is no GPU (set before anything imports triton).
-- Before collection, every ``chapters/NN_slug.py`` is written as ``build/notebooks/NN_slug.ipynb``
-  so that nbval (``--nbval-lax``, configured in pyproject.toml) runs the chapters as notebooks.
+- When this file is imported, every ``chapters/NN_slug.py`` is written as
+  ``build/notebooks/NN_slug.ipynb`` so that nbval (``--nbval-lax``, configured in pyproject.toml)
+  runs the chapters as notebooks. It must happen at import: pytest expands ``testpaths`` right
+  after loading this file, and a folder that does not exist yet (a fresh clone) would be dropped.
+- A plain ``pytest`` (``testpaths``) that collects no chapter is an error, not a silent pass.
 - Cells tagged ``gpu`` are skipped when no CUDA device is present.
 """
 
@@ -27,14 +30,17 @@ ROOT = Path(__file__).resolve().parent
 NOTEBOOK_DIR = ROOT / "build" / "notebooks"
 GPU_TAG = "gpu"
 
+from megalodon_lite.book import write_notebooks  # noqa: E402
 
-def pytest_configure(config: pytest.Config) -> None:
-    from megalodon_lite.book import write_notebooks
-
-    write_notebooks(NOTEBOOK_DIR)
+CHAPTER_NOTEBOOKS = write_notebooks(NOTEBOOK_DIR)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        collected = {Path(str(item.path)).resolve() for item in items}
+        missing = [nb.name for nb in CHAPTER_NOTEBOOKS if nb.resolve() not in collected]
+        if missing:
+            raise pytest.UsageError(f"chapters not collected as notebooks: {missing} (is nbval installed?)")
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="cell tagged 'gpu' and no CUDA device is present")
