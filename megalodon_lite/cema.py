@@ -54,6 +54,8 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
         p (D, N) real, q (D, N) complex, gamma (D, N) complex, in float32/complex64
         (float64/complex128 when alpha is float64).
     """
+    for name, tensor in (("alpha", alpha), ("delta", delta), ("theta", theta), ("gamma", gamma)):
+        _check_tensor(name, tensor, "float")
     if alpha.dim() != 3 or alpha.shape[-1] != 1:
         raise ValueError(f"alpha must have shape (D, N, 1), got {tuple(alpha.shape)}")
     d_model, n_states, _ = alpha.shape
@@ -77,14 +79,22 @@ def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     """Powers q^t for t = start .. start + length - 1, shape (D, N, length), in q's dtype.
 
     Built as |q|^t e^{i theta t} from the log-magnitude and the phase, each power on its own (no
-    running product). The exponent t log q is formed in float64 and the phase t theta reduced
-    modulo 2 pi before the exp, so at any t each power is within a few roundings of the exact power
-    of the stored q (float32 arithmetic on t theta alone would lose ~t eps theta).
+    running product). The exponents t log|q| and t theta are formed in float64 and the phase
+    reduced modulo 2 pi; magnitude and phase are then rounded once to q's real dtype and joined
+    by ``torch.polar``, so at any t each power is within a few roundings of the exact power of the
+    stored q (float32 arithmetic on t theta alone would lose ~t eps theta). Only (D, N) values
+    are ever complex128: the (D, N, length) work is real float64, then the output dtype.
     """
-    log_q = torch.log(q.to(torch.complex128))
+    if not isinstance(q, Tensor) or not q.is_complex():
+        raise TypeError(f"q must be a complex tensor (D, N), got {getattr(q, 'dtype', type(q))}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    real = torch.float64 if q.dtype == torch.complex128 else torch.float32
+    log_q = torch.log(q.to(torch.complex128)).unsqueeze(-1)              # (D, N, 1): exact log of the stored q
     exponents = torch.arange(start, start + length, dtype=torch.float64, device=q.device)
-    scaled = log_q.unsqueeze(-1) * exponents
-    return torch.polar(torch.exp(scaled.real), torch.remainder(scaled.imag, 2 * math.pi)).to(q.dtype)
+    magnitude = (log_q.real * exponents).exp_().to(real)                 # |q|^t
+    phase = (log_q.imag * exponents).remainder_(2 * math.pi).to(real)    # t theta mod 2 pi
+    return torch.polar(magnitude, phase)
 
 
 def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:
@@ -92,16 +102,30 @@ def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:
     return torch.einsum("dn,dnt->dt", p * gamma, cema_powers(q, length)).real
 
 
+def _check_tensor(name: str, value: object, kinds: str) -> Tensor:
+    """TypeError unless value is a tensor of the given kind: "float" or "complex"."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    ok = value.is_floating_point() if kinds == "float" else value.is_complex()
+    if not ok:
+        raise TypeError(f"{name} must be a {'floating-point' if kinds == 'float' else 'complex'} tensor, "
+                        f"got {value.dtype}")
+    return value
+
+
 def _check_inputs(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
                   h0: Tensor | None) -> tuple[torch.dtype, torch.dtype]:
-    """Validate shapes and dtypes shared by the three forms; return the compute dtypes."""
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a 3-D tensor (B, L, D), got shape {tuple(getattr(x, 'shape', ()))}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    """Validate shapes and dtypes shared by the three forms; return the compute dtypes.
+
+    TypeError for a non-tensor or a wrong dtype, ValueError for a wrong shape.
+    """
+    _check_tensor("x", x, "float")
+    if x.dim() != 3:
+        raise ValueError(f"x must be a 3-D tensor (B, L, D), got shape {tuple(x.shape)}")
     batch, length, d_model = x.shape
     if length == 0:
         raise ValueError("x must hold at least one time step (L >= 1)")
+    _check_tensor("p", p, "float")
     if p.dim() != 2 or p.shape[0] != d_model:
         raise ValueError(f"p must have shape (D={d_model}, N), got {tuple(p.shape)} (x has D={d_model})")
     n_states = p.shape[1]
@@ -109,9 +133,12 @@ def _check_inputs(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
     if p.dtype != real:
         raise TypeError(f"p must be float32 or float64, got {p.dtype}")
     for name, tensor in (("q", q), ("gamma", gamma)):
-        if tuple(tensor.shape) != (d_model, n_states) or tensor.dtype != complex_:
-            raise ValueError(f"{name} must be {complex_} of shape {(d_model, n_states)}, "
-                             f"got {tensor.dtype} {tuple(tensor.shape)}")
+        _check_tensor(name, tensor, "complex")
+        if tensor.dtype != complex_:
+            raise TypeError(f"{name} must be {complex_} (p is {p.dtype}), got {tensor.dtype}")
+        if tuple(tensor.shape) != (d_model, n_states):
+            raise ValueError(f"{name} must have shape {(d_model, n_states)}, got {tuple(tensor.shape)}")
+    _check_tensor("omega", omega, "float")
     if tuple(omega.shape) != (d_model,):
         raise ValueError(f"omega must have shape ({d_model},), got {tuple(omega.shape)}")
     if h0 is not None:
@@ -278,8 +305,9 @@ class CEMA(nn.Module):
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (B, L, D={self.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+        _check_tensor("x", x, "float")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, L, D={self.d_model}), got {tuple(x.shape)}")
         p, q, gamma = self.coefficients()
         if method == "auto":
             method = "recurrence" if x.shape[1] <= RECURRENCE_MAX_LENGTH else "chunked"

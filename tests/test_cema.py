@@ -220,11 +220,35 @@ def test_powers_stay_accurate_at_large_t():
     assert got.dtype == torch.complex64 and got.shape == (4, 16, length)
     exact = torch.exp(torch.log(q.to(torch.complex128))[..., None] * torch.arange(length, dtype=torch.float64))
     # the exact powers of the stored float32 q: the exponent is formed in float64, so what is left is
-    # the complex64 exp and the final rounding, a few eps relative at every t (a float32 exponent
-    # t log q would be off by ~t eps |theta|, i.e. ~1e-2 here)
+    # rounding magnitude and phase to float32 and the float32 polar, a few eps relative at every t
+    # (a float32 exponent t log q would be off by ~t eps |theta|, i.e. ~1e-2 here)
     relative = (got.to(torch.complex128) - exact).abs() / exact.abs()
     assert relative.max() < 8 * F32_EPS
     assert (got.abs() <= 1).all()
+
+
+def test_powers_never_hold_a_complex128_tensor_of_length_l():
+    """cema_powers of complex64 q forms only (D, N) complex128 values; the (D, N, L) work is real."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest_complex128 = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.complex128:
+                    self.largest_complex128 = max(self.largest_complex128, t.numel())
+            return out
+
+    generator = torch.Generator().manual_seed(8)
+    _, q, _ = random_layer(3, 5, generator).coefficients()
+    with Record() as record:
+        powers = cema_powers(q, 64)
+    assert powers.dtype == torch.complex64 and powers.shape == (3, 5, 64)
+    assert 0 < record.largest_complex128 <= q.numel()
 
 
 @pytest.mark.parametrize("method", ("auto", "fft"))
@@ -338,3 +362,41 @@ def test_bad_inputs_raise_clear_errors():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="d_model"):
             CEMA(bad)
+
+
+def test_wrong_types_and_dtypes_raise_type_error():
+    """A non-tensor or a tensor of the wrong dtype is a TypeError naming the argument."""
+    layer = CEMA(4, 3)
+    x = torch.randn(2, 10, 4)
+    p, q, gamma = layer.coefficients()
+    omega = layer.omega.detach()
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer(x.tolist())
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(x.to(torch.complex64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        cema_fft(x.numpy(), p, q, gamma, omega)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        cema_chunked(x.int(), p, q, gamma, omega)
+    with pytest.raises(TypeError, match="p must be a floating-point tensor"):
+        cema_recurrence(x, p.to(torch.complex64), q, gamma, omega)
+    with pytest.raises(TypeError, match="q must be a complex tensor"):
+        cema_recurrence(x, p, q.real, gamma, omega)
+    with pytest.raises(TypeError, match="q must be torch.complex64"):
+        cema_recurrence(x, p, q.to(torch.complex128), gamma, omega)
+    with pytest.raises(TypeError, match="gamma must be torch.complex64"):
+        cema_fft(x, p, q, gamma.to(torch.complex128), omega)
+    with pytest.raises(TypeError, match="omega must be a torch.Tensor"):
+        cema_fft(x, p, q, gamma, [0.0] * 4)
+    with pytest.raises(TypeError, match="omega must be a floating-point tensor"):
+        cema_chunked(x, p, q, gamma, omega.long())
+    with pytest.raises(TypeError, match="h0 must be a torch.complex64"):
+        layer(x, torch.zeros(2, 4, 3, dtype=torch.complex64).tolist())
+    with pytest.raises(TypeError, match="alpha must be a floating-point tensor"):
+        cema_coefficients(layer.alpha.long(), layer.delta, layer.theta, layer.gamma)
+    with pytest.raises(TypeError, match="gamma must be a torch.Tensor"):
+        cema_coefficients(layer.alpha, layer.delta, layer.theta, None)
+    with pytest.raises(TypeError, match="q must be a complex tensor"):
+        cema_powers(q.abs(), 5)
+    with pytest.raises(ValueError, match="length"):
+        cema_powers(q, -1)
