@@ -121,9 +121,10 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
     if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups != 0:
         raise ValueError(f"num_groups must be a positive int dividing D={channels}, got {num_groups!r}")
     for name, param in (("weight", weight), ("bias", bias)):
-        if not isinstance(param, Tensor) or param.shape != (channels,):
-            raise ValueError(f"{name} must be a tensor of shape (D,) = ({channels},), "
-                             f"got {tuple(param.shape) if isinstance(param, Tensor) else type(param)}")
+        if not isinstance(param, Tensor) or not param.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(param, 'dtype', type(param))}")
+        if param.shape != (channels,):
+            raise ValueError(f"{name} must have shape (D,) = ({channels},), got {tuple(param.shape)}")
     if padding_mask is not None:
         if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
             raise TypeError("padding_mask must be a bool tensor (True = padding), "
@@ -139,16 +140,26 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
     if not (isinstance(state, tuple) and len(state) == 3):
         raise TypeError(f"state must be a TimestepNormState (count, mean, var), got {type(state)}")
     count, mean, var = state
-    if not isinstance(count, Tensor) or count.dtype != torch.int64 or count.shape != (batch,):
-        raise ValueError(f"state.count must be an int64 tensor of shape (B,) = ({batch},), "
-                         f"got {getattr(count, 'dtype', type(count))} {tuple(getattr(count, 'shape', ()))}")
+    if not isinstance(count, Tensor) or count.dtype != torch.int64:
+        raise TypeError(f"state.count must be an int64 tensor, got {getattr(count, 'dtype', type(count))}")
+    if count.shape != (batch,):
+        raise ValueError(f"state.count must have shape (B,) = ({batch},), got {tuple(count.shape)}")
     for name, stat in (("mean", mean), ("var", var)):
-        if not isinstance(stat, Tensor) or not stat.is_floating_point() or stat.shape != (batch, num_groups):
-            raise ValueError(f"state.{name} must be a floating tensor of shape (B, G) = ({batch}, {num_groups}), "
-                             f"got {getattr(stat, 'dtype', type(stat))} {tuple(getattr(stat, 'shape', ()))}")
+        if not isinstance(stat, Tensor) or not stat.is_floating_point():
+            raise TypeError(f"state.{name} must be a floating-point tensor, got {getattr(stat, 'dtype', type(stat))}")
+        if stat.shape != (batch, num_groups):
+            raise ValueError(f"state.{name} must have shape (B, G) = ({batch}, {num_groups}), "
+                             f"got {tuple(stat.shape)}")
     for name, t in (("count", count), ("mean", mean), ("var", var)):
         if t.device != x.device:
             raise ValueError(f"state.{name} is on {t.device}, x on {x.device}")
+    if x.device.type == "cpu":  # value checks read the tensors back: free on CPU, a sync on a GPU
+        if (count < 0).any():
+            raise ValueError(f"state.count must be >= 0, got a minimum of {count.min().item()}")
+        if not torch.isfinite(mean).all():
+            raise ValueError("state.mean must be finite")
+        if not (torch.isfinite(var) & (var >= 0)).all():
+            raise ValueError("state.var must be finite and >= 0")
     return TimestepNormState(count, mean.to(dtype), var.to(dtype))
 
 

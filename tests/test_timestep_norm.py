@@ -356,7 +356,7 @@ def test_bad_input_errors() -> None:
     good = norm.initial_state(2)
     with pytest.raises(ValueError, match="state.count"):
         norm(x, good._replace(count=torch.zeros(3, dtype=torch.int64)))
-    with pytest.raises(ValueError, match="state.count"):
+    with pytest.raises(TypeError, match="state.count must be an int64"):
         norm(x, good._replace(count=torch.zeros(2, dtype=torch.int32)))
     with pytest.raises(ValueError, match="state.mean"):
         norm(x, good._replace(mean=torch.zeros(2, 4)))
@@ -366,3 +366,40 @@ def test_bad_input_errors() -> None:
         norm(x, (good.count, good.mean))
     with pytest.raises(ValueError, match="batch_size"):
         norm.initial_state(0)
+
+
+def test_wrong_types_and_dtypes_raise_type_error() -> None:
+    norm = TimestepNorm(8, 2)
+    x = torch.randn(2, 5, 8)
+    good = norm.initial_state(2)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        norm(x.tolist())
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        norm(x.to(torch.complex64))
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        timestep_norm(x, [0.0] * 8, torch.zeros(8), 2)
+    with pytest.raises(TypeError, match="bias must be a floating-point"):
+        timestep_norm(x, torch.zeros(8), torch.zeros(8, dtype=torch.int64), 2)
+    for count in (torch.zeros(2, dtype=torch.int32), torch.zeros(2), [0, 0]):
+        with pytest.raises(TypeError, match="state.count must be an int64"):
+            norm(x, good._replace(count=count))
+    with pytest.raises(TypeError, match="state.mean must be a floating-point"):
+        norm(x, good._replace(mean=torch.zeros(2, 2, dtype=torch.int64)))
+    with pytest.raises(TypeError, match="state.var must be a floating-point"):
+        norm(x, good._replace(var=good.var.numpy()))
+
+
+def test_state_values_are_checked_on_cpu() -> None:
+    """Negative counts, a non-finite mean, a negative or non-finite variance: ValueError (checked on
+    the CPU only, where reading values back costs no device synchronisation)."""
+    norm = TimestepNorm(8, 2)
+    x = torch.randn(2, 5, 8)
+    _, state = norm(x)
+    with pytest.raises(ValueError, match="state.count must be >= 0"):
+        norm(x, state._replace(count=torch.tensor([3, -1])))
+    with pytest.raises(ValueError, match="state.mean must be finite"):
+        norm(x, state._replace(mean=state.mean.clone().index_fill_(1, torch.tensor([1]), float("nan"))))
+    for bad in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="state.var must be finite and >= 0"):
+            norm(x, state._replace(var=state.var.clone().index_fill_(1, torch.tensor([0]), bad)))
+    norm(x, state._replace(var=torch.zeros_like(state.var)))  # zero variance (constant input) is valid
