@@ -283,6 +283,8 @@ class ChunkAttention(nn.Module):
             return
         if not isinstance(cache, ChunkKVCache):
             raise TypeError(f"cache must be a ChunkKVCache or None, got {type(cache).__name__}")
+        _check_float_tensor("cache.k", cache.k)
+        _check_float_tensor("cache.v", cache.v)
         batch, heads = z.shape[0], self.num_heads
         n = cache.k.shape[2] if cache.k.dim() == 4 else -1
         if cache.k.shape != (batch, heads, n, self.z_head_dim) or cache.v.shape != (batch, heads, n, self.v_head_dim):
@@ -290,9 +292,10 @@ class ChunkAttention(nn.Module):
                              f"(B, H, n, dv={self.v_head_dim}), got {tuple(cache.k.shape)} and {tuple(cache.v.shape)}")
         if n >= self.chunk_size:
             raise ValueError(f"cache must hold fewer than chunk_size={self.chunk_size} tokens, got {n}")
-        if cache.k.dtype != z.dtype or cache.v.dtype != z.dtype or cache.k.device != z.device:
+        if (cache.k.dtype != z.dtype or cache.v.dtype != z.dtype or cache.k.device != z.device
+                or cache.v.device != z.device):
             raise TypeError(f"cache must have z's dtype and device ({z.dtype} on {z.device}), "
-                            f"got {cache.k.dtype}/{cache.v.dtype} on {cache.k.device}")
+                            f"got {cache.k.dtype}/{cache.v.dtype} on {cache.k.device}/{cache.v.device}")
 
     def forward(self, z: Tensor, v: Tensor, cache: ChunkKVCache | None = None) -> tuple[Tensor, ChunkKVCache]:
         """Attention output and the cache for the next call.

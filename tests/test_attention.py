@@ -352,6 +352,12 @@ def test_forward_errors():
         attn(z, v, ChunkKVCache(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 3)))
     with pytest.raises(TypeError, match="cache must have z's dtype"):
         attn(z, v, ChunkKVCache.empty(2, 2, 4, 3, dtype=F64))
+    with pytest.raises(TypeError, match="cache.k must be a torch.Tensor"):
+        attn(z, v, ChunkKVCache(None, torch.zeros(2, 2, 1, 3)))
+    with pytest.raises(TypeError, match="cache.v must be a floating-point"):
+        attn(z, v, ChunkKVCache(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 3, dtype=torch.int64)))
+    with pytest.raises(TypeError, match="cache must have z's dtype"):
+        attn(z, v, ChunkKVCache(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 3, dtype=F64)))
 
 
 def test_non_contiguous_inputs():
