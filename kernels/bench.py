@@ -1,0 +1,147 @@
+"""Benchmark the Triton kernels against the plain PyTorch paths, with the device's ceilings.
+
+One command, one GPU run::
+
+    python kernels/bench.py                      # every op, writes kernels/results/<device>.json
+    python kernels/bench.py --ops cema --out /tmp/results --no-figure
+
+It measures, in the same run: the device's copy bandwidth (bytes read + written by a large
+device-to-device copy) and bf16 matmul rate (8192^3, random data), then each op forward and
+forward+backward, kernel and plain PyTorch, at D=1024, N=16, G=32, bf16, 65,536 tokens per
+call, B x L in {32 x 2K, 4 x 16K, 1 x 64K}. Each row carries its floor: for the scans the bytes
+of x read and y written at the measured bandwidth (forward+backward = 2.5 x forward), for
+attention the FLOPs of the causal pairs at the measured matmul rate (forward+backward = 3.5 x).
+
+Results: ``kernels/results/<device>.json`` with a header
+``{"device", "torch", "triton", "date", "command", "copy_TBps", "matmul_TFLOPs", ...}`` and
+``rows`` of ``{"op", "path", "B", "L", "fwd_ms", "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms"}``,
+and the figure ``figures/08_scan_kernels.png`` (written only with ``--figure``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ((32, 2048), (4, 16384), (1, 65536))   # (B, L): 65,536 tokens per call
+D_MODEL, N_STATES, N_GROUPS = 1024, 16, 32
+BWD_OVER_FWD_SCAN = 2.5       # forward+backward floor of a memory-bound scan, in forward floors
+BWD_OVER_FWD_ATTENTION = 3.5  # forward+backward FLOPs of attention, in forward FLOPs
+
+
+@dataclass
+class Ceilings:
+    copy_TBps: float       # device-to-device copy, bytes read + bytes written per second / 1e12
+    matmul_TFLOPs: float   # bf16 matmul, median
+
+
+@dataclass
+class Row:
+    op: str
+    path: str          # "triton" or "torch"
+    B: int
+    L: int
+    fwd_ms: float
+    fwdbwd_ms: float
+    floor_fwd_ms: float
+    floor_fwdbwd_ms: float
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn()`` over CUDA-event-timed repeats (``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def measure_ceilings() -> Ceilings:
+    """Copy bandwidth (read + write) and bf16 matmul rate of this device, on random data."""
+    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)   # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))
+    copy_TBps = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3) / 1e12
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm_ms = bench_ms(lambda: a @ b)
+    return Ceilings(copy_TBps=copy_TBps, matmul_TFLOPs=2 * n**3 / (mm_ms * 1e-3) / 1e12)
+
+
+def scan_floor_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element: int = 2) -> float:
+    """Forward memory floor of a scan: x read once and y written once, at the copy bandwidth."""
+    return 2 * batch * length * D_MODEL * bytes_per_element / (ceilings.copy_TBps * 1e12) * 1e3
+
+
+# Each op contributes ``name -> fn(ceilings) -> list[Row]`` (kernel and PyTorch paths, every shape).
+OPS: dict[str, Callable[[Ceilings], list[Row]]] = {}
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia_h200' (the results file's name)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="*", default=None, help=f"subset of {sorted(OPS)}")
+    parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
+    parser.add_argument("--figure", action="store_true", help="write figures/08_scan_kernels.png")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels/bench.py needs a CUDA device", file=sys.stderr)
+        return 2
+    ops = sorted(OPS) if args.ops is None else args.ops
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; expected some of {sorted(OPS)}")
+    import triton
+
+    device = torch.cuda.get_device_name()
+    ceilings = measure_ceilings()
+    print(f"{device}: copy {ceilings.copy_TBps:.2f} TB/s, bf16 matmul {ceilings.matmul_TFLOPs:.0f} TFLOP/s")
+    rows: list[Row] = []
+    for op in ops:
+        for row in OPS[op](ceilings):
+            rows.append(row)
+            print(f"{row.op:>14} {row.path:>6} B={row.B:<3} L={row.L:<6} fwd {row.fwd_ms:8.3f} ms "
+                  f"({row.fwd_ms / row.floor_fwd_ms:6.1f}x floor)  fwd+bwd {row.fwdbwd_ms:8.3f} ms "
+                  f"({row.fwdbwd_ms / row.floor_fwdbwd_ms:6.1f}x floor)", flush=True)
+    header = {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
+        **asdict(ceilings),
+        "shapes": {"D": D_MODEL, "N": N_STATES, "G": N_GROUPS, "dtype": "bfloat16", "BxL": SHAPES},
+        "floors": {
+            "scan": "bytes of x read + y written (bf16) at copy_TBps; fwd+bwd = 2.5 x fwd",
+            "attention": "2*B*H*(L/c)*c*(c+1)/2*(z+v) FLOPs at matmul_TFLOPs; fwd+bwd = 3.5 x fwd",
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{device_slug(device)}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**header, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+    if args.figure:
+        from kernels.plot import plot_results  # noqa: PLC0415  (matplotlib only when asked)
+
+        print(f"wrote {plot_results(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
