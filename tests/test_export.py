@@ -158,3 +158,51 @@ def test_markdown_cell_cannot_be_exported(tmp_path):
 
 def test_the_real_package_agrees_with_the_real_chapters():
     assert export.check(export.repo_root()) == []
+
+
+def test_markers_name_the_section_the_cell_sits_in(tmp_path):
+    chapter = '''
+# %% [markdown]
+# # 01 · A chapter
+#
+# ```
+# # a comment inside a code fence is not a heading
+# ```
+
+# %% tags=["export:alpha"]
+A = 1
+
+# %% [markdown]
+# ## 3 · The chunked form
+# Prose without a heading follows in the next markdown cell.
+
+# %% [markdown]
+# More prose.
+
+# %% tags=["export:alpha"]
+B = 2
+
+# %% [markdown]
+# ## 4. Streaming
+# ### A sub-section
+
+# %% tags=["export:alpha"]
+C = 3
+'''
+    root = make_repo(tmp_path, {"01_a.py": chapter})
+    export.write(root)
+    markers = [line for line in (root / "megalodon_lite" / "alpha.py").read_text().splitlines()
+               if line.startswith("# %% ")]
+    assert markers == ["# %% chapters/01_a.py cell 2 · 01 · A chapter",
+                       "# %% chapters/01_a.py cell 5 · §3 The chunked form",
+                       "# %% chapters/01_a.py cell 7 · A sub-section"]
+
+
+@pytest.mark.parametrize("markdown, title", [
+    ("## 3 · The chunked form", "§3 The chunked form"),
+    ("## 2. Cumulative group statistics\nprose", "§2 Cumulative group statistics"),
+    ("## The parameterisation\n### Detail", "Detail"),
+    ("no heading here", None),
+])
+def test_section_title(markdown, title):
+    assert export.section_title(markdown) == title
