@@ -52,7 +52,7 @@ print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
 # %% [markdown]
 # ## The parameterisation the official code uses
 #
-# Per channel $d$ and state $n = 1..N$ (`MG:megalodon/modules/complex_exponential_moving_average.py`):
+# Per channel $d$ and state $n = 1..N$ (official `MultiHeadComplexEMA._calc_coeffs`):
 #
 # $$p = \sigma(\texttt{alpha}), \qquad
 #   \theta_n = n \cdot \tfrac{2\pi}{N}\,\sigma(\texttt{theta}), \qquad
@@ -75,16 +75,14 @@ print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
 # $h_t = \sum_s \alpha\beta e^{i\theta}\, q^{t-s} x_s$, i.e. the code's state times the constant
 # $\beta e^{i\theta}$; since $\gamma$ is a free complex vector, $\eta \beta e^{i\theta}$ is just another
 # $\gamma$. The code drops both and keeps the $\omega$ skip. (The paper also calls the base
-# frequency $\omega$; in the code `omega` is the skip weight.) Section 5 checks the equivalence
+# frequency $\omega$; in the code `omega` is the skip weight.) Section 6 checks the equivalence
 # numerically.
 #
-# **Initialisation** (official `_reset_parameters`): `alpha`, `delta` $\sim \mathcal N(0, 0.2^2)$;
-# `theta` $= \mathrm{logit}(D^{-m/D})$ for a random permutation $m$ of $1..D$, so base frequencies
-# are spread log-uniformly over channels; `gamma_re` $\sim \mathcal N(0,1)$, `gamma_im` $= 0$;
-# `omega` $\sim$ TruncNormal$(0, 0.25, [-1, 1])$.
-#
 # The coefficients are computed in float32 whatever the parameters' dtype (float64 only when the
-# parameters themselves are float64, which the tests use as a reference).
+# parameters themselves are float64, which the tests use as a reference). Each public function
+# of this chapter starts with one call into `megalodon_lite/validate.py`, the hand-written module
+# that holds the package's argument checks, so a wrong shape or dtype fails with an error naming
+# the argument instead of broadcasting into a wrong answer.
 
 # %% tags=["export:cema"]
 """Complex exponential moving average (CEMA): Megalodon §3.1, parameterised as the official code.
@@ -113,6 +111,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from megalodon_lite import validate
 from megalodon_lite.ema import fft_causal_conv
 
 METHODS = ("auto", "recurrence", "fft", "chunked")
@@ -128,7 +127,7 @@ def _compute_dtypes(reference: Tensor) -> tuple[torch.dtype, torch.dtype]:
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CEMA coefficients from the raw parameters (official parameterisation).
+    """CEMA coefficients from the raw parameters (official parameterisation, Megalodon eqs. (2)-(3)).
 
     Args:
         alpha, delta: (D, N, 1) raw parameters; p = sigmoid(alpha), |q| = 1 - sigmoid(alpha) sigmoid(delta).
@@ -139,27 +138,84 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
         p (D, N) real, q (D, N) complex, gamma (D, N) complex, in float32/complex64
         (float64/complex128 when alpha is float64).
     """
-    for name, tensor in (("alpha", alpha), ("delta", delta), ("theta", theta), ("gamma", gamma)):
-        _check_tensor(name, tensor, "float")
-    if alpha.dim() != 3 or alpha.shape[-1] != 1:
-        raise ValueError(f"alpha must have shape (D, N, 1), got {tuple(alpha.shape)}")
-    d_model, n_states, _ = alpha.shape
-    expected = {"delta": (delta, (d_model, n_states, 1)), "theta": (theta, (d_model, 1, 1)),
-                "gamma": (gamma, (d_model, n_states, 2))}
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    validate.cema_parameters(alpha, delta, theta, gamma)
+    model_dim, cema_ndim, _ = alpha.shape
     real, _ = _compute_dtypes(alpha)
     with torch.autocast(device_type=alpha.device.type, enabled=False):
         p = torch.sigmoid(alpha.to(real)).squeeze(-1)
         magnitude = 1.0 - p * torch.sigmoid(delta.to(real)).squeeze(-1)
-        harmonics = torch.arange(1, n_states + 1, dtype=real, device=alpha.device)
-        phase = torch.sigmoid(theta.to(real)).view(d_model, 1) * (2 * math.pi / n_states) * harmonics
+        harmonics = torch.arange(1, cema_ndim + 1, dtype=real, device=alpha.device)
+        phase = torch.sigmoid(theta.to(real)).view(model_dim, 1) * (2 * math.pi / cema_ndim) * harmonics
         q = torch.polar(magnitude, phase)
-        gamma_c = torch.view_as_complex(gamma.to(real).contiguous()) / math.sqrt(n_states)
+        gamma_c = torch.view_as_complex(gamma.to(real).contiguous()) / math.sqrt(cema_ndim)
     return p, q, gamma_c
 
 
+# %% [markdown]
+# **Initialisation** (official `_reset_parameters`): `alpha`, `delta` $\sim \mathcal N(0, 0.2^2)$;
+# `theta` $= \mathrm{logit}(D^{-m/D})$ for a random permutation $m$ of $1..D$, so base frequencies
+# are spread log-uniformly over channels; `gamma_re` $\sim \mathcal N(0,1)$, `gamma_im` $= 0$;
+# `omega` $\sim$ TruncNormal$(0, 0.25, [-1, 1])$. As in the official code it is a function of the
+# five parameter tensors, so this chapter can draw them before it has a module to hold them.
+
+# %% tags=["export:cema"]
+def cema_reset_parameters(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor) -> None:
+    """Official initialisation, in place: alpha, delta ~ N(0, 0.2); theta = logit(D^{-m/D}) for a
+    random permutation m of 1..D; gamma_re ~ N(0, 1), gamma_im = 0; omega ~ TruncNormal(0, 0.25, [-1, 1]).
+
+    Shapes: alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2); omega (D,).
+    """
+    validate.cema_parameters(alpha, delta, theta, gamma)
+    model_dim = alpha.shape[0]
+    validate.shape("omega", omega, (model_dim,))
+    with torch.no_grad():
+        nn.init.normal_(alpha, mean=0.0, std=0.2)
+        nn.init.normal_(delta, mean=0.0, std=0.2)
+        m = torch.randperm(model_dim, device=theta.device).to(torch.float64) + 1
+        base_frequency = model_dim ** (-m / model_dim)   # in [1/D, 1); D = 1 gives 1, clamped by eps
+        theta.copy_(torch.logit(base_frequency, eps=1e-6).view(model_dim, 1, 1))
+        nn.init.normal_(gamma, mean=0.0, std=1.0)
+        gamma[:, :, 1] = 0.0
+        nn.init.trunc_normal_(omega, mean=0.0, std=0.25, a=-1.0, b=1.0)
+
+
+# %% [markdown]
+# Parameters at their official initialisation: the decay $|q|$ sits around $1 - \sigma(0)^2$, the
+# base frequencies are spread over channels, and $\gamma$ starts real.
+
+# %%
+params = {"alpha": torch.empty(D, N, 1), "delta": torch.empty(D, N, 1), "theta": torch.empty(D, 1, 1),
+          "gamma": torch.empty(D, N, 2), "omega": torch.empty(D)}
+cema_reset_parameters(**params)
+params = {name: value.to(device) for name, value in params.items()}
+omega = params["omega"]
+p, q, gamma = cema_coefficients(params["alpha"], params["delta"], params["theta"], params["gamma"])
+print(p.dtype, q.dtype, gamma.dtype, tuple(q.shape))
+print(f"|q| over all states: min {q.abs().min():.3f}  median {q.abs().median():.3f}  max {q.abs().max():.3f}")
+base = torch.sigmoid(params["theta"].view(-1)) * 2 * math.pi / N
+print(f"base frequency theta_1 over channels: min {base.min():.4f}  max {base.max():.4f} rad/token")
+assert (q.abs() < 1).all() and (q.abs() > 0).all()
+assert torch.equal(params["gamma"][..., 1], torch.zeros_like(params["gamma"][..., 1]))
+assert omega.abs().max() <= 1.0
+
+# %% [markdown]
+# ### The powers $q^t$
+#
+# Everything below is built from the powers $q^t$: the convolution kernel
+# $k[t] = \mathrm{Re}\sum_n p_n\gamma_n q_n^t$, the effect of an initial state, the state a block
+# hands to the next. Two details matter in float32:
+#
+# * the powers are built as $q^t = |q|^t e^{i\theta t}$ from the log-magnitude and the phase, each
+#   on its own — never as a running product $q \cdot q \cdots q$ (sequential, and its rounding
+#   errors pile up with $t$). The exponents $t\log|q|$ and $t\theta$ are formed in float64, the
+#   phase reduced modulo $2\pi$, and magnitude and phase each rounded once to float32 before
+#   `torch.polar` joins them, so the $(D, N, L)$ work is real and nothing of that size is ever
+#   complex128; forming $t \log q$ in float32 instead loses about $t\,\epsilon\,\theta$ of
+#   relative accuracy, as the cell after the code measures;
+# * everything runs in float32/complex64 with autocast disabled, and only the output is cast
+#   back to the input's dtype.
+
+# %% tags=["export:cema"]
 def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     """Powers q^t for t = start .. start + length - 1, shape (D, N, length), in q's dtype.
 
@@ -170,10 +226,7 @@ def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     stored q (float32 arithmetic on t theta alone would lose ~t eps theta). Only (D, N) values
     are ever complex128: the (D, N, length) work is real float64, then the output dtype.
     """
-    if not isinstance(q, Tensor) or not q.is_complex():
-        raise TypeError(f"q must be a complex tensor (D, N), got {getattr(q, 'dtype', type(q))}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    validate.cema_powers_args(q, length)
     real = torch.float64 if q.dtype == torch.complex128 else torch.float32
     log_q = torch.log(q.to(torch.complex128)).unsqueeze(-1)              # (D, N, 1): exact log of the stored q
     exponents = torch.arange(start, start + length, dtype=torch.float64, device=q.device)
@@ -187,239 +240,21 @@ def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:
     return torch.einsum("dn,dnt->dt", p * gamma, cema_powers(q, length)).real
 
 
-def _check_tensor(name: str, value: object, kinds: str) -> Tensor:
-    """TypeError unless value is a tensor of the given kind: "float" or "complex"."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    ok = value.is_floating_point() if kinds == "float" else value.is_complex()
-    if not ok:
-        raise TypeError(f"{name} must be a {'floating-point' if kinds == 'float' else 'complex'} tensor, "
-                        f"got {value.dtype}")
-    return value
-
-
-def _check_inputs(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-                  h0: Tensor | None) -> tuple[torch.dtype, torch.dtype]:
-    """Validate shapes and dtypes shared by the three forms; return the compute dtypes.
-
-    TypeError for a non-tensor or a wrong dtype, ValueError for a wrong shape.
-    """
-    _check_tensor("x", x, "float")
-    if x.dim() != 3:
-        raise ValueError(f"x must be a 3-D tensor (B, L, D), got shape {tuple(x.shape)}")
-    batch, length, d_model = x.shape
-    if length == 0:
-        raise ValueError("x must hold at least one time step (L >= 1)")
-    _check_tensor("p", p, "float")
-    if p.dim() != 2 or p.shape[0] != d_model:
-        raise ValueError(f"p must have shape (D={d_model}, N), got {tuple(p.shape)} (x has D={d_model})")
-    n_states = p.shape[1]
-    real, complex_ = _compute_dtypes(p)
-    if p.dtype != real:
-        raise TypeError(f"p must be float32 or float64, got {p.dtype}")
-    for name, tensor in (("q", q), ("gamma", gamma)):
-        _check_tensor(name, tensor, "complex")
-        if tensor.dtype != complex_:
-            raise TypeError(f"{name} must be {complex_} (p is {p.dtype}), got {tensor.dtype}")
-        if tuple(tensor.shape) != (d_model, n_states):
-            raise ValueError(f"{name} must have shape {(d_model, n_states)}, got {tuple(tensor.shape)}")
-    _check_tensor("omega", omega, "float")
-    if tuple(omega.shape) != (d_model,):
-        raise ValueError(f"omega must have shape ({d_model},), got {tuple(omega.shape)}")
-    if h0 is not None:
-        if not isinstance(h0, Tensor) or h0.dtype != complex_:
-            raise TypeError(f"h0 must be a {complex_} tensor (B, D, N), got {getattr(h0, 'dtype', type(h0))}")
-        if tuple(h0.shape) != (batch, d_model, n_states):
-            raise ValueError(f"h0 must have shape (B, D, N) = {(batch, d_model, n_states)}, got {tuple(h0.shape)}")
-    return real, complex_
-
-
-def cema_recurrence(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-                    h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """CEMA by its definition, one time step after the other (the reference; O(L) Python steps).
-
-    Args:
-        x: (B, L, D) input, any float dtype.
-        p, q, gamma: (D, N) coefficients from :func:`cema_coefficients`.
-        omega: (D,) skip weight.
-        h0: (B, D, N) complex initial state, or None for zeros.
-
-    Returns:
-        y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex.
-    """
-    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
-    batch, length, d_model = x.shape
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x_c = x.to(real)
-        h = x_c.new_zeros(batch, d_model, p.shape[1], dtype=complex_) if h0 is None else h0
-        outputs = []
-        for t in range(length):
-            h = q * h + p * x_c[:, t, :, None]
-            outputs.append((gamma * h).real.sum(-1))
-        y = torch.stack(outputs, dim=1) + omega.to(real) * x_c
-    return y.to(x.dtype), h
-
-
-def cema_fft(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-             h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """CEMA as a causal FFT convolution, plus the closed forms for the initial/final state.
-
-    y[t] = sum_{s<=t} k[t-s] x[s] + b[t] + omega x[t], with k[t] = Re sum_n p_n gamma_n q_n^t and
-    b[t] = Re sum_n gamma_n q_n^{t+1} h0_n; h_L = sum_t p q^{L-1-t} x_t + q^L h0.
-    Memory O(D N L) for the powers. Same arguments and returns as :func:`cema_recurrence`.
-    """
-    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
-    length = x.shape[1]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x_c = x.to(real)
-        powers = cema_powers(q, length + 1)                               # q^0 .. q^L
-        kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :length]).real
-        y = fft_causal_conv(x_c, kernel) + omega.to(real) * x_c
-        h_last = p * torch.einsum("btd,dnt->bdn", x_c.to(complex_), powers[..., :length].flip(-1))
-        if h0 is not None:
-            y = y + torch.einsum("bdn,dnt->btd", gamma * h0, powers[..., 1:]).real
-            h_last = h_last + powers[..., length] * h0
-    return y.to(x.dtype), h_last
-
-
-def _as_real_pairs(z: Tensor, dim: int) -> Tensor:
-    """Concatenate real and imaginary parts along dim (a complex N becomes a real 2N)."""
-    return torch.cat([z.real, z.imag], dim=dim)
-
-
-def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-                 h0: Tensor | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
-    """CEMA in blocks of C = chunk_size tokens: Toeplitz matmul inside, complex state across.
-
-    For block m with start state H_m (H_0 = h0), tokens i, j = 0..C-1 of the block:
-        y[i]    = sum_{j<=i} k[i-j] x[j] + Re sum_n gamma_n q_n^{i+1} H_m,n + omega x[i]
-        H_{m+1} = q^C H_m + sum_j p q^{C-1-j} x[j]
-    All matmuls are real (complex numbers as real/imaginary pairs); only the scan over blocks is
-    sequential. A length that is not a multiple of C ends with one shorter block.
-    Same arguments and returns as :func:`cema_recurrence`.
-    """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
-    batch, length, d_model = x.shape
-    n_states = p.shape[1]
-    tail = length % chunk_size
-    if tail and length > tail:  # whole blocks first, then the tail as one shorter block
-        y_head, h_head = cema_chunked(x[:, :length - tail], p, q, gamma, omega, h0, chunk_size=chunk_size)
-        y_tail, h_last = cema_chunked(x[:, length - tail:], p, q, gamma, omega, h_head, chunk_size=tail)
-        return torch.cat([y_head, y_tail], dim=1), h_last
-    chunk_size = min(chunk_size, length)
-    n_chunks = length // chunk_size
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x_c = x.to(real)
-        blocks = x_c.reshape(batch, n_chunks, chunk_size, d_model)
-        powers = cema_powers(q, chunk_size + 1)                           # q^0 .. q^C
-        # inside a block: lower-triangular Toeplitz T[d, i, j] = k[d, i - j]
-        kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :chunk_size]).real
-        offsets = torch.arange(chunk_size, device=x.device)
-        lag = offsets[:, None] - offsets[None, :]
-        toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)
-        y = torch.einsum("dij,bmjd->bmid", toeplitz, blocks)
-        # what each block adds to the state (from zero): sum_j p q^{C-1-j} x[j]
-        to_state = _as_real_pairs(p[..., None] * powers[..., :chunk_size].flip(-1), dim=1)   # (D, 2N, C)
-        local = torch.einsum("bmjd,dkj->bmdk", blocks, to_state)
-        local = torch.complex(local[..., :n_states], local[..., n_states:])
-        # carry the state across blocks (sequential, n_chunks steps)
-        step = powers[..., chunk_size]
-        h = x_c.new_zeros(batch, d_model, n_states, dtype=complex_) if h0 is None else h0
-        starts = []
-        for m in range(n_chunks):
-            starts.append(h)
-            h = step * h + local[:, m]
-        starts = _as_real_pairs(torch.stack(starts, dim=1), dim=-1)      # (B, M, D, 2N)
-        # what the carried state adds to each token: Re sum_n gamma_n q_n^{i+1} H_n
-        from_state = gamma[..., None] * powers[..., 1:]
-        from_state = torch.cat([from_state.real, -from_state.imag], dim=1)  # (D, 2N, C)
-        y = y + torch.einsum("bmdk,dki->bmid", starts, from_state)
-        y = y.reshape(batch, length, d_model) + omega.to(real) * x_c
-    return y.to(x.dtype), h
-
-
-class CEMA(nn.Module):
-    """Multi-dimensional damped complex EMA of Megalodon (§3.1), as in the official code.
-
-    Parameters: alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2) (real, imaginary);
-    omega (D,) skip weight. ``forward(x, h0)`` maps (B, L, D) to (B, L, D) and returns the final
-    complex state (B, D, N), so that feeding a sequence in pieces equals one call.
-    """
-
-    def __init__(self, d_model: int, n_states: int = 16) -> None:
-        super().__init__()
-        for name, value in (("d_model", d_model), ("n_states", n_states)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.d_model = d_model
-        self.n_states = n_states
-        self.chunk_size = DEFAULT_CHUNK_SIZE
-        self.alpha = nn.Parameter(torch.empty(d_model, n_states, 1))
-        self.delta = nn.Parameter(torch.empty(d_model, n_states, 1))
-        self.theta = nn.Parameter(torch.empty(d_model, 1, 1))
-        self.gamma = nn.Parameter(torch.empty(d_model, n_states, 2))
-        self.omega = nn.Parameter(torch.empty(d_model))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Official init: alpha, delta ~ N(0, 0.2); theta = logit(D^{-m/D}) for a random
-        permutation m of 1..D; gamma_re ~ N(0, 1), gamma_im = 0; omega ~ TruncNormal(0, 0.25, [-1, 1])."""
-        d_model = self.d_model
-        with torch.no_grad():
-            nn.init.normal_(self.alpha, mean=0.0, std=0.2)
-            nn.init.normal_(self.delta, mean=0.0, std=0.2)
-            m = torch.randperm(d_model, device=self.theta.device).to(torch.float64) + 1
-            base_frequency = d_model ** (-m / d_model)   # in [1/D, 1); D = 1 gives 1, clamped by eps
-            self.theta.copy_(torch.logit(base_frequency, eps=1e-6).view(d_model, 1, 1))
-            nn.init.normal_(self.gamma, mean=0.0, std=1.0)
-            self.gamma[:, :, 1] = 0.0
-            nn.init.trunc_normal_(self.omega, mean=0.0, std=0.25, a=-1.0, b=1.0)
-
-    def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
-        """p (D, N) float32, q (D, N) complex64, gamma (D, N) complex64 (64-bit for float64 parameters)."""
-        return cema_coefficients(self.alpha, self.delta, self.theta, self.gamma)
-
-    def forward(self, x: Tensor, h0: Tensor | None = None, *, method: str = "auto") -> tuple[Tensor, Tensor]:
-        """Apply CEMA to x (B, L, D) from state h0 (B, D, N) complex64 or None (zeros).
-
-        method: "recurrence", "fft", "chunked", or "auto" (the recurrence up to
-        RECURRENCE_MAX_LENGTH tokens, e.g. one-token decoding steps, else the chunked form).
-        Returns y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex64.
-        """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        _check_tensor("x", x, "float")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (B, L, D={self.d_model}), got {tuple(x.shape)}")
-        p, q, gamma = self.coefficients()
-        if method == "auto":
-            method = "recurrence" if x.shape[1] <= RECURRENCE_MAX_LENGTH else "chunked"
-        if method == "recurrence":
-            return cema_recurrence(x, p, q, gamma, self.omega, h0)
-        if method == "fft":
-            return cema_fft(x, p, q, gamma, self.omega, h0)
-        return cema_chunked(x, p, q, gamma, self.omega, h0, chunk_size=self.chunk_size)
-
-    def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_states={self.n_states}"
-
-
 # %% [markdown]
-# A layer at its official initialisation: the decay $|q|$ sits around $1 - \sigma(0)^2$, the base
-# frequencies are spread over channels, and $\gamma$ starts real.
+# A long memory ($|q| = 1 - \sigma(-3)\sigma(-4) \approx 0.999$, so $q^t$ stays representable for
+# thousands of steps), powers against float64:
 
 # %%
-layer = CEMA(D, N).to(device)
-p, q, gamma = layer.coefficients()
-print(p.dtype, q.dtype, gamma.dtype, tuple(q.shape))
-print(f"|q| over all states: min {q.abs().min():.3f}  median {q.abs().median():.3f}  max {q.abs().max():.3f}")
-base = torch.sigmoid(layer.theta.detach().view(-1)) * 2 * math.pi / N
-print(f"base frequency theta_1 over channels: min {base.min():.4f}  max {base.max():.4f} rad/token")
-assert (q.abs() < 1).all() and (q.abs() > 0).all()
-assert torch.equal(layer.gamma[..., 1], torch.zeros_like(layer.gamma[..., 1]))
-assert layer.omega.abs().max() <= 1.0
+slow_decay = torch.full((8, N, 1), -3.0, device=device)   # 8 channels are enough to measure
+q_slow = cema_coefficients(slow_decay, slow_decay - 1.0, params["theta"][:8], params["gamma"][:8])[1]
+t_far = torch.arange(pick(smoke=4096, full=65_536), device=device)
+exact = torch.exp(torch.log(q_slow.to(torch.complex128))[..., None] * t_far.double())
+naive = torch.exp(torch.log(q_slow)[..., None] * t_far.float())            # t log q in float32
+ours = cema_powers(q_slow, t_far.numel())
+rel = lambda z: ((z.to(torch.complex128) - exact).abs() / exact.abs()).max().item()
+print(f"powers up to t = {t_far.numel() - 1}: max relative error, t·log q in float32 {rel(naive):.1e}, "
+      f"cema_powers {rel(ours):.1e}")
+assert rel(ours) < 1e-6
 
 # %% [markdown]
 # What the rotation buys: the next figure shows the kernel of one channel with its $N$ states at the
@@ -451,18 +286,46 @@ assert torch.allclose(terms.sum(0), cema_kernel(p, q, gamma, horizon)[channel].c
 # %% [markdown]
 # ## 1 · The recurrence, and a float64 reference
 #
-# `cema_recurrence` is the definition, one token at a time. Run on float64 coefficients (a
-# float64 copy of the layer) it is our reference; the float32 run must match it to float32
-# accuracy: the state is a sum of at most $1/(1-|q|)$ effective terms of size $O(1)$, each rounded
-# to a relative $2^{-24}$, so we allow an absolute $10^{-5}$ on outputs of size $O(1)$.
+# `cema_recurrence` is the definition, one token at a time. Run on float64 coefficients (computed
+# from float64 copies of the same parameters) it is our reference; the float32 run must match it
+# to float32 accuracy: the state is a sum of at most $1/(1-|q|)$ effective terms of size $O(1)$,
+# each rounded to a relative $2^{-24}$, so we allow an absolute $10^{-5}$ on outputs of size $O(1)$.
+
+# %% tags=["export:cema"]
+def cema_recurrence(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                    h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CEMA by its definition, one time step after the other (the reference; O(L) Python steps).
+
+    Args:
+        x: (B, L, D) input, any float dtype.
+        p, q, gamma: (D, N) coefficients from :func:`cema_coefficients`.
+        omega: (D,) skip weight.
+        h0: (B, D, N) complex initial state, or None for zeros.
+
+    Returns:
+        y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex.
+    """
+    validate.cema_inputs(x, p, q, gamma, omega, h0)
+    real, complex_ = _compute_dtypes(p)
+    batch, length, model_dim = x.shape
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_c = x.to(real)
+        h = x_c.new_zeros(batch, model_dim, p.shape[1], dtype=complex_) if h0 is None else h0
+        outputs = []
+        for t in range(length):
+            h = q * h + p * x_c[:, t, :, None]
+            outputs.append((gamma * h).real.sum(-1))
+        y = torch.stack(outputs, dim=1) + omega.to(real) * x_c
+    return y.to(x.dtype), h
+
 
 # %%
 x = torch.randn(B, L, D, device=device)
-reference = copy.deepcopy(layer).double()
-p64, q64, gamma64 = reference.coefficients()
-y_ref, h_ref = cema_recurrence(x.double(), p64, q64, gamma64, reference.omega)
+params64 = {name: value.double() for name, value in params.items()}
+p64, q64, gamma64 = cema_coefficients(params64["alpha"], params64["delta"], params64["theta"], params64["gamma"])
+y_ref, h_ref = cema_recurrence(x.double(), p64, q64, gamma64, params64["omega"])
 
-y_rec, h_rec = cema_recurrence(x, p, q, gamma, layer.omega)
+y_rec, h_rec = cema_recurrence(x, p, q, gamma, omega)
 scale = y_ref.abs().max().item()
 err_rec = (y_rec.double() - y_ref).abs().max().item()
 print(f"max |y| = {scale:.3f};  recurrence float32 vs float64: max error {err_rec:.2e}, "
@@ -480,42 +343,40 @@ assert err_rec < 1e-5 * max(1.0, scale)
 #
 # and the state after the last token is $h_L = \sum_t p\,q^{L-1-t} x_t + q^L h_0$.
 # The kernel is *real*, so the convolution is chapter 01's zero-padded real FFT convolution
-# (`fft_causal_conv`), $O(L \log L)$ per channel. Two details matter in float32:
-#
-# * the powers are built as $q^t = |q|^t e^{i\theta t}$ from the log-magnitude and the phase, each
-#   on its own — never as a running product $q \cdot q \cdots q$ (sequential, and its rounding
-#   errors pile up with $t$). The exponents $t\log|q|$ and $t\theta$ are formed in float64, the
-#   phase reduced modulo $2\pi$, and magnitude and phase each rounded once to float32 before
-#   `torch.polar` joins them, so the $(D, N, L)$ work is real and nothing of that size is ever
-#   complex128; forming $t \log q$ in float32 instead loses about $t\,\epsilon\,\theta$ of
-#   relative accuracy, as the next cell measures;
-# * everything runs in float32/complex64 with autocast disabled, and only the output is cast
-#   back to the input's dtype.
+# (`fft_causal_conv`), $O(L \log L)$ per channel, with the powers built as above.
 #
 # The official CUDA path computes the same three quantities (`ema_parameters` for $k$ and $b$,
 # `fftconv`, `ema_hidden` for $h_L$), with its powers as $\exp(t \log q)$ in float32 (its fast
 # kernels also multiply running products of $q^{\text{block}}$). We test ours with a non-zero $h_0$.
 
-# %%
-slow = CEMA(D, N).to(device)   # long memory, |q| = 1 - σ(-3)σ(-4) ≈ 0.999, so q^t stays representable
-with torch.no_grad():
-    slow.alpha.fill_(-3.0)
-    slow.delta.fill_(-4.0)
-    q_slow = slow.coefficients()[1][:8]   # 8 channels are enough to measure, and keep memory small
-t_far = torch.arange(pick(smoke=4096, full=65_536), device=device)
-exact = torch.exp(torch.log(q_slow.to(torch.complex128))[..., None] * t_far.double())
-naive = torch.exp(torch.log(q_slow)[..., None] * t_far.float())            # t log q in float32
-ours = cema_powers(q_slow, t_far.numel())
-rel = lambda z: ((z.to(torch.complex128) - exact).abs() / exact.abs()).max().item()
-print(f"powers up to t = {t_far.numel() - 1}: max relative error, t·log q in float32 {rel(naive):.1e}, "
-      f"cema_powers {rel(ours):.1e}")
-assert rel(ours) < 1e-6
+# %% tags=["export:cema"]
+def cema_fft(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+             h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CEMA as a causal FFT convolution, plus the closed forms for the initial/final state.
+
+    y[t] = sum_{s<=t} k[t-s] x[s] + b[t] + omega x[t], with k[t] = Re sum_n p_n gamma_n q_n^t and
+    b[t] = Re sum_n gamma_n q_n^{t+1} h0_n; h_L = sum_t p q^{L-1-t} x_t + q^L h0.
+    Memory O(D N L) for the powers. Same arguments and returns as :func:`cema_recurrence`.
+    """
+    validate.cema_inputs(x, p, q, gamma, omega, h0)
+    real, complex_ = _compute_dtypes(p)
+    length = x.shape[1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_c = x.to(real)
+        powers = cema_powers(q, length + 1)                               # q^0 .. q^L
+        kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :length]).real
+        y = fft_causal_conv(x_c, kernel) + omega.to(real) * x_c
+        h_last = p * torch.einsum("btd,dnt->bdn", x_c.to(complex_), powers[..., :length].flip(-1))
+        if h0 is not None:
+            y = y + torch.einsum("bdn,dnt->btd", gamma * h0, powers[..., 1:]).real
+            h_last = h_last + powers[..., length] * h0
+    return y.to(x.dtype), h_last
 
 
 # %%
 h0 = torch.randn(B, D, N, dtype=torch.complex64, device=device)
-y_ref0, h_ref0 = cema_recurrence(x.double(), p64, q64, gamma64, reference.omega, h0.to(torch.complex128))
-y_fft, h_fft = cema_fft(x, p, q, gamma, layer.omega, h0)
+y_ref0, h_ref0 = cema_recurrence(x.double(), p64, q64, gamma64, params64["omega"], h0.to(torch.complex128))
+y_fft, h_fft = cema_fft(x, p, q, gamma, omega, h0)
 err_fft = (y_fft.double() - y_ref0).abs().max().item()
 err_fft_h = (h_fft.to(torch.complex128) - h_ref0).abs().max().item()
 print(f"FFT vs float64 recurrence (with h0): output error {err_fft:.2e}, final-state error {err_fft_h:.2e}")
@@ -541,16 +402,149 @@ assert err_fft_h < 1e-5 * max(1.0, h_ref0.abs().max().item())
 # the last $H$ is the final state. This is the form the Triton chapter fuses: fused, it reads $x$
 # once and writes $y$ once, whatever the length.
 
+# %% tags=["export:cema"]
+def _as_real_pairs(z: Tensor, dim: int) -> Tensor:
+    """Concatenate real and imaginary parts along dim (a complex N becomes a real 2N)."""
+    return torch.cat([z.real, z.imag], dim=dim)
+
+
+def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                 h0: Tensor | None = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
+    """CEMA in blocks of C = chunk_size tokens: Toeplitz matmul inside, complex state across.
+
+    For block m with start state H_m (H_0 = h0), tokens i, j = 0..C-1 of the block:
+        y[i]    = sum_{j<=i} k[i-j] x[j] + Re sum_n gamma_n q_n^{i+1} H_m,n + omega x[i]
+        H_{m+1} = q^C H_m + sum_j p q^{C-1-j} x[j]
+    All matmuls are real (complex numbers as real/imaginary pairs); only the scan over blocks is
+    sequential. A length that is not a multiple of C ends with one shorter block.
+    Same arguments and returns as :func:`cema_recurrence`.
+    """
+    validate.positive_int("chunk_size", chunk_size)
+    validate.cema_inputs(x, p, q, gamma, omega, h0)
+    real, complex_ = _compute_dtypes(p)
+    batch, length, model_dim = x.shape
+    cema_ndim = p.shape[1]
+    tail = length % chunk_size
+    if tail and length > tail:  # whole blocks first, then the tail as one shorter block
+        y_head, h_head = cema_chunked(x[:, :length - tail], p, q, gamma, omega, h0, chunk_size=chunk_size)
+        y_tail, h_last = cema_chunked(x[:, length - tail:], p, q, gamma, omega, h_head, chunk_size=tail)
+        return torch.cat([y_head, y_tail], dim=1), h_last
+    chunk_size = min(chunk_size, length)
+    n_chunks = length // chunk_size
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_c = x.to(real)
+        blocks = x_c.reshape(batch, n_chunks, chunk_size, model_dim)
+        powers = cema_powers(q, chunk_size + 1)                           # q^0 .. q^C
+        # inside a block: lower-triangular Toeplitz T[d, i, j] = k[d, i - j]
+        kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :chunk_size]).real
+        offsets = torch.arange(chunk_size, device=x.device)
+        lag = offsets[:, None] - offsets[None, :]
+        toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)
+        y = torch.einsum("dij,bmjd->bmid", toeplitz, blocks)
+        # what each block adds to the state (from zero): sum_j p q^{C-1-j} x[j]
+        to_state = _as_real_pairs(p[..., None] * powers[..., :chunk_size].flip(-1), dim=1)   # (D, 2N, C)
+        local = torch.einsum("bmjd,dkj->bmdk", blocks, to_state)
+        local = torch.complex(local[..., :cema_ndim], local[..., cema_ndim:])
+        # carry the state across blocks (sequential, n_chunks steps)
+        step = powers[..., chunk_size]
+        h = x_c.new_zeros(batch, model_dim, cema_ndim, dtype=complex_) if h0 is None else h0
+        starts = []
+        for m in range(n_chunks):
+            starts.append(h)
+            h = step * h + local[:, m]
+        starts = _as_real_pairs(torch.stack(starts, dim=1), dim=-1)      # (B, M, D, 2N)
+        # what the carried state adds to each token: Re sum_n gamma_n q_n^{i+1} H_n
+        from_state = gamma[..., None] * powers[..., 1:]
+        from_state = torch.cat([from_state.real, -from_state.imag], dim=1)  # (D, 2N, C)
+        y = y + torch.einsum("bmdk,dki->bmid", starts, from_state)
+        y = y.reshape(batch, length, model_dim) + omega.to(real) * x_c
+    return y.to(x.dtype), h
+
+
 # %%
-y_chk, h_chk = cema_chunked(x, p, q, gamma, layer.omega, h0, chunk_size=64)
+y_chk, h_chk = cema_chunked(x, p, q, gamma, omega, h0, chunk_size=64)
 err_chk = (y_chk.double() - y_ref0).abs().max().item()
 err_chk_h = (h_chk.to(torch.complex128) - h_ref0).abs().max().item()
 print(f"chunked (C=64, L={L}) vs float64 recurrence: output error {err_chk:.2e}, final-state error {err_chk_h:.2e}")
 assert err_chk < 1e-5 * max(1.0, y_ref0.abs().max().item())
 assert err_chk_h < 1e-5 * max(1.0, h_ref0.abs().max().item())
 for chunk in (1, 7, 128):
-    y_c, _ = cema_chunked(x, p, q, gamma, layer.omega, h0, chunk_size=chunk)
+    y_c, _ = cema_chunked(x, p, q, gamma, omega, h0, chunk_size=chunk)
     assert (y_c.double() - y_ref0).abs().max() < 1e-5 * max(1.0, y_ref0.abs().max().item()), chunk
+
+# %% [markdown]
+# ## 4 · The module
+#
+# `CEMA` holds the five parameters in the official shapes ($\omega$ is stored as a vector of $D$,
+# the official code's `omega` is $D \times 1$), draws them with `cema_reset_parameters`, and its
+# `forward(x, h0)` computes the coefficients and runs one of the three forms: `method="auto"` picks
+# the recurrence for very short pieces (one-token decoding) and the chunked form otherwise. We load
+# the parameters drawn above, so the module must reproduce the functions exactly.
+
+# %% tags=["export:cema"]
+class CEMA(nn.Module):
+    """Multi-dimensional damped complex EMA of Megalodon (§3.1), as in the official code.
+
+    Parameters: alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2) (real, imaginary);
+    omega (D,) skip weight. ``forward(x, h0)`` maps (B, L, D) to (B, L, D) and returns the final
+    complex state (B, D, N), so that feeding a sequence in pieces equals one call.
+
+    Args:
+        model_dim: D, the number of channels.
+        cema_ndim: N, complex EMA states per channel (16 in every official configuration).
+    """
+
+    def __init__(self, model_dim: int, cema_ndim: int = 16) -> None:
+        super().__init__()
+        validate.positive_ints(model_dim=model_dim, cema_ndim=cema_ndim)
+        self.model_dim = model_dim
+        self.cema_ndim = cema_ndim
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        self.alpha = nn.Parameter(torch.empty(model_dim, cema_ndim, 1))
+        self.delta = nn.Parameter(torch.empty(model_dim, cema_ndim, 1))
+        self.theta = nn.Parameter(torch.empty(model_dim, 1, 1))
+        self.gamma = nn.Parameter(torch.empty(model_dim, cema_ndim, 2))
+        self.omega = nn.Parameter(torch.empty(model_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (:func:`cema_reset_parameters`)."""
+        cema_reset_parameters(self.alpha, self.delta, self.theta, self.gamma, self.omega)
+
+    def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """p (D, N) float32, q (D, N) complex64, gamma (D, N) complex64 (64-bit for float64 parameters)."""
+        return cema_coefficients(self.alpha, self.delta, self.theta, self.gamma)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, *, method: str = "auto") -> tuple[Tensor, Tensor]:
+        """Apply CEMA to x (B, L, D) from state h0 (B, D, N) complex64 or None (zeros).
+
+        method: "recurrence", "fft", "chunked", or "auto" (the recurrence up to
+        RECURRENCE_MAX_LENGTH tokens, e.g. one-token decoding steps, else the chunked form).
+        Returns y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex64.
+        """
+        validate.one_of("method", method, METHODS)
+        validate.sequence("x", x, channels=self.model_dim)
+        p, q, gamma = self.coefficients()
+        if method == "auto":
+            method = "recurrence" if x.shape[1] <= RECURRENCE_MAX_LENGTH else "chunked"
+        if method == "recurrence":
+            return cema_recurrence(x, p, q, gamma, self.omega, h0)
+        if method == "fft":
+            return cema_fft(x, p, q, gamma, self.omega, h0)
+        return cema_chunked(x, p, q, gamma, self.omega, h0, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"model_dim={self.model_dim}, cema_ndim={self.cema_ndim}"
+
+
+# %%
+layer = CEMA(D, N).to(device)
+layer.load_state_dict(params)
+with torch.no_grad():
+    for method in ("recurrence", "fft", "chunked"):
+        y_mod, _ = layer(x, h0, method=method)
+        assert (y_mod.double() - y_ref0).abs().max() < 1e-5 * max(1.0, y_ref0.abs().max().item()), method
+print(layer)
 
 # %% [markdown]
 # Gradients flow through all three forms by autograd; they agree with each other (the tests
@@ -572,11 +566,10 @@ for a, b_, c in zip(g_rec, g_fft, g_chk):
 print("gradients of x and", [name for name, _ in layer.named_parameters()], "agree across the three forms")
 
 # %% [markdown]
-# ## 4 · State in, state out: streaming
+# ## 5 · State in, state out: streaming
 #
 # Because every form takes $h_0$ and returns $h_L$, a long sequence can be fed in pieces of any
-# size — the basis of Megalodon's unlimited-context inference. `method="auto"` picks the recurrence
-# for very short pieces (one-token decoding) and the chunked form otherwise.
+# size — the basis of Megalodon's unlimited-context inference.
 
 # %%
 cuts = sorted(torch.randperm(L - 1)[:5].add(1).tolist())
@@ -592,7 +585,7 @@ assert err_stream < 1e-5 * max(1.0, y_whole.abs().max().item())
 assert (h - h_whole).abs().max() < 1e-5 * max(1.0, h_whole.abs().max().item())
 
 # %% [markdown]
-# ## 5 · The paper's form is the code's form with a different $\gamma$
+# ## 6 · The paper's form is the code's form with a different $\gamma$
 #
 # The paper puts the rotation on the input term as well and has an input expansion $\beta$:
 # $h_t = \alpha e^{i\theta}\beta x_t + (1-\alpha\delta)e^{i\theta} h_{t-1}$, $y_t = \mathrm{Re}(\eta^\top h_t)$.
@@ -615,7 +608,7 @@ print(f"paper form vs code form with gamma = eta·beta·e^(iθ): max difference 
 assert torch.allclose(y_paper, y_code, atol=1e-12)
 
 # %% [markdown]
-# ## 6 · Low precision
+# ## 7 · Low precision
 #
 # Under bf16 the state and the powers must stay in float32: $|q|^t$ for $t$ in the thousands and
 # sums of thousands of terms are exactly what bf16's 8-bit mantissa cannot hold. The forms cast
@@ -637,7 +630,7 @@ with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
 assert y_auto.dtype == torch.float32 and torch.allclose(y_auto, layer(x)[0], atol=1e-6)
 
 # %% [markdown]
-# ## 7 · The CEMA decay widget
+# ## 8 · The CEMA decay widget
 #
 # One channel with $N$ states. The sliders set the *sigmoid-space* values, each in $(0, 1)$:
 # **alpha** is $p = \sigma(\texttt{alpha})$, **delta** is $\sigma(\texttt{delta})$, so that
@@ -688,20 +681,20 @@ assert err_h < 1e-4 * closed.abs().max().item()
 
 
 # %%
-def build_cema_widget(n_states: int = 16, horizon: int = 96, seed: int = 0) -> widgets.VBox:
+def build_cema_widget(cema_ndim: int = 16, horizon: int = 96, seed: int = 0) -> widgets.VBox:
     """Sliders for sigma(alpha), sigma(delta), sigma(theta) and a state selector; four redrawn panels.
 
     The figure's artists are made once and only their data change on a redraw (re-laying out a
     matplotlib figure costs far more than drawing it).
     """
     torch.manual_seed(seed)
-    cell = CEMA(1, n_states)                                 # one channel, official init of gamma, omega
+    cell = CEMA(1, cema_ndim)                                 # one channel, official init of gamma, omega
     slider = dict(min=0.01, max=0.99, step=0.01, readout_format=".2f",
                   style={"description_width": "48px"}, layout=widgets.Layout(width="340px"))
     alpha = widgets.FloatSlider(value=0.30, description="alpha", tooltip="σ(alpha) = p", **slider)
     delta = widgets.FloatSlider(value=0.30, description="delta", tooltip="σ(delta); |q| = 1 − σ(alpha)σ(delta)", **slider)
     theta = widgets.FloatSlider(value=0.25, description="theta", tooltip="σ(theta); θ_1 = σ(theta)·2π/N", **slider)
-    state = widgets.Dropdown(options=[("all", 0)] + [(f"n = {n}", n) for n in range(1, n_states + 1)],
+    state = widgets.Dropdown(options=[("all", 0)] + [(f"n = {n}", n) for n in range(1, cema_ndim + 1)],
                              value=1, description="state", layout=widgets.Layout(width="200px"))
     for control, css in ((alpha, "cema-alpha"), (delta, "cema-delta"), (theta, "cema-theta"), (state, "cema-state")):
         control.add_class(css)
@@ -720,11 +713,11 @@ def build_cema_widget(n_states: int = 16, horizon: int = 96, seed: int = 0) -> w
     canvas = FigureCanvasAgg(fig)
     ax_kernel, ax_plane, ax_impulse, ax_freq = fig.subplots(2, 2).ravel()
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.95, hspace=0.35, wspace=0.2)
-    term_lines = [ax_kernel.plot([], [], lw=0.8)[0] for _ in range(n_states)]
+    term_lines = [ax_kernel.plot([], [], lw=0.8)[0] for _ in range(cema_ndim)]
     envelope_lines = [ax_kernel.plot([], [], "k:", lw=0.8)[0] for _ in range(2)]
     (sum_line,) = ax_kernel.plot([], [], "k", lw=1.5, label="k[t] = sum of terms")
     ax_kernel.set_xlabel("t")
-    paths = [ax_plane.plot([], [], ".-", ms=2, lw=0.6)[0] for _ in range(n_states)]
+    paths = [ax_plane.plot([], [], ".-", ms=2, lw=0.6)[0] for _ in range(cema_ndim)]
     ax_plane.plot(circle.real, circle.imag, "k", lw=0.5)
     ax_plane.set(title="(2) q_n^t in the complex plane", aspect="equal", xlim=(-1.1, 1.1), ylim=(-1.1, 1.1))
     stems = ax_impulse.stem(t, torch.zeros(horizon), basefmt=" ", markerfmt=".")
@@ -745,8 +738,8 @@ def build_cema_widget(n_states: int = 16, horizon: int = 96, seed: int = 0) -> w
             H = frequency_response(p, q, gamma, nu)
             H_channel = H.sum(1) + cell.omega[0].double()
         single = state.value != 0
-        shown = [state.value - 1] if single else list(range(n_states))
-        for n in range(n_states):
+        shown = [state.value - 1] if single else list(range(cema_ndim))
+        for n in range(cema_ndim):
             visible = n in shown
             term_lines[n].set_visible(visible)
             paths[n].set_visible(visible)
@@ -820,7 +813,7 @@ print(parts["cema-readout"].value.replace("&nbsp;", " "))
 # contributing a band around its frequency $\theta_n$ to panel (4).
 #
 # **Summary.** `megalodon_lite.cema` exports `CEMA` (parameters and official initialisation),
-# `cema_coefficients`, `cema_powers`, `cema_kernel` and the three equal computations
+# `cema_coefficients`, `cema_reset_parameters`, `cema_powers`, `cema_kernel` and the three equal computations
 # `cema_recurrence`, `cema_fft`, `cema_chunked`, each with a state in and a state out. Chapter 07
 # builds the Megalodon layer on `CEMA`; the Triton chapter fuses `cema_chunked`.
 

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from megalodon_lite import validate
 from megalodon_lite.ema import fft_causal_conv
 
 METHODS = ("auto", "recurrence", "fft", "chunked")
@@ -43,7 +44,7 @@ def _compute_dtypes(reference: Tensor) -> tuple[torch.dtype, torch.dtype]:
 
 
 def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CEMA coefficients from the raw parameters (official parameterisation).
+    """CEMA coefficients from the raw parameters (official parameterisation, Megalodon eqs. (2)-(3)).
 
     Args:
         alpha, delta: (D, N, 1) raw parameters; p = sigmoid(alpha), |q| = 1 - sigmoid(alpha) sigmoid(delta).
@@ -54,27 +55,39 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
         p (D, N) real, q (D, N) complex, gamma (D, N) complex, in float32/complex64
         (float64/complex128 when alpha is float64).
     """
-    for name, tensor in (("alpha", alpha), ("delta", delta), ("theta", theta), ("gamma", gamma)):
-        _check_tensor(name, tensor, "float")
-    if alpha.dim() != 3 or alpha.shape[-1] != 1:
-        raise ValueError(f"alpha must have shape (D, N, 1), got {tuple(alpha.shape)}")
-    d_model, n_states, _ = alpha.shape
-    expected = {"delta": (delta, (d_model, n_states, 1)), "theta": (theta, (d_model, 1, 1)),
-                "gamma": (gamma, (d_model, n_states, 2))}
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    validate.cema_parameters(alpha, delta, theta, gamma)
+    model_dim, cema_ndim, _ = alpha.shape
     real, _ = _compute_dtypes(alpha)
     with torch.autocast(device_type=alpha.device.type, enabled=False):
         p = torch.sigmoid(alpha.to(real)).squeeze(-1)
         magnitude = 1.0 - p * torch.sigmoid(delta.to(real)).squeeze(-1)
-        harmonics = torch.arange(1, n_states + 1, dtype=real, device=alpha.device)
-        phase = torch.sigmoid(theta.to(real)).view(d_model, 1) * (2 * math.pi / n_states) * harmonics
+        harmonics = torch.arange(1, cema_ndim + 1, dtype=real, device=alpha.device)
+        phase = torch.sigmoid(theta.to(real)).view(model_dim, 1) * (2 * math.pi / cema_ndim) * harmonics
         q = torch.polar(magnitude, phase)
-        gamma_c = torch.view_as_complex(gamma.to(real).contiguous()) / math.sqrt(n_states)
+        gamma_c = torch.view_as_complex(gamma.to(real).contiguous()) / math.sqrt(cema_ndim)
     return p, q, gamma_c
 
+# %% chapters/04_cema.py cell 6 · The parameterisation the official code uses
+def cema_reset_parameters(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor, omega: Tensor) -> None:
+    """Official initialisation, in place: alpha, delta ~ N(0, 0.2); theta = logit(D^{-m/D}) for a
+    random permutation m of 1..D; gamma_re ~ N(0, 1), gamma_im = 0; omega ~ TruncNormal(0, 0.25, [-1, 1]).
 
+    Shapes: alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2); omega (D,).
+    """
+    validate.cema_parameters(alpha, delta, theta, gamma)
+    model_dim = alpha.shape[0]
+    validate.shape("omega", omega, (model_dim,))
+    with torch.no_grad():
+        nn.init.normal_(alpha, mean=0.0, std=0.2)
+        nn.init.normal_(delta, mean=0.0, std=0.2)
+        m = torch.randperm(model_dim, device=theta.device).to(torch.float64) + 1
+        base_frequency = model_dim ** (-m / model_dim)   # in [1/D, 1); D = 1 gives 1, clamped by eps
+        theta.copy_(torch.logit(base_frequency, eps=1e-6).view(model_dim, 1, 1))
+        nn.init.normal_(gamma, mean=0.0, std=1.0)
+        gamma[:, :, 1] = 0.0
+        nn.init.trunc_normal_(omega, mean=0.0, std=0.25, a=-1.0, b=1.0)
+
+# %% chapters/04_cema.py cell 10 · The powers $q^t$
 def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     """Powers q^t for t = start .. start + length - 1, shape (D, N, length), in q's dtype.
 
@@ -85,10 +98,7 @@ def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     stored q (float32 arithmetic on t theta alone would lose ~t eps theta). Only (D, N) values
     are ever complex128: the (D, N, length) work is real float64, then the output dtype.
     """
-    if not isinstance(q, Tensor) or not q.is_complex():
-        raise TypeError(f"q must be a complex tensor (D, N), got {getattr(q, 'dtype', type(q))}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    validate.cema_powers_args(q, length)
     real = torch.float64 if q.dtype == torch.complex128 else torch.float32
     log_q = torch.log(q.to(torch.complex128)).unsqueeze(-1)              # (D, N, 1): exact log of the stored q
     exponents = torch.arange(start, start + length, dtype=torch.float64, device=q.device)
@@ -101,54 +111,7 @@ def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:
     """The real convolution kernel k[t] = Re sum_n p_n gamma_n q_n^t, shape (D, length)."""
     return torch.einsum("dn,dnt->dt", p * gamma, cema_powers(q, length)).real
 
-
-def _check_tensor(name: str, value: object, kinds: str) -> Tensor:
-    """TypeError unless value is a tensor of the given kind: "float" or "complex"."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    ok = value.is_floating_point() if kinds == "float" else value.is_complex()
-    if not ok:
-        raise TypeError(f"{name} must be a {'floating-point' if kinds == 'float' else 'complex'} tensor, "
-                        f"got {value.dtype}")
-    return value
-
-
-def _check_inputs(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-                  h0: Tensor | None) -> tuple[torch.dtype, torch.dtype]:
-    """Validate shapes and dtypes shared by the three forms; return the compute dtypes.
-
-    TypeError for a non-tensor or a wrong dtype, ValueError for a wrong shape.
-    """
-    _check_tensor("x", x, "float")
-    if x.dim() != 3:
-        raise ValueError(f"x must be a 3-D tensor (B, L, D), got shape {tuple(x.shape)}")
-    batch, length, d_model = x.shape
-    if length == 0:
-        raise ValueError("x must hold at least one time step (L >= 1)")
-    _check_tensor("p", p, "float")
-    if p.dim() != 2 or p.shape[0] != d_model:
-        raise ValueError(f"p must have shape (D={d_model}, N), got {tuple(p.shape)} (x has D={d_model})")
-    n_states = p.shape[1]
-    real, complex_ = _compute_dtypes(p)
-    if p.dtype != real:
-        raise TypeError(f"p must be float32 or float64, got {p.dtype}")
-    for name, tensor in (("q", q), ("gamma", gamma)):
-        _check_tensor(name, tensor, "complex")
-        if tensor.dtype != complex_:
-            raise TypeError(f"{name} must be {complex_} (p is {p.dtype}), got {tensor.dtype}")
-        if tuple(tensor.shape) != (d_model, n_states):
-            raise ValueError(f"{name} must have shape {(d_model, n_states)}, got {tuple(tensor.shape)}")
-    _check_tensor("omega", omega, "float")
-    if tuple(omega.shape) != (d_model,):
-        raise ValueError(f"omega must have shape ({d_model},), got {tuple(omega.shape)}")
-    if h0 is not None:
-        if not isinstance(h0, Tensor) or h0.dtype != complex_:
-            raise TypeError(f"h0 must be a {complex_} tensor (B, D, N), got {getattr(h0, 'dtype', type(h0))}")
-        if tuple(h0.shape) != (batch, d_model, n_states):
-            raise ValueError(f"h0 must have shape (B, D, N) = {(batch, d_model, n_states)}, got {tuple(h0.shape)}")
-    return real, complex_
-
-
+# %% chapters/04_cema.py cell 16 · §1 The recurrence, and a float64 reference
 def cema_recurrence(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
                     h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CEMA by its definition, one time step after the other (the reference; O(L) Python steps).
@@ -162,11 +125,12 @@ def cema_recurrence(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tenso
     Returns:
         y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex.
     """
-    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
-    batch, length, d_model = x.shape
+    validate.cema_inputs(x, p, q, gamma, omega, h0)
+    real, complex_ = _compute_dtypes(p)
+    batch, length, model_dim = x.shape
     with torch.autocast(device_type=x.device.type, enabled=False):
         x_c = x.to(real)
-        h = x_c.new_zeros(batch, d_model, p.shape[1], dtype=complex_) if h0 is None else h0
+        h = x_c.new_zeros(batch, model_dim, p.shape[1], dtype=complex_) if h0 is None else h0
         outputs = []
         for t in range(length):
             h = q * h + p * x_c[:, t, :, None]
@@ -174,7 +138,7 @@ def cema_recurrence(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tenso
         y = torch.stack(outputs, dim=1) + omega.to(real) * x_c
     return y.to(x.dtype), h
 
-
+# %% chapters/04_cema.py cell 19 · §2 The convolution view and the FFT
 def cema_fft(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
              h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CEMA as a causal FFT convolution, plus the closed forms for the initial/final state.
@@ -183,7 +147,8 @@ def cema_fft(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
     b[t] = Re sum_n gamma_n q_n^{t+1} h0_n; h_L = sum_t p q^{L-1-t} x_t + q^L h0.
     Memory O(D N L) for the powers. Same arguments and returns as :func:`cema_recurrence`.
     """
-    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
+    validate.cema_inputs(x, p, q, gamma, omega, h0)
+    real, complex_ = _compute_dtypes(p)
     length = x.shape[1]
     with torch.autocast(device_type=x.device.type, enabled=False):
         x_c = x.to(real)
@@ -196,7 +161,7 @@ def cema_fft(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
             h_last = h_last + powers[..., length] * h0
     return y.to(x.dtype), h_last
 
-
+# %% chapters/04_cema.py cell 22 · §3 The chunked form
 def _as_real_pairs(z: Tensor, dim: int) -> Tensor:
     """Concatenate real and imaginary parts along dim (a complex N becomes a real 2N)."""
     return torch.cat([z.real, z.imag], dim=dim)
@@ -213,11 +178,11 @@ def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
     sequential. A length that is not a multiple of C ends with one shorter block.
     Same arguments and returns as :func:`cema_recurrence`.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    real, complex_ = _check_inputs(x, p, q, gamma, omega, h0)
-    batch, length, d_model = x.shape
-    n_states = p.shape[1]
+    validate.positive_int("chunk_size", chunk_size)
+    validate.cema_inputs(x, p, q, gamma, omega, h0)
+    real, complex_ = _compute_dtypes(p)
+    batch, length, model_dim = x.shape
+    cema_ndim = p.shape[1]
     tail = length % chunk_size
     if tail and length > tail:  # whole blocks first, then the tail as one shorter block
         y_head, h_head = cema_chunked(x[:, :length - tail], p, q, gamma, omega, h0, chunk_size=chunk_size)
@@ -227,7 +192,7 @@ def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
     n_chunks = length // chunk_size
     with torch.autocast(device_type=x.device.type, enabled=False):
         x_c = x.to(real)
-        blocks = x_c.reshape(batch, n_chunks, chunk_size, d_model)
+        blocks = x_c.reshape(batch, n_chunks, chunk_size, model_dim)
         powers = cema_powers(q, chunk_size + 1)                           # q^0 .. q^C
         # inside a block: lower-triangular Toeplitz T[d, i, j] = k[d, i - j]
         kernel = torch.einsum("dn,dnt->dt", p * gamma, powers[..., :chunk_size]).real
@@ -238,10 +203,10 @@ def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
         # what each block adds to the state (from zero): sum_j p q^{C-1-j} x[j]
         to_state = _as_real_pairs(p[..., None] * powers[..., :chunk_size].flip(-1), dim=1)   # (D, 2N, C)
         local = torch.einsum("bmjd,dkj->bmdk", blocks, to_state)
-        local = torch.complex(local[..., :n_states], local[..., n_states:])
+        local = torch.complex(local[..., :cema_ndim], local[..., cema_ndim:])
         # carry the state across blocks (sequential, n_chunks steps)
         step = powers[..., chunk_size]
-        h = x_c.new_zeros(batch, d_model, n_states, dtype=complex_) if h0 is None else h0
+        h = x_c.new_zeros(batch, model_dim, cema_ndim, dtype=complex_) if h0 is None else h0
         starts = []
         for m in range(n_chunks):
             starts.append(h)
@@ -251,46 +216,38 @@ def cema_chunked(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
         from_state = gamma[..., None] * powers[..., 1:]
         from_state = torch.cat([from_state.real, -from_state.imag], dim=1)  # (D, 2N, C)
         y = y + torch.einsum("bmdk,dki->bmid", starts, from_state)
-        y = y.reshape(batch, length, d_model) + omega.to(real) * x_c
+        y = y.reshape(batch, length, model_dim) + omega.to(real) * x_c
     return y.to(x.dtype), h
 
-
+# %% chapters/04_cema.py cell 25 · §4 The module
 class CEMA(nn.Module):
     """Multi-dimensional damped complex EMA of Megalodon (§3.1), as in the official code.
 
     Parameters: alpha, delta (D, N, 1); theta (D, 1, 1); gamma (D, N, 2) (real, imaginary);
     omega (D,) skip weight. ``forward(x, h0)`` maps (B, L, D) to (B, L, D) and returns the final
     complex state (B, D, N), so that feeding a sequence in pieces equals one call.
+
+    Args:
+        model_dim: D, the number of channels.
+        cema_ndim: N, complex EMA states per channel (16 in every official configuration).
     """
 
-    def __init__(self, d_model: int, n_states: int = 16) -> None:
+    def __init__(self, model_dim: int, cema_ndim: int = 16) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_states", n_states)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.d_model = d_model
-        self.n_states = n_states
+        validate.positive_ints(model_dim=model_dim, cema_ndim=cema_ndim)
+        self.model_dim = model_dim
+        self.cema_ndim = cema_ndim
         self.chunk_size = DEFAULT_CHUNK_SIZE
-        self.alpha = nn.Parameter(torch.empty(d_model, n_states, 1))
-        self.delta = nn.Parameter(torch.empty(d_model, n_states, 1))
-        self.theta = nn.Parameter(torch.empty(d_model, 1, 1))
-        self.gamma = nn.Parameter(torch.empty(d_model, n_states, 2))
-        self.omega = nn.Parameter(torch.empty(d_model))
+        self.alpha = nn.Parameter(torch.empty(model_dim, cema_ndim, 1))
+        self.delta = nn.Parameter(torch.empty(model_dim, cema_ndim, 1))
+        self.theta = nn.Parameter(torch.empty(model_dim, 1, 1))
+        self.gamma = nn.Parameter(torch.empty(model_dim, cema_ndim, 2))
+        self.omega = nn.Parameter(torch.empty(model_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init: alpha, delta ~ N(0, 0.2); theta = logit(D^{-m/D}) for a random
-        permutation m of 1..D; gamma_re ~ N(0, 1), gamma_im = 0; omega ~ TruncNormal(0, 0.25, [-1, 1])."""
-        d_model = self.d_model
-        with torch.no_grad():
-            nn.init.normal_(self.alpha, mean=0.0, std=0.2)
-            nn.init.normal_(self.delta, mean=0.0, std=0.2)
-            m = torch.randperm(d_model, device=self.theta.device).to(torch.float64) + 1
-            base_frequency = d_model ** (-m / d_model)   # in [1/D, 1); D = 1 gives 1, clamped by eps
-            self.theta.copy_(torch.logit(base_frequency, eps=1e-6).view(d_model, 1, 1))
-            nn.init.normal_(self.gamma, mean=0.0, std=1.0)
-            self.gamma[:, :, 1] = 0.0
-            nn.init.trunc_normal_(self.omega, mean=0.0, std=0.25, a=-1.0, b=1.0)
+        """The official initialisation (:func:`cema_reset_parameters`)."""
+        cema_reset_parameters(self.alpha, self.delta, self.theta, self.gamma, self.omega)
 
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
         """p (D, N) float32, q (D, N) complex64, gamma (D, N) complex64 (64-bit for float64 parameters)."""
@@ -303,11 +260,8 @@ class CEMA(nn.Module):
         RECURRENCE_MAX_LENGTH tokens, e.g. one-token decoding steps, else the chunked form).
         Returns y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex64.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        _check_tensor("x", x, "float")
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (B, L, D={self.d_model}), got {tuple(x.shape)}")
+        validate.one_of("method", method, METHODS)
+        validate.sequence("x", x, channels=self.model_dim)
         p, q, gamma = self.coefficients()
         if method == "auto":
             method = "recurrence" if x.shape[1] <= RECURRENCE_MAX_LENGTH else "chunked"
@@ -318,4 +272,4 @@ class CEMA(nn.Module):
         return cema_chunked(x, p, q, gamma, self.omega, h0, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_states={self.n_states}"
+        return f"model_dim={self.model_dim}, cema_ndim={self.cema_ndim}"

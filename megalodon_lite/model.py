@@ -282,7 +282,7 @@ def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     x = x.double()
     B, L, D = x.shape
     G, eps = mega.timenorm.num_groups, mega.timenorm.eps
-    N, H, dz, c = mega.cema.n_states, mega.attention.num_heads, mega.attention.z_head_dim, mega.attention.chunk_size
+    N, H, dz, c = mega.cema.cema_ndim, mega.attention.num_heads, mega.attention.z_head_dim, mega.attention.chunk_size
     # X = TimestepNorm(x): mean and variance of group g over all steps <= t
     xg = x.view(B, L, G, D // G)
     steps = torch.arange(1, L + 1, dtype=torch.float64, device=x.device).view(1, L, 1)

@@ -24,12 +24,12 @@ BF16_EPS = 2.0**-8  # bfloat16 unit roundoff (8 significant bits)
 def reference_cema(x, alpha, delta, theta, gamma, omega, h0=None):
     """y_t = Re(sum_n gamma_n h_t,n) + omega x_t, h_t = q h_{t-1} + p x_t, all in float64/complex128."""
     x, alpha, delta, theta, gamma, omega = (t.double() for t in (x, alpha, delta, theta, gamma, omega))
-    d_model, n_states = alpha.shape[:2]
+    model_dim, cema_ndim = alpha.shape[:2]
     p = torch.sigmoid(alpha[..., 0])
-    angle = torch.sigmoid(theta[:, 0]) * (2 * math.pi / n_states) * torch.arange(1, n_states + 1, dtype=torch.float64)
+    angle = torch.sigmoid(theta[:, 0]) * (2 * math.pi / cema_ndim) * torch.arange(1, cema_ndim + 1, dtype=torch.float64)
     q = (1 - p * torch.sigmoid(delta[..., 0])) * (torch.cos(angle) + 1j * torch.sin(angle))
-    g = (gamma[..., 0] + 1j * gamma[..., 1]) / math.sqrt(n_states)
-    h = torch.zeros(x.shape[0], d_model, n_states, dtype=torch.complex128) if h0 is None else h0.to(torch.complex128)
+    g = (gamma[..., 0] + 1j * gamma[..., 1]) / math.sqrt(cema_ndim)
+    h = torch.zeros(x.shape[0], model_dim, cema_ndim, dtype=torch.complex128) if h0 is None else h0.to(torch.complex128)
     ys = []
     for t in range(x.shape[1]):
         h = q * h + p * x[:, t, :, None]
@@ -37,12 +37,12 @@ def reference_cema(x, alpha, delta, theta, gamma, omega, h0=None):
     return torch.stack(ys, dim=1), h
 
 
-def random_layer(d_model: int, n_states: int, generator: torch.Generator, slow: bool = False) -> CEMA:
+def random_layer(model_dim: int, cema_ndim: int, generator: torch.Generator, slow: bool = False) -> CEMA:
     """A layer with every parameter random and non-zero (gamma_im too, which the official init zeroes).
 
     slow=True pushes |q| close to 1 (sigma(alpha) sigma(delta) around 1e-3): long memory.
     """
-    layer = CEMA(d_model, n_states)
+    layer = CEMA(model_dim, cema_ndim)
     with torch.no_grad():
         for param in layer.parameters():
             param.copy_(torch.randn(param.shape, generator=generator))
@@ -75,19 +75,19 @@ def assert_close_to_reference(actual, expected, rel: float, what: str) -> None:
     assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel:.1e} x scale {scale:.2f}"
 
 
-SHAPES = dict(batch=st.integers(1, 3), length=st.integers(1, 130), d_model=st.integers(1, 5),
-              n_states=st.integers(1, 9), chunk_size=st.integers(1, 40), with_h0=st.booleans(),
+SHAPES = dict(batch=st.integers(1, 3), length=st.integers(1, 130), model_dim=st.integers(1, 5),
+              cema_ndim=st.integers(1, 9), chunk_size=st.integers(1, 40), with_h0=st.booleans(),
               seed=st.integers(0, 2**31 - 1))
 
 
-def _forms_and_reference(method, batch, length, d_model, n_states, chunk_size, with_h0, seed, dtype):
+def _forms_and_reference(method, batch, length, model_dim, cema_ndim, chunk_size, with_h0, seed, dtype):
     """(names, got, want, float32-recurrence-or-None) for one random case, computed in ``dtype``."""
     generator = torch.Generator().manual_seed(seed)
-    layer = random_layer(d_model, n_states, generator).to(dtype)
+    layer = random_layer(model_dim, cema_ndim, generator).to(dtype)
     layer.chunk_size = chunk_size
-    x = torch.randn(batch, length, d_model, generator=generator).to(dtype)
+    x = torch.randn(batch, length, model_dim, generator=generator).to(dtype)
     complex_ = torch.complex128 if dtype == torch.float64 else torch.complex64
-    h0 = torch.randn(batch, d_model, n_states, dtype=complex_, generator=generator) if with_h0 else None
+    h0 = torch.randn(batch, model_dim, cema_ndim, dtype=complex_, generator=generator) if with_h0 else None
     got = loss_and_grads(layer, x, h0, lambda m, x_, h_: m(x_, h_, method=method))
     want = loss_and_grads(layer, x, h0, run_reference)
     names = ["y", "h_last", "grad x"] + (["grad h0"] if with_h0 else []) + [f"grad {n}" for n, _ in layer.named_parameters()]
@@ -300,15 +300,15 @@ def test_bf16_parameters_still_compute_in_float32():
 
 def test_official_initialisation():
     torch.manual_seed(0)
-    d_model, n_states = 512, 16
-    layer = CEMA(d_model, n_states)
+    model_dim, cema_ndim = 512, 16
+    layer = CEMA(model_dim, cema_ndim)
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     assert shapes == {"alpha": (512, 16, 1), "delta": (512, 16, 1), "theta": (512, 1, 1), "gamma": (512, 16, 2),
                       "omega": (512,)}
     # theta = logit(D^{-m/D}) for a permutation m of 1..D
     base = torch.sigmoid(layer.theta.detach().double().view(-1))
-    m = torch.arange(1, d_model + 1, dtype=torch.float64)
-    torch.testing.assert_close(base.sort().values, (d_model ** (-m / d_model)).sort().values, rtol=1e-5, atol=0)
+    m = torch.arange(1, model_dim + 1, dtype=torch.float64)
+    torch.testing.assert_close(base.sort().values, (model_dim ** (-m / model_dim)).sort().values, rtol=1e-5, atol=0)
     assert not torch.equal(base, base.sort().values) and not torch.equal(base, base.sort(descending=True).values)
     for name in ("alpha", "delta"):
         values = getattr(layer, name).detach()
@@ -360,7 +360,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="delta"):
         cema_coefficients(layer.alpha, layer.delta[:, :2], layer.theta, layer.gamma)
     for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="d_model"):
+        with pytest.raises(ValueError, match="model_dim"):
             CEMA(bad)
 
 

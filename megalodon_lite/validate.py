@@ -1,0 +1,286 @@
+"""Argument checks at the package's public boundaries (hand-written, out of the book's reading path).
+
+Every public function and module of ``megalodon_lite`` calls one function here, once, before it
+computes anything, so the chapters can show the idea and a caller still gets an error that names
+the argument and says what was expected: ``TypeError`` for a wrong type or dtype, ``ValueError``
+for a wrong shape or value. Nothing is silently broadcast, truncated or cast.
+
+The first block holds the primitives; the blocks after it hold one checker per boundary, named
+after what they guard (``cema_inputs`` for the three CEMA forms, ``timestep_norm_inputs`` for the
+two TimestepNorm forms, ``chunk_attention_inputs`` for ``ChunkAttention.forward``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------
+# primitives
+
+
+def _describe(value: object) -> str:
+    """What a wrong value is, for an error message: a tensor's dtype, else its type's name."""
+    return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
+
+
+def tensor(name: str, value: object) -> Tensor:
+    """TypeError unless ``value`` is a torch.Tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def float_tensor(name: str, value: object) -> Tensor:
+    """TypeError unless ``value`` is a tensor of a real floating dtype (float16/bfloat16/32/64)."""
+    if not tensor(name, value).is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value
+
+
+def complex_tensor(name: str, value: object) -> Tensor:
+    """TypeError unless ``value`` is a tensor of a complex dtype."""
+    if not isinstance(value, Tensor) or not value.is_complex():
+        raise TypeError(f"{name} must be a complex tensor, got {_describe(value)}")
+    return value
+
+
+def exact_dtype(name: str, value: object, dtype: torch.dtype, what: str = "") -> Tensor:
+    """TypeError unless ``value`` is a tensor of exactly ``dtype`` (``what`` adds the expected shape)."""
+    if not isinstance(value, Tensor) or value.dtype != dtype:
+        raise TypeError(f"{name} must be a {dtype} tensor{' ' + what if what else ''}, got {_describe(value)}")
+    return value
+
+
+def shape(name: str, value: Tensor, expected: tuple[int, ...], what: str = "") -> None:
+    """ValueError unless ``value.shape == expected``; ``what`` names the dims, e.g. ``"(B, D, N) = "``."""
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {what}{tuple(expected)}, got {tuple(value.shape)}")
+
+
+def same_device(name: str, value: Tensor, other_name: str, other: Tensor) -> None:
+    """ValueError unless two tensors live on the same device."""
+    if value.device != other.device:
+        raise ValueError(f"{name} is on {value.device}, {other_name} on {other.device}")
+
+
+def positive_int(name: str, value: object) -> int:
+    """ValueError unless ``value`` is an int >= 1 (a bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def positive_ints(**values: object) -> None:
+    """:func:`positive_int` for each keyword, e.g. ``positive_ints(model_dim=model_dim, cema_ndim=n)``."""
+    for name, value in values.items():
+        positive_int(name, value)
+
+
+def positive_number(name: str, value: object) -> float:
+    """ValueError unless ``value`` is a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return value
+
+
+def divides(name: str, value: int, other_name: str, other: int) -> None:
+    """ValueError unless the positive int ``value`` divides ``other``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or other % value:
+        raise ValueError(f"{name} must be a positive int dividing {other_name}={other}, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices: tuple) -> None:
+    """ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def sequence(name: str, x: object, channels: int | None = None) -> Tensor:
+    """A (B, L, D) floating tensor with at least one step; D = ``channels`` when given."""
+    float_tensor(name, x)
+    if x.dim() != 3 or (channels is not None and x.shape[-1] != channels):
+        expected = "(B, L, D)" if channels is None else f"(B, L, D={channels})"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one time step (L >= 1), got shape {tuple(x.shape)}")
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# chapter 04: CEMA
+
+
+def cema_parameters(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor) -> None:
+    """The raw CEMA parameters: alpha, delta (D, N, 1), theta (D, 1, 1), gamma (D, N, 2), all float."""
+    for name, value in (("alpha", alpha), ("delta", delta), ("theta", theta), ("gamma", gamma)):
+        float_tensor(name, value)
+    if alpha.dim() != 3 or alpha.shape[-1] != 1:
+        raise ValueError(f"alpha must have shape (D, N, 1), got {tuple(alpha.shape)}")
+    model_dim, cema_ndim, _ = alpha.shape
+    shape("delta", delta, (model_dim, cema_ndim, 1))
+    shape("theta", theta, (model_dim, 1, 1))
+    shape("gamma", gamma, (model_dim, cema_ndim, 2))
+
+
+def cema_powers_args(q: object, length: object) -> None:
+    """q a complex (D, N) tensor, length an int >= 0."""
+    complex_tensor("q", q)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+
+
+def cema_inputs(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None) -> None:
+    """The arguments shared by ``cema_recurrence``, ``cema_fft`` and ``cema_chunked``.
+
+    x (B, L, D) floating with L >= 1; p (D, N) float32 or float64; q, gamma (D, N) of the matching
+    complex dtype (complex64 for float32 p, complex128 for float64 p); omega (D,) floating; h0
+    None or (B, D, N) of that complex dtype.
+    """
+    sequence("x", x)
+    batch, _, model_dim = x.shape
+    float_tensor("p", p)
+    if p.dim() != 2 or p.shape[0] != model_dim:
+        raise ValueError(f"p must have shape (D={model_dim}, N), got {tuple(p.shape)} (x has D={model_dim})")
+    if p.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"p must be float32 or float64, got {p.dtype}")
+    cema_ndim = p.shape[1]
+    complex_ = torch.complex128 if p.dtype == torch.float64 else torch.complex64
+    for name, value in (("q", q), ("gamma", gamma)):
+        complex_tensor(name, value)
+        if value.dtype != complex_:
+            raise TypeError(f"{name} must be {complex_} (p is {p.dtype}), got {value.dtype}")
+        shape(name, value, (model_dim, cema_ndim))
+    float_tensor("omega", omega)
+    shape("omega", omega, (model_dim,))
+    if h0 is not None:
+        exact_dtype("h0", h0, complex_, "(B, D, N)")
+        shape("h0", h0, (batch, model_dim, cema_ndim), "(B, D, N) = ")
+
+
+# --------------------------------------------------------------------------------------------
+# chapter 05: TimestepNorm
+
+
+def timestep_norm_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
+                         state: Any, padding_mask: Tensor | None) -> None:
+    """The arguments of ``timestep_norm`` and ``timestep_norm_reference``.
+
+    x (B, L, D) floating with B, L >= 1; num_groups a positive int dividing D; weight, bias (D,)
+    floating; padding_mask None or (B, L) bool on x's device; state None or a (count, mean, var)
+    triple: count (B,) int64, mean and var (B, G) floating, all on x's device. On the CPU the
+    state's values are checked too (count >= 0, a finite mean, a finite variance >= 0); on an
+    accelerator reading them back would wait for every queued kernel, at every decoding step.
+    """
+    float_tensor("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, L, D), got {tuple(x.shape)}")
+    batch, length, channels = x.shape
+    if length == 0 or batch == 0:
+        raise ValueError(f"x must have at least one batch row and one step, got shape {tuple(x.shape)}")
+    divides("num_groups", num_groups, "D", channels)
+    for name, value in (("weight", weight), ("bias", bias)):
+        float_tensor(name, value)
+        shape(name, value, (channels,), "(D,) = ")
+    if padding_mask is not None:
+        if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+            raise TypeError(f"padding_mask must be a bool tensor (True = padding), got {_describe(padding_mask)}")
+        shape("padding_mask", padding_mask, (batch, length), "(B, L) = ")
+        same_device("padding_mask", padding_mask, "x", x)
+    if state is None:
+        return
+    if not (isinstance(state, tuple) and len(state) == 3):
+        raise TypeError(f"state must be a TimestepNormState (count, mean, var), got {type(state).__name__}")
+    count, mean, var = state
+    if not isinstance(count, Tensor) or count.dtype != torch.int64:
+        raise TypeError(f"state.count must be an int64 tensor, got {_describe(count)}")
+    shape("state.count", count, (batch,), "(B,) = ")
+    for name, value in (("state.mean", mean), ("state.var", var)):
+        float_tensor(name, value)
+        shape(name, value, (batch, num_groups), "(B, G) = ")
+    for name, value in (("state.count", count), ("state.mean", mean), ("state.var", var)):
+        same_device(name, value, "x", x)
+    if x.device.type == "cpu":
+        if (count < 0).any():
+            raise ValueError(f"state.count must be >= 0, got a minimum of {count.min().item()}")
+        if not torch.isfinite(mean).all():
+            raise ValueError("state.mean must be finite")
+        if not (torch.isfinite(var) & (var >= 0)).all():
+            raise ValueError("state.var must be finite and >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# chapter 06: RMSNorm, RoPE, chunk attention
+
+
+def last_dim(name: str, x: object, size: int) -> Tensor:
+    """A floating tensor (..., size)."""
+    float_tensor(name, x)
+    if x.dim() == 0 or x.shape[-1] != size:
+        raise ValueError(f"{name} must have last dimension {size}, got shape {tuple(x.shape)}")
+    return x
+
+
+def rotary_inputs(x: Tensor, positions: Tensor, dim: int) -> None:
+    """x a floating (..., L, dim) tensor; positions integer (L,)."""
+    float_tensor("x", x)
+    if x.dim() < 2 or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (..., L, {dim}), got {tuple(x.shape)}")
+    if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.is_complex():
+        raise TypeError(f"positions must be an integer tensor, got {_describe(positions)}")
+    if positions.dim() != 1 or positions.shape[0] != x.shape[-2]:
+        raise ValueError(f"positions must have shape ({x.shape[-2]},) to match x's length, "
+                         f"got {tuple(positions.shape)}")
+
+
+def chunk_attention_shapes(z_dim: int, value_dim: int, num_heads: int, chunk_size: int,
+                           attention_dropout: float) -> None:
+    """ChunkAttention's constructor: positive sizes, heads dividing both widths, even z head."""
+    positive_ints(z_dim=z_dim, value_dim=value_dim, num_heads=num_heads, chunk_size=chunk_size)
+    if z_dim % num_heads or value_dim % num_heads:
+        raise ValueError(f"z_dim ({z_dim}) and value_dim ({value_dim}) must be divisible by num_heads ({num_heads})")
+    if (z_dim // num_heads) % 2:
+        raise ValueError(f"z_dim / num_heads must be even (RoPE rotates channel pairs), got "
+                         f"{z_dim} / {num_heads} = {z_dim // num_heads}")
+    if not 0.0 <= attention_dropout < 1.0:
+        raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
+
+
+def chunk_attention_inputs(z: Tensor, v: Tensor, cache: Any, *, z_dim: int, value_dim: int, num_heads: int,
+                           chunk_size: int) -> None:
+    """``ChunkAttention.forward``: z (B, L, z_dim) and v (B, L, value_dim) floating, same dtype and
+    device; cache None or a ChunkKVCache of k (B, H, n, z_dim/H) and v (B, H, n, value_dim/H) with
+    n < chunk_size, in z's dtype and on z's device."""
+    from megalodon_lite.attention import ChunkKVCache  # imported here: attention imports this module
+
+    float_tensor("z", z)
+    float_tensor("v", v)
+    if z.dim() != 3 or z.shape[-1] != z_dim:
+        raise ValueError(f"z must have shape (B, L, {z_dim}), got {tuple(z.shape)}")
+    if v.dim() != 3 or v.shape[-1] != value_dim:
+        raise ValueError(f"v must have shape (B, L, {value_dim}), got {tuple(v.shape)}")
+    if v.shape[:2] != z.shape[:2]:
+        raise ValueError(f"z and v must have the same batch and length, got {tuple(z.shape[:2])} "
+                         f"and {tuple(v.shape[:2])}")
+    if v.dtype != z.dtype or v.device != z.device:
+        raise TypeError(f"z and v must share dtype and device, got {z.dtype} on {z.device} "
+                        f"and {v.dtype} on {v.device}")
+    if cache is None:
+        return
+    if not isinstance(cache, ChunkKVCache):
+        raise TypeError(f"cache must be a ChunkKVCache or None, got {type(cache).__name__}")
+    float_tensor("cache.k", cache.k)
+    float_tensor("cache.v", cache.v)
+    batch, z_head_dim, v_head_dim = z.shape[0], z_dim // num_heads, value_dim // num_heads
+    n = cache.k.shape[2] if cache.k.dim() == 4 else -1
+    if cache.k.shape != (batch, num_heads, n, z_head_dim) or cache.v.shape != (batch, num_heads, n, v_head_dim):
+        raise ValueError(f"cache must hold k (B={batch}, H={num_heads}, n, dz={z_head_dim}) and v "
+                         f"(B, H, n, dv={v_head_dim}), got {tuple(cache.k.shape)} and {tuple(cache.v.shape)}")
+    if n >= chunk_size:
+        raise ValueError(f"cache must hold fewer than chunk_size={chunk_size} tokens, got {n}")
+    if (cache.k.dtype != z.dtype or cache.v.dtype != z.dtype or cache.k.device != z.device
+            or cache.v.device != z.device):
+        raise TypeError(f"cache must have z's dtype and device ({z.dtype} on {z.device}), "
+                        f"got {cache.k.dtype}/{cache.v.dtype} on {cache.k.device}/{cache.v.device}")
