@@ -112,6 +112,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from megalodon_lite import validate
+
 
 class TimestepNormState(NamedTuple):
     """Running statistics of every (batch row, group) after the last real step.
@@ -202,10 +204,7 @@ assert torch.allclose(var_total, var_def, rtol=0, atol=1e-12)
 def initial_timestep_norm_state(batch_size: int, num_groups: int, device: torch.device | str | None = None,
                                 dtype: torch.dtype = torch.float32) -> TimestepNormState:
     """The state before any step: count 0, mean 0, var 1 (the official prior; unused once a step is seen)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    validate.positive_ints(batch_size=batch_size, num_groups=num_groups)
     return TimestepNormState(
         count=torch.zeros(batch_size, dtype=torch.int64, device=device),
         mean=torch.zeros(batch_size, num_groups, dtype=dtype, device=device),
@@ -251,78 +250,30 @@ def _normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tenso
 
 
 # %% [markdown]
-# Before the loop, the inputs are checked once. A wrong shape or dtype raises an error that
-# names the argument (`TypeError` for a wrong type or dtype, `ValueError` for a wrong shape or
-# value), instead of broadcasting into a silently wrong answer. A carried state is checked too:
-# its shapes and dtypes always, its *values* (counts $\ge 0$, a finite mean, a finite variance
-# $\ge 0$) only when it lives on the CPU. Reading a value back from a GPU tensor waits for every
-# kernel queued before it, and this check runs on every decoding step, so on an accelerator we
-# trust the state that our own previous call returned. Padded steps are then
+# Before the loop, the inputs are checked once, by `validate.timestep_norm_inputs` (the package's
+# argument checks live in the hand-written `megalodon_lite/validate.py`). A wrong shape or dtype
+# raises an error that names the argument (`TypeError` for a wrong type or dtype, `ValueError`
+# for a wrong shape or value), instead of broadcasting into a silently wrong answer. A carried
+# state is checked too: its shapes and dtypes always, its *values* (counts $\ge 0$, a finite
+# mean, a finite variance $\ge 0$) only when it lives on the CPU. Reading a value back from a GPU
+# tensor waits for every kernel queued before it, and this check runs on every decoding step, so
+# on an accelerator we trust the state that our own previous call returned. Padded steps are then
 # set to zero before any sum sees them: a merge with weight 0 multiplies their moments by 0, and
 # $0 \cdot \infty$ or $0 \cdot \mathrm{NaN}$ is NaN, so garbage in the padding (uninitialised
 # memory, a huge sentinel value) would otherwise poison every later step and every gradient.
 
 # %% tags=["export:timestep_norm"]
-def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int,
-                  state: TimestepNormState | None, padding_mask: Tensor | None) -> TimestepNormState:
-    """Validate the arguments of the functional forms; return the incoming state in the stats dtype."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (B, L, D), got {tuple(x.shape)}")
-    batch, length, channels = x.shape
-    if length == 0 or batch == 0:
-        raise ValueError(f"x must have at least one batch row and one step, got shape {tuple(x.shape)}")
-    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups != 0:
-        raise ValueError(f"num_groups must be a positive int dividing D={channels}, got {num_groups!r}")
-    for name, param in (("weight", weight), ("bias", bias)):
-        if not isinstance(param, Tensor) or not param.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(param, 'dtype', type(param))}")
-        if param.shape != (channels,):
-            raise ValueError(f"{name} must have shape (D,) = ({channels},), got {tuple(param.shape)}")
-    if padding_mask is not None:
-        if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
-            raise TypeError("padding_mask must be a bool tensor (True = padding), "
-                            f"got {getattr(padding_mask, 'dtype', type(padding_mask))}")
-        if padding_mask.shape != (batch, length):
-            raise ValueError(f"padding_mask must have shape (B, L) = ({batch}, {length}), "
-                             f"got {tuple(padding_mask.shape)}")
-        if padding_mask.device != x.device:
-            raise ValueError(f"padding_mask is on {padding_mask.device}, x on {x.device}")
-    dtype = statistics_dtype(x.dtype)
-    if state is None:
-        return initial_timestep_norm_state(batch, num_groups, device=x.device, dtype=dtype)
-    if not (isinstance(state, tuple) and len(state) == 3):
-        raise TypeError(f"state must be a TimestepNormState (count, mean, var), got {type(state)}")
-    count, mean, var = state
-    if not isinstance(count, Tensor) or count.dtype != torch.int64:
-        raise TypeError(f"state.count must be an int64 tensor, got {getattr(count, 'dtype', type(count))}")
-    if count.shape != (batch,):
-        raise ValueError(f"state.count must have shape (B,) = ({batch},), got {tuple(count.shape)}")
-    for name, stat in (("mean", mean), ("var", var)):
-        if not isinstance(stat, Tensor) or not stat.is_floating_point():
-            raise TypeError(f"state.{name} must be a floating-point tensor, got {getattr(stat, 'dtype', type(stat))}")
-        if stat.shape != (batch, num_groups):
-            raise ValueError(f"state.{name} must have shape (B, G) = ({batch}, {num_groups}), "
-                             f"got {tuple(stat.shape)}")
-    for name, t in (("count", count), ("mean", mean), ("var", var)):
-        if t.device != x.device:
-            raise ValueError(f"state.{name} is on {t.device}, x on {x.device}")
-    if x.device.type == "cpu":  # value checks read the tensors back: free on CPU, a sync on a GPU
-        if (count < 0).any():
-            raise ValueError(f"state.count must be >= 0, got a minimum of {count.min().item()}")
-        if not torch.isfinite(mean).all():
-            raise ValueError("state.mean must be finite")
-        if not (torch.isfinite(var) & (var >= 0)).all():
-            raise ValueError("state.var must be finite and >= 0")
-    return TimestepNormState(count, mean.to(dtype), var.to(dtype))
-
-
 def _prepare(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, state: TimestepNormState | None,
              padding_mask: Tensor | None) -> tuple[Tensor, TimestepNormState, Tensor, Tensor, Tensor]:
-    """Checked inputs for both forms: x with padded steps zeroed, the incoming state, the per-step
-    moments m, v (B, L, G) and ``is_real`` (B, L)."""
-    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
+    """Checked inputs for both forms: x with padded steps zeroed, the incoming state in the
+    statistics dtype, the per-step moments m, v (B, L, G) and ``is_real`` (B, L)."""
+    validate.timestep_norm_inputs(x, weight, bias, num_groups, state, padding_mask)
+    dtype = statistics_dtype(x.dtype)
+    if state is None:
+        state = initial_timestep_norm_state(x.shape[0], num_groups, device=x.device, dtype=dtype)
+    else:
+        count, mean, var = state
+        state = TimestepNormState(count, mean.to(dtype), var.to(dtype))
     if padding_mask is None:
         is_real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     else:
@@ -607,27 +558,25 @@ class TimestepNorm(nn.Module):
     """Causal group normalisation with cumulative statistics (Megalodon §3.2).
 
     Args:
-        d_model: D, the number of channels.
-        num_groups: G, dividing D; each group of D/G consecutive channels shares statistics.
+        model_dim: D, the number of channels.
+        num_groups: G, dividing D; each group of D/G consecutive channels shares statistics (the
+            model's ``norm_num_groups``; the official module calls it ``num_groups`` too).
         eps: added to the variance before the reciprocal square root.
 
     ``forward(x (B, L, D), state, padding_mask (B, L) bool) -> (y (B, L, D), state)``; see
     :func:`timestep_norm`.
     """
 
-    def __init__(self, d_model: int, num_groups: int, eps: float = 1e-5) -> None:
+    def __init__(self, model_dim: int, num_groups: int, eps: float = 1e-5) -> None:
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if not isinstance(num_groups, int) or num_groups < 1 or d_model % num_groups != 0:
-            raise ValueError(f"num_groups must be a positive int dividing d_model={d_model}, got {num_groups!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
-        self.d_model = d_model
+        validate.positive_int("model_dim", model_dim)
+        validate.divides("num_groups", num_groups, "model_dim", model_dim)
+        validate.positive_number("eps", eps)
+        self.model_dim = model_dim
         self.num_groups = num_groups
         self.eps = float(eps)
-        self.weight = nn.Parameter(torch.zeros(d_model))   # applied as weight + 1
-        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.weight = nn.Parameter(torch.zeros(model_dim))   # applied as weight + 1
+        self.bias = nn.Parameter(torch.zeros(model_dim))
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> TimestepNormState:
         """The state before any step: count (B,) 0, mean (B, G) 0, var (B, G) 1, float32."""
@@ -637,12 +586,11 @@ class TimestepNorm(nn.Module):
     def forward(self, x: Tensor, state: TimestepNormState | None = None,
                 padding_mask: Tensor | None = None) -> tuple[Tensor, TimestepNormState]:
         """Normalise x (B, L, D) with statistics over steps <= t; return y (B, L, D) and the new state."""
-        if isinstance(x, Tensor) and x.dim() == 3 and x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have d_model={self.d_model} channels in its last dim, got {tuple(x.shape)}")
+        validate.channels("x", x, "model_dim", self.model_dim)
         return timestep_norm(x, self.weight, self.bias, self.num_groups, state, padding_mask, self.eps)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_groups={self.num_groups}, eps={self.eps}"
+        return f"model_dim={self.model_dim}, num_groups={self.num_groups}, eps={self.eps}"
 
 
 # %% [markdown]

@@ -98,6 +98,12 @@ def one_of(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def channels(name: str, x: object, size_name: str, size: int) -> None:
+    """ValueError when a (B, L, D) tensor has D != size (other problems are left to the full check)."""
+    if isinstance(x, Tensor) and x.dim() == 3 and x.shape[-1] != size:
+        raise ValueError(f"{name} must have {size_name}={size} channels in its last dim, got {tuple(x.shape)}")
+
+
 def sequence(name: str, x: object, channels: int | None = None) -> Tensor:
     """A (B, L, D) floating tensor with at least one step; D = ``channels`` when given."""
     float_tensor(name, x)

@@ -333,11 +333,11 @@ def test_module_contract() -> None:
 def test_bad_input_errors() -> None:
     with pytest.raises(ValueError, match="num_groups"):
         TimestepNorm(10, 3)
-    with pytest.raises(ValueError, match="d_model"):
+    with pytest.raises(ValueError, match="model_dim"):
         TimestepNorm(0, 1)
     norm = TimestepNorm(8, 2)
     x = torch.randn(2, 5, 8)
-    with pytest.raises(ValueError, match="d_model=8"):
+    with pytest.raises(ValueError, match="model_dim=8"):
         norm(torch.randn(2, 5, 6))
     with pytest.raises(ValueError, match=r"x must have shape \(B, L, D\)"):
         norm(torch.randn(5, 8))
@@ -372,11 +372,11 @@ def test_wrong_types_and_dtypes_raise_type_error() -> None:
     norm = TimestepNorm(8, 2)
     x = torch.randn(2, 5, 8)
     good = norm.initial_state(2)
-    with pytest.raises(TypeError, match="x must be a floating-point"):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         norm(x.tolist())
     with pytest.raises(TypeError, match="x must be a floating-point"):
         norm(x.to(torch.complex64))
-    with pytest.raises(TypeError, match="weight must be a floating-point"):
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         timestep_norm(x, [0.0] * 8, torch.zeros(8), 2)
     with pytest.raises(TypeError, match="bias must be a floating-point"):
         timestep_norm(x, torch.zeros(8), torch.zeros(8, dtype=torch.int64), 2)
@@ -385,7 +385,7 @@ def test_wrong_types_and_dtypes_raise_type_error() -> None:
             norm(x, good._replace(count=count))
     with pytest.raises(TypeError, match="state.mean must be a floating-point"):
         norm(x, good._replace(mean=torch.zeros(2, 2, dtype=torch.int64)))
-    with pytest.raises(TypeError, match="state.var must be a floating-point"):
+    with pytest.raises(TypeError, match="state.var must be a torch.Tensor"):
         norm(x, good._replace(var=good.var.numpy()))
 
 
