@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megalodon_lite import validate
+
 NORM_EPS = 1e-5
 """The official code's normalisation epsilon (``ModelConf.norm_eps``)."""
 
@@ -76,13 +78,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs, the input's own dtype otherwise (float32, float64)."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def _check_float_tensor(name: str, x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 class RMSNorm(nn.Module):
@@ -100,10 +95,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = NORM_EPS, affine: bool = True) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        validate.positive_int("dim", dim)
+        validate.positive_number("eps", eps)
         self.dim = dim
         self.eps = float(eps)
         self.affine = affine
@@ -114,9 +107,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., dim) -> (..., dim), same dtype."""
-        _check_float_tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have last dimension {self.dim}, got shape {tuple(x.shape)}")
+        validate.last_dim("x", x, self.dim)
         xc = x.to(_compute_dtype(x.dtype))
         y = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         if self.weight is not None:
@@ -256,23 +247,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 2 or dim % 2:
-            raise ValueError(f"dim must be a positive even int (channels are rotated in pairs), got {dim!r}")
-        if not base > 1:
-            raise ValueError(f"base must be greater than 1, got {base!r}")
+        validate.rotary_shape(dim, base)
         self.dim = dim
         self.base = float(base)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x (..., L, dim) and integer positions (L,) -> rotated x (..., L, dim), same dtype."""
-        _check_float_tensor("x", x)
-        if x.dim() < 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (..., L, {self.dim}), got {tuple(x.shape)}")
-        if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.is_complex():
-            raise TypeError("positions must be an integer tensor")
-        if positions.dim() != 1 or positions.shape[0] != x.shape[-2]:
-            raise ValueError(f"positions must have shape ({x.shape[-2]},) to match x's length, "
-                             f"got {tuple(positions.shape)}")
+        validate.rotary_inputs(x, positions, self.dim)
         exponents = torch.arange(0, self.dim, 2, dtype=torch.float64, device=x.device) / self.dim
         angles = positions.to(device=x.device, dtype=torch.float64)[:, None] * self.base ** -exponents
         dtype = _compute_dtype(x.dtype)
@@ -436,6 +417,50 @@ class ChunkKVCache:
                    torch.zeros(batch, num_heads, 0, v_head_dim, dtype=dtype, device=device))
 
 
+# %% [markdown]
+# With the cache, attention over a piece of a stream is two calls at most: the tokens that finish
+# the cached chunk attend to the cache and to each other, and the rest start fresh chunks. The
+# new cache is whatever is left after the last chunk boundary.
+
+# %% tags=["export:attention"]
+def chunk_causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkKVCache, chunk_size: int,
+                           **kwargs) -> tuple[Tensor, ChunkKVCache]:
+    """Causal attention inside chunks of ``chunk_size`` for tokens that continue a cached chunk.
+
+    Args:
+        q, k: (B, H, L, dz) post-RoPE queries and keys of the new tokens, L >= 1.
+        v: (B, H, L, dv) their values.
+        cache: the n < chunk_size tokens of the current chunk seen so far (n = 0: a fresh chunk).
+        kwargs: ``dropout_p`` and ``use_sdpa``, passed to :func:`causal_attention`.
+
+    Returns:
+        O (B, H, L, dv), and the cache after these tokens (n' = (n + L) mod chunk_size tokens).
+    """
+    length, n_cached = q.shape[2], cache.length
+    out = []
+    head = min(length, chunk_size - n_cached) if n_cached else 0  # tokens that finish the cached chunk
+    if head:
+        k_head = torch.cat([cache.k, k[:, :, :head]], dim=2)
+        v_head = torch.cat([cache.v, v[:, :, :head]], dim=2)
+        out.append(causal_attention(q[:, :, :head], k_head, v_head, **kwargs))
+    if head < length:
+        out.append(_chunks_from_start(q[:, :, head:], k[:, :, head:], v[:, :, head:], chunk_size, **kwargs))
+    o = out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    if n_cached + length < chunk_size:  # the chunk is still unfinished: keep all of it
+        new_cache = ChunkKVCache(k_head, v_head) if head else ChunkKVCache(k.contiguous(), v.contiguous())
+    else:  # keep the tokens after the last boundary (copied, so the rest can be freed)
+        tail = (n_cached + length) % chunk_size
+        new_cache = ChunkKVCache(k[:, :, length - tail:].clone(memory_format=torch.contiguous_format),
+                                 v[:, :, length - tail:].clone(memory_format=torch.contiguous_format))
+    return o, new_cache
+
+
+# %% [markdown]
+# The module puts the pieces of this chapter together: per-head RMSNorm of $z$, the learned
+# affine that makes $q$ and $k$, RoPE at the position inside the chunk (which the cache length
+# gives), and the chunked attention with its cache.
+
 # %% tags=["export:attention"]
 class ChunkAttention(nn.Module):
     """Megalodon's normalized attention inside chunks, with a KV cache for streaming.
@@ -447,7 +472,7 @@ class ChunkAttention(nn.Module):
 
     Args:
         z_dim: size of the shared representation z, split into ``num_heads`` heads of dz.
-        v_dim: size of the values v, split into ``num_heads`` heads of dv.
+        value_dim: size of the values v, split into ``num_heads`` heads of dv.
         num_heads: H.
         chunk_size: c, tokens per attention chunk.
         rope_base: RoPE wavelength base.
@@ -458,22 +483,12 @@ class ChunkAttention(nn.Module):
         use_sdpa: True (default) for PyTorch's fused attention, False for explicit matmuls.
     """
 
-    def __init__(self, z_dim: int, v_dim: int, num_heads: int, chunk_size: int,
+    def __init__(self, z_dim: int, value_dim: int, num_heads: int, chunk_size: int,
                  rope_base: float = 10000.0, attention_dropout: float = 0.0) -> None:
         super().__init__()
-        for name, value in (("z_dim", z_dim), ("v_dim", v_dim), ("num_heads", num_heads),
-                            ("chunk_size", chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if z_dim % num_heads or v_dim % num_heads:
-            raise ValueError(f"z_dim ({z_dim}) and v_dim ({v_dim}) must be divisible by num_heads ({num_heads})")
-        if (z_dim // num_heads) % 2:
-            raise ValueError(f"z_dim / num_heads must be even (RoPE rotates channel pairs), got "
-                             f"{z_dim} / {num_heads} = {z_dim // num_heads}")
-        if not 0.0 <= attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
-        self.z_dim, self.v_dim, self.num_heads, self.chunk_size = z_dim, v_dim, num_heads, chunk_size
-        self.z_head_dim, self.v_head_dim = z_dim // num_heads, v_dim // num_heads
+        validate.chunk_attention_shapes(z_dim, value_dim, num_heads, chunk_size, attention_dropout)
+        self.z_dim, self.value_dim, self.num_heads, self.chunk_size = z_dim, value_dim, num_heads, chunk_size
+        self.z_head_dim, self.v_head_dim = z_dim // num_heads, value_dim // num_heads
         self.attention_dropout = attention_dropout
         self.use_sdpa = True
         self.z_norm = RMSNorm(self.z_head_dim, eps=NORM_EPS, affine=False)
@@ -481,87 +496,40 @@ class ChunkAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(2, num_heads, self.z_head_dim))
         self.beta = nn.Parameter(torch.zeros(2, num_heads, self.z_head_dim))
 
-    def _check(self, z: Tensor, v: Tensor, cache: ChunkKVCache | None) -> None:
-        _check_float_tensor("z", z)
-        _check_float_tensor("v", v)
-        if z.dim() != 3 or z.shape[-1] != self.z_dim:
-            raise ValueError(f"z must have shape (B, L, {self.z_dim}), got {tuple(z.shape)}")
-        if v.dim() != 3 or v.shape[-1] != self.v_dim:
-            raise ValueError(f"v must have shape (B, L, {self.v_dim}), got {tuple(v.shape)}")
-        if v.shape[:2] != z.shape[:2]:
-            raise ValueError(f"z and v must have the same batch and length, got {tuple(z.shape[:2])} "
-                             f"and {tuple(v.shape[:2])}")
-        if v.dtype != z.dtype or v.device != z.device:
-            raise TypeError(f"z and v must share dtype and device, got {z.dtype} on {z.device} "
-                            f"and {v.dtype} on {v.device}")
-        if cache is None:
-            return
-        if not isinstance(cache, ChunkKVCache):
-            raise TypeError(f"cache must be a ChunkKVCache or None, got {type(cache).__name__}")
-        _check_float_tensor("cache.k", cache.k)
-        _check_float_tensor("cache.v", cache.v)
-        batch, heads = z.shape[0], self.num_heads
-        n = cache.k.shape[2] if cache.k.dim() == 4 else -1
-        if cache.k.shape != (batch, heads, n, self.z_head_dim) or cache.v.shape != (batch, heads, n, self.v_head_dim):
-            raise ValueError(f"cache must hold k (B={batch}, H={heads}, n, dz={self.z_head_dim}) and v "
-                             f"(B, H, n, dv={self.v_head_dim}), got {tuple(cache.k.shape)} and {tuple(cache.v.shape)}")
-        if n >= self.chunk_size:
-            raise ValueError(f"cache must hold fewer than chunk_size={self.chunk_size} tokens, got {n}")
-        if (cache.k.dtype != z.dtype or cache.v.dtype != z.dtype or cache.k.device != z.device
-                or cache.v.device != z.device):
-            raise TypeError(f"cache must have z's dtype and device ({z.dtype} on {z.device}), "
-                            f"got {cache.k.dtype}/{cache.v.dtype} on {cache.k.device}/{cache.v.device}")
-
     def forward(self, z: Tensor, v: Tensor, cache: ChunkKVCache | None = None) -> tuple[Tensor, ChunkKVCache]:
         """Attention output and the cache for the next call.
 
         Args:
             z: (B, L, z_dim) shared representation.
-            v: (B, L, v_dim) values.
+            v: (B, L, value_dim) values.
             cache: the chunk so far (None: the sequence starts at position 0 of a chunk). L need not
                 be a multiple of chunk_size; with a cache of n tokens the first ``chunk_size - n``
                 new tokens finish that chunk.
 
         Returns:
-            O: (B, L, v_dim) attention output (before any gate), z's dtype.
+            O: (B, L, value_dim) attention output (before any gate), z's dtype.
             cache: the unfinished chunk after these tokens (n' = (n + L) mod chunk_size tokens).
         """
-        self._check(z, v, cache)
+        validate.chunk_attention_inputs(z, v, cache, ChunkKVCache, z_dim=self.z_dim, value_dim=self.value_dim,
+                                        num_heads=self.num_heads, chunk_size=self.chunk_size)
         batch, length, _ = z.shape
-        heads, c = self.num_heads, self.chunk_size
+        heads = self.num_heads
         if cache is None:
             cache = ChunkKVCache.empty(batch, heads, self.z_head_dim, self.v_head_dim, dtype=z.dtype, device=z.device)
-        n_cached = cache.length
         if length == 0:
-            return v.new_zeros(batch, 0, self.v_dim), cache
+            return v.new_zeros(batch, 0, self.value_dim), cache
 
         q, k = normalized_qk(self.z_norm(z.unflatten(-1, (heads, self.z_head_dim))), self.gamma, self.beta)
-        positions = (n_cached + torch.arange(length, device=z.device)) % c
+        positions = (cache.length + torch.arange(length, device=z.device)) % self.chunk_size
         q = self.rope(q.transpose(1, 2), positions)  # (B, H, L, dz)
         k = self.rope(k.transpose(1, 2), positions)
         v = v.unflatten(-1, (heads, self.v_head_dim)).transpose(1, 2)  # (B, H, L, dv)
-        kwargs = {"dropout_p": self.attention_dropout if self.training else 0.0, "use_sdpa": self.use_sdpa}
-
-        out = []
-        head = min(length, c - n_cached) if n_cached else 0  # tokens that finish the cached chunk
-        if head:
-            k_head = torch.cat([cache.k, k[:, :, :head]], dim=2)
-            v_head = torch.cat([cache.v, v[:, :, :head]], dim=2)
-            out.append(causal_attention(q[:, :, :head], k_head, v_head, **kwargs))
-        if head < length:
-            out.append(_chunks_from_start(q[:, :, head:], k[:, :, head:], v[:, :, head:], c, **kwargs))
-        o = out[0] if len(out) == 1 else torch.cat(out, dim=2)
-
-        if n_cached + length < c:  # the chunk is still unfinished: keep all of it
-            new_cache = ChunkKVCache(k_head, v_head) if head else ChunkKVCache(k.contiguous(), v.contiguous())
-        else:  # keep the tokens after the last boundary (copied, so the rest can be freed)
-            tail = (n_cached + length) % c
-            new_cache = ChunkKVCache(k[:, :, length - tail:].clone(memory_format=torch.contiguous_format),
-                                     v[:, :, length - tail:].clone(memory_format=torch.contiguous_format))
-        return o.transpose(1, 2).reshape(batch, length, self.v_dim), new_cache
+        o, cache = chunk_causal_attention(q, k, v, cache, self.chunk_size, use_sdpa=self.use_sdpa,
+                                          dropout_p=self.attention_dropout if self.training else 0.0)
+        return o.transpose(1, 2).reshape(batch, length, self.value_dim), cache
 
     def extra_repr(self) -> str:
-        return (f"z_dim={self.z_dim}, v_dim={self.v_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
+        return (f"z_dim={self.z_dim}, value_dim={self.value_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
                 f"dropout={self.attention_dropout}")
 
 
@@ -593,16 +561,16 @@ def chunk_attention_reference(z, v, gamma, beta, num_heads, chunk_size, eps=1e-5
     return (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, -1)
 
 
-B, H, z_dim, v_dim = 2, 2, 32, 48
+B, H, z_dim, value_dim = 2, 2, 32, 48
 c = pick(smoke=16, full=1024)
 L = pick(smoke=75, full=3 * 1024 + 333)
-attn = ChunkAttention(z_dim, v_dim, H, c).to(device=device, dtype=torch.float64)
+attn = ChunkAttention(z_dim, value_dim, H, c).to(device=device, dtype=torch.float64)
 with torch.no_grad():  # move gamma, beta away from their zero init, so the check sees them
     attn.gamma.normal_(0, 0.5)
     attn.beta.normal_(0, 0.5)
 z = (2 * torch.randn(B, L, z_dim, device=device, dtype=torch.float64) + 0.5).requires_grad_()
-v = torch.randn(B, L, v_dim, device=device, dtype=torch.float64).requires_grad_()
-grad_out = torch.randn(B, L, v_dim, device=device, dtype=torch.float64)
+v = torch.randn(B, L, value_dim, device=device, dtype=torch.float64).requires_grad_()
+grad_out = torch.randn(B, L, value_dim, device=device, dtype=torch.float64)
 
 ref = chunk_attention_reference(z, v, attn.gamma, attn.beta, H, c)
 ref_grads = torch.autograd.grad(ref, (z, v, attn.gamma, attn.beta), grad_out)
@@ -627,8 +595,8 @@ assert torch.allclose(no_restart, ref, atol=1e-10)
 # In float32, the fused and the explicit paths agree to float32 rounding of sums over a chunk:
 
 # %%
-attn32 = ChunkAttention(z_dim, v_dim, H, c).to(device)
-z32, v32 = torch.randn(B, L, z_dim, device=device), torch.randn(B, L, v_dim, device=device)
+attn32 = ChunkAttention(z_dim, value_dim, H, c).to(device)
+z32, v32 = torch.randn(B, L, z_dim, device=device), torch.randn(B, L, value_dim, device=device)
 fast, _ = attn32(z32, v32)
 attn32.use_sdpa = False
 slow, _ = attn32(z32, v32)
@@ -640,7 +608,7 @@ assert torch.allclose(fast, slow, atol=1e-5)
 # a partial chunk. Each chunk is a lower triangle on the diagonal, and nothing outside.
 
 # %%
-small = ChunkAttention(z_dim=16, v_dim=40, num_heads=1, chunk_size=12).double()
+small = ChunkAttention(z_dim=16, value_dim=40, num_heads=1, chunk_size=12).double()
 zs = torch.randn(1, 40, 16, dtype=torch.float64)
 eye = torch.eye(40, dtype=torch.float64)[None]  # v = identity: O_t is row t of the probabilities
 with torch.no_grad():
@@ -761,7 +729,7 @@ assert slopes["chunk attention"] < slopes["full causal attention"] - 0.25, slope
 
 # %% tags=["gpu"]
 cuda = require_cuda()
-attn_bf16 = ChunkAttention(z_dim, v_dim, H, c).to(cuda)
+attn_bf16 = ChunkAttention(z_dim, value_dim, H, c).to(cuda)
 with torch.no_grad():
     attn_bf16.gamma.copy_(attn.gamma)
     attn_bf16.beta.copy_(attn.beta)

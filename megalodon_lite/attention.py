@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megalodon_lite import validate
+
 NORM_EPS = 1e-5
 """The official code's normalisation epsilon (``ModelConf.norm_eps``)."""
 
@@ -22,13 +24,6 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs, the input's own dtype otherwise (float32, float64)."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def _check_float_tensor(name: str, x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 class RMSNorm(nn.Module):
@@ -46,10 +41,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = NORM_EPS, affine: bool = True) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        validate.positive_int("dim", dim)
+        validate.positive_number("eps", eps)
         self.dim = dim
         self.eps = float(eps)
         self.affine = affine
@@ -60,9 +53,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., dim) -> (..., dim), same dtype."""
-        _check_float_tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have last dimension {self.dim}, got shape {tuple(x.shape)}")
+        validate.last_dim("x", x, self.dim)
         xc = x.to(_compute_dtype(x.dtype))
         y = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         if self.weight is not None:
@@ -106,23 +97,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 2 or dim % 2:
-            raise ValueError(f"dim must be a positive even int (channels are rotated in pairs), got {dim!r}")
-        if not base > 1:
-            raise ValueError(f"base must be greater than 1, got {base!r}")
+        validate.rotary_shape(dim, base)
         self.dim = dim
         self.base = float(base)
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x (..., L, dim) and integer positions (L,) -> rotated x (..., L, dim), same dtype."""
-        _check_float_tensor("x", x)
-        if x.dim() < 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (..., L, {self.dim}), got {tuple(x.shape)}")
-        if not isinstance(positions, Tensor) or positions.is_floating_point() or positions.is_complex():
-            raise TypeError("positions must be an integer tensor")
-        if positions.dim() != 1 or positions.shape[0] != x.shape[-2]:
-            raise ValueError(f"positions must have shape ({x.shape[-2]},) to match x's length, "
-                             f"got {tuple(positions.shape)}")
+        validate.rotary_inputs(x, positions, self.dim)
         exponents = torch.arange(0, self.dim, 2, dtype=torch.float64, device=x.device) / self.dim
         angles = positions.to(device=x.device, dtype=torch.float64)[:, None] * self.base ** -exponents
         dtype = _compute_dtype(x.dtype)
@@ -221,7 +202,40 @@ class ChunkKVCache:
         return cls(torch.zeros(batch, num_heads, 0, z_head_dim, dtype=dtype, device=device),
                    torch.zeros(batch, num_heads, 0, v_head_dim, dtype=dtype, device=device))
 
-# %% chapters/06_chunk_attention.py cell 19 · §4 Attention inside chunks
+# %% chapters/06_chunk_attention.py cell 20 · §4 Attention inside chunks
+def chunk_causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkKVCache, chunk_size: int,
+                           **kwargs) -> tuple[Tensor, ChunkKVCache]:
+    """Causal attention inside chunks of ``chunk_size`` for tokens that continue a cached chunk.
+
+    Args:
+        q, k: (B, H, L, dz) post-RoPE queries and keys of the new tokens, L >= 1.
+        v: (B, H, L, dv) their values.
+        cache: the n < chunk_size tokens of the current chunk seen so far (n = 0: a fresh chunk).
+        kwargs: ``dropout_p`` and ``use_sdpa``, passed to :func:`causal_attention`.
+
+    Returns:
+        O (B, H, L, dv), and the cache after these tokens (n' = (n + L) mod chunk_size tokens).
+    """
+    length, n_cached = q.shape[2], cache.length
+    out = []
+    head = min(length, chunk_size - n_cached) if n_cached else 0  # tokens that finish the cached chunk
+    if head:
+        k_head = torch.cat([cache.k, k[:, :, :head]], dim=2)
+        v_head = torch.cat([cache.v, v[:, :, :head]], dim=2)
+        out.append(causal_attention(q[:, :, :head], k_head, v_head, **kwargs))
+    if head < length:
+        out.append(_chunks_from_start(q[:, :, head:], k[:, :, head:], v[:, :, head:], chunk_size, **kwargs))
+    o = out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    if n_cached + length < chunk_size:  # the chunk is still unfinished: keep all of it
+        new_cache = ChunkKVCache(k_head, v_head) if head else ChunkKVCache(k.contiguous(), v.contiguous())
+    else:  # keep the tokens after the last boundary (copied, so the rest can be freed)
+        tail = (n_cached + length) % chunk_size
+        new_cache = ChunkKVCache(k[:, :, length - tail:].clone(memory_format=torch.contiguous_format),
+                                 v[:, :, length - tail:].clone(memory_format=torch.contiguous_format))
+    return o, new_cache
+
+# %% chapters/06_chunk_attention.py cell 22 · §4 Attention inside chunks
 class ChunkAttention(nn.Module):
     """Megalodon's normalized attention inside chunks, with a KV cache for streaming.
 
@@ -232,7 +246,7 @@ class ChunkAttention(nn.Module):
 
     Args:
         z_dim: size of the shared representation z, split into ``num_heads`` heads of dz.
-        v_dim: size of the values v, split into ``num_heads`` heads of dv.
+        value_dim: size of the values v, split into ``num_heads`` heads of dv.
         num_heads: H.
         chunk_size: c, tokens per attention chunk.
         rope_base: RoPE wavelength base.
@@ -243,22 +257,12 @@ class ChunkAttention(nn.Module):
         use_sdpa: True (default) for PyTorch's fused attention, False for explicit matmuls.
     """
 
-    def __init__(self, z_dim: int, v_dim: int, num_heads: int, chunk_size: int,
+    def __init__(self, z_dim: int, value_dim: int, num_heads: int, chunk_size: int,
                  rope_base: float = 10000.0, attention_dropout: float = 0.0) -> None:
         super().__init__()
-        for name, value in (("z_dim", z_dim), ("v_dim", v_dim), ("num_heads", num_heads),
-                            ("chunk_size", chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if z_dim % num_heads or v_dim % num_heads:
-            raise ValueError(f"z_dim ({z_dim}) and v_dim ({v_dim}) must be divisible by num_heads ({num_heads})")
-        if (z_dim // num_heads) % 2:
-            raise ValueError(f"z_dim / num_heads must be even (RoPE rotates channel pairs), got "
-                             f"{z_dim} / {num_heads} = {z_dim // num_heads}")
-        if not 0.0 <= attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
-        self.z_dim, self.v_dim, self.num_heads, self.chunk_size = z_dim, v_dim, num_heads, chunk_size
-        self.z_head_dim, self.v_head_dim = z_dim // num_heads, v_dim // num_heads
+        validate.chunk_attention_shapes(z_dim, value_dim, num_heads, chunk_size, attention_dropout)
+        self.z_dim, self.value_dim, self.num_heads, self.chunk_size = z_dim, value_dim, num_heads, chunk_size
+        self.z_head_dim, self.v_head_dim = z_dim // num_heads, value_dim // num_heads
         self.attention_dropout = attention_dropout
         self.use_sdpa = True
         self.z_norm = RMSNorm(self.z_head_dim, eps=NORM_EPS, affine=False)
@@ -266,85 +270,38 @@ class ChunkAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(2, num_heads, self.z_head_dim))
         self.beta = nn.Parameter(torch.zeros(2, num_heads, self.z_head_dim))
 
-    def _check(self, z: Tensor, v: Tensor, cache: ChunkKVCache | None) -> None:
-        _check_float_tensor("z", z)
-        _check_float_tensor("v", v)
-        if z.dim() != 3 or z.shape[-1] != self.z_dim:
-            raise ValueError(f"z must have shape (B, L, {self.z_dim}), got {tuple(z.shape)}")
-        if v.dim() != 3 or v.shape[-1] != self.v_dim:
-            raise ValueError(f"v must have shape (B, L, {self.v_dim}), got {tuple(v.shape)}")
-        if v.shape[:2] != z.shape[:2]:
-            raise ValueError(f"z and v must have the same batch and length, got {tuple(z.shape[:2])} "
-                             f"and {tuple(v.shape[:2])}")
-        if v.dtype != z.dtype or v.device != z.device:
-            raise TypeError(f"z and v must share dtype and device, got {z.dtype} on {z.device} "
-                            f"and {v.dtype} on {v.device}")
-        if cache is None:
-            return
-        if not isinstance(cache, ChunkKVCache):
-            raise TypeError(f"cache must be a ChunkKVCache or None, got {type(cache).__name__}")
-        _check_float_tensor("cache.k", cache.k)
-        _check_float_tensor("cache.v", cache.v)
-        batch, heads = z.shape[0], self.num_heads
-        n = cache.k.shape[2] if cache.k.dim() == 4 else -1
-        if cache.k.shape != (batch, heads, n, self.z_head_dim) or cache.v.shape != (batch, heads, n, self.v_head_dim):
-            raise ValueError(f"cache must hold k (B={batch}, H={heads}, n, dz={self.z_head_dim}) and v "
-                             f"(B, H, n, dv={self.v_head_dim}), got {tuple(cache.k.shape)} and {tuple(cache.v.shape)}")
-        if n >= self.chunk_size:
-            raise ValueError(f"cache must hold fewer than chunk_size={self.chunk_size} tokens, got {n}")
-        if (cache.k.dtype != z.dtype or cache.v.dtype != z.dtype or cache.k.device != z.device
-                or cache.v.device != z.device):
-            raise TypeError(f"cache must have z's dtype and device ({z.dtype} on {z.device}), "
-                            f"got {cache.k.dtype}/{cache.v.dtype} on {cache.k.device}/{cache.v.device}")
-
     def forward(self, z: Tensor, v: Tensor, cache: ChunkKVCache | None = None) -> tuple[Tensor, ChunkKVCache]:
         """Attention output and the cache for the next call.
 
         Args:
             z: (B, L, z_dim) shared representation.
-            v: (B, L, v_dim) values.
+            v: (B, L, value_dim) values.
             cache: the chunk so far (None: the sequence starts at position 0 of a chunk). L need not
                 be a multiple of chunk_size; with a cache of n tokens the first ``chunk_size - n``
                 new tokens finish that chunk.
 
         Returns:
-            O: (B, L, v_dim) attention output (before any gate), z's dtype.
+            O: (B, L, value_dim) attention output (before any gate), z's dtype.
             cache: the unfinished chunk after these tokens (n' = (n + L) mod chunk_size tokens).
         """
-        self._check(z, v, cache)
+        validate.chunk_attention_inputs(z, v, cache, ChunkKVCache, z_dim=self.z_dim, value_dim=self.value_dim,
+                                        num_heads=self.num_heads, chunk_size=self.chunk_size)
         batch, length, _ = z.shape
-        heads, c = self.num_heads, self.chunk_size
+        heads = self.num_heads
         if cache is None:
             cache = ChunkKVCache.empty(batch, heads, self.z_head_dim, self.v_head_dim, dtype=z.dtype, device=z.device)
-        n_cached = cache.length
         if length == 0:
-            return v.new_zeros(batch, 0, self.v_dim), cache
+            return v.new_zeros(batch, 0, self.value_dim), cache
 
         q, k = normalized_qk(self.z_norm(z.unflatten(-1, (heads, self.z_head_dim))), self.gamma, self.beta)
-        positions = (n_cached + torch.arange(length, device=z.device)) % c
+        positions = (cache.length + torch.arange(length, device=z.device)) % self.chunk_size
         q = self.rope(q.transpose(1, 2), positions)  # (B, H, L, dz)
         k = self.rope(k.transpose(1, 2), positions)
         v = v.unflatten(-1, (heads, self.v_head_dim)).transpose(1, 2)  # (B, H, L, dv)
-        kwargs = {"dropout_p": self.attention_dropout if self.training else 0.0, "use_sdpa": self.use_sdpa}
-
-        out = []
-        head = min(length, c - n_cached) if n_cached else 0  # tokens that finish the cached chunk
-        if head:
-            k_head = torch.cat([cache.k, k[:, :, :head]], dim=2)
-            v_head = torch.cat([cache.v, v[:, :, :head]], dim=2)
-            out.append(causal_attention(q[:, :, :head], k_head, v_head, **kwargs))
-        if head < length:
-            out.append(_chunks_from_start(q[:, :, head:], k[:, :, head:], v[:, :, head:], c, **kwargs))
-        o = out[0] if len(out) == 1 else torch.cat(out, dim=2)
-
-        if n_cached + length < c:  # the chunk is still unfinished: keep all of it
-            new_cache = ChunkKVCache(k_head, v_head) if head else ChunkKVCache(k.contiguous(), v.contiguous())
-        else:  # keep the tokens after the last boundary (copied, so the rest can be freed)
-            tail = (n_cached + length) % c
-            new_cache = ChunkKVCache(k[:, :, length - tail:].clone(memory_format=torch.contiguous_format),
-                                     v[:, :, length - tail:].clone(memory_format=torch.contiguous_format))
-        return o.transpose(1, 2).reshape(batch, length, self.v_dim), new_cache
+        o, cache = chunk_causal_attention(q, k, v, cache, self.chunk_size, use_sdpa=self.use_sdpa,
+                                          dropout_p=self.attention_dropout if self.training else 0.0)
+        return o.transpose(1, 2).reshape(batch, length, self.value_dim), cache
 
     def extra_repr(self) -> str:
-        return (f"z_dim={self.z_dim}, v_dim={self.v_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
+        return (f"z_dim={self.z_dim}, value_dim={self.value_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
                 f"dropout={self.attention_dropout}")

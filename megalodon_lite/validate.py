@@ -229,6 +229,14 @@ def last_dim(name: str, x: object, size: int) -> Tensor:
     return x
 
 
+def rotary_shape(dim: object, base: object) -> None:
+    """RotaryEmbedding's constructor: an even number of channels (rotated in pairs), a base > 1."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+        raise ValueError(f"dim must be a positive even int (channels are rotated in pairs), got {dim!r}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+        raise ValueError(f"base must be greater than 1, got {base!r}")
+
+
 def rotary_inputs(x: Tensor, positions: Tensor, dim: int) -> None:
     """x a floating (..., L, dim) tensor; positions integer (L,)."""
     float_tensor("x", x)
@@ -254,13 +262,11 @@ def chunk_attention_shapes(z_dim: int, value_dim: int, num_heads: int, chunk_siz
         raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
 
 
-def chunk_attention_inputs(z: Tensor, v: Tensor, cache: Any, *, z_dim: int, value_dim: int, num_heads: int,
-                           chunk_size: int) -> None:
+def chunk_attention_inputs(z: Tensor, v: Tensor, cache: Any, cache_type: type, *, z_dim: int, value_dim: int,
+                           num_heads: int, chunk_size: int) -> None:
     """``ChunkAttention.forward``: z (B, L, z_dim) and v (B, L, value_dim) floating, same dtype and
-    device; cache None or a ChunkKVCache of k (B, H, n, z_dim/H) and v (B, H, n, value_dim/H) with
-    n < chunk_size, in z's dtype and on z's device."""
-    from megalodon_lite.attention import ChunkKVCache  # imported here: attention imports this module
-
+    device; cache None or a ``cache_type`` (the ChunkKVCache class) holding k (B, H, n, z_dim/H) and
+    v (B, H, n, value_dim/H) with n < chunk_size, in z's dtype and on z's device."""
     float_tensor("z", z)
     float_tensor("v", v)
     if z.dim() != 3 or z.shape[-1] != z_dim:
@@ -275,8 +281,8 @@ def chunk_attention_inputs(z: Tensor, v: Tensor, cache: Any, *, z_dim: int, valu
                         f"and {v.dtype} on {v.device}")
     if cache is None:
         return
-    if not isinstance(cache, ChunkKVCache):
-        raise TypeError(f"cache must be a ChunkKVCache or None, got {type(cache).__name__}")
+    if not isinstance(cache, cache_type):
+        raise TypeError(f"cache must be a {cache_type.__name__} or None, got {type(cache).__name__}")
     float_tensor("cache.k", cache.k)
     float_tensor("cache.v", cache.v)
     batch, z_head_dim, v_head_dim = z.shape[0], z_dim // num_heads, value_dim // num_heads

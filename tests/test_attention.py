@@ -46,7 +46,7 @@ def rope_ref(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) ->
 
 
 def chunk_attention_ref(z, v, gamma, beta, heads: int, chunk: int, base: float = 10000.0) -> torch.Tensor:
-    """Full L x L attention, block-diagonal causal mask, RoPE at t mod chunk; (B, L, v_dim)."""
+    """Full L x L attention, block-diagonal causal mask, RoPE at t mod chunk; (B, L, value_dim)."""
     b, length, _ = z.shape
     zh = z.to(F64).view(b, length, heads, -1).transpose(1, 2)  # (B, H, L, dz)
     dz = zh.shape[-1]
