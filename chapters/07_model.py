@@ -68,15 +68,8 @@ print("device:", device, "| smoke mode:", SMOKE)
 # (`value_dim / num_heads`), the RMS norm after the CEMA uses `norm_eps` like every other norm,
 # and there is an optional SwiGLU, a layer scale on the FFN (`rescale_nffn`: $0.1 \cdot 0.5^{\ell}$
 # at layer $\ell$), an embedding scale $\sqrt{D}$ (`scale_emb`) and a tied output head
-# (`share_emb`).
-#
-# The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19` (SwiGLU, scaled and
-# tied embeddings) and two 7B shapes, `mega7.1B` (SiLU FFN) and `mega7.3B` (SwiGLU FFN). Our
-# `mega7B` names the paper's Megalodon-7B: the `mega7.1B` shape with the paper's chunk size of
-# 4096 (every configuration in the repository uses 2048). The repository leaves `vocab_size` to
-# the tokenizer; the paper trains with LLaMA-2's, so our presets set its 32,000 tokens. We add
-# `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
-# (a byte-level model for the CPU).
+# (`share_emb`). The config checks its fields when it is built (one call into
+# `megalodon_lite/validate.py`), so a shape that cannot work fails there, naming the field.
 
 # %% tags=["export:config"]
 """The shape of a Megalodon language model: one dataclass, the official presets, validation.
@@ -91,92 +84,43 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from megalodon_lite import validate
+
 INIT_MODES = ("he", "bert", "xavier")
 """Weight initialisations of the linear layers, as ``megalodon/utils.py::get_init_fn`` names them."""
-
-_POSITIVE_INTS = ("vocab_size", "num_layers", "model_dim", "z_dim", "value_dim", "num_heads",
-                  "ffn_hidden_dim", "chunk_size", "norm_num_groups", "cema_ndim")
-_BOOLS = ("swiglu", "rescale_nffn", "scale_emb", "share_emb")
-_RATES = ("dropout", "attention_dropout", "hidden_dropout")
 
 
 @dataclass(frozen=True)
 class MegalodonConfig:
     """Shapes and options of a Megalodon language model (validated on construction).
 
-    Attributes:
-        vocab_size: V, number of token ids (embedding rows and logits).
-        num_layers: number of Megalodon blocks.
-        model_dim: D, width of the residual stream.
-        z_dim: width of the shared query/key projection z (split over ``num_heads``).
-        value_dim: width of the values and of the reset gate r (split over ``num_heads``).
-        num_heads: attention heads; each has ``z_dim/num_heads`` query/key and
-            ``value_dim/num_heads`` value channels.
-        ffn_hidden_dim: hidden width of the feed-forward network.
-        chunk_size: c, attention only sees keys of its own chunk of c tokens.
-        norm_num_groups: G, groups of the timestep norms (must divide ``model_dim``).
-        cema_ndim: N, complex EMA states per channel.
-        norm_eps: epsilon of every norm (timestep, RMS, layer norm).
-        rope_base: base of the rotary position embedding.
-        swiglu: FFN = W2 (SiLU(W1 x) ⊙ W3 x) instead of W2 SiLU(W1 x).
-        rescale_nffn: multiply the FFN output of layer l by a learned scale initialised to 0.1·0.5^l.
-        scale_emb: multiply the embeddings by sqrt(D).
-        share_emb: tie the output head to the embedding.
-        init_mode: initialisation of the block's linear layers ("he": kaiming-normal with a=√5).
-        dropout: on the embeddings and on each sub-layer's output.
-        attention_dropout: on the attention probabilities.
-        hidden_dropout: on mx, on the gated attention output and on the FFN hidden layer.
+    Field names and defaults follow the official ``ModelConf``; the comments give each field's
+    symbol in the paper, where it has one.
     """
 
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    z_dim: int
-    value_dim: int
-    num_heads: int
-    ffn_hidden_dim: int
-    chunk_size: int
-    norm_num_groups: int
-    cema_ndim: int = 16
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-    swiglu: bool = False
-    rescale_nffn: bool = False
-    scale_emb: bool = False
-    share_emb: bool = False
-    init_mode: str = "he"
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    vocab_size: int              # V: token ids (embedding rows and logits)
+    num_layers: int              # Megalodon blocks
+    model_dim: int               # D: width of the residual stream
+    z_dim: int                   # width of the shared query/key representation z, split over the heads
+    value_dim: int               # width of the values v and of the reset gate r, split over the heads
+    num_heads: int               # H: each head has z_dim/H query/key and value_dim/H value channels
+    ffn_hidden_dim: int          # hidden width of the feed-forward network
+    chunk_size: int              # c: attention sees only the keys of its own chunk of c tokens
+    norm_num_groups: int         # G: groups of the timestep norms (divides model_dim)
+    cema_ndim: int = 16          # N: complex EMA states per channel
+    norm_eps: float = 1e-5       # epsilon of every norm (timestep, RMS, layer norm)
+    rope_base: float = 10000.0   # base of the rotary position embedding
+    swiglu: bool = False         # FFN = W2 (SiLU(W1 u) ⊙ W3 u) instead of W2 SiLU(W1 u)
+    rescale_nffn: bool = False   # scale the FFN output of layer l by a learned vector, initially 0.1·0.5^l
+    scale_emb: bool = False      # multiply the embeddings by sqrt(D)
+    share_emb: bool = False      # tie the output head to the embedding
+    init_mode: str = "he"        # init of the block's linear layers ("he": kaiming-normal with a=√5)
+    dropout: float = 0.0         # on the embeddings and on each sub-layer's output
+    attention_dropout: float = 0.0  # on the attention probabilities
+    hidden_dropout: float = 0.0  # on mx, on the gated attention output and on the FFN hidden layer
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MegalodonConfig.{name} must be a positive int, got {value!r}")
-        for name in _BOOLS:
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"MegalodonConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in _RATES:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"MegalodonConfig.{name} must be a probability in [0, 1), got {value!r}")
-        for name in ("norm_eps", "rope_base"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"MegalodonConfig.{name} must be a positive number, got {value!r}")
-        if self.init_mode not in INIT_MODES:
-            raise ValueError(f"MegalodonConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
-        for name in ("z_dim", "value_dim"):
-            if getattr(self, name) % self.num_heads:
-                raise ValueError(f"MegalodonConfig.{name}={getattr(self, name)} must be divisible by "
-                                 f"num_heads={self.num_heads}")
-        if (self.z_dim // self.num_heads) % 2:
-            raise ValueError(f"MegalodonConfig.z_dim / num_heads = {self.z_dim // self.num_heads} must be even "
-                             "(rotary embedding rotates pairs of channels)")
-        if self.model_dim % self.norm_num_groups:
-            raise ValueError(f"MegalodonConfig.norm_num_groups={self.norm_num_groups} must divide "
-                             f"model_dim={self.model_dim}")
+        validate.megalodon_config(self, INIT_MODES)
 
     @property
     def z_head_dim(self) -> int:
@@ -195,17 +139,7 @@ class MegalodonConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MegalodonConfig:
         """Build a config from :meth:`to_dict` output; unknown or missing fields are named in the error."""
-        if not isinstance(values, dict):
-            raise TypeError(f"config values must be a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MegalodonConfig field(s): {', '.join(unknown)}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(values))
-        if missing:
-            raise ValueError(f"missing MegalodonConfig field(s): {', '.join(missing)}")
+        validate.dataclass_fields(cls, values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> MegalodonConfig:
@@ -217,6 +151,17 @@ class MegalodonConfig:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
+# %% [markdown]
+# **Presets.** The official repository registers `mega200M`, `mega1.3B`, `mega1.3B_pg19` (SwiGLU,
+# scaled and tied embeddings) and two 7B shapes, `mega7.1B` (SiLU FFN) and `mega7.3B` (SwiGLU FFN).
+# Our `mega7B` names the paper's Megalodon-7B: the `mega7.1B` shape with the paper's chunk size of
+# 4096 (every configuration in the repository uses 2048). The repository leaves `vocab_size` to
+# the tokenizer; the paper trains with LLaMA-2's, so our presets set its 32,000 tokens. We add
+# `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
+# (a byte-level model for the CPU). Each preset is a frozen config; `preset(name, **changes)`
+# returns a validated copy with some fields changed.
+
+# %% tags=["export:config"]
 _LLAMA2_VOCAB = 32_000
 
 PRESETS: dict[str, MegalodonConfig] = {
@@ -277,12 +222,7 @@ for bad in (dict(num_heads=3), dict(norm_num_groups=7), dict(dropout=1.0), dict(
 # * every bias with 0, and every norm scale with 0, applied as $(1 + w)$: a norm starts as the
 #   plain normalisation, and weight decay on $w$ pulls its scale towards 1, not towards 0.
 #
-# The feed-forward network (`MG:megalodon/modules/normalized_feedforward_network.py`) carries its
-# own LayerNorm (with the same "+1" scale) and has no biases:
-# $\mathrm{FFN}(y) = W_2\,\mathrm{SiLU}(W_1\,\mathrm{LN}(y))$, or with SwiGLU
-# $W_2\,(\mathrm{SiLU}(W_1\,\mathrm{LN}(y)) \odot W_3\,\mathrm{LN}(y))$. Its `forward` takes the
-# residual as a second argument: that is how the official code wires the two-hop residual, and it
-# lets us build the ordinary pre-norm block from the same parts in section 5.
+# (The CEMA and the attention draw their own parameters, chapters 04 and 06.)
 
 # %% tags=["export:model"]
 """The Megalodon language model (Ma et al. 2024, arXiv 2404.08801, §3), with streaming state.
@@ -305,6 +245,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megalodon_lite import validate
 from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm
 from megalodon_lite.cema import CEMA
 from megalodon_lite.config import INIT_MODES, MegalodonConfig
@@ -327,7 +268,15 @@ def embedding_init_(weight: Tensor) -> Tensor:
     std = 1.0 / math.sqrt(weight.shape[-1])
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
+# %% [markdown]
+# The feed-forward network (`MG:megalodon/modules/normalized_feedforward_network.py`) carries its
+# own LayerNorm (with the same "+1" scale) and has no biases:
+# $\mathrm{FFN}(y) = W_2\,\mathrm{SiLU}(W_1\,\mathrm{LN}(y))$, or with SwiGLU
+# $W_2\,(\mathrm{SiLU}(W_1\,\mathrm{LN}(y)) \odot W_3\,\mathrm{LN}(y))$. Its `forward` takes the
+# residual as a second argument: that is how the official code wires the two-hop residual, and it
+# lets us build the ordinary pre-norm block from the same parts in section 5.
 
+# %% tags=["export:model"]
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with the scale stored as 0 and applied as (1 + weight).
 
@@ -356,15 +305,15 @@ class NormalizedFFN(nn.Module):
     (the two-hop residual); passing ``residual=y`` gives the usual pre-norm sub-layer.
     """
 
-    def __init__(self, model_dim: int, hidden_dim: int, *, swiglu: bool = False, eps: float = 1e-5,
+    def __init__(self, model_dim: int, ffn_hidden_dim: int, *, swiglu: bool = False, eps: float = 1e-5,
                  dropout: float = 0.0, hidden_dropout: float = 0.0, layer_scale: float | None = None,
                  init_mode: str = "he") -> None:
         super().__init__()
         self.init_mode = init_mode
         self.norm = LayerNorm(model_dim, eps)
-        self.fc1 = nn.Linear(model_dim, hidden_dim, bias=False)
-        self.fc2 = nn.Linear(hidden_dim, model_dim, bias=False)
-        self.fc3 = nn.Linear(model_dim, hidden_dim, bias=False) if swiglu else None
+        self.fc1 = nn.Linear(model_dim, ffn_hidden_dim, bias=False)
+        self.fc2 = nn.Linear(ffn_hidden_dim, model_dim, bias=False)
+        self.fc3 = nn.Linear(model_dim, ffn_hidden_dim, bias=False) if swiglu else None
         self.dropout, self.hidden_dropout = dropout, hidden_dropout
         self.layer_scale_init = layer_scale
         self.alpha = None if layer_scale is None else nn.Parameter(torch.empty(model_dim))
@@ -491,6 +440,11 @@ class MegalodonState:
         return MegalodonState(layers, own_norm(self.final_norm))
 
 
+# %% [markdown]
+# The layer itself, in the order of the list above: each line of `forward` is one line of the
+# official forward.
+
+# %% tags=["export:model"]
 class MegalodonLayer(nn.Module):
     """The moving-average gated attention layer of Megalodon (official name
     ``MovingAverageGatedAttention``), residual included.
@@ -551,6 +505,11 @@ class MegalodonLayer(nn.Module):
         return h + x, LayerState(norm_state, h_last, kv)
 
 
+# %% [markdown]
+# The block adds the normalised FFN with the two-hop residual (Megalodon §3.4): the FFN's
+# residual is the block's input $x$, not the layer's output $y$ (section 5 shows why it matters).
+
+# %% tags=["export:model"]
 class MegalodonBlock(nn.Module):
     """Megalodon layer plus normalised FFN with the two-hop residual (Megalodon §3.4):
 
@@ -679,32 +638,12 @@ assert err < 1e-5, err  # float32 has a 6e-8 unit roundoff; a few hundred roundi
 # `forward(tokens, state)` always returns the new state, detached from the autograd graph: a stream
 # is read by calling the model again with that state, for as long as one likes. Malformed input
 # is refused with an error that names the argument.
+#
+# Generation needs one more piece first: drawing the next token from the logits of the last
+# position, greedily (`temperature=0`) or from the softmax at a temperature, optionally among the
+# `top_k` most likely tokens only.
 
 # %% tags=["export:model"]
-def check_tokens(tokens: object, vocab_size: int, name: str = "tokens") -> Tensor:
-    """Refuse anything but a non-empty (B, L) integer tensor of ids in [0, vocab_size)."""
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must hold integer token ids (torch.int64 or torch.int32), got {tokens.dtype}")
-    if tokens.ndim != 2:
-        raise ValueError(f"{name} must have shape (batch, length), got shape {tuple(tokens.shape)}")
-    if tokens.numel() == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(tokens.shape)}")
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"{name} must lie in [0, {vocab_size}) (vocab_size), got ids from {low} to {high}")
-    return tokens
-
-
-def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
-    """Refuse a negative temperature or a top_k outside [1, vocab_size]."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
-        raise ValueError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r}")
-
-
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row from logits (B, V) -> (B,) int64.
@@ -713,7 +652,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
     ``top_k`` largest logits when given (ties at the k-th value are kept). ``generator`` (on the
     logits' device) makes the draw reproducible.
     """
-    check_sampling(temperature, top_k, logits.shape[-1])
+    validate.sampling(temperature, top_k, logits.shape[-1])
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -725,6 +664,11 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+# %% [markdown]
+# The model: embedding, blocks, final norm and head, and `generate`, which reads a prompt through
+# the state and samples one token at a time with the function above.
+
+# %% tags=["export:model"]
 class MegalodonLM(nn.Module):
     """Megalodon language model: embedding -> blocks -> final TimestepNorm -> head.
 
@@ -735,8 +679,7 @@ class MegalodonLM(nn.Module):
 
     def __init__(self, config: MegalodonConfig) -> None:
         super().__init__()
-        if not isinstance(config, MegalodonConfig):
-            raise TypeError(f"config must be a MegalodonConfig, got {type(config).__name__}")
+        validate.instance("config", config, MegalodonConfig)
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.model_dim)
         self.blocks = nn.ModuleList(MegalodonBlock(config, i) for i in range(config.num_layers))
@@ -758,25 +701,15 @@ class MegalodonLM(nn.Module):
         nn.init.zeros_(self.final_norm.weight)
         nn.init.zeros_(self.final_norm.bias)
 
-    def _check_state(self, state: object, batch_size: int) -> MegalodonState:
-        if not isinstance(state, MegalodonState):
-            raise TypeError(f"state must be a MegalodonState (what forward returned) or None, "
-                            f"got {type(state).__name__}")
-        if len(state.layers) != len(self.blocks):
-            raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.blocks)}")
-        if state.batch_size != batch_size:
-            raise ValueError(f"state is for batch size {state.batch_size}, tokens have batch size {batch_size}")
-        return state
-
     def forward(self, tokens: Tensor, state: MegalodonState | None = None) -> tuple[Tensor, MegalodonState]:
         """tokens: (B, L) int64/int32 ids; state: None to start a stream, else the previous call's.
 
         Returns logits (B, L, V) in float32 (float64 for a float64 model) and the state after the
         last token (detached).
         """
-        check_tokens(tokens, self.config.vocab_size)
+        validate.tokens(tokens, self.config.vocab_size)
         if state is not None:
-            self._check_state(state, tokens.shape[0])
+            validate.megalodon_state(state, MegalodonState, len(self.blocks), tokens.shape[0])
         x = self.embed(tokens)
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)
@@ -800,10 +733,9 @@ class MegalodonLM(nn.Module):
         of the prompt or of the continuation. Runs in eval mode (no dropout) and restores the
         previous mode. See :func:`sample_next_token` for the sampling options.
         """
-        check_tokens(prompt, self.config.vocab_size, name="prompt")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k, self.config.vocab_size)
+        validate.tokens(prompt, self.config.vocab_size, name="prompt")
+        validate.non_negative_int("max_new_tokens", max_new_tokens)
+        validate.sampling(temperature, top_k, self.config.vocab_size)
         was_training = self.training
         self.eval()
         try:

@@ -14,92 +14,43 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from megalodon_lite import validate
+
 INIT_MODES = ("he", "bert", "xavier")
 """Weight initialisations of the linear layers, as ``megalodon/utils.py::get_init_fn`` names them."""
-
-_POSITIVE_INTS = ("vocab_size", "num_layers", "model_dim", "z_dim", "value_dim", "num_heads",
-                  "ffn_hidden_dim", "chunk_size", "norm_num_groups", "cema_ndim")
-_BOOLS = ("swiglu", "rescale_nffn", "scale_emb", "share_emb")
-_RATES = ("dropout", "attention_dropout", "hidden_dropout")
 
 
 @dataclass(frozen=True)
 class MegalodonConfig:
     """Shapes and options of a Megalodon language model (validated on construction).
 
-    Attributes:
-        vocab_size: V, number of token ids (embedding rows and logits).
-        num_layers: number of Megalodon blocks.
-        model_dim: D, width of the residual stream.
-        z_dim: width of the shared query/key projection z (split over ``num_heads``).
-        value_dim: width of the values and of the reset gate r (split over ``num_heads``).
-        num_heads: attention heads; each has ``z_dim/num_heads`` query/key and
-            ``value_dim/num_heads`` value channels.
-        ffn_hidden_dim: hidden width of the feed-forward network.
-        chunk_size: c, attention only sees keys of its own chunk of c tokens.
-        norm_num_groups: G, groups of the timestep norms (must divide ``model_dim``).
-        cema_ndim: N, complex EMA states per channel.
-        norm_eps: epsilon of every norm (timestep, RMS, layer norm).
-        rope_base: base of the rotary position embedding.
-        swiglu: FFN = W2 (SiLU(W1 x) ⊙ W3 x) instead of W2 SiLU(W1 x).
-        rescale_nffn: multiply the FFN output of layer l by a learned scale initialised to 0.1·0.5^l.
-        scale_emb: multiply the embeddings by sqrt(D).
-        share_emb: tie the output head to the embedding.
-        init_mode: initialisation of the block's linear layers ("he": kaiming-normal with a=√5).
-        dropout: on the embeddings and on each sub-layer's output.
-        attention_dropout: on the attention probabilities.
-        hidden_dropout: on mx, on the gated attention output and on the FFN hidden layer.
+    Field names and defaults follow the official ``ModelConf``; the comments give each field's
+    symbol in the paper, where it has one.
     """
 
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    z_dim: int
-    value_dim: int
-    num_heads: int
-    ffn_hidden_dim: int
-    chunk_size: int
-    norm_num_groups: int
-    cema_ndim: int = 16
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-    swiglu: bool = False
-    rescale_nffn: bool = False
-    scale_emb: bool = False
-    share_emb: bool = False
-    init_mode: str = "he"
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
+    vocab_size: int              # V: token ids (embedding rows and logits)
+    num_layers: int              # Megalodon blocks
+    model_dim: int               # D: width of the residual stream
+    z_dim: int                   # width of the shared query/key representation z, split over the heads
+    value_dim: int               # width of the values v and of the reset gate r, split over the heads
+    num_heads: int               # H: each head has z_dim/H query/key and value_dim/H value channels
+    ffn_hidden_dim: int          # hidden width of the feed-forward network
+    chunk_size: int              # c: attention sees only the keys of its own chunk of c tokens
+    norm_num_groups: int         # G: groups of the timestep norms (divides model_dim)
+    cema_ndim: int = 16          # N: complex EMA states per channel
+    norm_eps: float = 1e-5       # epsilon of every norm (timestep, RMS, layer norm)
+    rope_base: float = 10000.0   # base of the rotary position embedding
+    swiglu: bool = False         # FFN = W2 (SiLU(W1 u) ⊙ W3 u) instead of W2 SiLU(W1 u)
+    rescale_nffn: bool = False   # scale the FFN output of layer l by a learned vector, initially 0.1·0.5^l
+    scale_emb: bool = False      # multiply the embeddings by sqrt(D)
+    share_emb: bool = False      # tie the output head to the embedding
+    init_mode: str = "he"        # init of the block's linear layers ("he": kaiming-normal with a=√5)
+    dropout: float = 0.0         # on the embeddings and on each sub-layer's output
+    attention_dropout: float = 0.0  # on the attention probabilities
+    hidden_dropout: float = 0.0  # on mx, on the gated attention output and on the FFN hidden layer
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MegalodonConfig.{name} must be a positive int, got {value!r}")
-        for name in _BOOLS:
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"MegalodonConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in _RATES:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"MegalodonConfig.{name} must be a probability in [0, 1), got {value!r}")
-        for name in ("norm_eps", "rope_base"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"MegalodonConfig.{name} must be a positive number, got {value!r}")
-        if self.init_mode not in INIT_MODES:
-            raise ValueError(f"MegalodonConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
-        for name in ("z_dim", "value_dim"):
-            if getattr(self, name) % self.num_heads:
-                raise ValueError(f"MegalodonConfig.{name}={getattr(self, name)} must be divisible by "
-                                 f"num_heads={self.num_heads}")
-        if (self.z_dim // self.num_heads) % 2:
-            raise ValueError(f"MegalodonConfig.z_dim / num_heads = {self.z_dim // self.num_heads} must be even "
-                             "(rotary embedding rotates pairs of channels)")
-        if self.model_dim % self.norm_num_groups:
-            raise ValueError(f"MegalodonConfig.norm_num_groups={self.norm_num_groups} must divide "
-                             f"model_dim={self.model_dim}")
+        validate.megalodon_config(self, INIT_MODES)
 
     @property
     def z_head_dim(self) -> int:
@@ -118,17 +69,7 @@ class MegalodonConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MegalodonConfig:
         """Build a config from :meth:`to_dict` output; unknown or missing fields are named in the error."""
-        if not isinstance(values, dict):
-            raise TypeError(f"config values must be a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MegalodonConfig field(s): {', '.join(unknown)}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(values))
-        if missing:
-            raise ValueError(f"missing MegalodonConfig field(s): {', '.join(missing)}")
+        validate.dataclass_fields(cls, values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> MegalodonConfig:
@@ -139,7 +80,7 @@ class MegalodonConfig:
         """Names of the fields whose values differ from ``other``'s, in declaration order."""
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
-
+# %% chapters/07_model.py cell 6 · §1 The configuration
 _LLAMA2_VOCAB = 32_000
 
 PRESETS: dict[str, MegalodonConfig] = {

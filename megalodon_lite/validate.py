@@ -12,6 +12,7 @@ two TimestepNorm forms, ``chunk_attention_inputs`` for ``ChunkAttention.forward`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -296,3 +297,105 @@ def chunk_attention_inputs(z: Tensor, v: Tensor, cache: Any, cache_type: type, *
             or cache.v.device != z.device):
         raise TypeError(f"cache must have z's dtype and device ({z.dtype} on {z.device}), "
                         f"got {cache.k.dtype}/{cache.v.dtype} on {cache.k.device}/{cache.v.device}")
+
+
+# --------------------------------------------------------------------------------------------
+# chapter 07: the configuration and the language model
+
+_CONFIG_POSITIVE_INTS = ("vocab_size", "num_layers", "model_dim", "z_dim", "value_dim", "num_heads",
+                         "ffn_hidden_dim", "chunk_size", "norm_num_groups", "cema_ndim")
+_CONFIG_BOOLS = ("swiglu", "rescale_nffn", "scale_emb", "share_emb")
+_CONFIG_RATES = ("dropout", "attention_dropout", "hidden_dropout")
+_CONFIG_POSITIVE_NUMBERS = ("norm_eps", "rope_base")
+
+
+def megalodon_config(config: Any, init_modes: tuple[str, ...]) -> None:
+    """Every field of a MegalodonConfig, then the shapes that must fit together: heads dividing
+    z_dim and value_dim, an even z head (RoPE), norm_num_groups dividing model_dim."""
+    for name in _CONFIG_POSITIVE_INTS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"MegalodonConfig.{name} must be a positive int, got {value!r}")
+    for name in _CONFIG_BOOLS:
+        if not isinstance(getattr(config, name), bool):
+            raise TypeError(f"MegalodonConfig.{name} must be a bool, got {getattr(config, name)!r}")
+    for name in _CONFIG_RATES:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"MegalodonConfig.{name} must be a probability in [0, 1), got {value!r}")
+    for name in _CONFIG_POSITIVE_NUMBERS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"MegalodonConfig.{name} must be a positive number, got {value!r}")
+    if config.init_mode not in init_modes:
+        raise ValueError(f"MegalodonConfig.init_mode must be one of {init_modes}, got {config.init_mode!r}")
+    for name in ("z_dim", "value_dim"):
+        if getattr(config, name) % config.num_heads:
+            raise ValueError(f"MegalodonConfig.{name}={getattr(config, name)} must be divisible by "
+                             f"num_heads={config.num_heads}")
+    if (config.z_dim // config.num_heads) % 2:
+        raise ValueError(f"MegalodonConfig.z_dim / num_heads = {config.z_dim // config.num_heads} must be even "
+                         "(rotary embedding rotates pairs of channels)")
+    if config.model_dim % config.norm_num_groups:
+        raise ValueError(f"MegalodonConfig.norm_num_groups={config.norm_num_groups} must divide "
+                         f"model_dim={config.model_dim}")
+
+
+def dataclass_fields(cls: type, values: object) -> None:
+    """``values`` is a dict naming every required field of the dataclass ``cls`` and no unknown one."""
+    if not isinstance(values, dict):
+        raise TypeError(f"config values must be a dict, got {type(values).__name__}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(values) - {f.name for f in fields})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ValueError(f"missing {cls.__name__} field(s): {', '.join(missing)}")
+
+
+def instance(name: str, value: object, cls: type, what: str = "") -> None:
+    """TypeError unless ``value`` is an instance of ``cls``."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}{what}, got {type(value).__name__}")
+
+
+def non_negative_int(name: str, value: object) -> int:
+    """ValueError unless ``value`` is an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def tokens(value: object, vocab_size: int, name: str = "tokens") -> Tensor:
+    """A non-empty (B, L) int64/int32 tensor of ids in [0, vocab_size)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(value).__name__}")
+    if value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (torch.int64 or torch.int32), got {value.dtype}")
+    if value.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got shape {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (vocab_size), got ids from {low} to {high}")
+    return value
+
+
+def sampling(temperature: object, top_k: object, vocab_size: int) -> None:
+    """A temperature >= 0 and a top_k that is None or an int in [1, vocab_size]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r}")
+
+
+def megalodon_state(state: object, state_type: type, num_layers: int, batch_size: int) -> None:
+    """A streaming state from MegalodonLM.forward, for this many layers and this batch size."""
+    instance("state", state, state_type, " (what forward returned) or None")
+    if len(state.layers) != num_layers:
+        raise ValueError(f"state has {len(state.layers)} layers, the model {num_layers}")
+    if state.batch_size != batch_size:
+        raise ValueError(f"state is for batch size {state.batch_size}, tokens have batch size {batch_size}")
