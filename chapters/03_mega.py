@@ -103,7 +103,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon_lite.mega_ema import DampedEMA, _check_input, _check_positive_int
+from megalodon_lite import validate
+from megalodon_lite.mega_ema import DampedEMA
 
 LAPLACE_MU = math.sqrt(0.5)
 """μ of the Laplace function: relu²(μ) = 1/2."""
@@ -171,7 +172,7 @@ class SimpleRelativePositionalBias(nn.Module):
 
     def __init__(self, max_positions: int) -> None:
         super().__init__()
-        _check_positive_int("max_positions", max_positions)
+        validate.positive_int("max_positions", max_positions)
         self.max_positions = max_positions
         self.weight = nn.Parameter(torch.empty(2 * max_positions - 1))   # offsets −(P−1) .. P−1
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
@@ -367,31 +368,31 @@ class MovingAverageGatedAttention(nn.Module):
     """The MEGA layer: damped EMA, single-head gated attention and a gated residual (MEGA §3.2).
 
     Args:
-        d_model: model width D.
+        model_dim: model width D.
         z_dim: width z of the shared query/key representation Z.
-        v_dim: width of the values V (and of the reset gate).
-        n_dims: EMA hidden dimensions N per channel.
+        value_dim: width of the values V (and of the reset gate).
+        ndim: EMA hidden dimensions N per channel.
         chunk_size: attention only inside chunks of this many tokens (MEGA-chunk); None for full
             causal attention.
         attention: "softmax" or "laplace".
         max_positions: longest sequence for full attention (sets the relative bias table).
     """
 
-    def __init__(self, d_model: int, z_dim: int, v_dim: int, n_dims: int = 16, chunk_size: int | None = None,
+    def __init__(self, model_dim: int, z_dim: int, value_dim: int, ndim: int = 16, chunk_size: int | None = None,
                  attention: str = "softmax", max_positions: int = 1024) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("z_dim", z_dim), ("v_dim", v_dim), ("max_positions", max_positions)):
-            _check_positive_int(name, value)
-        _check_positive_int("chunk_size", chunk_size, allow_none=True)
+        for name, value in (("model_dim", model_dim), ("z_dim", z_dim), ("value_dim", value_dim), ("max_positions", max_positions)):
+            validate.positive_int(name, value)
+        validate.positive_int_or_none("chunk_size", chunk_size)
         if attention not in ATTENTION_FUNCTIONS:
             raise ValueError(f"attention must be one of {ATTENTION_FUNCTIONS}, got {attention!r}")
-        self.d_model, self.z_dim, self.v_dim = d_model, z_dim, v_dim
+        self.model_dim, self.z_dim, self.value_dim = model_dim, z_dim, value_dim
         self.chunk_size, self.attention = chunk_size, attention
-        self.norm = nn.LayerNorm(d_model)
-        self.ema = DampedEMA(d_model, n_dims)
-        self.v_proj = nn.Linear(d_model, v_dim)                                 # W_v, b_v
-        self.mx_proj = nn.Linear(d_model, 2 * d_model + z_dim + v_dim)          # W_φ | W_z | W_γ | W_h
-        self.h_proj = nn.Linear(v_dim, d_model)                                 # U_h
+        self.norm = nn.LayerNorm(model_dim)
+        self.ema = DampedEMA(model_dim, ndim)
+        self.v_proj = nn.Linear(model_dim, value_dim)                                 # W_v, b_v
+        self.mx_proj = nn.Linear(model_dim, 2 * model_dim + z_dim + value_dim)          # W_φ | W_z | W_γ | W_h
+        self.h_proj = nn.Linear(value_dim, model_dim)                                 # U_h
         self.qk_weight = nn.Parameter(torch.empty(2, z_dim))                    # κ_q, κ_k
         self.qk_bias = nn.Parameter(torch.empty(2, z_dim))                      # μ_q, μ_k
         self.rel_pos_bias = SimpleRelativePositionalBias(chunk_size if chunk_size is not None else max_positions)
@@ -408,7 +409,7 @@ class MovingAverageGatedAttention(nn.Module):
 
     def _gates_and_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Everything up to the attention weights: (update gate, reset gate, X'W_h + b, O, weights)."""
-        _check_input(x, self.d_model)
+        validate.damped_ema_input(x, self.model_dim)
         length = x.shape[1]
         if self.chunk_size is None and length > self.rel_pos_bias.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions={self.rel_pos_bias.max_positions}; "
@@ -416,7 +417,7 @@ class MovingAverageGatedAttention(nn.Module):
         x_norm = self.norm(x)                                                   # X (pre-norm)
         v = F.silu(self.v_proj(x_norm))                                         # V
         mx, _ = self.ema(x_norm)                                                # X'
-        update, z, reset, hx = torch.split(self.mx_proj(mx), [self.d_model, self.z_dim, self.v_dim, self.d_model],
+        update, z, reset, hx = torch.split(self.mx_proj(mx), [self.model_dim, self.z_dim, self.value_dim, self.model_dim],
                                            dim=-1)
         update = torch.sigmoid(update)                                          # φ
         z, reset = F.silu(z), F.silu(reset)                                     # Z, γ
@@ -440,7 +441,7 @@ class MovingAverageGatedAttention(nn.Module):
         return self._gates_and_attention(x)[-1]
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, z_dim={self.z_dim}, v_dim={self.v_dim}, "
+        return (f"model_dim={self.model_dim}, z_dim={self.z_dim}, value_dim={self.value_dim}, "
                 f"chunk_size={self.chunk_size}, attention={self.attention!r}")
 
 
@@ -461,18 +462,18 @@ def reference_layer(layer, x):
     """MEGA layer in float64: LayerNorm, recurrent EMA, gates, per-query attention, gated residual."""
     p = {name: t.detach().double() for name, t in layer.named_parameters()}
     x = x.double()
-    d, z_dim, v_dim = layer.d_model, layer.z_dim, layer.v_dim
+    d, z_dim, value_dim = layer.model_dim, layer.z_dim, layer.value_dim
     xn = F.layer_norm(x, (d,), p["norm.weight"], p["norm.bias"], eps=layer.norm.eps)
     v = F.silu(xn @ p["v_proj.weight"].T + p["v_proj.bias"])
-    n_dims = p["ema.alpha"].shape[1]
+    ndim = p["ema.alpha"].shape[1]
     ema, _ = damped_ema_recurrence(xn, torch.sigmoid(p["ema.alpha"]), torch.sigmoid(p["ema.delta"]),
-                                   p["ema.beta"], p["ema.eta"] / math.sqrt(n_dims))
+                                   p["ema.beta"], p["ema.eta"] / math.sqrt(ndim))
     mx = F.silu(ema + p["ema.omega"] * xn)
     base = mx @ p["mx_proj.weight"].T + p["mx_proj.bias"]
     update = torch.sigmoid(base[..., :d])
     zz = F.silu(base[..., d:d + z_dim])
-    reset = F.silu(base[..., d + z_dim:d + z_dim + v_dim])
-    hx = base[..., d + z_dim + v_dim:]
+    reset = F.silu(base[..., d + z_dim:d + z_dim + value_dim])
+    hx = base[..., d + z_dim + value_dim:]
     q = zz * p["qk_weight"][0] + p["qk_bias"][0]
     k = zz * p["qk_weight"][1] + p["qk_bias"][1]
     o = reference_attention(q, k, v, p["rel_pos_bias.weight"], layer.rel_pos_bias.max_positions,
@@ -484,7 +485,7 @@ def reference_layer(layer, x):
 d_layer, L_layer = pick(smoke=16, full=64), pick(smoke=64, full=512)
 x_layer = torch.randn(2, L_layer, d_layer, device=device)
 for chunk_size, attention in ((None, "softmax"), (L_layer // 4, "softmax"), (L_layer // 4, "laplace")):
-    layer = MovingAverageGatedAttention(d_layer, z_dim=8, v_dim=32, chunk_size=chunk_size, attention=attention,
+    layer = MovingAverageGatedAttention(d_layer, z_dim=8, value_dim=32, chunk_size=chunk_size, attention=attention,
                                         max_positions=L_layer).to(device)
     with torch.no_grad():
         for param in layer.parameters():            # MEGA's small init makes most terms ~0.02: make them matter
@@ -530,19 +531,19 @@ class MegaBlock(nn.Module):
     """MEGA layer followed by a pre-norm feed-forward network: y = h + W₂ SiLU(W₁ LN(h)), h = MEGA(x).
 
     Args:
-        d_model, z_dim, v_dim, n_dims, chunk_size, attention, max_positions: as for
+        model_dim, z_dim, value_dim, ndim, chunk_size, attention, max_positions: as for
             :class:`MovingAverageGatedAttention`.
-        ffn_dim: hidden width of the feed-forward network.
+        ffn_hidden_dim: hidden width of the feed-forward network.
     """
 
-    def __init__(self, d_model: int, z_dim: int, v_dim: int, ffn_dim: int, n_dims: int = 16,
+    def __init__(self, model_dim: int, z_dim: int, value_dim: int, ffn_hidden_dim: int, ndim: int = 16,
                  chunk_size: int | None = None, attention: str = "softmax", max_positions: int = 1024) -> None:
         super().__init__()
-        _check_positive_int("ffn_dim", ffn_dim)
-        self.mega = MovingAverageGatedAttention(d_model, z_dim, v_dim, n_dims, chunk_size, attention, max_positions)
-        self.ffn_norm = nn.LayerNorm(d_model)
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        validate.positive_int("ffn_hidden_dim", ffn_hidden_dim)
+        self.mega = MovingAverageGatedAttention(model_dim, z_dim, value_dim, ndim, chunk_size, attention, max_positions)
+        self.ffn_norm = nn.LayerNorm(model_dim)
+        self.fc1 = nn.Linear(model_dim, ffn_hidden_dim)
+        self.fc2 = nn.Linear(ffn_hidden_dim, model_dim)
         for linear in (self.fc1, self.fc2):
             nn.init.normal_(linear.weight, mean=0.0, std=0.02)
             nn.init.zeros_(linear.bias)
@@ -558,26 +559,26 @@ class MegaLM(nn.Module):
 
     Args:
         vocab_size: number of token ids.
-        d_model, z_dim, v_dim, ffn_dim, n_dims, chunk_size, attention, max_positions: as for
+        model_dim, z_dim, value_dim, ffn_hidden_dim, ndim, chunk_size, attention, max_positions: as for
             :class:`MegaBlock`.
-        n_layers: number of blocks.
+        num_layers: number of blocks.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_layers: int, z_dim: int, v_dim: int, ffn_dim: int,
-                 n_dims: int = 16, chunk_size: int | None = None, attention: str = "softmax",
+    def __init__(self, vocab_size: int, model_dim: int, num_layers: int, z_dim: int, value_dim: int, ffn_hidden_dim: int,
+                 ndim: int = 16, chunk_size: int | None = None, attention: str = "softmax",
                  max_positions: int = 1024) -> None:
         super().__init__()
-        _check_positive_int("vocab_size", vocab_size)
-        _check_positive_int("n_layers", n_layers)
-        self.vocab_size, self.d_model, self.chunk_size = vocab_size, d_model, chunk_size
-        self.embed = nn.Embedding(vocab_size, d_model)
+        validate.positive_int("vocab_size", vocab_size)
+        validate.positive_int("num_layers", num_layers)
+        self.vocab_size, self.model_dim, self.chunk_size = vocab_size, model_dim, chunk_size
+        self.embed = nn.Embedding(vocab_size, model_dim)
         self.blocks = nn.ModuleList(
-            MegaBlock(d_model, z_dim, v_dim, ffn_dim, n_dims, chunk_size, attention, max_positions)
-            for _ in range(n_layers))
-        self.final_norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, mean=0.0, std=d_model**-0.5)
-        nn.init.normal_(self.head.weight, mean=0.0, std=d_model**-0.5)
+            MegaBlock(model_dim, z_dim, value_dim, ffn_hidden_dim, ndim, chunk_size, attention, max_positions)
+            for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(model_dim)
+        self.head = nn.Linear(model_dim, vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=model_dim**-0.5)
+        nn.init.normal_(self.head.weight, mean=0.0, std=model_dim**-0.5)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-token logits (B, L, vocab_size) in float32 for token ids (B, L)."""
@@ -590,7 +591,7 @@ class MegaLM(nn.Module):
             raise ValueError(f"tokens must be ids in [0, {self.vocab_size}), got values in "
                              f"[{tokens.min().item()}, {tokens.max().item()}]")
         length = tokens.shape[1]
-        x = self.embed(tokens) * math.sqrt(self.d_model)
+        x = self.embed(tokens) * math.sqrt(self.model_dim)
         if self.chunk_size is not None and length > self.chunk_size and length % self.chunk_size:
             x = F.pad(x, (0, 0, 0, self.chunk_size - length % self.chunk_size))   # causal: invisible to real tokens
         for block in self.blocks:
@@ -600,7 +601,7 @@ class MegaLM(nn.Module):
 
 # %%
 torch.manual_seed(0)
-lm = MegaLM(vocab_size=32, d_model=16, n_layers=2, z_dim=8, v_dim=32, ffn_dim=32, chunk_size=8).to(device)
+lm = MegaLM(vocab_size=32, model_dim=16, num_layers=2, z_dim=8, value_dim=32, ffn_hidden_dim=32, chunk_size=8).to(device)
 tokens = torch.randint(0, 32, (2, 29), device=device)           # 29 is not a multiple of 8: the model pads
 changed = tokens.clone()
 changed[:, 17:] = torch.randint(0, 32, (2, 12), device=device)
@@ -687,15 +688,15 @@ def mqar_batch(batch: int, n_pairs: int, chunk: int, n_chunks: int, vocab: int, 
 
 
 config = pick(
-    smoke=dict(vocab=32, n_pairs=4, chunk=16, n_chunks=3, d_model=32, n_layers=2, z_dim=16, v_dim=64, ffn_dim=64,
+    smoke=dict(vocab=32, n_pairs=4, chunk=16, n_chunks=3, model_dim=32, num_layers=2, z_dim=16, value_dim=64, ffn_hidden_dim=64,
                batch=16, steps=60, lr=3e-3),
-    full=dict(vocab=64, n_pairs=8, chunk=64, n_chunks=4, d_model=128, n_layers=2, z_dim=64, v_dim=256,
-              ffn_dim=256, batch=64, steps=2000, lr=2e-3),
+    full=dict(vocab=64, n_pairs=8, chunk=64, n_chunks=4, model_dim=128, num_layers=2, z_dim=64, value_dim=256,
+              ffn_hidden_dim=256, batch=64, steps=2000, lr=2e-3),
 )
 seed_everything(0)
 gen = torch.Generator().manual_seed(0)
-model = MegaLM(config["vocab"], config["d_model"], config["n_layers"], config["z_dim"], config["v_dim"],
-               config["ffn_dim"], chunk_size=config["chunk"]).to(device)
+model = MegaLM(config["vocab"], config["model_dim"], config["num_layers"], config["z_dim"], config["value_dim"],
+               config["ffn_hidden_dim"], chunk_size=config["chunk"]).to(device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, 0.98), weight_decay=0.01)
 losses, start = [], time.perf_counter()
 for step in range(config["steps"]):
@@ -749,7 +750,7 @@ print(f"chance: {1 / (config['vocab'] - config['vocab'] // 2):.3f}")
 
 # %%
 with torch.no_grad():
-    first_layer_input = model.embed(tokens[:1].to(device)) * math.sqrt(config["d_model"])
+    first_layer_input = model.embed(tokens[:1].to(device)) * math.sqrt(config["model_dim"])
     trained_map = model.blocks[0].mega.attention_map(first_layer_input)[0]       # (K, C, C)
 fig, ax = plt.subplots(figsize=(4.6, 4.2))
 image = ax.imshow(weights_as_matrix(trained_map) ** 0.5, cmap="magma")

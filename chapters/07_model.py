@@ -803,10 +803,10 @@ for name, (cfg, total, body) in rows.items():
 # %%
 groups = groups_of["mega200M"]
 total = sum(groups.values())
-n_layers = PRESETS["mega200M"].num_layers
+num_layers = PRESETS["mega200M"].num_layers
 print(f"{'component':>28} {'per layer':>12} {'all layers':>14} {'share':>7}")
 for key, count in groups.items():
-    per_layer = f"{count // n_layers:,}" if key.startswith(("mega.", "ffn.")) else ""
+    per_layer = f"{count // num_layers:,}" if key.startswith(("mega.", "ffn.")) else ""
     print(f"{key:>28} {per_layer:>12} {count:>14,} {count / total:>7.1%}")
 print(f"{'total':>28} {'':>12} {total:>14,}")
 share = {name: sum(groups[k] for k in keys) / total for name, keys in {

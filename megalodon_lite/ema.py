@@ -20,10 +20,10 @@ its inputs and raises TypeError/ValueError naming the argument; the check that a
 reads one bool back from alpha's device (on CUDA, a host sync).
 """
 
-import operator
-
 import torch
 from torch import Tensor
+
+from megalodon_lite import validate
 
 __all__ = ["ema_kernel", "ema_recurrence", "ema_convolution", "ema_fft", "fft_causal_conv"]
 
@@ -34,43 +34,6 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
-
-
-def _check_sequence(x: Tensor) -> None:
-    """``x`` must be a real floating tensor of shape (B, L, D) with L >= 1."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (B, L, D), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must have a real floating dtype, got {x.dtype}")
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (B, L, D), got {x.ndim} dims with shape {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError(f"x must hold at least one time step (L >= 1), got shape {tuple(x.shape)}")
-
-
-def _check_alpha(alpha: Tensor, channels: int | None = None, device: torch.device | None = None) -> None:
-    """``alpha`` must be a real floating (D,) tensor strictly inside (0, 1).
-
-    The range check reduces on ``alpha``'s device and reads one bool back, so on CUDA it waits for
-    the GPU (a host sync). It catches a saturated sigmoid (alpha rounded to 0 or 1) at the call.
-    """
-    if not isinstance(alpha, Tensor):
-        raise TypeError(f"alpha must be a torch.Tensor of shape (D,), got {type(alpha).__name__}")
-    if not alpha.is_floating_point():
-        raise TypeError(f"alpha must have a real floating dtype, got {alpha.dtype}")
-    if alpha.ndim != 1 or (channels is not None and alpha.shape[0] != channels):
-        expected = "(D,)" if channels is None else f"(D,) = ({channels},), matching x's last dim"
-        raise ValueError(f"alpha must have shape {expected}, got {tuple(alpha.shape)}")
-    if device is not None and alpha.device != device:
-        raise ValueError(f"alpha must be on x's device {device}, got {alpha.device}")
-    if not bool(((alpha > 0) & (alpha < 1)).all()):
-        raise ValueError("alpha must lie strictly inside (0, 1) (0 would ignore the input, 1 the past); "
-                         f"got values in [{alpha.min().item():.6g}, {alpha.max().item():.6g}]")
-
-
-def _check_x_and_alpha(x: Tensor, alpha: Tensor) -> None:
-    _check_sequence(x)
-    _check_alpha(alpha, channels=x.shape[2], device=x.device)
 
 # %% chapters/01_ema.py cell 5 · §1 The recurrence
 def ema_recurrence(x: Tensor, alpha: Tensor) -> Tensor:
@@ -86,7 +49,7 @@ def ema_recurrence(x: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         (B, L, D) in ``x.dtype`` (computed in at least float32).
     """
-    _check_x_and_alpha(x, alpha)
+    validate.ema_inputs(x, alpha)
     dtype = _compute_dtype(x, alpha)
     a = alpha.to(dtype)
     decay = 1 - a
@@ -119,13 +82,8 @@ def ema_kernel(alpha: Tensor, length: int) -> Tensor:
     Returns:
         (D, L) kernel in ``alpha``'s dtype promoted to at least float32.
     """
-    _check_alpha(alpha)
-    try:
-        length = operator.index(length)
-    except TypeError:
-        raise TypeError(f"length must be an int, got {type(length).__name__}") from None
-    if length < 1:
-        raise ValueError(f"length must be >= 1, got {length}")
+    validate.ema_alpha(alpha)
+    length = validate.kernel_length(length)
     return _ema_kernel(alpha, length, _compute_dtype(alpha))
 
 
@@ -142,7 +100,7 @@ def ema_convolution(x: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         (B, L, D) in ``x.dtype`` (computed in at least float32).
     """
-    _check_x_and_alpha(x, alpha)
+    validate.ema_inputs(x, alpha)
     dtype = _compute_dtype(x, alpha)
     length = x.shape[1]
     kernel = _ema_kernel(alpha, length, dtype)                          # (D, L)
@@ -182,17 +140,8 @@ def fft_causal_conv(x: Tensor, kernel: Tensor) -> Tensor:
     Returns:
         (B, L, D) in ``x.dtype``; computed in the inputs' common dtype, at least float32.
     """
-    _check_sequence(x)
-    _, length, channels = x.shape
-    if not isinstance(kernel, Tensor):
-        raise TypeError(f"kernel must be a torch.Tensor of shape (D, L), got {type(kernel).__name__}")
-    if not kernel.is_floating_point():
-        raise TypeError(f"kernel must have a real floating dtype, got {kernel.dtype}")
-    if tuple(kernel.shape) != (channels, length):
-        raise ValueError(f"kernel must have shape (D, L) = ({channels}, {length}) to match x of shape "
-                         f"(B, L, D) = {tuple(x.shape)}, got {tuple(kernel.shape)}")
-    if kernel.device != x.device:
-        raise ValueError(f"kernel must be on x's device {x.device}, got {kernel.device}")
+    validate.causal_conv_inputs(x, kernel)
+    length = x.shape[1]
     dtype = _compute_dtype(x, kernel)
     n = _next_fast_length(2 * length)
     x_freq = torch.fft.rfft(x.to(dtype), n=n, dim=1)             # (B, n//2 + 1, D)
@@ -211,5 +160,5 @@ def ema_fft(x: Tensor, alpha: Tensor) -> Tensor:
     Returns:
         (B, L, D) in ``x.dtype`` (computed in at least float32).
     """
-    _check_x_and_alpha(x, alpha)
+    validate.ema_inputs(x, alpha)
     return fft_causal_conv(x, _ema_kernel(alpha, x.shape[1], _compute_dtype(x, alpha)))

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megalodon_lite.mega_ema import DampedEMA, _check_input, _check_positive_int
+from megalodon_lite import validate
+from megalodon_lite.mega_ema import DampedEMA
 
 LAPLACE_MU = math.sqrt(0.5)
 """μ of the Laplace function: relu²(μ) = 1/2."""
@@ -57,7 +58,7 @@ class SimpleRelativePositionalBias(nn.Module):
 
     def __init__(self, max_positions: int) -> None:
         super().__init__()
-        _check_positive_int("max_positions", max_positions)
+        validate.positive_int("max_positions", max_positions)
         self.max_positions = max_positions
         self.weight = nn.Parameter(torch.empty(2 * max_positions - 1))   # offsets −(P−1) .. P−1
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
@@ -149,31 +150,31 @@ class MovingAverageGatedAttention(nn.Module):
     """The MEGA layer: damped EMA, single-head gated attention and a gated residual (MEGA §3.2).
 
     Args:
-        d_model: model width D.
+        model_dim: model width D.
         z_dim: width z of the shared query/key representation Z.
-        v_dim: width of the values V (and of the reset gate).
-        n_dims: EMA hidden dimensions N per channel.
+        value_dim: width of the values V (and of the reset gate).
+        ndim: EMA hidden dimensions N per channel.
         chunk_size: attention only inside chunks of this many tokens (MEGA-chunk); None for full
             causal attention.
         attention: "softmax" or "laplace".
         max_positions: longest sequence for full attention (sets the relative bias table).
     """
 
-    def __init__(self, d_model: int, z_dim: int, v_dim: int, n_dims: int = 16, chunk_size: int | None = None,
+    def __init__(self, model_dim: int, z_dim: int, value_dim: int, ndim: int = 16, chunk_size: int | None = None,
                  attention: str = "softmax", max_positions: int = 1024) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("z_dim", z_dim), ("v_dim", v_dim), ("max_positions", max_positions)):
-            _check_positive_int(name, value)
-        _check_positive_int("chunk_size", chunk_size, allow_none=True)
+        for name, value in (("model_dim", model_dim), ("z_dim", z_dim), ("value_dim", value_dim), ("max_positions", max_positions)):
+            validate.positive_int(name, value)
+        validate.positive_int_or_none("chunk_size", chunk_size)
         if attention not in ATTENTION_FUNCTIONS:
             raise ValueError(f"attention must be one of {ATTENTION_FUNCTIONS}, got {attention!r}")
-        self.d_model, self.z_dim, self.v_dim = d_model, z_dim, v_dim
+        self.model_dim, self.z_dim, self.value_dim = model_dim, z_dim, value_dim
         self.chunk_size, self.attention = chunk_size, attention
-        self.norm = nn.LayerNorm(d_model)
-        self.ema = DampedEMA(d_model, n_dims)
-        self.v_proj = nn.Linear(d_model, v_dim)                                 # W_v, b_v
-        self.mx_proj = nn.Linear(d_model, 2 * d_model + z_dim + v_dim)          # W_φ | W_z | W_γ | W_h
-        self.h_proj = nn.Linear(v_dim, d_model)                                 # U_h
+        self.norm = nn.LayerNorm(model_dim)
+        self.ema = DampedEMA(model_dim, ndim)
+        self.v_proj = nn.Linear(model_dim, value_dim)                                 # W_v, b_v
+        self.mx_proj = nn.Linear(model_dim, 2 * model_dim + z_dim + value_dim)          # W_φ | W_z | W_γ | W_h
+        self.h_proj = nn.Linear(value_dim, model_dim)                                 # U_h
         self.qk_weight = nn.Parameter(torch.empty(2, z_dim))                    # κ_q, κ_k
         self.qk_bias = nn.Parameter(torch.empty(2, z_dim))                      # μ_q, μ_k
         self.rel_pos_bias = SimpleRelativePositionalBias(chunk_size if chunk_size is not None else max_positions)
@@ -190,7 +191,7 @@ class MovingAverageGatedAttention(nn.Module):
 
     def _gates_and_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Everything up to the attention weights: (update gate, reset gate, X'W_h + b, O, weights)."""
-        _check_input(x, self.d_model)
+        validate.damped_ema_input(x, self.model_dim)
         length = x.shape[1]
         if self.chunk_size is None and length > self.rel_pos_bias.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions={self.rel_pos_bias.max_positions}; "
@@ -198,7 +199,7 @@ class MovingAverageGatedAttention(nn.Module):
         x_norm = self.norm(x)                                                   # X (pre-norm)
         v = F.silu(self.v_proj(x_norm))                                         # V
         mx, _ = self.ema(x_norm)                                                # X'
-        update, z, reset, hx = torch.split(self.mx_proj(mx), [self.d_model, self.z_dim, self.v_dim, self.d_model],
+        update, z, reset, hx = torch.split(self.mx_proj(mx), [self.model_dim, self.z_dim, self.value_dim, self.model_dim],
                                            dim=-1)
         update = torch.sigmoid(update)                                          # φ
         z, reset = F.silu(z), F.silu(reset)                                     # Z, γ
@@ -222,7 +223,7 @@ class MovingAverageGatedAttention(nn.Module):
         return self._gates_and_attention(x)[-1]
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, z_dim={self.z_dim}, v_dim={self.v_dim}, "
+        return (f"model_dim={self.model_dim}, z_dim={self.z_dim}, value_dim={self.value_dim}, "
                 f"chunk_size={self.chunk_size}, attention={self.attention!r}")
 
 # %% chapters/03_mega.py cell 20 · The block and the language model
@@ -230,19 +231,19 @@ class MegaBlock(nn.Module):
     """MEGA layer followed by a pre-norm feed-forward network: y = h + W₂ SiLU(W₁ LN(h)), h = MEGA(x).
 
     Args:
-        d_model, z_dim, v_dim, n_dims, chunk_size, attention, max_positions: as for
+        model_dim, z_dim, value_dim, ndim, chunk_size, attention, max_positions: as for
             :class:`MovingAverageGatedAttention`.
-        ffn_dim: hidden width of the feed-forward network.
+        ffn_hidden_dim: hidden width of the feed-forward network.
     """
 
-    def __init__(self, d_model: int, z_dim: int, v_dim: int, ffn_dim: int, n_dims: int = 16,
+    def __init__(self, model_dim: int, z_dim: int, value_dim: int, ffn_hidden_dim: int, ndim: int = 16,
                  chunk_size: int | None = None, attention: str = "softmax", max_positions: int = 1024) -> None:
         super().__init__()
-        _check_positive_int("ffn_dim", ffn_dim)
-        self.mega = MovingAverageGatedAttention(d_model, z_dim, v_dim, n_dims, chunk_size, attention, max_positions)
-        self.ffn_norm = nn.LayerNorm(d_model)
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        validate.positive_int("ffn_hidden_dim", ffn_hidden_dim)
+        self.mega = MovingAverageGatedAttention(model_dim, z_dim, value_dim, ndim, chunk_size, attention, max_positions)
+        self.ffn_norm = nn.LayerNorm(model_dim)
+        self.fc1 = nn.Linear(model_dim, ffn_hidden_dim)
+        self.fc2 = nn.Linear(ffn_hidden_dim, model_dim)
         for linear in (self.fc1, self.fc2):
             nn.init.normal_(linear.weight, mean=0.0, std=0.02)
             nn.init.zeros_(linear.bias)
@@ -258,26 +259,26 @@ class MegaLM(nn.Module):
 
     Args:
         vocab_size: number of token ids.
-        d_model, z_dim, v_dim, ffn_dim, n_dims, chunk_size, attention, max_positions: as for
+        model_dim, z_dim, value_dim, ffn_hidden_dim, ndim, chunk_size, attention, max_positions: as for
             :class:`MegaBlock`.
-        n_layers: number of blocks.
+        num_layers: number of blocks.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_layers: int, z_dim: int, v_dim: int, ffn_dim: int,
-                 n_dims: int = 16, chunk_size: int | None = None, attention: str = "softmax",
+    def __init__(self, vocab_size: int, model_dim: int, num_layers: int, z_dim: int, value_dim: int, ffn_hidden_dim: int,
+                 ndim: int = 16, chunk_size: int | None = None, attention: str = "softmax",
                  max_positions: int = 1024) -> None:
         super().__init__()
-        _check_positive_int("vocab_size", vocab_size)
-        _check_positive_int("n_layers", n_layers)
-        self.vocab_size, self.d_model, self.chunk_size = vocab_size, d_model, chunk_size
-        self.embed = nn.Embedding(vocab_size, d_model)
+        validate.positive_int("vocab_size", vocab_size)
+        validate.positive_int("num_layers", num_layers)
+        self.vocab_size, self.model_dim, self.chunk_size = vocab_size, model_dim, chunk_size
+        self.embed = nn.Embedding(vocab_size, model_dim)
         self.blocks = nn.ModuleList(
-            MegaBlock(d_model, z_dim, v_dim, ffn_dim, n_dims, chunk_size, attention, max_positions)
-            for _ in range(n_layers))
-        self.final_norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, mean=0.0, std=d_model**-0.5)
-        nn.init.normal_(self.head.weight, mean=0.0, std=d_model**-0.5)
+            MegaBlock(model_dim, z_dim, value_dim, ffn_hidden_dim, ndim, chunk_size, attention, max_positions)
+            for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(model_dim)
+        self.head = nn.Linear(model_dim, vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=model_dim**-0.5)
+        nn.init.normal_(self.head.weight, mean=0.0, std=model_dim**-0.5)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-token logits (B, L, vocab_size) in float32 for token ids (B, L)."""
@@ -290,7 +291,7 @@ class MegaLM(nn.Module):
             raise ValueError(f"tokens must be ids in [0, {self.vocab_size}), got values in "
                              f"[{tokens.min().item()}, {tokens.max().item()}]")
         length = tokens.shape[1]
-        x = self.embed(tokens) * math.sqrt(self.d_model)
+        x = self.embed(tokens) * math.sqrt(self.model_dim)
         if self.chunk_size is not None and length > self.chunk_size and length % self.chunk_size:
             x = F.pad(x, (0, 0, 0, self.chunk_size - length % self.chunk_size))   # causal: invisible to real tokens
         for block in self.blocks:

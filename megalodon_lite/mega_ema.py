@@ -25,48 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megalodon_lite import validate
 from megalodon_lite.ema import _compute_dtype, fft_causal_conv
-
-
-def _check_coefficients(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor) -> tuple[int, int]:
-    """Validate the (D, N) coefficient tensors and return (D, N)."""
-    for name, value in (("alpha", alpha), ("delta", delta), ("beta", beta), ("eta", eta)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 2:
-            raise ValueError(f"{name} must have shape (D, N), got {tuple(value.shape)}")
-        if value.shape != alpha.shape:
-            raise ValueError(f"{name} must have the same shape (D, N) as alpha {tuple(alpha.shape)}, "
-                             f"got {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    return alpha.shape[0], alpha.shape[1]
-
-
-def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    """``value`` must be an int >= 1 (or None when ``allow_none``); bools are refused."""
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _check_input(x: Tensor, d_model: int, n_dims: int | None = None, h0: Tensor | None = None) -> None:
-    """Validate x (B, L, D), a real floating tensor with L >= 1, and the optional state h0 (B, D, N)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] < 1:
-        raise ValueError(f"x must have shape (B, L, D) with L >= 1 and D = {d_model}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if h0 is not None:
-        if not isinstance(h0, Tensor):
-            raise TypeError(f"h0 must be a torch.Tensor or None, got {type(h0).__name__}")
-        if not h0.is_floating_point():
-            raise TypeError(f"h0 must be a floating-point tensor, got {h0.dtype}")
-        expected = (x.shape[0], d_model, n_dims)
-        if tuple(h0.shape) != expected:
-            raise ValueError(f"h0 must have shape (B, D, N) = {expected}, got {tuple(h0.shape)}")
 
 
 def damped_ema_recurrence(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor,
@@ -83,14 +43,15 @@ def damped_ema_recurrence(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor,
         y (B, L, D) with y_t = Σ_n η_n h_{t,n}, in x's dtype, and the last state h_L (B, D, N) in the
         working dtype: the inputs' common dtype, at least float32 (as :func:`damped_ema_fft`).
     """
-    d_model, n_dims = _check_coefficients(alpha, delta, beta, eta)
-    _check_input(x, d_model, n_dims, h0)
+    validate.damped_ema_coefficients(alpha, delta, beta, eta)
+    model_dim, ndim = alpha.shape
+    validate.damped_ema_input(x, model_dim, ndim, h0)
     work = _compute_dtype(x, alpha, delta, beta, eta)
     alpha, delta, beta, eta = (c.to(work) for c in (alpha, delta, beta, eta))
     decay = 1.0 - alpha * delta                                     # φ (D, N)
     input_weight = alpha * beta                                     # α β (D, N)
     xw = x.to(work)
-    h = xw.new_zeros(x.shape[0], d_model, n_dims) if h0 is None else h0.to(work)
+    h = xw.new_zeros(x.shape[0], model_dim, ndim) if h0 is None else h0.to(work)
     outputs = []
     for t in range(x.shape[1]):
         h = input_weight * xw[:, t, :, None] + decay * h            # (B, D, N)
@@ -111,8 +72,8 @@ def damped_ema_kernel(alpha: Tensor, delta: Tensor, beta: Tensor, eta: Tensor, l
     Returns:
         The kernel (D, L), in the coefficients' dtype.
     """
-    _check_coefficients(alpha, delta, beta, eta)
-    _check_positive_int("length", length)
+    validate.damped_ema_coefficients(alpha, delta, beta, eta)
+    validate.positive_int("length", length)
     log_decay = torch.log1p(-alpha * delta)                                  # log φ (D, N)
     steps = torch.arange(length, device=alpha.device, dtype=alpha.dtype)
     powers = torch.exp(log_decay[..., None] * steps)                         # φ^t (D, N, L)
@@ -134,8 +95,9 @@ def damped_ema_fft(x: Tensor, alpha: Tensor, delta: Tensor, beta: Tensor, eta: T
     Returns:
         y (B, L, D) in x's dtype, and the last state h_L (B, D, N) in the working dtype.
     """
-    d_model, n_dims = _check_coefficients(alpha, delta, beta, eta)
-    _check_input(x, d_model, n_dims, h0)
+    validate.damped_ema_coefficients(alpha, delta, beta, eta)
+    model_dim, ndim = alpha.shape
+    validate.damped_ema_input(x, model_dim, ndim, h0)
     work = _compute_dtype(x, alpha, delta, beta, eta)
     alpha, delta, beta, eta = (c.to(work) for c in (alpha, delta, beta, eta))
     length = x.shape[1]
@@ -163,21 +125,21 @@ class DampedEMA(nn.Module):
     δ = σ(delta), β = beta and η = eta / √N.
 
     Args:
-        d_model: channels D.
-        n_dims: hidden dimensions N per channel (MEGA uses 16).
+        model_dim: channels D.
+        ndim: hidden dimensions N per channel (MEGA uses 16).
     """
 
-    def __init__(self, d_model: int, n_dims: int = 16) -> None:
+    def __init__(self, model_dim: int, ndim: int = 16) -> None:
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_dims", n_dims)
-        self.d_model = d_model
-        self.n_dims = n_dims
-        self.alpha = nn.Parameter(torch.empty(d_model, n_dims))
-        self.delta = nn.Parameter(torch.empty(d_model, n_dims))
-        self.beta = nn.Parameter(torch.empty(d_model, n_dims))
-        self.eta = nn.Parameter(torch.empty(d_model, n_dims))
-        self.omega = nn.Parameter(torch.empty(d_model))
+        validate.positive_int("model_dim", model_dim)
+        validate.positive_int("ndim", ndim)
+        self.model_dim = model_dim
+        self.ndim = ndim
+        self.alpha = nn.Parameter(torch.empty(model_dim, ndim))
+        self.delta = nn.Parameter(torch.empty(model_dim, ndim))
+        self.beta = nn.Parameter(torch.empty(model_dim, ndim))
+        self.eta = nn.Parameter(torch.empty(model_dim, ndim))
+        self.omega = nn.Parameter(torch.empty(model_dim))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -185,7 +147,7 @@ class DampedEMA(nn.Module):
         """MEGA's initialisation: α, δ logits ~ N(0, 0.2²); β ~ ±1 alternating + N(0, 0.02²); η, ω ~ N(0, 1)."""
         nn.init.normal_(self.alpha, mean=0.0, std=0.2)
         nn.init.normal_(self.delta, mean=0.0, std=0.2)
-        signs = torch.ones(self.n_dims)
+        signs = torch.ones(self.ndim)
         signs[1::2] = -1.0
         self.beta.normal_(mean=0.0, std=0.02).add_(signs)
         nn.init.normal_(self.eta, mean=0.0, std=1.0)
@@ -194,7 +156,7 @@ class DampedEMA(nn.Module):
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The constrained (α, δ, β, η), each (D, N)."""
         return (torch.sigmoid(self.alpha), torch.sigmoid(self.delta), self.beta,
-                self.eta / math.sqrt(self.n_dims))
+                self.eta / math.sqrt(self.ndim))
 
     def kernel(self, length: int) -> Tensor:
         """The layer's convolution kernel (D, length)."""
@@ -211,4 +173,4 @@ class DampedEMA(nn.Module):
         return F.silu(ema + self.omega * x).to(x.dtype), h_last
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_dims={self.n_dims}"
+        return f"model_dim={self.model_dim}, ndim={self.ndim}"

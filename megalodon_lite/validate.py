@@ -13,6 +13,7 @@ two TimestepNorm forms, ``chunk_attention_inputs`` for ``ChunkAttention.forward`
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
@@ -114,6 +115,113 @@ def sequence(name: str, x: object, channels: int | None = None) -> Tensor:
     if x.shape[1] == 0:
         raise ValueError(f"{name} must hold at least one time step (L >= 1), got shape {tuple(x.shape)}")
     return x
+
+
+# --------------------------------------------------------------------------------------------
+# chapters 01-03: the EMA, MEGA's damped EMA, MEGA
+
+
+def ema_sequence(x: object) -> Tensor:
+    """``x`` must be a real floating tensor of shape (B, L, D) with L >= 1."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, L, D), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a real floating dtype, got {x.dtype}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (B, L, D), got {x.ndim} dims with shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x must hold at least one time step (L >= 1), got shape {tuple(x.shape)}")
+    return x
+
+
+def ema_alpha(alpha: object, channels: int | None = None, device: torch.device | None = None) -> None:
+    """``alpha`` must be a real floating (D,) tensor strictly inside (0, 1).
+
+    The range check reduces on ``alpha``'s device and reads one bool back, so on CUDA it waits for
+    the GPU (a host sync). It catches a saturated sigmoid (alpha rounded to 0 or 1) at the call.
+    """
+    if not isinstance(alpha, Tensor):
+        raise TypeError(f"alpha must be a torch.Tensor of shape (D,), got {type(alpha).__name__}")
+    if not alpha.is_floating_point():
+        raise TypeError(f"alpha must have a real floating dtype, got {alpha.dtype}")
+    if alpha.ndim != 1 or (channels is not None and alpha.shape[0] != channels):
+        expected = "(D,)" if channels is None else f"(D,) = ({channels},), matching x's last dim"
+        raise ValueError(f"alpha must have shape {expected}, got {tuple(alpha.shape)}")
+    if device is not None and alpha.device != device:
+        raise ValueError(f"alpha must be on x's device {device}, got {alpha.device}")
+    if not bool(((alpha > 0) & (alpha < 1)).all()):
+        raise ValueError("alpha must lie strictly inside (0, 1) (0 would ignore the input, 1 the past); "
+                         f"got values in [{alpha.min().item():.6g}, {alpha.max().item():.6g}]")
+
+
+def ema_inputs(x: object, alpha: object) -> None:
+    """The arguments of ``ema_recurrence``, ``ema_convolution`` and ``ema_fft``."""
+    ema_sequence(x)
+    ema_alpha(alpha, channels=x.shape[2], device=x.device)
+
+
+def kernel_length(length: object) -> int:
+    """An int (or anything with ``__index__``) >= 1."""
+    try:
+        length = operator.index(length)
+    except TypeError:
+        raise TypeError(f"length must be an int, got {type(length).__name__}") from None
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    return length
+
+
+def causal_conv_inputs(x: object, kernel: object) -> None:
+    """x (B, L, D) real floating with L >= 1; kernel (D, L) real floating on x's device."""
+    ema_sequence(x)
+    _, length, channels = x.shape
+    if not isinstance(kernel, Tensor):
+        raise TypeError(f"kernel must be a torch.Tensor of shape (D, L), got {type(kernel).__name__}")
+    if not kernel.is_floating_point():
+        raise TypeError(f"kernel must have a real floating dtype, got {kernel.dtype}")
+    if tuple(kernel.shape) != (channels, length):
+        raise ValueError(f"kernel must have shape (D, L) = ({channels}, {length}) to match x of shape "
+                         f"(B, L, D) = {tuple(x.shape)}, got {tuple(kernel.shape)}")
+    if kernel.device != x.device:
+        raise ValueError(f"kernel must be on x's device {x.device}, got {kernel.device}")
+
+
+def damped_ema_coefficients(alpha: object, delta: object, beta: object, eta: object) -> None:
+    """The (D, N) coefficient tensors of MEGA's damped EMA, all the same shape and floating."""
+    for name, value in (("alpha", alpha), ("delta", delta), ("beta", beta), ("eta", eta)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != 2:
+            raise ValueError(f"{name} must have shape (D, N), got {tuple(value.shape)}")
+        if value.shape != alpha.shape:
+            raise ValueError(f"{name} must have the same shape (D, N) as alpha {tuple(alpha.shape)}, "
+                             f"got {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def positive_int_or_none(name: str, value: object) -> None:
+    """None, or an int >= 1 (bools are refused)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def damped_ema_input(x: object, model_dim: int, ndim: int | None = None, h0: object = None) -> None:
+    """x (B, L, D) real floating with L >= 1 and D = model_dim, and the optional state h0 (B, D, N)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != model_dim or x.shape[1] < 1:
+        raise ValueError(f"x must have shape (B, L, D) with L >= 1 and D = {model_dim}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if h0 is not None:
+        if not isinstance(h0, Tensor):
+            raise TypeError(f"h0 must be a torch.Tensor or None, got {type(h0).__name__}")
+        if not h0.is_floating_point():
+            raise TypeError(f"h0 must be a floating-point tensor, got {h0.dtype}")
+        expected = (x.shape[0], model_dim, ndim)
+        if tuple(h0.shape) != expected:
+            raise ValueError(f"h0 must have shape (B, D, N) = {expected}, got {tuple(h0.shape)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,15 +53,15 @@ def reference_layer(layer, x, params=None):
     """The MEGA layer in float64 from its parameters: recurrent EMA, per-query attention."""
     p = params if params is not None else {n: t.detach().double() for n, t in layer.named_parameters()}
     x = x.double()
-    d, z_dim, v_dim = layer.d_model, layer.z_dim, layer.v_dim
+    d, z_dim, value_dim = layer.model_dim, layer.z_dim, layer.value_dim
     xn = F.layer_norm(x, (d,), p["norm.weight"], p["norm.bias"], eps=layer.norm.eps)
     v = F.silu(xn @ p["v_proj.weight"].T + p["v_proj.bias"])
-    n_dims = p["ema.alpha"].shape[1]
+    ndim = p["ema.alpha"].shape[1]
     ema, _ = damped_ema_recurrence(xn, torch.sigmoid(p["ema.alpha"]), torch.sigmoid(p["ema.delta"]),
-                                   p["ema.beta"], p["ema.eta"] / math.sqrt(n_dims))
+                                   p["ema.beta"], p["ema.eta"] / math.sqrt(ndim))
     mx = F.silu(ema + p["ema.omega"] * xn)
     base = mx @ p["mx_proj.weight"].T + p["mx_proj.bias"]
-    update, zz, reset, hx = torch.split(base, [d, z_dim, v_dim, d], dim=-1)
+    update, zz, reset, hx = torch.split(base, [d, z_dim, value_dim, d], dim=-1)
     update, zz, reset = torch.sigmoid(update), F.silu(zz), F.silu(reset)
     q = zz * p["qk_weight"][0] + p["qk_bias"][0]
     k = zz * p["qk_weight"][1] + p["qk_bias"][1]
@@ -216,7 +216,7 @@ def reference_block(block, x, params):
 
 def reference_lm(lm, tokens, params):
     """MegaLM in float64 without any padding: the reference attention handles a last, partial chunk."""
-    x = params["embed.weight"][tokens] * math.sqrt(lm.d_model)
+    x = params["embed.weight"][tokens] * math.sqrt(lm.model_dim)
     for i, block in enumerate(lm.blocks):
         prefix = f"blocks.{i}."
         x = reference_block(block, x, {n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)})
@@ -253,7 +253,7 @@ def test_block_matches_float64_reference_forward_and_gradients(chunk_size, atten
     g = torch.Generator().manual_seed(3 + 10 * seed)
     torch.manual_seed(3 + 10 * seed)
     b, length, d = random_size(chunk_size, g)
-    block = MegaBlock(d, z_dim=4, v_dim=5, ffn_dim=7, n_dims=3, chunk_size=chunk_size, attention=attention,
+    block = MegaBlock(d, z_dim=4, value_dim=5, ffn_hidden_dim=7, ndim=3, chunk_size=chunk_size, attention=attention,
                       max_positions=16)
     perturb_parameters(block, g)
     x = torch.randn(b, length, d, generator=g, requires_grad=True)
@@ -272,7 +272,7 @@ def test_lm_matches_float64_reference_forward_and_gradients(chunk_size, attentio
     torch.manual_seed(7)
     b, _, d = random_size(chunk_size, g)
     length = 11 if chunk_size == 4 else int(torch.randint(1, 17, (1,), generator=g))   # 11: the LM pads to 12
-    lm = MegaLM(13, d, 2, z_dim=4, v_dim=5, ffn_dim=7, n_dims=3, chunk_size=chunk_size, attention=attention,
+    lm = MegaLM(13, d, 2, z_dim=4, value_dim=5, ffn_hidden_dim=7, ndim=3, chunk_size=chunk_size, attention=attention,
                 max_positions=16)
     perturb_parameters(lm, g)
     tokens = torch.randint(0, 13, (b, length), generator=g)
@@ -302,8 +302,8 @@ def test_layer_block_and_lm_are_causal_bit_for_bit(chunk_size, attention, recurr
     g = torch.Generator().manual_seed(4)
     torch.manual_seed(4)
     length = 16
-    block = MegaBlock(6, 4, 5, 7, n_dims=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
-    lm = MegaLM(11, 6, 2, 4, 5, 7, n_dims=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
+    block = MegaBlock(6, 4, 5, 7, ndim=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
+    lm = MegaLM(11, 6, 2, 4, 5, 7, ndim=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
     perturb_parameters(block, g)
     perturb_parameters(lm, g)
     x = torch.randn(2, length, 6, generator=g, dtype=torch.float64)
@@ -325,7 +325,7 @@ def test_layer_block_and_lm_are_causal_with_the_fft_ema(chunk_size, attention):
     g = torch.Generator().manual_seed(4)
     torch.manual_seed(4)
     length, cut = 16, 9
-    block = MegaBlock(6, 4, 5, 7, n_dims=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
+    block = MegaBlock(6, 4, 5, 7, ndim=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
     perturb_parameters(block, g)
     x = torch.randn(2, length, 6, generator=g, dtype=torch.float64)
     x2 = x.clone()
@@ -339,7 +339,7 @@ def test_layer_block_and_lm_are_causal_with_the_fft_ema(chunk_size, attention):
             torch.testing.assert_close(y2[:, :cut], y[:, :cut], rtol=0, atol=1e-12)
             assert (y2[:, cut:] - y[:, cut:]).abs().max() > 1e-3
 
-    lm = MegaLM(11, 6, 2, 4, 5, 7, n_dims=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
+    lm = MegaLM(11, 6, 2, 4, 5, 7, ndim=3, chunk_size=chunk_size, attention=attention, max_positions=16).double()
     perturb_parameters(lm, g)
     tokens = torch.randint(0, 11, (2, length), generator=g)
     tokens2 = tokens.clone()
@@ -355,7 +355,7 @@ def test_layer_block_and_lm_are_causal_with_the_fft_ema(chunk_size, attention):
 def test_lm_pads_to_whole_chunks_without_changing_real_tokens():
     g = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
-    lm = MegaLM(13, 8, 2, 4, 6, 8, n_dims=4, chunk_size=4).double()
+    lm = MegaLM(13, 8, 2, 4, 6, 8, ndim=4, chunk_size=4).double()
     perturb_parameters(lm, g)
     tokens = torch.randint(0, 13, (3, 15), generator=g)       # 15 = 3 chunks + 3 tokens
     longer = torch.cat([tokens, torch.randint(0, 13, (3, 1), generator=g)], dim=1)   # 16 = 4 chunks
@@ -367,7 +367,7 @@ def test_lm_pads_to_whole_chunks_without_changing_real_tokens():
 
 def test_attention_map_is_block_diagonal_and_causal():
     torch.manual_seed(6)
-    layer = MovingAverageGatedAttention(8, 4, 6, n_dims=2, chunk_size=4)
+    layer = MovingAverageGatedAttention(8, 4, 6, ndim=2, chunk_size=4)
     with torch.no_grad():
         weights = layer.attention_map(torch.randn(2, 12, 8))
     assert weights.shape == (2, 3, 4, 4)

@@ -227,7 +227,7 @@ def test_bad_inputs_raise_clear_errors():
         layer(torch.randn(2, 5, 4), torch.randn(2, 4, 4))
     with pytest.raises(TypeError, match="h0 must be a floating-point tensor"):
         layer(torch.randn(2, 5, 4), torch.ones(2, 4, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="d_model must be a positive int"):
+    with pytest.raises(ValueError, match="model_dim must be a positive int"):
         DampedEMA(True, 3)
     coeffs = [torch.rand(4, 3) for _ in range(4)]
     with pytest.raises(ValueError, match="eta must have the same shape"):
@@ -236,5 +236,5 @@ def test_bad_inputs_raise_clear_errors():
         damped_ema_kernel(torch.rand(4), *coeffs[1:], 5)
     with pytest.raises(ValueError, match="length must be a positive int"):
         damped_ema_kernel(*coeffs, 0)
-    with pytest.raises(ValueError, match="n_dims must be a positive int"):
+    with pytest.raises(ValueError, match="ndim must be a positive int"):
         DampedEMA(4, 0)
