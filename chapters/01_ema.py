@@ -41,7 +41,7 @@ print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
 # ## 1. The recurrence
 #
 # For a sequence $x_0, x_1, \dots$ of $D$-dimensional vectors and a per-channel smoothing factor
-# $\alpha \in (0, 1)^D$, the EMA is (MEGA, Ma et al. 2023, §2.1)
+# $\alpha \in (0, 1)^D$, the EMA is (MEGA, Ma et al. 2023, §2.2, eq. (2))
 #
 # $$y_t = \alpha \odot x_t + (1 - \alpha) \odot y_{t-1}, \qquad y_{-1} = 0.$$
 #
@@ -58,7 +58,7 @@ print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
 # %% tags=["export:ema"]
 """The classic exponential moving average (EMA), in three forms that compute the same numbers.
 
-    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, §2.1)
+    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, §2.2, eq. (2))
 
 with one smoothing factor ``alpha_d`` in (0, 1) per channel. Unrolled, the EMA is a causal
 convolution with the kernel ``k_j = alpha * (1 - alpha)**j``:
@@ -91,7 +91,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 # %% tags=["export:ema"]
 def ema_recurrence(x: Tensor, alpha: Tensor) -> Tensor:
-    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA §2.1).
+    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA eq. (2)).
 
     One vectorised step per time step: O(B L D) work, but L sequential steps. The reference the
     other forms are checked against; differentiable through autograd.

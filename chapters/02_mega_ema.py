@@ -66,7 +66,7 @@ print(f"smoke={SMOKE} device={device} B={B} L={L} D={D} N={N}")
 # validators (`megalodon_lite/validate.py`), so every form below refuses bad input the same way.
 
 # %% tags=["export:mega_ema"]
-"""MEGA's damped multi-dimensional EMA (Ma et al. 2023, arXiv 2209.10655, §3.1).
+"""MEGA's damped multi-dimensional EMA (Ma et al. 2023, arXiv 2209.10655, §3.1, eqs. (3)-(5)).
 
 Per channel j with N hidden dimensions (all vectors of length N):
 

@@ -115,7 +115,7 @@ ATTENTION_FUNCTIONS = ("softmax", "laplace")
 
 
 def laplace_attention(scores: Tensor) -> Tensor:
-    """The Laplace attention function f(x) = ½[1 + erf((x − μ)/(σ√2))], μ = √½, σ = √(1/(4π)) (MEGA §3).
+    """The Laplace attention function f(x) = ½[1 + erf((x − μ)/(σ√2))], μ = √½, σ = √(1/(4π)) (MEGA §3.2, eq. (16)).
 
     Element-wise, values in (0, 1); equals relu²(x) in value and slope at x = μ.
 
@@ -228,7 +228,7 @@ def split_chunks(x: Tensor, chunk_size: int | None) -> Tensor:
 
 
 def attention_weights(q: Tensor, k: Tensor, bias: Tensor, attention: str = "softmax") -> Tensor:
-    """Causal single-head attention weights inside each chunk (MEGA §3.2).
+    """Causal single-head attention weights inside each chunk (MEGA eq. (11), per chunk as in Mega-chunk, §3.4).
 
     softmax: softmax_j(q_i·k_j / √z + b[i, j]) over j <= i.
     laplace: f_laplace(q_i·k_j / (i + 1) + b[i, j]) for j <= i, else 0.
@@ -365,7 +365,7 @@ plt.show()
 
 # %% tags=["export:mega"]
 class MovingAverageGatedAttention(nn.Module):
-    """The MEGA layer: damped EMA, single-head gated attention and a gated residual (MEGA §3.2).
+    """The MEGA layer: damped EMA, single-head gated attention and a gated residual (MEGA §3.2, eqs. (6)-(15)).
 
     Args:
         model_dim: model width D.

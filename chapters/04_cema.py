@@ -14,12 +14,12 @@
 #
 # $$h_t = \alpha \odot \beta x_t + (1 - \alpha \odot \delta) \odot h_{t-1}, \qquad y_t = \eta^\top h_t$$
 #
-# (MEGA §3.1), whose response to a single spike is a sum of $N$ decaying exponentials
+# (MEGA §3.1, eq. (5); Megalodon eq. (1)), whose response to a single spike is a sum of $N$ decaying exponentials
 # $\sum_n \eta_n \alpha_n \beta_n \varphi_n^t$ with $\varphi_n = 1 - \alpha_n\delta_n \in (0, 1)$.
 # Each term keeps one sign for ever, and a sum of $N$ of them changes sign at most $N-1$ times:
 # the kernel cannot *ring*, so "a period of 7 tokens" or a sharp band-pass is out of reach.
 #
-# Megalodon (§3.1) makes the decay factor complex. Multiplying $\varphi$ by a rotation
+# Megalodon (§3.1, eq. (2)) makes the decay factor complex. Multiplying $\varphi$ by a rotation
 # $e^{i\theta}$ turns each term into a damped oscillation,
 #
 # $$\mathrm{Re}\big(c\,(\varphi e^{i\theta})^t\big) = |c|\,\varphi^t \cos(\theta t + \arg c),$$
@@ -52,7 +52,7 @@ print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
 # %% [markdown]
 # ## The parameterisation the official code uses
 #
-# Per channel $d$ and state $n = 1..N$ (official `MultiHeadComplexEMA._calc_coeffs`):
+# Per channel $d$ and state $n = 1..N$ (official [`MultiHeadComplexEMA._calc_coeffs`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L100-L117)):
 #
 # $$p = \sigma(\texttt{alpha}), \qquad
 #   \theta_n = n \cdot \tfrac{2\pi}{N}\,\sigma(\texttt{theta}), \qquad
@@ -68,14 +68,14 @@ print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
 # * $|q| = 1 - \sigma\sigma \in (0, 1)$ by construction, whatever the optimiser does.
 # * $\omega$ is MEGA's skip weight: the raw input leaks straight to the output.
 #
-# **Paper vs code.** The paper writes
+# **Paper vs code.** The paper writes (Megalodon eq. (2))
 # $h_t = \alpha e^{i\theta} \odot \beta x_t + (1-\alpha\delta) e^{i\theta} \odot h_{t-1}$,
 # $y_t = \mathrm{Re}(\eta^\top h_t)$: the rotation multiplies the input term as well, and there is
 # an expansion vector $\beta$. Unrolling the paper's recurrence gives
 # $h_t = \sum_s \alpha\beta e^{i\theta}\, q^{t-s} x_s$, i.e. the code's state times the constant
 # $\beta e^{i\theta}$; since $\gamma$ is a free complex vector, $\eta \beta e^{i\theta}$ is just another
-# $\gamma$. The code drops both and keeps the $\omega$ skip. (The paper also calls the base
-# frequency $\omega$; in the code `omega` is the skip weight.) Section 6 checks the equivalence
+# $\gamma$. The code drops both and keeps the $\omega$ skip ([its forward](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L127-L147)). (The
+# paper's eq. (3) calls the base frequency $\omega$; in the code `omega` is the skip weight.) Section 6 checks the equivalence
 # numerically.
 #
 # The coefficients are computed in float32 whatever the parameters' dtype (float64 only when the
@@ -85,7 +85,8 @@ print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
 # the argument instead of broadcasting into a wrong answer.
 
 # %% tags=["export:cema"]
-"""Complex exponential moving average (CEMA): Megalodon §3.1, parameterised as the official code.
+"""Complex exponential moving average (CEMA): Megalodon §3.1, eqs. (2)-(3), parameterised as the official
+``MultiHeadComplexEMA`` (https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L42-L150).
 
 Per channel d and state n (n = 1..N)::
 
@@ -152,7 +153,7 @@ def cema_coefficients(alpha: Tensor, delta: Tensor, theta: Tensor, gamma: Tensor
 
 
 # %% [markdown]
-# **Initialisation** (official `_reset_parameters`): `alpha`, `delta` $\sim \mathcal N(0, 0.2^2)$;
+# **Initialisation** (official [`_reset_parameters`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L18-L39)): `alpha`, `delta` $\sim \mathcal N(0, 0.2^2)$;
 # `theta` $= \mathrm{logit}(D^{-m/D})$ for a random permutation $m$ of $1..D$, so base frequencies
 # are spread log-uniformly over channels; `gamma_re` $\sim \mathcal N(0,1)$, `gamma_im` $= 0$;
 # `omega` $\sim$ TruncNormal$(0, 0.25, [-1, 1])$. As in the official code it is a function of the
@@ -345,8 +346,8 @@ assert err_rec < 1e-5 * max(1.0, scale)
 # The kernel is *real*, so the convolution is chapter 01's zero-padded real FFT convolution
 # (`fft_causal_conv`), $O(L \log L)$ per channel, with the powers built as above.
 #
-# The official CUDA path computes the same three quantities (`ema_parameters` for $k$ and $b$,
-# `fftconv`, `ema_hidden` for $h_L$), with its powers as $\exp(t \log q)$ in float32 (its fast
+# The official CUDA path computes the same three quantities ([`ema_parameters`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L139) for $k$
+# and $b$, [`fftconv`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L140), [`ema_hidden`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L144) for $h_L$), with its powers as $\exp(t \log q)$ in float32 (its fast
 # kernels also multiply running products of $q^{\text{block}}$). We test ours with a non-zero $h_0$.
 
 # %% tags=["export:cema"]
@@ -476,7 +477,7 @@ for chunk in (1, 7, 128):
 # ## 4 · The module
 #
 # `CEMA` holds the five parameters in the official shapes ($\omega$ is stored as a vector of $D$,
-# the official code's `omega` is $D \times 1$), draws them with `cema_reset_parameters`, and its
+# [the official code's `omega`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L66) is $D \times 1$), draws them with `cema_reset_parameters`, and its
 # `forward(x, h0)` computes the coefficients and runs one of the three forms: `method="auto"` picks
 # the recurrence for very short pieces (one-token decoding) and the chunked form otherwise. We load
 # the parameters drawn above, so the module must reproduce the functions exactly.

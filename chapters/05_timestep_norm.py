@@ -13,7 +13,7 @@
 # normalisation before the output head. A language model reads left to right, so this
 # normalisation has a hard constraint: the output at step $t$ may depend on the tokens
 # $x_1, \dots, x_t$ and on nothing later. This chapter builds **TimestepNorm**
-# (Megalodon §3.2, official code `megalodon/modules/timestep_norm.py`): a group normalisation
+# (Megalodon §3.2, eq. (4); official [`TimestepNorm`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/timestep_norm.py#L67-L131)): a group normalisation
 # whose mean and variance at step $t$ are accumulated over all steps $\le t$.
 #
 # The plan:
@@ -93,7 +93,9 @@ for name, groups in ((f"GroupNorm (G={G})", G), ("LayerNorm over (L, D)", 1)):
 # bfloat16 input (float64 stays float64), with a two-pass variance inside the group.
 
 # %% tags=["export:timestep_norm"]
-"""TimestepNorm: group normalisation with causal, cumulative statistics (Megalodon §3.2).
+"""TimestepNorm: group normalisation with causal, cumulative statistics (Megalodon §3.2, eq. (4)).
+
+Official module: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/timestep_norm.py#L67-L131
 
 At step t each group of channels is normalised with the mean and (population) variance of
 that group over all real steps <= t, so nothing after t is ever read. The statistics are
@@ -193,12 +195,12 @@ assert torch.allclose(var_total, var_def, rtol=0, atol=1e-12)
 # stays on the scale of the data: the state holds a mean and a variance, never a raw sum.
 # A padded step is a merge with weight $w = 0$, which leaves the state exactly as it was.
 #
-# The initial state is the official one: $c = 0$, $M = 0$, $S = 1$ (the code's `prior_mean = 0`,
-# `prior_logv = 0`). With $c = 0$ the first real step has $w = 1$, so the prior is forgotten at
+# The initial state is the official one: $c = 0$, $M = 0$, $S = 1$ (the code's
+# [`prior_count = 0`, `prior_mean = 0`, `prior_logv = 0`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/timestep_norm.py#L94-L100), [expanded per row](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/timestep_norm.py#L116-L121)). With $c = 0$ the first real step has $w = 1$, so the prior is forgotten at
 # once. The output uses the state **after** merging step $t$, so step $t$ sees itself:
 # $y_t = (x_t - M_t)\cdot\mathrm{rsqrt}(S_t + \epsilon)\cdot(\gamma + 1) + \beta$, with
-# $\gamma, \beta$ stored as 0 and $\epsilon = 10^{-5}$. Padded steps output 0, as the official
-# kernel writes.
+# $\gamma, \beta$ stored as 0 and $\epsilon = 10^{-5}$. Padded steps output 0, as the
+# [official kernel](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu#L656-L661) writes.
 
 # %% tags=["export:timestep_norm"]
 def initial_timestep_norm_state(batch_size: int, num_groups: int, device: torch.device | str | None = None,
@@ -523,7 +525,8 @@ assert stream_err < 1e-12 and torch.equal(state.count, state_whole.count)
 
 # %% [markdown]
 # Padding (True in `padding_mask`) marks steps that are not part of the sequence, for instance
-# the right-padding of a batch of documents of different lengths. As in the official kernel, a
+# the right-padding of a batch of documents of different lengths. As in the official kernel
+# ([the statistics](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu#L571-L574), [the output](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu#L656-L661)), a
 # padded step neither updates the state nor produces output: its output is 0. The real steps
 # must then come out exactly as for the same sequence with the padding removed.
 
@@ -550,8 +553,9 @@ print("padded steps: output 0, state untouched, NaN in the padding changes nothi
 # `TimestepNorm` holds the per-channel `weight` and `bias`, both stored as 0 and applied as
 # `weight + 1` and `bias` (so a fresh module is a pure normaliser), and calls `timestep_norm`.
 # Statistics and the returned state are float32 even for bfloat16 input; the output has the
-# input's dtype. (The official kernel returns the state in the input's dtype; keeping it in
-# float32 means a bfloat16 stream does not round its statistics at every call boundary.)
+# input's dtype. (The official kernel [allocates the returned state like the incoming one](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu#L1547-L1550),
+# which [the official layer casts to the input's dtype](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L270-L271); keeping it in float32 means a
+# bfloat16 stream does not round its statistics at every call boundary.)
 
 # %% tags=["export:timestep_norm"]
 class TimestepNorm(nn.Module):

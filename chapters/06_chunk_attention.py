@@ -9,9 +9,9 @@
 # %% [markdown]
 # # 06 · Normalized attention, chunk by chunk
 #
-# Megalodon keeps softmax attention, but changes three things about it (Megalodon §3.3, and
-# MEGA's chunk-wise variant "Mega-chunk"; official code
-# `megalodon/modules/moving_average_gated_attention.py`):
+# Megalodon keeps softmax attention, but changes three things about it (Megalodon §3.3,
+# eqs. (5)-(9), and MEGA's chunk-wise variant "Mega-chunk", MEGA §3.4; official code
+# [`MovingAverageGatedAttention`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L145-L353)):
 #
 # 1. **Normalized attention.** Queries and keys come from one shared representation $z$ that is
 #    normalised per head before a learned per-channel scale and offset. The dot products are
@@ -50,8 +50,8 @@ print(f"device {device}, smoke mode {SMOKE}")
 #
 # As everywhere in the official code, the scale is *stored* as $w = 0$ and *applied* as $w + 1$,
 # so weight decay pulls it towards 1 (the identity) rather than towards 0. The official
-# `FusedRMSNorm` uses $\varepsilon = 10^{-5}$ (`ModelConf.norm_eps`), for the affine norm after
-# CEMA and for the per-head norm of $z$ without affine, and so do we. As in the official code,
+# [`FusedRMSNorm`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/layer_norm.py#L44-L66) uses $\varepsilon = 10^{-5}$ ([`ModelConf.norm_eps`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/config.py#L58)), for the
+# [affine norm after CEMA and for the per-head norm of $z$ without affine](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L192-L193), and so do we. As in the official code,
 # the statistics are taken in float32 even for bfloat16 inputs (bfloat16 keeps 8 significant bits)
 # and only the result is rounded back.
 
@@ -153,12 +153,13 @@ assert torch.allclose(fresh(x), RMSNorm(48, affine=False).to(device)(x))
 #
 # Megalodon computes one shared representation $z = m W_z + b_z$ ($m$ is the normalised CEMA
 # output of chapter 07), splits it into $H$ heads of $d_h$ channels, and derives both queries and
-# keys from it. The paper (Megalodon §3.3, "normalized attention") writes
+# keys from it. The paper (Megalodon §3.3, "normalized attention", eqs. (6)-(8)) writes
 #
 # $$z' = \frac{z}{\lVert z \rVert}, \qquad q = \kappa_q \odot z' + \mu_q, \qquad
 #   k = \kappa_k \odot z' + \mu_k .$$
 #
-# The official code writes the same thing with an RMSNorm without affine and the "+1" convention:
+# The [official code](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L319-L328) writes the same thing with an RMSNorm without affine and the "+1"
+# convention:
 #
 # $$\hat z = \frac{z}{\sqrt{\tfrac{1}{d_h}\lVert z\rVert^2 + \varepsilon}}, \qquad
 #   q = \hat z \odot \frac{\gamma_q + 1}{\sqrt{d_h}} + \beta_q, \qquad
@@ -178,7 +179,7 @@ def normalized_qk(z_hat: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, T
 
     ``q = z_hat * (gamma[0] + 1) / sqrt(dz) + beta[0]`` and likewise ``k`` with index 1: with
     ``z_hat = RMSNorm(z)`` this is ``z / |z|`` scaled by ``gamma + 1`` and shifted by ``beta``
-    (Megalodon §3.3). The parameters are cast to ``z_hat``'s dtype.
+    (Megalodon §3.3, eqs. (6)-(8)). The parameters are cast to ``z_hat``'s dtype.
 
     Args:
         z_hat: (B, L, H, dz) per-head RMS-normalised z.
@@ -222,10 +223,10 @@ assert scores.abs().max() <= 1 + 1e-9
 #
 # A rotation preserves dot products up to the difference of the angles, so
 # $\langle R_p q, R_s k\rangle$ depends on $p - s$ only: scores see relative positions. The
-# official code pairs *adjacent* channels (the complex form of the original LLaMA code), not the
-# two halves of the vector, so we do the same, and we compute the rotation in float32 (float64
+# official code [pairs *adjacent* channels](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/rotary_positional_embedding.py#L71-L72) (the complex form of the original LLaMA code), not
+# the two halves of the vector, so we do the same, and we compute the rotation in float32 (float64
 # for float64 inputs). Since attention never crosses a chunk boundary, the code gives token $t$
-# the position $t \bmod c$. Because scores depend on $p - s$ only, and $p$ and $s$ always share a
+# the position $t \bmod c$ ([angles for positions below $c$ only](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L229-L230), [applied after the chunk split](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L112-L114)). Because scores depend on $p - s$ only, and $p$ and $s$ always share a
 # chunk, restarting does not change the exact result (section 4 checks this); what it buys is
 # that every angle a model ever sees is below $c\,\theta_i$, at training time and at any stream
 # length (a float32 angle $p\,\theta_0$ at $p$ in the millions keeps few correct digits), and
@@ -321,7 +322,17 @@ assert torch.allclose(s0, s1, atol=1e-9)
 # accumulates the softmax in float32 (`tests/test_attention.py` checks the error it leaves).
 # Beside it, `causal_attention(..., use_sdpa=False)` is the explicit product
 # $\mathrm{softmax}(q k^\top + M)\, v$ with scores and softmax in float32 (the official code's
-# non-fused path takes the scores in the input dtype and only the softmax in float32).
+# [non-fused path](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L116-L129) takes the scores in the input dtype and only the softmax in float32).
+#
+# **Attention dropout.** During training with `attention_dropout` $= p > 0$, both of our paths drop
+# attention *probabilities* after the softmax and scale the kept ones by $1/(1-p)$ (SDPA's
+# `dropout_p`, and `F.dropout` in the explicit path), as the official code's default path does
+# ([softmax, then `memory_efficient_dropout`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L125-L126), which [divides by $1-p$](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/fused_ops/memory_efficient_dropout.py#L58)). The
+# official fused kernels ([`efficient_attn`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L130-L136) set to `"swift"` or `"fused"`) do something else,
+# DropKey: [a dropped key's score becomes $-\infty$ *before* the softmax](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/softmax.cuh#L133-L167)
+# ([used whenever dropout > 0](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/attention_kernel.cu#L94-L115)), so the softmax renormalises over the keys that remain and
+# nothing is rescaled. Without dropout (evaluation, and every preset here) the two are the same
+# function; with dropout they train differently.
 
 # %% tags=["export:attention"]
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0,
@@ -468,7 +479,7 @@ class ChunkAttention(nn.Module):
     Per head: ``z_hat = RMSNorm(z_h)`` (no affine, eps 1e-5); ``q = z_hat (gamma_q + 1)/sqrt(dz)
     + beta_q``, ``k`` likewise (Megalodon §3.3); RoPE at position ``t mod chunk_size``; causal
     softmax attention with scale 1 inside each chunk of ``chunk_size`` tokens (official
-    ``megalodon/modules/moving_average_gated_attention.py``).
+    ``MovingAverageGatedAttention``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L145-L353).
 
     Args:
         z_dim: size of the shared representation z, split into ``num_heads`` heads of dz.

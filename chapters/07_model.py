@@ -22,14 +22,14 @@
 #                ──▶ TimestepNorm ──▶ head ──▶ logits (B, L, V) float32
 #
 # one block (input x):
-#   X  = TimestepNorm(x)                    causal group norm              (§3.2)
-#   mx = RMSNorm(CEMA(X))                   complex EMA, then a norm       (§3.1)
-#   z  = mx W_z + b_z  → q, k               normalised attention inputs    (§3.3)
+#   X  = TimestepNorm(x)                    causal group norm              (§3.2, eq. 4)
+#   mx = RMSNorm(CEMA(X))                   complex EMA, then a norm       (§3.1, eqs. 2-3)
+#   z  = mx W_z + b_z  → q, k               normalised attention inputs    (§3.3, eqs. 5-8)
 #   v  = SiLU(X W_v + b_v)                  values from the *normed input*, not from mx
 #   r  = SiLU(mx W_r + b_r)                 reset gate
 #   O  = ChunkAttention(z, v)               softmax attention inside chunks of c tokens
 #   y  = mx W_h1 + b_h + (O ⊙ r) W_h2 + x   first residual
-#   out = FFN(LayerNorm(y)) + x             second residual skips *two* hops (§3.4)
+#   out = FFN(LayerNorm(y)) + x             second residual skips *two* hops (§3.4, eq. 11)
 # ```
 #
 # Three modules come out of this chapter: `megalodon_lite.config` (the shapes, with the official
@@ -57,8 +57,8 @@ print("device:", device, "| smoke mode:", SMOKE)
 # ## 1. The configuration
 #
 # Every shape of the model lives in one frozen dataclass. The field names follow the official
-# `ModelConf` (`MG:megalodon/config.py`) so that its presets can be copied number for number from
-# `MG:megalodon/model/mega.py`: `model_dim` is $D$, `z_dim` the width of the shared query/key
+# [`ModelConf`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/config.py#L40-L80) so that its presets can be copied number for number from
+# [`ModelStore`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L272-L288): `model_dim` is $D$, `z_dim` the width of the shared query/key
 # projection, `value_dim` the width of the values (and of the gate $r$), `ffn_hidden_dim` the
 # feed-forward width, `cema_ndim` the $N$ EMA states per channel, `norm_num_groups` the $G$
 # groups of the timestep norm, `chunk_size` the attention chunk $c$.
@@ -74,8 +74,8 @@ print("device:", device, "| smoke mode:", SMOKE)
 # %% tags=["export:config"]
 """The shape of a Megalodon language model: one dataclass, the official presets, validation.
 
-Field names follow the official ``ModelConf`` (``megalodon/config.py`` in
-github.com/XuezheMax/megalodon) so that presets can be compared number for number.
+Field names follow the official ``ModelConf`` so that presets can be compared number for number:
+https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/config.py#L40-L80
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class MegalodonConfig:
 _LLAMA2_VOCAB = 32_000
 
 PRESETS: dict[str, MegalodonConfig] = {
-    # The official shapes (megalodon/model/mega.py, ModelStore); vocabulary of the LLaMA-2 tokenizer.
+    # The official shapes (ModelStore, megalodon/model/mega.py#L272-L288); the LLaMA-2 tokenizer's vocabulary.
     "mega200M": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=12, model_dim=1024, num_heads=1, z_dim=256,
                                 value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),
     "mega1.3B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=24, model_dim=2048, num_heads=2, z_dim=512,
@@ -213,13 +213,15 @@ for bad in (dict(num_heads=3), dict(norm_num_groups=7), dict(dropout=1.0), dict(
 # %% [markdown]
 # ## 2. Initialisation, and the feed-forward network with its own norm
 #
-# The official code initialises (`MG:megalodon/utils.py::get_init_fn`):
+# The official code initialises ([`get_init_fn`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/utils.py#L67-L86)):
 #
-# * the embedding and the output head from a normal truncated at ±3σ with σ = $1/\sqrt{D}$;
+# * the embedding and the output head from a normal truncated at ±3σ with σ = $1/\sqrt{D}$
+#   ([`'gaussian'`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/utils.py#L76-L80), used for the [embedding](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L174-L175) and the [head](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L97-L101));
 # * every linear layer of a block, by default (`init_mode="he"`), with `kaiming_normal_(a=√5)`:
 #   a normal with σ = $1/\sqrt{3\,d_\text{in}}$ (the variance of PyTorch's default uniform init,
 #   drawn from a normal);
-# * every bias with 0, and every norm scale with 0, applied as $(1 + w)$: a norm starts as the
+# * every bias with 0, and every norm scale with 0, applied as $(1 + w)$ ([`FusedLayerNorm`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/layer_norm.py#L14-L38),
+#   [`FusedRMSNorm`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/layer_norm.py#L44-L66), [`TimestepNorm`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/timestep_norm.py#L102-L104)): a norm starts as the
 #   plain normalisation, and weight decay on $w$ pulls its scale towards 1, not towards 0.
 #
 # (The CEMA and the attention draw their own parameters, chapters 04 and 06.)
@@ -230,9 +232,11 @@ for bad in (dict(num_heads=3), dict(norm_num_groups=7), dict(dropout=1.0), dict(
 Built from the earlier chapters' modules: :class:`~megalodon_lite.timestep_norm.TimestepNorm`,
 :class:`~megalodon_lite.cema.CEMA`, :class:`~megalodon_lite.attention.RMSNorm` and
 :class:`~megalodon_lite.attention.ChunkAttention`. Follows the official code
-(github.com/XuezheMax/megalodon: ``megalodon/model/mega.py``,
-``megalodon/modules/moving_average_gated_attention.py``,
-``megalodon/modules/normalized_feedforward_network.py``) where it differs from the paper.
+where it differs from the paper (commit cff8ba5 of github.com/XuezheMax/megalodon):
+
+- ``Mega``, ``MegaBlock``, ``MegaOutputLayer``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py
+- ``MovingAverageGatedAttention``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py
+- ``NormalizedFeedForwardNetwork``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/normalized_feedforward_network.py
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ from megalodon_lite.timestep_norm import TimestepNorm, TimestepNormState
 
 
 def linear_init(mode: str) -> Callable[[Tensor], Tensor]:
-    """The official initialisation of a block's linear weight (``megalodon/utils.py::get_init_fn``)."""
+    """The official initialisation of a block's linear weight (``get_init_fn``, megalodon/utils.py#L67-L86)."""
     if mode == "he":
         return lambda w: nn.init.kaiming_normal_(w, a=math.sqrt(5.0))
     if mode == "bert":
@@ -269,11 +273,11 @@ def embedding_init_(weight: Tensor) -> Tensor:
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 # %% [markdown]
-# The feed-forward network (`MG:megalodon/modules/normalized_feedforward_network.py`) carries its
+# The feed-forward network ([`NormalizedFeedForwardNetwork`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/normalized_feedforward_network.py#L15-L94)) carries its
 # own LayerNorm (with the same "+1" scale) and has no biases:
 # $\mathrm{FFN}(y) = W_2\,\mathrm{SiLU}(W_1\,\mathrm{LN}(y))$, or with SwiGLU
 # $W_2\,(\mathrm{SiLU}(W_1\,\mathrm{LN}(y)) \odot W_3\,\mathrm{LN}(y))$. Its `forward` takes the
-# residual as a second argument: that is how the official code wires the two-hop residual, and it
+# residual as a second argument: that is how the [official code](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L86-L87) wires the two-hop residual, and it
 # lets us build the ordinary pre-norm block from the same parts in section 5.
 
 # %% tags=["export:model"]
@@ -345,15 +349,15 @@ class NormalizedFFN(nn.Module):
 # %% [markdown]
 # ## 3. One Megalodon layer and the two-hop block
 #
-# The layer follows `MG:megalodon/modules/moving_average_gated_attention.py` line by line
-# (SPEC §5). Things worth noticing, all from the code rather than the paper:
+# The layer follows the official [`MovingAverageGatedAttention.forward`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L275-L348) line
+# by line. Things worth noticing, all from the code rather than the paper (§3 and Figure 3(a)):
 #
 # * the CEMA output goes through an affine **RMSNorm** (the paper has no norm there), then
 #   dropout (`hidden_dropout`); there is **no SiLU** on the CEMA output and none on $z$ (MEGA had
 #   both);
 # * the values $v$ are computed from the timestep-normed input $X$, not from the EMA output;
 # * $z$ is per-head RMS-normalised and gets a learned affine per query/key
-#   ($\hat z\,(\gamma+1)/\sqrt{d_h} + \beta$) — this is the "normalized attention" of §3.3, and
+#   ($\hat z\,(\gamma+1)/\sqrt{d_h} + \beta$) — this is the "normalized attention" of §3.3, eqs. (6)-(8), and
 #   the attention softmax then uses scale 1 (all inside `ChunkAttention`, chapter 06);
 # * $h = mx\,W_{h1} + b + (O \odot r)\,W_{h2}$ has no activation (MEGA had a SiLU and an
 #   update gate), and the layer adds its input back: $y = h + x$.
@@ -363,7 +367,8 @@ class NormalizedFFN(nn.Module):
 # `attention_dropout` on the attention probabilities.
 #
 # **Streaming state.** Three things in a layer look back in time, and each has a small summary of
-# the past (SPEC §6): the timestep norm its running (count, mean, variance) per group, the CEMA its
+# the past (the official layer's [`cache`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L285-L287), and what §3.5 says chunk-parallel ranks exchange): the timestep
+# norm its running (count, mean, variance) per group, the CEMA its
 # complex hidden state $h \in \mathbb{C}^{D\times N}$, and the attention the keys and values of the
 # current, unfinished chunk (fewer than $c$ tokens; a finished chunk is never looked at again).
 # `LayerState` holds these three; the model's state adds the statistics of the final norm.
@@ -390,7 +395,8 @@ class LayerState:
 
 @dataclass
 class MegalodonState:
-    """The whole model's memory of the stream (SPEC §6).
+    """The whole model's memory of the stream (the official ``cache``: one (attention, norm, CEMA)
+    triple per layer plus the output norm's statistics, megalodon/model/mega.py#L192-L193).
 
     Attributes:
         layers: one :class:`LayerState` per block, in order.
@@ -548,7 +554,8 @@ class MegalodonBlock(nn.Module):
 
 # %% tags=["export:model"]
 def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
-    """One Megalodon block in float64, written from the equations (SPEC §5); slow, for checking.
+    """One Megalodon block in float64, written from the equations (Megalodon §3 as the official code
+    implements it); slow, for checking.
 
     x: (B, L, D) -> (B, L, D) float64, from a fresh stream. Shares nothing with the fast path but
     the parameter values (cast to float64 with gradients kept, so it also checks gradients):
@@ -630,10 +637,10 @@ assert err < 1e-5, err  # float32 has a 6e-8 unit roundoff; a few hundred roundi
 # ## 4. The language model, and where its parameters are
 #
 # The language model wraps the blocks: embedding (scaled by $\sqrt D$ if `scale_emb`, then
-# dropout), the blocks, a final **timestep** norm (the official `MegaOutputLayer` uses a
+# dropout), the blocks, a final **timestep** norm (the official [`MegaOutputLayer`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L91-L153) uses a
 # TimestepNorm here, not a LayerNorm, so it too carries statistics in the stream), and a linear
 # head without bias, optionally tied to the embedding. Logits come back in float32 even under
-# bf16 autocast, as in the official code.
+# bf16 autocast, as in the [official code](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L242).
 #
 # `forward(tokens, state)` always returns the new state, detached from the autograd graph: a stream
 # is read by calling the model again with that state, for as long as one likes. Malformed input
@@ -823,7 +830,7 @@ print("; ".join(f"{name}: {fraction:.1%}" for name, fraction in share.items()))
 # A pre-norm Transformer block adds both of its sub-layers to the residual stream:
 # $y = x + \mathrm{Attn}(\mathrm{N}(x))$, $\;\text{out} = y + \mathrm{FFN}(\mathrm{N}(y))$.
 # Every sub-layer output is added to the stream un-normalised, so the stream grows with depth.
-# Megalodon §3.4 keeps the pre-normalisation but rewires the second residual to skip back to
+# Megalodon §3.4 (eq. (10) is the pre-norm block, eq. (11) the new one) keeps the pre-normalisation but rewires the second residual to skip back to
 # the block input: $\text{out} = x + \mathrm{FFN}(\mathrm{LN}(y))$, motivated by training
 # stability as the model grows. The output of the attention layer still shapes the block's
 # output, but only through the normalised FFN input, never added to the stream as is; the stream
@@ -995,8 +1002,8 @@ plt.show()
 # complex numbers, $2G$ statistics and at most one chunk of keys and values — but it grows with
 # the model and the chunk, never with the stream.
 #
-# (The official evaluation code, past eight chunks, *replaces* the norm statistics by ones
-# recomputed over the last six chunks; the paper does not mention it. This package keeps the
+# (The official evaluation code, past [eight chunks](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/inference.py#L17), [*replaces* the norm statistics by ones recomputed over the last six chunks](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/inference.py#L50-L54)
+# ([`truncate_cache`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/utils.py#L202-L211)); the paper does not mention it. This package keeps the
 # statistics of the whole history, which is what "feeding in pieces equals one call" requires.)
 
 # %% [markdown]

@@ -69,7 +69,7 @@ def normalized_qk(z_hat: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, T
 
     ``q = z_hat * (gamma[0] + 1) / sqrt(dz) + beta[0]`` and likewise ``k`` with index 1: with
     ``z_hat = RMSNorm(z)`` this is ``z / |z|`` scaled by ``gamma + 1`` and shifted by ``beta``
-    (Megalodon §3.3). The parameters are cast to ``z_hat``'s dtype.
+    (Megalodon §3.3, eqs. (6)-(8)). The parameters are cast to ``z_hat``'s dtype.
 
     Args:
         z_hat: (B, L, H, dz) per-head RMS-normalised z.
@@ -242,7 +242,7 @@ class ChunkAttention(nn.Module):
     Per head: ``z_hat = RMSNorm(z_h)`` (no affine, eps 1e-5); ``q = z_hat (gamma_q + 1)/sqrt(dz)
     + beta_q``, ``k`` likewise (Megalodon §3.3); RoPE at position ``t mod chunk_size``; causal
     softmax attention with scale 1 inside each chunk of ``chunk_size`` tokens (official
-    ``megalodon/modules/moving_average_gated_attention.py``).
+    ``MovingAverageGatedAttention``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L145-L353).
 
     Args:
         z_dim: size of the shared representation z, split into ``num_heads`` heads of dz.

@@ -2,7 +2,8 @@
 # `python -m megalodon_lite.export --check` fails while this file and the chapter differ.
 
 # %% chapters/04_cema.py cell 4 · The parameterisation the official code uses
-"""Complex exponential moving average (CEMA): Megalodon §3.1, parameterised as the official code.
+"""Complex exponential moving average (CEMA): Megalodon §3.1, eqs. (2)-(3), parameterised as the official
+``MultiHeadComplexEMA`` (https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L42-L150).
 
 Per channel d and state n (n = 1..N)::
 

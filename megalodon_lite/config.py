@@ -4,8 +4,8 @@
 # %% chapters/07_model.py cell 4 · §1 The configuration
 """The shape of a Megalodon language model: one dataclass, the official presets, validation.
 
-Field names follow the official ``ModelConf`` (``megalodon/config.py`` in
-github.com/XuezheMax/megalodon) so that presets can be compared number for number.
+Field names follow the official ``ModelConf`` so that presets can be compared number for number:
+https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/config.py#L40-L80
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class MegalodonConfig:
 _LLAMA2_VOCAB = 32_000
 
 PRESETS: dict[str, MegalodonConfig] = {
-    # The official shapes (megalodon/model/mega.py, ModelStore); vocabulary of the LLaMA-2 tokenizer.
+    # The official shapes (ModelStore, megalodon/model/mega.py#L272-L288); the LLaMA-2 tokenizer's vocabulary.
     "mega200M": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=12, model_dim=1024, num_heads=1, z_dim=256,
                                 value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),
     "mega1.3B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=24, model_dim=2048, num_heads=2, z_dim=512,

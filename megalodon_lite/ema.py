@@ -4,7 +4,7 @@
 # %% chapters/01_ema.py cell 4 · §1 The recurrence
 """The classic exponential moving average (EMA), in three forms that compute the same numbers.
 
-    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, §2.1)
+    y_t = alpha * x_t + (1 - alpha) * y_{t-1},   y_{-1} = 0          (MEGA, Ma et al. 2023, §2.2, eq. (2))
 
 with one smoothing factor ``alpha_d`` in (0, 1) per channel. Unrolled, the EMA is a causal
 convolution with the kernel ``k_j = alpha * (1 - alpha)**j``:
@@ -37,7 +37,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 # %% chapters/01_ema.py cell 5 · §1 The recurrence
 def ema_recurrence(x: Tensor, alpha: Tensor) -> Tensor:
-    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA §2.1).
+    """EMA by its recurrence ``y_t = alpha * x_t + (1 - alpha) * y_{t-1}``, ``y_{-1} = 0`` (MEGA eq. (2)).
 
     One vectorised step per time step: O(B L D) work, but L sequential steps. The reference the
     other forms are checked against; differentiable through autograd.

@@ -2,7 +2,7 @@
 # `python -m megalodon_lite.export --check` fails while this file and the chapter differ.
 
 # %% chapters/02_mega_ema.py cell 4 · The recurrence
-"""MEGA's damped multi-dimensional EMA (Ma et al. 2023, arXiv 2209.10655, §3.1).
+"""MEGA's damped multi-dimensional EMA (Ma et al. 2023, arXiv 2209.10655, §3.1, eqs. (3)-(5)).
 
 Per channel j with N hidden dimensions (all vectors of length N):
 

@@ -7,9 +7,11 @@
 Built from the earlier chapters' modules: :class:`~megalodon_lite.timestep_norm.TimestepNorm`,
 :class:`~megalodon_lite.cema.CEMA`, :class:`~megalodon_lite.attention.RMSNorm` and
 :class:`~megalodon_lite.attention.ChunkAttention`. Follows the official code
-(github.com/XuezheMax/megalodon: ``megalodon/model/mega.py``,
-``megalodon/modules/moving_average_gated_attention.py``,
-``megalodon/modules/normalized_feedforward_network.py``) where it differs from the paper.
+where it differs from the paper (commit cff8ba5 of github.com/XuezheMax/megalodon):
+
+- ``Mega``, ``MegaBlock``, ``MegaOutputLayer``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py
+- ``MovingAverageGatedAttention``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py
+- ``NormalizedFeedForwardNetwork``: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/normalized_feedforward_network.py
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from megalodon_lite.timestep_norm import TimestepNorm, TimestepNormState
 
 
 def linear_init(mode: str) -> Callable[[Tensor], Tensor]:
-    """The official initialisation of a block's linear weight (``megalodon/utils.py::get_init_fn``)."""
+    """The official initialisation of a block's linear weight (``get_init_fn``, megalodon/utils.py#L67-L86)."""
     if mode == "he":
         return lambda w: nn.init.kaiming_normal_(w, a=math.sqrt(5.0))
     if mode == "bert":
@@ -133,7 +135,8 @@ class LayerState:
 
 @dataclass
 class MegalodonState:
-    """The whole model's memory of the stream (SPEC §6).
+    """The whole model's memory of the stream (the official ``cache``: one (attention, norm, CEMA)
+    triple per layer plus the output norm's statistics, megalodon/model/mega.py#L192-L193).
 
     Attributes:
         layers: one :class:`LayerState` per block, in order.
@@ -271,7 +274,8 @@ class MegalodonBlock(nn.Module):
 
 # %% chapters/07_model.py cell 20 · Checking the block against the equations
 def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
-    """One Megalodon block in float64, written from the equations (SPEC §5); slow, for checking.
+    """One Megalodon block in float64, written from the equations (Megalodon §3 as the official code
+    implements it); slow, for checking.
 
     x: (B, L, D) -> (B, L, D) float64, from a fresh stream. Shares nothing with the fast path but
     the parameter values (cast to float64 with gradients kept, so it also checks gradients):

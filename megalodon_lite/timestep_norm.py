@@ -2,7 +2,9 @@
 # `python -m megalodon_lite.export --check` fails while this file and the chapter differ.
 
 # %% chapters/05_timestep_norm.py cell 6 · §2 Cumulative group statistics
-"""TimestepNorm: group normalisation with causal, cumulative statistics (Megalodon §3.2).
+"""TimestepNorm: group normalisation with causal, cumulative statistics (Megalodon §3.2, eq. (4)).
+
+Official module: https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/timestep_norm.py#L67-L131
 
 At step t each group of channels is normalised with the mean and (population) variance of
 that group over all real steps <= t, so nothing after t is ever read. The statistics are

@@ -282,7 +282,7 @@ def test_config_dict_round_trip_and_unknown_fields():
 
 
 def expected_parameter_count(cfg: MegalodonConfig) -> int:
-    """Count from the equations of SPEC §5, independently of the modules."""
+    """Count from the shapes of the official modules (Megalodon §3), independently of ours."""
     D, z, v, f, N = cfg.model_dim, cfg.z_dim, cfg.value_dim, cfg.ffn_hidden_dim, cfg.cema_ndim
     layer = (2 * D                      # timestep norm weight, bias
              + D * (4 * N + 2)          # CEMA alpha, delta (N), gamma (2N), theta, omega
