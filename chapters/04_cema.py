@@ -17,7 +17,9 @@
 # (MEGA §3.1, eq. (5); Megalodon eq. (1)), whose response to a single spike is a sum of $N$ decaying exponentials
 # $\sum_n \eta_n \alpha_n \beta_n \varphi_n^t$ with $\varphi_n = 1 - \alpha_n\delta_n \in (0, 1)$.
 # Each term keeps one sign for ever, and a sum of $N$ of them changes sign at most $N-1$ times:
-# the kernel cannot *ring*, so "a period of 7 tokens" or a sharp band-pass is out of reach.
+# a few wiggles near the start, then one sign for good. What such a kernel cannot do is sustain an
+# oscillation at a chosen frequency for as long as its memory lasts: "a period of 7 tokens", or a
+# sharp band-pass around some frequency, is out of reach.
 #
 # Megalodon (§3.1, eq. (2)) makes the decay factor complex. Multiplying $\varphi$ by a rotation
 # $e^{i\theta}$ turns each term into a damped oscillation,

@@ -392,9 +392,15 @@ def _chunks_from_start(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, **kwarg
 
 # %% [markdown]
 # The cache holds only what the definition needs: the post-RoPE keys and values of the tokens
-# of the current chunk seen so far. Its length *is* the position inside the chunk. It keeps its
-# autograd history (so a loss on a later piece can train an earlier one); call `detach()` for
-# truncated backpropagation or inference.
+# of the current chunk seen so far. Its length *is* the position inside the chunk.
+#
+# The cache that `ChunkAttention` returns keeps its autograd history: the module on its own can be
+# fed in pieces *and* trained through them, a loss on a later piece reaching the keys and values
+# of an earlier one (the tests check that the gradients equal those of one call); `detach()` cuts
+# it. The language model of chapter 07 does cut it: `MegalodonLM.forward` returns its whole
+# streaming state detached, as the official code detaches its cache at every call
+# ([keys and values](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L99-L100), [norm statistics and CEMA state](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L303-L305)), so through the
+# model a stream is read for inference, or trained one call at a time (truncated backpropagation).
 
 # %% tags=["export:attention"]
 @dataclass
@@ -735,7 +741,8 @@ assert slopes["chunk attention"] < slopes["full causal attention"] - 0.25, slope
 # *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
 #
 # The same module in bfloat16 against the float64 reference. bfloat16 keeps 8
-# significant bits, so q, k, v each carry a relative rounding of $2^{-9}$; scores of size up to
+# significant bits, so q, k, v each carry a relative rounding error of up to $2^{-8}$ (the unit
+# roundoff); scores of size up to
 # $\lVert\kappa\rVert$ and an average of values of size 1 then agree to a few $10^{-2}$.
 
 # %% tags=["gpu"]

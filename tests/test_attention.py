@@ -269,7 +269,7 @@ def test_bfloat16_against_float64(use_sdpa):
     attn.use_sdpa = use_sdpa
     out, cache = attn(z.bfloat16(), v.bfloat16())
     assert out.dtype == cache.k.dtype == torch.bfloat16
-    # q, k are rounded to bfloat16 (2^-9 relative) before the scores, which are of size up to
+    # q, k are rounded to bfloat16 (unit roundoff 2^-8 relative) before the scores, which are of size up to
     # |gamma + 1| (a few units): logit errors of ~1e-2, and an average of unit values: 3e-2.
     assert (out.to(F64) - ref).abs().max() < 3e-2
 

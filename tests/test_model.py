@@ -274,9 +274,10 @@ def test_config_dict_round_trip_and_unknown_fields():
         MegalodonConfig.from_dict(values)
     with pytest.raises(ValueError, match="mega8B"):
         preset("mega8B")
-    # The paper's 7B: the repository's mega7.1B shape, with the paper's chunk size.
-    assert preset("mega7B").differences(preset("mega7.1B")) == ["chunk_size"]
-    assert preset("mega7B").chunk_size == 4096
+    # The paper's 7B (Megalodon §4.1): the repository's SwiGLU 7B shape, with the paper's chunk
+    # size and RoPE base.
+    assert preset("mega7B").differences(preset("mega7.3B")) == ["chunk_size", "rope_base"]
+    assert preset("mega7B").chunk_size == 4096 and preset("mega7B").rope_base == 100_000
     with pytest.raises(TypeError, match="MegalodonConfig"):
         MegalodonLM(cfg.to_dict())
 
