@@ -9,8 +9,9 @@ The main pieces are importable from the package itself::
 Most modules here are generated from the chapters in ``chapters/`` (their first line says which);
 edit the chapter and run ``python -m megalodon_lite.export``. Hand-written modules: ``export``
 (the generator), ``book`` (builds the executed book), ``checkpoint`` (atomic, verified save and
-load), ``validate`` (the argument checks every public boundary calls), ``backend`` (Triton or
-PyTorch), ``cli`` (the ``megalodon-lite`` command) and ``notebook`` (what every chapter uses: smoke
+load), ``validate`` (the argument checks every public boundary calls), ``official`` (state dicts
+and configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` (the
+``megalodon-lite`` command) and ``notebook`` (what every chapter uses: smoke
 mode, device, seeding, timing, figure saving).
 
 Names are imported lazily (PEP 562), so ``import megalodon_lite`` is cheap and the exporter keeps
