@@ -48,7 +48,8 @@ print(f"device {device}, smoke mode {SMOKE}")
 #
 # $$\mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\tfrac1d \sum_i x_i^2 + \varepsilon}} \odot (w + 1).$$
 #
-# As everywhere in the official code, the scale is *stored* as $w = 0$ and *applied* as $w + 1$,
+# As everywhere in the official code (the "plus 1 reparameterization" of Megalodon Appendix B.2,
+# eq. (23)), the scale is *stored* as $w = 0$ and *applied* as $w + 1$,
 # so weight decay pulls it towards 1 (the identity) rather than towards 0. The official
 # [`FusedRMSNorm`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/layer_norm.py#L44-L66) uses $\varepsilon = 10^{-5}$ ([`ModelConf.norm_eps`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/config.py#L58)), for the
 # [affine norm after CEMA and for the per-head norm of $z$ without affine](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L192-L193), and so do we. As in the official code,
@@ -328,7 +329,7 @@ assert torch.allclose(s0, s1, atol=1e-9)
 # attention *probabilities* after the softmax and scale the kept ones by $1/(1-p)$ (SDPA's
 # `dropout_p`, and `F.dropout` in the explicit path), as the official code's default path does
 # ([softmax, then `memory_efficient_dropout`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L125-L126), which [divides by $1-p$](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/fused_ops/memory_efficient_dropout.py#L58)). The
-# official fused kernels ([`efficient_attn`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L130-L136) set to `"swift"` or `"fused"`) do something else,
+# official fused kernels (Megalodon Appendix B.1; [`efficient_attn`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L130-L136) set to `"swift"` or `"fused"`) do something else,
 # DropKey: [a dropped key's score becomes $-\infty$ *before* the softmax](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/softmax.cuh#L133-L167)
 # ([used whenever dropout > 0](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/attention_kernel.cu#L94-L115)), so the softmax renormalises over the keys that remain and
 # nothing is rescaled. Without dropout (evaluation, and every preset here) the two are the same

@@ -32,9 +32,9 @@
 #   out = FFN(LayerNorm(y)) + x             second residual skips *two* hops (§3.4, eq. 11)
 # ```
 #
-# Three modules come out of this chapter: `megalodon_lite.config` (the shapes, with the official
-# presets), `megalodon_lite.model` (block, language model, streaming state, generation) and
-# `megalodon_lite.checkpoint` (safe, atomic save and load).
+# Two modules come out of this chapter: `megalodon_lite.config` (the shapes, with the official
+# presets) and `megalodon_lite.model` (block, language model, streaming state, generation). Its
+# last section shows how to save and load a model with the hand-written `megalodon_lite.checkpoint`.
 
 # %%
 import math
