@@ -87,6 +87,36 @@ def scan_floor_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element
 OPS: dict[str, Callable[[Ceilings], list[Row]]] = {}
 
 
+def bench_timestep_norm(ceilings: Ceilings) -> list[Row]:
+    """TimestepNorm (chapter 08 Part 2): the Triton kernels and chapter 05's cumulative-sum form,
+    bf16 x with float32 weight and bias (stored as 0), G=32; forward without autograd, and forward
+    plus the backward to x, weight and bias."""
+    from megalodon_lite.ops.timestep_norm import timestep_norm_triton
+    from megalodon_lite.timestep_norm import timestep_norm
+
+    rows = []
+    for batch, length in SHAPES:
+        x = torch.randn(batch, length, D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weight, bias = (torch.zeros(D_MODEL, device="cuda", requires_grad=True) for _ in range(2))
+        dy = torch.randn_like(x)
+        floor_ms = scan_floor_ms(batch, length, ceilings)
+        for path, fn in (("triton", timestep_norm_triton), ("torch", timestep_norm)):
+            def forward(fn=fn):
+                with torch.no_grad():
+                    fn(x, weight, bias, N_GROUPS)
+
+            def forward_backward(fn=fn):
+                torch.autograd.grad(fn(x, weight, bias, N_GROUPS)[0], (x, weight, bias), dy)
+
+            rows.append(Row("timestep_norm", path, batch, length, bench_ms(forward), bench_ms(forward_backward),
+                            floor_ms, BWD_OVER_FWD_SCAN * floor_ms))
+        del x, dy
+    return rows
+
+
+OPS["timestep_norm"] = bench_timestep_norm
+
+
 def device_slug(name: str) -> str:
     """'NVIDIA H200' -> 'nvidia_h200' (the results file's name)."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
