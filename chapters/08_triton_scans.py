@@ -205,9 +205,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megalodon_lite import validate
 from megalodon_lite.timestep_norm import (  # noqa: F401  (the references sit beside the kernel)
     TimestepNormState,
-    _check_inputs,
+    initial_timestep_norm_state,
     timestep_norm,
     timestep_norm_reference,
 )
@@ -926,11 +927,14 @@ def timestep_norm_triton(x: Tensor, weight: Tensor, bias: Tensor, num_groups: in
     Raises:
         TypeError: x is float64 (the caller falls back to PyTorch: see ``backend.use_triton``).
     """
-    state = _check_inputs(x, weight, bias, num_groups, state, padding_mask)
+    validate.timestep_norm_inputs(x, weight, bias, num_groups, state, padding_mask)
+    if state is None:
+        state = initial_timestep_norm_state(x.shape[0], num_groups, device=x.device)
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 for the Triton kernel, got {x.dtype}")
     y, count, mean, var = TimestepNormFunction.apply(
-        x.contiguous(), weight, bias, state.count.contiguous(), state.mean.contiguous(), state.var.contiguous(),
+        x.contiguous(), weight, bias, state.count.contiguous(), state.mean.float().contiguous(),
+        state.var.float().contiguous(),
         padding_mask, num_groups, float(eps))
     return y, TimestepNormState(count, mean, var)
 
