@@ -225,9 +225,10 @@ def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     Built as |q|^t e^{i theta t} from the log-magnitude and the phase, each power on its own (no
     running product). The exponents t log|q| and t theta are formed in float64 and the phase
     reduced modulo 2 pi; magnitude and phase are then rounded once to q's real dtype and joined
-    by ``torch.polar``, so at any t each power is within a few roundings of the exact power of the
-    stored q (float32 arithmetic on t theta alone would lose ~t eps theta). Only (D, N) values
-    are ever complex128: the (D, N, length) work is real float64, then the output dtype.
+    as magnitude * (cos, sin), so at any t each power is within a few roundings of the exact power
+    of the stored q (float32 arithmetic on t theta alone would lose ~t eps theta). Only (D, N)
+    values are ever complex128: the (D, N, length) work is real float64, then the output dtype.
+    (Not ``torch.polar``: its backward is NaN where a short memory's |q|^t underflows to 0.)
     """
     validate.cema_powers_args(q, length)
     real = torch.float64 if q.dtype == torch.complex128 else torch.float32
@@ -235,7 +236,7 @@ def cema_powers(q: Tensor, length: int, start: int = 0) -> Tensor:
     exponents = torch.arange(start, start + length, dtype=torch.float64, device=q.device)
     magnitude = (log_q.real * exponents).exp_().to(real)                 # |q|^t
     phase = (log_q.imag * exponents).remainder_(2 * math.pi).to(real)    # t theta mod 2 pi
-    return torch.polar(magnitude, phase)
+    return torch.complex(magnitude * phase.cos(), magnitude * phase.sin())
 
 
 def cema_kernel(p: Tensor, q: Tensor, gamma: Tensor, length: int) -> Tensor:

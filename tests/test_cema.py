@@ -400,3 +400,22 @@ def test_wrong_types_and_dtypes_raise_type_error():
         cema_powers(q.abs(), 5)
     with pytest.raises(ValueError, match="length"):
         cema_powers(q, -1)
+
+
+def test_gradients_stay_finite_where_short_memory_powers_underflow():
+    """A short memory's powers |q|^t underflow to 0 in float32 within a few dozen steps; their
+    gradient must be 0, not NaN (torch.polar's backward gave NaN there; hypothesis found it at
+    L=70, N=5 with |q| = 0.28)."""
+    generator = torch.Generator().manual_seed(3503707)
+    layer = random_layer(2, 5, generator)
+    with torch.no_grad():
+        layer.alpha[1, 4] = 2.5   # p = 0.92 and |q| = 1 - p sigma(delta) = 0.19 with delta = 2:
+        layer.delta[1, 4] = 2.0   # |q|^70 ~ e^-118 is 0 in float32
+    assert layer.coefficients()[1].abs().min() < 0.2
+    x = torch.randn(1, 70, 2, generator=generator)
+    for method in FORMS:
+        layer.zero_grad()
+        y, h = layer(x, None, method=method)
+        (y.square().sum() + h.abs().square().sum()).backward()
+        for name, param in layer.named_parameters():
+            assert torch.isfinite(param.grad).all(), f"{method}: grad {name} is not finite"
