@@ -20,8 +20,8 @@
 # This chapter builds that on `torch.distributed`, for `MegalodonLM` exactly as chapter 07 left
 # it:
 #
-# 1. what must cross a segment boundary — a few hundred numbers per layer — and why attention
-#    needs nothing;
+# 1. what must cross a segment boundary — a small state per layer — and why attention needs
+#    nothing;
 # 2. two ways to send it: the official **chain** (each rank waits for its predecessor) and **one
 #    all-gather per state** (each rank summarises its own segment, everyone combines);
 # 3. gradients through both, by small `torch.autograd.Function`s around the communication;
@@ -48,7 +48,6 @@ from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_
 seed_everything(0)
 device = pick_device()
 torch.set_num_threads(1)  # tiny models: a second thread only adds waiting
-OFFICIAL = "https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93"
 print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
@@ -59,11 +58,11 @@ print("device:", device, "| smoke mode:", SMOKE)
 # the RMS and layer norms, the gates, the FFN, the head. Three parts look back in time, and they
 # are exactly the three parts of chapter 07's streaming state:
 #
-# * **TimestepNorm** (Megalodon eq. (6)) normalises step $t$ with the mean and variance of its
+# * **TimestepNorm** (Megalodon §3.2) normalises step $t$ with the mean and variance of its
 #   group over *all* steps $\le t$. At the first token of segment $r$ it needs the running
 #   $(\text{count}, \mu, \sigma^2)$ of everything before: $2G$ numbers per sequence (and the
 #   count, which every rank knows from the segment lengths).
-# * **CEMA** (Megalodon eq. (3)–(4)) runs $h_t = q \odot h_{t-1} + p \odot x_t$. Segment $r$
+# * **CEMA** (Megalodon §3.1) runs $h_t = q \odot h_{t-1} + p \odot x_t$. Segment $r$
 #   needs $h$ at its start: $D \times N$ complex numbers.
 # * **Chunk attention** only lets a query see keys of its own chunk of $c$ tokens. If every
 #   segment starts on a chunk boundary, no query of segment $r$ ever sees a key of another
@@ -71,10 +70,17 @@ print("device:", device, "| smoke mode:", SMOKE)
 #   chunk boundary.
 #
 # Each of the $n$ layers has its own norm and CEMA, and the final norm has its statistics: per
-# sequence $(n+1) \cdot 2G + n \cdot 2DN$ real numbers cross each boundary. For the `small`
-# preset that is about 131 thousand numbers — half a megabyte in float32 — against the
-# 128 MB of activations of one 32K-token segment entering one layer.
-#
+# sequence $(n+1) \cdot 2G + n \cdot 2DN$ real numbers cross each boundary. Counted for the
+# `small` preset, next to what one segment of 32K tokens holds as it enters one layer:
+
+# %%
+small = preset("small")
+crossing = (small.num_layers + 1) * 2 * small.norm_num_groups + small.num_layers * 2 * small.model_dim * small.cema_ndim
+segment_tokens = 32 * 1024
+print(f"small: {crossing:,} numbers cross a boundary per sequence ({crossing * 4 / 2**20:.2f} MiB in float32); "
+      f"a {segment_tokens:,}-token segment entering one layer: {segment_tokens * small.model_dim * 4 / 2**20:,.0f} MiB")
+
+# %% [markdown]
 # Chunk parallelism is streaming (chapter 07) with the state handed from one process to the
 # next. A single process shows it: stream a sequence in two pieces split at a chunk boundary,
 # look at the state in between, and compare with one call over the whole.
@@ -206,23 +212,23 @@ except ValueError as err:
 # ## 2. The official chain
 #
 # The official code sends the boundary state down a chain
-# ([`moving_average_gated_attention.py`]({OFFICIAL}/megalodon/modules/moving_average_gated_attention.py#L288)):
+# ([`moving_average_gated_attention.py`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L288)):
 # before its layer's timestep norm, rank $r$ *receives* $[\mu, \sigma^2, h]$ from rank $r-1$ as
 # one packed tensor; after its CEMA it *sends* its own end state to rank $r+1$. In backward the
 # messages run the other way: the gradient with respect to the state a rank received is sent back
 # to the rank it came from. Rank 0 receives nothing and the last rank sends nothing.
 #
 # Two autograd functions do it
-# ([`mappings.py`]({OFFICIAL}/megalodon/modules/chunk_parallel/mappings.py#L131) has the same
+# ([`mappings.py`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/chunk_parallel/mappings.py#L131) has the same
 # pair). The receiving end needs an input that requires a gradient, or autograd would never call
 # its backward: an empty "anchor" tensor. The sending end returns some tensor that lies on the
 # path to the loss unchanged — the CEMA output — so that its backward (receive the gradient)
 # runs at the right moment; the official code gets the same effect by adding
 # `prev_tensor.mean() * 0` to the CEMA output
-# ([L310]({OFFICIAL}/megalodon/modules/moving_average_gated_attention.py#L310)).
+# ([L310](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L310)).
 #
 # Every communication is wrapped so that a failure names this rank, what it was waiting for, and
-# the likely causes. The process group's timeout (section 6) turns a dead or silent peer into
+# the likely causes. The process group's timeout (section 5) turns a dead or silent peer into
 # that error instead of a hang.
 
 # %% tags=["export:parallel"]
@@ -485,7 +491,7 @@ for name, state in (("pairwise", pairwise), ("all at once", all_at_once)):
 
 # %% tags=["export:parallel"]
 def cema_end_state(x: Tensor, p: Tensor, q: Tensor, block_size: int = 64) -> Tensor:
-    """The CEMA state after a segment that started from zero: S = sum_t p q^{L-1-t} x_t (Megalodon eq. (3)).
+    """The CEMA state after a segment that started from zero: S = sum_t p q^{L-1-t} x_t (Megalodon §3.1).
 
     x (B, L, D); p (D, N) real and q (D, N) complex from ``CEMA.coefficients()`` -> S (B, D, N) in q's
     dtype. Each block of C tokens contributes its own end state (one matmul with p q^{C-1-j}); blocks
@@ -632,7 +638,8 @@ class ChunkParallelLM(nn.Module):
 
     ``forward(tokens (B, L_r))`` -> logits (B, L_r, V): rank r's logits of the whole sequence, where
     L_r is rank r's segment length (whole chunks; the last rank may end inside one). Every rank of
-    the group must call it with the same batch. ``scheme`` is "chain" or "allgather".
+    the group must call it with the same batch. ``scheme`` is "chain" or "allgather". Move the model
+    to this rank's device first: building the wrapper broadcasts rank 0's parameters to the group.
     """
 
     def __init__(self, model: MegalodonLM, group: dist.ProcessGroup, scheme: str = "allgather") -> None:
@@ -719,9 +726,9 @@ class ChunkParallelLM(nn.Module):
 # the sum over ranks is the loss; backpropagating each rank's share gives each rank its part of
 # every parameter's gradient, and one all-reduce (sum) over the group completes them. (The
 # official code gathers the per-token losses on every rank instead
-# ([`losses.py`]({OFFICIAL}/megalodon/modules/losses.py#L58)) and sums the gradients over the
+# ([`losses.py`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/losses.py#L58)) and sums the gradients over the
 # chunk-parallel group inside its FSDP wrapper
-# ([`fairscale_fsdp.py`]({OFFICIAL}/megalodon/distributed/fairscale_fsdp.py#L62)).)
+# ([`fairscale_fsdp.py`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/distributed/fairscale_fsdp.py#L62)).)
 
 # %% tags=["export:parallel"]
 def chunk_parallel_cross_entropy(logits: Tensor, targets: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor]:
@@ -766,7 +773,7 @@ def sum_gradients(module: nn.Module, group: dist.ProcessGroup) -> None:
 # each split over $P$ ranks: a two-dimensional layout, *data* × *sequence*. Rank
 # $g = d \cdot P + s$ holds segment $s$ of sequence $d$, so the ranks that share a sequence are
 # neighbours (on one machine, GPUs joined by NVLink), as in the official layout
-# ([`initialize.py`]({OFFICIAL}/megalodon/distributed/initialize.py#L101)). Two process groups
+# ([`initialize.py`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/distributed/initialize.py#L101)). Two process groups
 # follow: the *sequence* group of the $P$ ranks of one sequence (boundary states, the loss, the
 # gradient sum) and the *data* group of the $W/P$ ranks that hold the same segment of different
 # sequences (for `DistributedDataParallel`, section 8).
@@ -898,6 +905,10 @@ def spawn_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     ``threads`` torch threads; ``fn`` joins the group itself (e.g. :func:`init_chunk_parallel`). Returns
     one outcome per rank, in rank order; processes still running after ``timeout`` seconds are terminated.
     """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()
@@ -959,7 +970,7 @@ def sequence_gradients(rank: int, world_size: int, config: MegalodonConfig, weig
 # ## 6. The proof: two processes against one
 #
 # Two CPU processes, joined by `gloo` over the loopback interface, each read one segment of a
-# batch of two sequences: rank 0 three chunks, rank 1 two chunks and seven tokens (uneven
+# batch of two sequences: rank 0 a few whole chunks, rank 1 fewer chunks and seven tokens (uneven
 # segments, the last ending inside a chunk). With each scheme they compute the loss and every
 # parameter's gradient; one process computes the same on the whole sequence. All in float64, so
 # the only differences are the order of the sums (the tests in `tests/test_parallel.py` do the
@@ -976,11 +987,12 @@ with torch.no_grad():  # norm scales, q/k affine and biases start at 0: move the
         if name.endswith(("norm.weight", "norm.bias", "attention.gamma", "attention.beta", ".bias")):
             param.copy_(0.3 * torch.randn_like(param))
 c = cfg.chunk_size
-lengths = [3 * c, 2 * c + 7]
+lengths = pick(smoke=[3 * c, 2 * c + 7], full=[24 * c, 17 * c + 7])
 batch = torch.randint(0, cfg.vocab_size, (2, sum(lengths) + 1))
 inputs, targets = batch[:, :-1], batch[:, 1:]
 
 outcomes = spawn_local(sequence_gradients, 2, cfg, reference.state_dict(), inputs, targets, lengths, timeout=120)
+print(f"segments of {lengths} tokens (chunks of {c})")
 for outcome in outcomes:
     assert outcome.error is None, outcome.error
 
@@ -1242,16 +1254,20 @@ for path in gpu_results:
     record = json.loads(path.read_text())
     print(f"{record['device']} x {record['gpus']}, torch {record['torch']}, {record['date']}\n{record['command']}")
     print(f"{'context':>8} {'GPUs':>4} {'scheme':>10} {'tokens/s':>10} {'per GPU':>10} {'peak GiB per GPU':>20}")
+    measured_rows = [r for r in record["rows"] if "out_of_memory" not in r]
     for row in record["rows"]:
+        if "out_of_memory" in row:
+            print(f"{row['context']:8d} {row['gpus']:4d} {row['scheme']:>10}   out of memory")
+            continue
         memory = ", ".join(f"{m:.1f}" for m in row["peak_memory_GiB"])
         print(f"{row['context']:8d} {row['gpus']:4d} {row['scheme']:>10} {row['tokens_per_s']:10.0f} "
               f"{row['tokens_per_s'] / row['gpus']:10.0f} {memory:>20}")
     fig, (ax_speed, ax_memory) = plt.subplots(1, 2, figsize=(10, 3.4))
     labels = [f"{r['context'] // 1024}K\n{r['gpus']} GPU{'s' if r['gpus'] > 1 else ''}\n{r['scheme']}"
-              for r in record["rows"]]
-    ax_speed.bar(labels, [r["tokens_per_s"] for r in record["rows"]])
+              for r in measured_rows]
+    ax_speed.bar(labels, [r["tokens_per_s"] for r in measured_rows])
     ax_speed.set_ylabel("tokens per second")
-    ax_memory.bar(labels, [max(r["peak_memory_GiB"]) for r in record["rows"]])
+    ax_memory.bar(labels, [max(r["peak_memory_GiB"]) for r in measured_rows])
     ax_memory.set_ylabel("peak memory per GPU (GiB)")
     for ax in (ax_speed, ax_memory):
         ax.tick_params(axis="x", labelsize=7)

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if smoke:
         torch.set_num_threads(1)
     device_name = "cpu (gloo smoke run)" if smoke else torch.cuda.get_device_name(device)
+    barrier_devices = {} if smoke else {"device_ids": [device.index]}
     rows = []
     for context in contexts:
         generator = torch.Generator().manual_seed(context)
@@ -159,15 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             step = make_step(model, lambda t: model(t)[0], inputs, targets, device)
-            seconds, losses = train_steps(step, device, warmup, steps)
-            rows.append({"context": context, "gpus": 1, "scheme": "single", "step_s": statistics.median(seconds),
-                         "tokens_per_s": context / statistics.median(seconds), "peak_memory_GiB": [peak_memory(device)],
-                         "losses": losses})
-            print(f"context {context}: 1 device {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+            try:
+                seconds, losses = train_steps(step, device, warmup, steps)
+                rows.append({"context": context, "gpus": 1, "scheme": "single", "step_s": statistics.median(seconds),
+                             "tokens_per_s": context / statistics.median(seconds),
+                             "peak_memory_GiB": [peak_memory(device)], "losses": losses})
+                print(f"context {context}: 1 device {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+            except torch.cuda.OutOfMemoryError as err:  # one device alone may not hold the longest context
+                rows.append({"context": context, "gpus": 1, "scheme": "single", "out_of_memory": str(err)[:300]})
+                print(f"context {context}: 1 device ran out of memory", flush=True)
             del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        dist.barrier(group=groups.sequence)
+        dist.barrier(group=groups.sequence, **barrier_devices)
 
         lengths = split_sequence(context, world, config.chunk_size)
         start = sum(lengths[:rank])
@@ -212,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'context':>8} {'GPUs':>4} {'scheme':>10} {'step s':>8} {'tokens/s':>10} {'peak GiB per GPU':>20} "
               f"{'losses (first, last)':>22}")
         for row in rows:  # same seed and data: a split run's losses must follow the single device's
+            if "out_of_memory" in row:
+                print(f"{row['context']:8d} {row['gpus']:4d} {row['scheme']:>10}   out of memory")
+                continue
             memory = ", ".join(f"{m:.1f}" for m in row["peak_memory_GiB"])
             print(f"{row['context']:8d} {row['gpus']:4d} {row['scheme']:>10} {row['step_s']:8.3f} "
                   f"{row['tokens_per_s']:10.0f} {memory:>20} {row['losses'][0]:10.4f} {row['losses'][-1]:10.4f}")
         print(f"wrote {path}")
-    dist.barrier()
+    dist.barrier(**barrier_devices)
     dist.destroy_process_group()
     return 0
 

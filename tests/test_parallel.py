@@ -167,6 +167,10 @@ def test_wrapper_refuses_what_it_cannot_use():
         ChunkParallelLM(make_model(), None)
     with pytest.raises(ValueError, match="sequence_parallel"):
         init_chunk_parallel(0)
+    with pytest.raises(ValueError, match="targets"):  # checked before any communication
+        chunk_parallel_cross_entropy(torch.zeros(1, 4, 8), torch.zeros(1, 5, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="world_size"):
+        spawn_local(print, 0)
 
 
 # ---------------------------------------------------------------- 2 and 4 processes against one
