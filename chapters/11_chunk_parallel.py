@@ -371,8 +371,9 @@ class ChainExchange:
 # moved in lockstep, a pass would pay $P-1$ hops *per layer*. They need not: while rank $r+1$
 # waits for layer $\ell$'s state, rank $r$ runs layer $\ell$'s attention and FFN and goes on to
 # layer $\ell+1$. The ranks settle into a pipeline, each a little behind its predecessor, and the
-# serial part is paid once per pass: $(P-1)$ times (one hop + one segment's norm and CEMA), at the
-# start of the forward pass for the last rank and at the end of the backward pass for the first.
+# serial part is paid once per pass: $(P-1)$ times (one hop + one segment's norm and CEMA), by the
+# last rank at the start of the forward pass, and by the first rank in the backward pass, which
+# starts at the last rank and reaches it last.
 # A segment is $L/P$ tokens, so this bubble is about one layer's norm and CEMA over the *whole*
 # sequence, whatever $P$.
 #
@@ -1103,8 +1104,9 @@ print(f"the same step with no waiting and no communication: {ideal:.1f} units")
 
 # %% [markdown]
 # The chain's cost is a **pipeline bubble**: rank 3 idles at the start of the forward pass until
-# the state has passed through ranks 0–2 (three hops, three norm + CEMA), and rank 0 idles at the
-# end of the backward pass for the mirror reason; in between, the ranks overlap. The all-gather
+# the state has passed through ranks 0–2 (three hops, three norm + CEMA), and in the backward
+# pass rank 0 idles until the gradient has come back through ranks 3–1; in between, the ranks
+# overlap, and the short grey gaps are blocking sends waiting for their receiver. The all-gather
 # scheme has no bubble but stops every rank twice per layer and pass, so its cost grows with the
 # number of layers, while the chain's grows with the number of ranks.
 #
@@ -1283,8 +1285,9 @@ for path in gpu_results:
 #   layer only the timestep norm's statistics and the CEMA state cross a boundary — the streaming
 #   state of chapter 07, handed from process to process.
 # * The official **chain** sends that state rank to rank, forward and (for the gradients) back.
-#   Its cost is a pipeline bubble of $P-1$ hops and $P-1$ segments' norm + CEMA per pass, not
-#   $P-1$ hops per layer.
+#   Its cost is a pipeline bubble of $P-1$ hops and $P-1$ segments' norm + CEMA per pass (plus a
+#   couple of hops per layer, because a blocking send waits for its receiver), not $P-1$ hops per
+#   layer.
 # * The **all-gather** scheme lets every rank summarise its own segment — Chan's merge for the
 #   statistics, $h = \sum_j q^{g_j} S_j$ for the CEMA — with two collectives per layer and no
 #   bubble.
