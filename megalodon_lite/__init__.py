@@ -44,6 +44,8 @@ _EXPORTS = {
     "MegalodonLayer": "model", "MegalodonBlock": "model", "MegalodonLM": "model", "MegalodonState": "model",
     "LayerState": "model",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "CheckpointError": "checkpoint",
+    # chapter 11
+    "ChunkParallelLM": "parallel", "init_chunk_parallel": "parallel",
 }
 
 __all__ = sorted(_EXPORTS)
