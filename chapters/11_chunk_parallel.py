@@ -336,12 +336,12 @@ class ChainExchange:
             return None
         batch, groups, stats = x.shape[0], norm.num_groups, statistics_dtype(x.dtype)
         dtype = stats if cema is None else torch.promote_types(stats, _cema_real_dtype(cema))
-        width = 2 * groups + (0 if cema is None else 2 * cema.d_model * cema.n_states)
+        width = 2 * groups + (0 if cema is None else 2 * cema.model_dim * cema.cema_ndim)
         anchor = torch.empty(0, dtype=dtype, device=x.device, requires_grad=torch.is_grad_enabled())
         message = _ReceiveFromPrevious.apply(anchor, (batch, width), call.group, f"the state before {site}")
         mean, var, h = message.split([groups, groups, width - 2 * groups], dim=-1)
         if cema is not None:
-            h = h.reshape(batch, cema.d_model, cema.n_states, 2).to(_cema_real_dtype(cema))
+            h = h.reshape(batch, cema.model_dim, cema.cema_ndim, 2).to(_cema_real_dtype(cema))
             call.stash[site] = torch.view_as_complex(h.contiguous())
         return TimestepNormState(call.tokens_before(batch, x.device), mean.to(stats), var.to(stats))
 
@@ -498,10 +498,10 @@ def cema_end_state(x: Tensor, p: Tensor, q: Tensor, block_size: int = 64) -> Ten
     dtype. Each block of C tokens contributes its own end state (one matmul with p q^{C-1-j}); blocks
     are weighted by q^{C(M-1-m)}.
     """
-    batch, length, d_model = x.shape
+    batch, length, model_dim = x.shape
     with torch.autocast(device_type=x.device.type, enabled=False):
         pad = (-length) % block_size                     # zeros before the segment add nothing to S
-        blocks = F.pad(x.to(p.dtype), (0, 0, pad, 0)).view(batch, -1, block_size, d_model)
+        blocks = F.pad(x.to(p.dtype), (0, 0, pad, 0)).view(batch, -1, block_size, model_dim)
         into_end = p.unsqueeze(-1) * cema_powers(q, block_size).flip(-1)      # (D, N, C): p q^{C-1-j}
         local = torch.einsum("bmjd,dnj->bmdn", blocks.to(q.dtype), into_end)  # each block's end state
         q_block = cema_powers(q, 1, start=block_size)[..., 0]                 # q^C
