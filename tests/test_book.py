@@ -19,7 +19,7 @@ KERNELSPEC_HEADER = """\
 # ---
 # jupyter:
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
