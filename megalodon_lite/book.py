@@ -295,7 +295,7 @@ def run_book(args: argparse.Namespace) -> int:
     from megalodon_lite.book_html import MATH_FAILURES, PageLink
 
     os.environ["MEGALODON_SMOKE"] = "0" if args.full else "1"
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # the kernels draw into the page
     import torch
 
     has_cuda = torch.cuda.is_available()
