@@ -10,8 +10,10 @@ followed by a check cell::
 positional arguments as a tuple, or keyword arguments as a dict; shapes may be random too) and
 prints one line: a pass, "not yet implemented" while the function still raises
 ``NotImplementedError`` (the student edition's stub), or what differs, where, and the hint. It
-never raises in a reader's notebook, so Run All goes on; under nbgrader's autograder
-(``NBGRADER_EXECUTION`` set) anything but a pass raises ``AssertionError``, so the cell scores zero.
+never raises in a reader's notebook, so Run All goes on. Where a check must pass, anything else
+raises ``AssertionError``: under nbgrader (``NBGRADER_EXECUTION`` set, so the cell scores zero),
+and where ``MEGALODON_CHECKS_MUST_PASS=1`` (set by the test suite and the book build, which run
+the chapters with their solutions: the teacher edition).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 PASSED, NOT_IMPLEMENTED, FAILED = "passed", "not yet implemented", "failed"
+MUST_PASS_VARIABLE = "MEGALODON_CHECKS_MUST_PASS"
 
 
 @dataclass(frozen=True)
@@ -165,18 +168,19 @@ def run_check(fn: Callable, reference: Callable, make_inputs: Callable[[torch.Ge
                                      f"(largest difference {worst:.1e}).")
 
 
-def grading() -> bool:
-    """Whether nbgrader is grading or validating this notebook (it sets ``NBGRADER_EXECUTION``)."""
-    return bool(os.environ.get("NBGRADER_EXECUTION"))
+def must_pass() -> bool:
+    """Whether a check that does not pass must raise: nbgrader is grading or validating
+    (``NBGRADER_EXECUTION``), or ``MEGALODON_CHECKS_MUST_PASS=1`` (the teacher edition's runs)."""
+    return bool(os.environ.get("NBGRADER_EXECUTION")) or os.environ.get(MUST_PASS_VARIABLE, "") == "1"
 
 
 def check(fn: Callable, reference: Callable, make_inputs: Callable[[torch.Generator], Any], **options: Any) -> None:
     """Print one line: ``fn`` agrees with ``reference``, is not yet implemented, or what differs.
 
-    Takes the arguments of :func:`run_check`. Never raises for the reader's mistakes, except under
-    nbgrader (``NBGRADER_EXECUTION`` set), where anything but a pass raises ``AssertionError``.
+    Takes the arguments of :func:`run_check`. Never raises for the reader's mistakes, except where
+    checks must pass (:func:`must_pass`): then anything but a pass raises ``AssertionError``.
     """
     result = run_check(fn, reference, make_inputs, **options)
     print(result.message)
-    if grading() and not result.passed:
+    if must_pass() and not result.passed:
         raise AssertionError(result.message)

@@ -18,7 +18,7 @@ import torch
 
 from megalodon_lite import book, student
 from megalodon_lite.chapters import chapter_files, default_chapters_dir
-from megalodon_lite.exercises import NOT_IMPLEMENTED, PASSED, check, run_check
+from megalodon_lite.exercises import MUST_PASS_VARIABLE, NOT_IMPLEMENTED, PASSED, check, run_check
 
 PROBE_DIR = Path(__file__).resolve().parent / "probe_chapters"
 PROBE = PROBE_DIR / "01_probe.py"
@@ -113,7 +113,8 @@ def _double(x):
     return 2 * x
 
 
-def test_check_passes_reports_not_implemented_and_says_what_differs(capsys):
+def test_check_passes_reports_not_implemented_and_says_what_differs(capsys, monkeypatch):
+    monkeypatch.delenv(MUST_PASS_VARIABLE, raising=False)
     assert run_check(lambda x: x + x, _double, _inputs).status == PASSED
 
     def stub(x):
@@ -141,11 +142,15 @@ def test_check_gives_each_function_its_own_copy_of_the_inputs():
     assert "differs" in run_check(clobbers, _double, _inputs).message  # the reference saw the real x
 
 
-def test_check_raises_under_nbgrader(monkeypatch):
+@pytest.mark.parametrize("variable, value", [("NBGRADER_EXECUTION", "autograde"), (MUST_PASS_VARIABLE, "1")])
+def test_check_raises_where_checks_must_pass(monkeypatch, variable, value):
     def stub(x):
         raise NotImplementedError()
 
-    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    monkeypatch.delenv(MUST_PASS_VARIABLE, raising=False)
+    check(stub, _double, _inputs)  # a reader's notebook: prints, goes on
+    monkeypatch.setenv(variable, value)
     with pytest.raises(AssertionError, match="not yet implemented"):
         check(stub, _double, _inputs)
     check(lambda x: 2 * x, _double, _inputs)
@@ -154,12 +159,14 @@ def test_check_raises_under_nbgrader(monkeypatch):
 # --- the probe chapter, both editions
 
 
-def test_teacher_edition_passes_every_check(tmp_path):
+def test_teacher_edition_passes_every_check(tmp_path, monkeypatch):
+    monkeypatch.setenv(MUST_PASS_VARIABLE, "1")  # as the test suite and the book build run chapters
     outputs = check_outputs(execute(book.read_chapter(PROBE), tmp_path))
     assert outputs and all(line.startswith("✓ my_ema agrees with") for line in outputs), outputs
 
 
-def test_student_edition_runs_and_a_filled_stub_passes(tmp_path):
+def test_student_edition_runs_and_a_filled_stub_passes(tmp_path, monkeypatch):
+    monkeypatch.delenv(MUST_PASS_VARIABLE, raising=False)  # as in a reader's kernel (the suite sets it)
     out = tmp_path / "student"
     status = book.main(["--chapters", str(PROBE_DIR), "--student", str(out),
                         "--install-source", "megalodon-lite==0.1.0"])
