@@ -259,6 +259,9 @@ def add_book_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", type=Path, default=None, metavar="OUT",
                         help="write the student edition (notebooks, solutions replaced by stubs) into OUT "
                              "instead of building the book")
+    parser.add_argument("--nbgrader-source", type=Path, default=None, metavar="DIR",
+                        help="write the chapters, solutions kept, with nbgrader's cell metadata into DIR "
+                             "(a course's source/<assignment>/ folder) instead of building the book")
     parser.add_argument("--install-source", default=None, metavar="SPEC",
                         help="what the student edition's first cell pip-installs where megalodon-lite is "
                              "missing: a requirement, or a wheel's URL or path (default: "
@@ -266,16 +269,22 @@ def add_book_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_student_edition(args: argparse.Namespace, chapters: list[Path]) -> int:
+    """``--student OUT`` and/or ``--nbgrader-source DIR``: notebooks written, nothing executed."""
     from megalodon_lite import __version__
-    from megalodon_lite.student import SolutionMarkerError, write_student_edition
+    from megalodon_lite.student import SolutionMarkerError, write_nbgrader_source, write_student_edition
 
     source = args.install_source or f"megalodon-lite=={__version__}"
-    try:
-        written = write_student_edition(chapters, args.student, source)
-    except (SolutionMarkerError, ValueError) as err:
-        print(f"book --student: {err}", file=sys.stderr)
-        return 1
-    print(f"student edition: {len(written)} notebooks -> {args.student.resolve()}")
+    jobs = [(flag, folder, write, what) for flag, folder, write, what in (
+        ("--student", args.student, write_student_edition, "student edition"),
+        ("--nbgrader-source", args.nbgrader_source, write_nbgrader_source, "nbgrader source notebooks"))
+        if folder is not None]
+    for flag, folder, write, what in jobs:
+        try:
+            written = write(chapters, folder, source)
+        except (SolutionMarkerError, ValueError) as err:
+            print(f"book {flag}: {err}", file=sys.stderr)
+            return 1
+        print(f"{what}: {len(written)} notebooks -> {folder.resolve()}")
     print(f"  their first cell installs {source!r} where megalodon-lite is missing (--install-source)")
     return 0
 
@@ -287,7 +296,7 @@ def run_book(args: argparse.Namespace) -> int:
               "pip install 'megalodon-lite[book]'", file=sys.stderr)
         return 2
     chapters = select_chapters(args.only, args.chapters)
-    if args.student is not None:
+    if args.student is not None or args.nbgrader_source is not None:
         return run_student_edition(args, chapters)
 
     from tqdm.auto import tqdm

@@ -12,6 +12,11 @@
   kernel), from the source the teacher names at build time (``--install-source``: a requirement
   such as ``megalodon-lite==0.1.0``, or a wheel's URL or path).
 
+``--nbgrader-source DIR`` writes the same notebooks with the solutions kept and the exercise cells
+marked with nbgrader's metadata, for a course's ``source/<assignment>/`` folder: ``nbgrader
+generate_assignment`` then makes the student version itself and ``nbgrader autograde`` grades the
+check cells.
+
 The chapters' side of the convention (CONTRIBUTING.md, "Exercises"): solution regions sit inside
 a function body (so a stub only raises when the function is called, and its check cell reports
 "not yet implemented" instead of stopping Run All), and each checkable exercise is followed by a
@@ -107,6 +112,57 @@ def student_notebook(chapter: Path, install_source: str):
     notebook.cells.insert(0, install_cell(install_source))
     notebook.metadata.pop("jupytext", None)
     return notebook
+
+
+def nbgrader_metadata(cell, grade_id: str) -> dict | None:
+    """nbgrader's cell metadata (schema 3) for an exercise cell, or None for any other cell.
+
+    A code cell with a solution region is an "autograded answer", a markdown one a "manually
+    graded answer" (1 point), and a code cell tagged ``check`` is "autograder tests" (1 point;
+    :func:`megalodon_lite.exercises.check` raises under nbgrader when it does not pass).
+    """
+    base = {"grade_id": grade_id, "schema_version": 3, "task": False}
+    tags = cell.metadata.get("tags", [])
+    if has_solution(cell.source):
+        if cell.cell_type == "code":
+            return {**base, "grade": False, "locked": False, "solution": True}
+        return {**base, "grade": True, "locked": False, "points": 1, "solution": True}
+    if cell.cell_type == "code" and CHECK_TAG in tags:
+        return {**base, "grade": True, "locked": True, "points": 1, "solution": False}
+    return None
+
+
+def nbgrader_source_notebook(chapter: Path, install_source: str):
+    """One chapter for nbgrader's ``source/`` folder: solutions kept, exercise cells marked with
+    nbgrader's metadata (so ``nbgrader generate_assignment`` makes the student version), set-up
+    cell first."""
+    from megalodon_lite.book import read_chapter
+
+    notebook = read_chapter(chapter)
+    stem = Path(chapter).stem
+    for number, cell in enumerate(notebook.cells, start=1):
+        if cell.cell_type in ("code", "markdown") and has_solution(cell.source):
+            clear_solutions(cell.source, code=cell.cell_type == "code", where=f"{Path(chapter).name} cell {number}")
+        metadata = nbgrader_metadata(cell, f"{stem}-cell-{number}")
+        if metadata is not None:
+            cell.metadata["nbgrader"] = metadata
+    notebook.cells.insert(0, install_cell(install_source))
+    notebook.metadata.pop("jupytext", None)
+    return notebook
+
+
+def write_nbgrader_source(chapters: list[Path], out_dir: Path, install_source: str) -> list[Path]:
+    """Write ``out_dir/NN_slug.ipynb`` for nbgrader's ``source/<assignment>/``; return the paths."""
+    import nbformat
+
+    notebooks = [(chapter, nbgrader_source_notebook(chapter, install_source)) for chapter in chapters]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    written = []
+    for chapter, notebook in notebooks:
+        target = Path(out_dir) / (Path(chapter).stem + ".ipynb")
+        nbformat.write(notebook, target)
+        written.append(target)
+    return written
 
 
 def write_student_edition(chapters: list[Path], out_dir: Path, install_source: str) -> list[Path]:

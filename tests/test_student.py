@@ -196,3 +196,20 @@ def test_every_chapter_can_make_its_student_edition():
     for chapter in chapter_files(default_chapters_dir()):
         notebook = student.student_notebook(chapter, "megalodon-lite")
         assert not any(student.BEGIN_SOLUTION in c.source for c in notebook.cells), chapter.name
+
+
+def test_nbgrader_source_keeps_solutions_and_marks_the_exercise_cells(tmp_path):
+    """What `nbgrader generate_assignment` needs in source/<assignment>/ (checked by hand with
+    nbgrader 0.9.6: it makes the same stubs, and autograde scores the check cell 1 or 0)."""
+    status = book.main(["--chapters", str(PROBE_DIR), "--nbgrader-source", str(tmp_path / "ps1")])
+    assert status == 0
+    notebook = nbformat.read(tmp_path / "ps1" / "01_probe.ipynb", as_version=4)
+    marked = [(c.cell_type, c.metadata["nbgrader"]) for c in notebook.cells if "nbgrader" in c.metadata]
+    kinds = [(kind, m["solution"], m["grade"], m["locked"], m.get("points")) for kind, m in marked]
+    assert kinds == [("markdown", True, True, False, 1),   # the derivation: manually graded answer
+                     ("code", True, False, False, None),   # my_ema: autograded answer
+                     ("code", False, True, True, 1)]       # its check: autograder tests
+    assert len({m["grade_id"] for _, m in marked}) == 3 and all(m["schema_version"] == 3 for _, m in marked)
+    sources = "\n".join(c.source for c in notebook.cells)
+    assert "torch.stack(outputs" in sources and "### BEGIN SOLUTION" in sources  # nbgrader clears them
+    assert student.SETUP_TAG in notebook.cells[0].metadata["tags"]
