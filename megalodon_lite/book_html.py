@@ -37,6 +37,9 @@ nav.book-nav.bottom { border-bottom: none; border-top: 1px solid #ddd; }
 nav.book-nav a { text-decoration: none; }
 nav.book-nav span { min-width: 10em; }
 math[display="block"] { margin: .6em 0; overflow-x: auto; }
+mtd[columnalign="right"] { text-align: right; }  /* MathML Core ignores columnalign; CSS does not */
+mtd[columnalign="left"] { text-align: left; }
+mtd { padding: 0 .15em; }
 .book-widget-still { border: 1px dashed #999; padding: .6em; border-radius: 4px; }
 .book-widget-note { font-style: italic; margin: 0 0 .5em 0; }
 .book-widget-controls { font-family: var(--jp-code-font-family, monospace); margin: .3em 0; }
@@ -99,10 +102,14 @@ def tex_to_mathml(tex: str, *, display: bool) -> str:
 
     for name in _OPERATOR_NAMES:
         tex = re.sub(rf"\\{name}(?![A-Za-z])", rf"\\operatorname{{{name}}}", tex)
+    # latex2mathml reads align* but not aligned (the same rows of right/left column pairs)
+    tex = re.sub(r"\\(begin|end)\{aligned\}", r"\\\1{align*}", tex)
     try:
         mathml = convert(tex, display="block" if display else "inline")
         if _RAW_COMMAND.search(mathml):
             raise ValueError(f"unsupported command {_RAW_COMMAND.search(mathml).group(0)[1:-1]!r}")
+        if "<mi>&</mi>" in mathml:
+            raise ValueError("an alignment '&' outside an environment the converter reads")
         return mathml
     except Exception as err:  # latex2mathml raises its own exception types for unsupported TeX
         MATH_FAILURES.append(f"{tex!r}: {type(err).__name__}: {err}")

@@ -2,7 +2,7 @@
 with every request that is not a local file blocked.
 
 Asserts that the build's output carries no kernel warning; that every equation is rendered
-(MathML on the page, no raw ``$$`` in the visible text); that the CEMA widget is shown as a still
+(MathML on the page with a size on screen, none left as TeX, no raw ``$$`` in the visible text); that the CEMA widget is shown as a still
 with its note; that every page's previous / contents / next links resolve to pages of the book, in
 the index's order, and its title names its chapter; and that no request left the machine.
 """
@@ -32,6 +32,7 @@ PAGE_STATE = """() => ({
     links: [...document.querySelectorAll('nav.book-nav a')].map(a => [a.rel, a.href]),
     text: document.body.innerText,
     formulas: document.querySelectorAll('math').length,
+    fallbacks: document.querySelectorAll('.book-math-fallback').length,
     drawn: [...document.querySelectorAll('math')].filter(m => m.getBoundingClientRect().width > 0).length,
     stills: [...document.querySelectorAll('.book-widget-still')].map(s => ({
         note: s.querySelector('.book-widget-note')?.innerText || '',
@@ -93,6 +94,7 @@ def test_book_pages_render_maths_and_navigate_with_no_network(small_book: Path) 
                 state = page.evaluate(PAGE_STATE)
                 assert state["title"] == f"{title} · megalodon-lite"
                 assert "$$" not in state["text"], f"{path.name}: raw $$ in the visible text"
+                assert state["fallbacks"] == 0, f"{path.name}: {state['fallbacks']} formulas shown as TeX"
                 assert state["formulas"] > 0 and state["drawn"] == state["formulas"], (
                     f"{path.name}: {state['drawn']} of {state['formulas']} formulas drawn")
                 links = {}
