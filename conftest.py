@@ -1,7 +1,7 @@
 """Test-session setup shared by the package tests and the chapter notebooks.
 
-- Smoke sizes for every chapter, a non-interactive matplotlib backend, and the Triton interpreter
-  when there is no GPU (set before anything imports triton).
+- Smoke sizes for every chapter, a non-interactive matplotlib backend, exercise checks that must
+  pass, and the Triton interpreter when there is no GPU (set before anything imports triton).
 - When this file is imported, every ``chapters/NN_slug.py`` is written as
   ``build/notebooks/NN_slug.ipynb`` so that nbval (``--nbval-lax``, configured in pyproject.toml)
   runs the chapters as notebooks. It must happen at import: pytest expands ``testpaths`` right
@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MEGALODON_SMOKE", "1")
+# The chapters run with their solutions (the teacher edition): an exercise check that does not
+# pass fails its chapter instead of printing a hint (megalodon_lite.exercises.check).
+os.environ.setdefault("MEGALODON_CHECKS_MUST_PASS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402  (after the environment is set)

@@ -8,11 +8,13 @@ The main pieces are importable from the package itself::
 
 Most modules here are generated from the chapters in ``chapters/`` (their first line says which);
 edit the chapter and run ``python -m megalodon_lite.export``. Hand-written modules: ``export``
-(the generator), ``book`` (builds the executed book), ``checkpoint`` (atomic, verified save and
-load), ``validate`` (the argument checks every public boundary calls), ``official`` (state dicts
-and configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` (the
-``megalodon-lite`` command) and ``notebook`` (what every chapter uses: smoke
-mode, device, seeding, timing, figure saving).
+(the generator), ``book`` and ``book_html`` (build the executed, offline book), ``chapters`` (finds
+the chapters, in a checkout or installed, and copies them out), ``student`` and ``exercises`` (the
+student edition and the exercises' checks), ``checkpoint`` (atomic, verified save and load),
+``validate`` (the argument checks every public boundary calls), ``official`` (state dicts and
+configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` (the
+``megalodon-lite`` command) and ``notebook`` (what every chapter uses: smoke mode, device,
+seeding, timing, figure saving).
 
 Names are imported lazily (PEP 562), so ``import megalodon_lite`` is cheap and the exporter keeps
 working while a generated module is being rewritten.

@@ -16,7 +16,10 @@ import importlib
 import sys
 
 # subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "book": ("megalodon_lite.book", "execute the chapters and render the offline HTML book, or write the student edition"),
+    "chapters": ("megalodon_lite.chapters", "copy the chapters into a folder, to read and run them in JupyterLab"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

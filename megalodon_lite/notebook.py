@@ -2,8 +2,11 @@
 
 Environment variables (read when this module is imported):
 
-- ``MEGALODON_SMOKE=1``: tiny sizes, so each chapter runs top to bottom on a laptop CPU in seconds.
-  The test suite and ``python -m megalodon_lite.book`` (without ``--full``) set it.
+- ``MEGALODON_SMOKE``: ``1`` for tiny sizes (each chapter runs top to bottom on a laptop CPU in
+  seconds), ``0`` for full sizes. Unset, the device decides: full size on a CUDA GPU, tiny sizes
+  anywhere else (so a chapter opened in JupyterLab on a laptop does not run for minutes). The test
+  suite and ``python -m megalodon_lite.book`` (``1`` without ``--full``, ``0`` with it) set it.
+  :func:`describe_run` prints which size was chosen and why.
 - ``MEGALODON_WRITE_FIGURES=1``: :func:`save_figure` writes into ``figures/``; otherwise it writes
   nothing, so running the tests never rewrites committed images.
 - ``MEGALODON_DEVICE``: force a device (``cpu``, ``cuda``); by default CUDA when present.
@@ -15,7 +18,7 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,16 +28,7 @@ import torch
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
-
-SMOKE: bool = os.environ.get("MEGALODON_SMOKE", "").strip().lower() in _TRUE
-"""True when chapters should pick tiny sizes."""
-
-FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
-
-
-def pick(smoke: T, full: T) -> T:
-    """The smoke-mode value when ``MEGALODON_SMOKE`` is set, else the full-size one."""
-    return smoke if SMOKE else full
+_FALSE = {"0", "false", "no", "off"}
 
 
 def pick_device() -> torch.device:
@@ -43,6 +37,57 @@ def pick_device() -> torch.device:
     if forced:
         return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def smoke_setting(environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """Whether chapters run at smoke size, and why (the reason :func:`describe_run` prints).
+
+    ``MEGALODON_SMOKE`` decides when it is set (``1``/``true``/``yes``/``on`` or
+    ``0``/``false``/``no``/``off``); unset or empty, the device does: full size on CUDA, smoke
+    size anywhere else.
+
+    Raises:
+        ValueError: ``MEGALODON_SMOKE`` holds something else (a typo must not silently pick a size).
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get("MEGALODON_SMOKE", "").strip().lower()
+    if value in _TRUE:
+        return True, "MEGALODON_SMOKE=1"
+    if value in _FALSE:
+        return False, "MEGALODON_SMOKE=0"
+    if value:
+        raise ValueError(f"MEGALODON_SMOKE must be 1 or 0 (or unset: the device decides), "
+                         f"got {environ['MEGALODON_SMOKE']!r}")
+    if pick_device().type == "cuda":
+        return False, "a CUDA GPU is present"
+    return True, "no CUDA GPU here"
+
+
+SMOKE, SMOKE_REASON = smoke_setting()
+"""True when chapters should pick tiny sizes; and why (an environment variable, or the device)."""
+
+FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
+
+
+def pick(smoke: T, full: T) -> T:
+    """The smoke-size value when :data:`SMOKE` holds, else the full-size one."""
+    return smoke if SMOKE else full
+
+
+def run_description(device: torch.device | None = None) -> str:
+    """One line saying the size this chapter runs at, on which device, and how to change it."""
+    device = pick_device() if device is None else torch.device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    if SMOKE:
+        return (f"Smoke size (tiny tensors, seconds per chapter) on {where}: {SMOKE_REASON}. "
+                "Full size: set MEGALODON_SMOKE=0 before starting Jupyter.")
+    return (f"Full size on {where}: {SMOKE_REASON}. "
+            "Tiny sizes: set MEGALODON_SMOKE=1 before starting Jupyter.")
+
+
+def describe_run(device: torch.device | None = None) -> None:
+    """Print :func:`run_description`: every chapter's first code cell calls it."""
+    print(run_description(device))
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
@@ -73,16 +118,32 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
     return statistics.median(times) if reduce == "median" else min(times)
 
 
+class NoCUDAError(RuntimeError):
+    """Raised by :func:`require_cuda` without a CUDA device: stops a reader's "Run All" calmly.
+
+    IPython shows an exception through its ``_render_traceback_`` when it has one, so in Jupyter
+    this stops the run with its one-line message and no traceback (it is an expected stop, not a
+    failure). Anywhere else it is an ordinary ``RuntimeError``.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+NO_CUDA_MESSAGE = ("Stopped at the GPU section: this cell and the ones after it need a CUDA GPU "
+                   "(cells tagged 'gpu'), and there is none here. Everything above ran.")
+
+
 def require_cuda() -> torch.device:
     """The CUDA device, for the cells tagged ``gpu`` that close a chapter (section "On a GPU").
 
     Raises:
-        RuntimeError: when no CUDA device is present. A reader's "Run All" then stops at the first
-            such cell, after every CPU cell of the chapter has run (the tests and the book build skip
-            these cells without CUDA).
+        NoCUDAError: (a ``RuntimeError``) when no CUDA device is present. A reader's "Run All" then
+            stops at the first such cell, after every CPU cell of the chapter has run, with one calm
+            line and no traceback (the tests and the book build skip these cells without CUDA).
     """
     if not torch.cuda.is_available():
-        raise RuntimeError("this cell needs a CUDA GPU (it is tagged 'gpu'); everything above ran without one")
+        raise NoCUDAError(NO_CUDA_MESSAGE)
     return torch.device("cuda")
 
 

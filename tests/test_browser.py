@@ -4,8 +4,13 @@ Starts JupyterLab on 127.0.0.1 (random port, random token, isolated settings), o
 ``chapters/04_cema.py`` as a notebook through jupytext in Debian's headless Chromium (Playwright
 with ``executable_path="/usr/bin/chromium"``; no downloaded browser), runs all cells, moves the
 ``theta`` slider and asserts that the plot's pixels and the readout changed. The server is stopped
-by its process id (with every process it started) and the chapter file must be left byte for byte
-as it was.
+by its process id (with every process it started).
+
+JupyterLab runs with its defaults, autosave included (only its interval is shortened from 120 s to
+a few seconds, so the test does not wait two minutes): after Run All and the slider, the test waits
+until JupyterLab has saved the notebook back to ``chapters/04_cema.py`` and asserts that the file
+is byte for byte as it was. That is the round trip every reader makes; the chapter's header names
+ipykernel's own kernelspec, so JupyterLab has nothing to rewrite.
 
 The widget contract this relies on (chapter 04): the whole widget has CSS class ``cema-widget``;
 FloatSliders ``alpha``, ``delta``, ``theta`` carry ``cema-alpha``, ``cema-delta``, ``cema-theta``;
@@ -15,9 +20,10 @@ the state selector ``cema-state``; the plot is an ``ipywidgets.Image`` with ``ce
 The chapter carries a kernelspec, so JupyterLab must start Python 3 without asking (a "Select
 Kernel" dialog fails the test). Run All must end cleanly: every CPU cell runs without an error. The
 cells tagged ``gpu`` close the chapter (section "On a GPU"); without CUDA the first of them stops
-the run with ``require_cuda()``'s RuntimeError, as it would for a reader on a laptop, and that is
-the only error allowed. To read cell tags and outputs it runs JupyterLab with
-``LabApp.expose_app_in_browser``.
+the run with ``require_cuda()``'s NoCUDAError, as it would for a reader on a laptop: one calm line
+(its message, no traceback), the only error allowed. The kernel gets no ``MEGALODON_SMOKE`` on a
+machine without CUDA: the chapter picks smoke sizes from the device, as it does for a reader. To
+read cell tags and outputs it runs JupyterLab with ``LabApp.expose_app_in_browser``.
 
 Without ``/usr/bin/chromium`` the test is skipped, unless the ``CI`` environment variable is set:
 then it fails. Screenshots of the widget before and after (and of the page on a failure) go to
@@ -28,12 +34,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import difflib
 import hashlib
 import io
 import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,13 +55,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from megalodon_lite.notebook import NO_CUDA_MESSAGE
+
 pytestmark = pytest.mark.browser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = Path("chapters/04_cema.py")  # relative to the server's root_dir
 GPU_TAG = "gpu"  # cells that need CUDA (CONTRIBUTING.md); the test suite skips them without one
-# How the first gpu cell stops a run without CUDA (megalodon_lite.notebook.require_cuda).
-NO_CUDA_ERROR = "RuntimeError: this cell needs a CUDA GPU (it is tagged 'gpu')"
+# How the first gpu cell stops a run without CUDA (megalodon_lite.notebook.require_cuda): this
+# error, shown as its message alone.
+NO_CUDA_ERROR = f"NoCUDAError: {NO_CUDA_MESSAGE}"
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless; no sandbox (it needs privileges a CI container lacks); nothing that phones home.
 CHROMIUM_ARGS = [
@@ -74,13 +85,16 @@ SERVER_STOP_S = 20.0
 PAGE_LOAD_S = 60.0
 RUN_ALL_S = 90.0
 REDRAW_S = 30.0
+AUTOSAVE_INTERVAL_S = 3  # JupyterLab's default is 120 s
+AUTOSAVE_S = 60.0
 
 # JupyterLab user settings for the isolated settings dir: open .py files with jupytext's notebook
-# view, never autosave (the chapter file must stay untouched), render every cell (no virtual
-# scrolling, so the widget is in the DOM wherever it sits), and fetch no news or updates.
+# view, autosave on (the default) but every few seconds, render every cell (no virtual scrolling,
+# so the widget is in the DOM wherever it sits), and fetch no news or updates.
 LAB_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin": {
-        "autosave": False,
+        "autosave": True,
+        "autosaveInterval": AUTOSAVE_INTERVAL_S,
         "defaultViewers": {"python": "Jupytext Notebook"},
     },
     "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
@@ -216,12 +230,16 @@ def jupyterlab(root_dir: Path, home: Path) -> Iterator[LabServer]:
         "JUPYTERLAB_WORKSPACES_DIR": str(home / "jupyter-workspaces"),
         "IPYTHONDIR": str(home / "ipython"),
         "MPLCONFIGDIR": str(home / "matplotlib"),
-        "MEGALODON_SMOKE": "1",  # inherited by the kernel: the chapter runs at smoke sizes
     }
     # Nothing from the test session leaks into the reader's view: no extra Jupyter paths, the
     # kernel's own (inline) matplotlib backend, and never writing figures into the repository.
-    for name in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "MPLBACKEND", "MEGALODON_WRITE_FIGURES"):
+    # Without CUDA the chapter chooses smoke sizes itself, as for a reader; with CUDA the test
+    # still asks for them (full size is the book build's job).
+    for name in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "MPLBACKEND", "MEGALODON_WRITE_FIGURES",
+                 "MEGALODON_SMOKE"):
         env.pop(name, None)
+    if has_cuda():
+        env["MEGALODON_SMOKE"] = "1"
     log = home / "jupyterlab.log"
     command = [
         sys.executable, "-m", "jupyter", "lab",
@@ -316,13 +334,17 @@ CELL_STATES = """() => {
     return panel.content.widgets.map(cell => {
         const code = cell.model.type === 'code';
         const match = code && /\\[(\\d+)\\]/.exec(cell.node.querySelector('.jp-InputPrompt').textContent);
-        const errors = [];
+        const errors = [], tracebacks = [];
         for (let j = 0; code && j < cell.model.outputs.length; j++) {
             const output = cell.model.outputs.get(j).toJSON();
-            if (output.output_type === 'error') errors.push(`${output.ename}: ${output.evalue}`);
+            if (output.output_type === 'error') {
+                errors.push(`${output.ename}: ${output.evalue}`);
+                tracebacks.push(...output.traceback);
+            }
         }
+        const shown = code ? (cell.node.querySelector('.jp-OutputArea')?.innerText.trim() || '') : '';
         return {code, tags: cell.model.getMetadata('tags') || [], count: match ? Number(match[1]) : null,
-                error: errors.length ? errors.join('\\n') : null};
+                error: errors.length ? errors.join('\\n') : null, traceback: tracebacks, shown};
     });
 }"""
 # True once a run has finished: no cell is queued or running ("[*]") and the first code cell has
@@ -361,9 +383,12 @@ def run_all_cells(page, has_cuda: bool) -> None:
     errors = {i: cell["error"] for i, cell in enumerate(states) if cell["error"]}
     if gpu and not has_cuda:
         first_gpu_error = errors.pop(gpu[0], None) or ""
-        assert first_gpu_error.startswith(NO_CUDA_ERROR), (
+        assert first_gpu_error == NO_CUDA_ERROR, (
             f"without CUDA the first gpu cell ({gpu[0]}) must stop the run with {NO_CUDA_ERROR!r}, "
             f"got {first_gpu_error!r}")
+        stop = states[gpu[0]]
+        assert stop["traceback"] == [NO_CUDA_MESSAGE] and stop["shown"] == NO_CUDA_MESSAGE, (
+            f"the stop must show one calm line, not a traceback: {stop['shown']!r}")
     assert not errors, f"Run All raised in cells {errors}"
     must_run = code if has_cuda else cpu
     not_run = [i for i in must_run if states[i]["count"] is None]
@@ -392,16 +417,41 @@ def widget_state(page, widget) -> dict:
     }
 
 
-def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, has_cuda: bool) -> dict:
-    """Open ``notebook`` (a jupytext .py under the server's root), run all cells, move ``theta``.
+# Whether the open notebook has unsaved changes (false right after an autosave).
+DIRTY = "() => window.jupyterapp.shell.currentWidget.context.model.dirty"
+
+
+def wait_for_autosave(page, path: Path, modified_before: int) -> None:
+    """Wait until JupyterLab's autosave has written ``path`` (a newer mtime) and nothing is unsaved."""
+    deadline = time.monotonic() + AUTOSAVE_S
+    while time.monotonic() < deadline:
+        if path.stat().st_mtime_ns > modified_before and page.evaluate(DIRTY) is False:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"JupyterLab did not autosave {path.name} within {AUTOSAVE_S:.0f} s "
+                         f"(interval {AUTOSAVE_INTERVAL_S} s)")
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_widget_in_browser(server: LabServer, root: Path, notebook: Path, out_dir: Path, *,
+                          has_cuda: bool) -> dict:
+    """Open ``notebook`` (a jupytext .py under the server's ``root``), run all cells, move ``theta``.
 
     Without CUDA (``has_cuda`` false) the run stops at the first cell tagged ``gpu`` (see
     :func:`run_all_cells`).
+
+    Then waits for JupyterLab's autosave to write the notebook back to its file.
 
     Returns the widget's state (see :func:`widget_state`) before and after moving the slider, and
     the URLs outside 127.0.0.1 that the page tried to load (all blocked). Screenshots of the widget
     (and of the whole page if something fails) are written to ``out_dir``.
     """
+    modified_before = (root / notebook).stat().st_mtime_ns
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import sync_playwright
 
@@ -458,6 +508,7 @@ def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, h
                 ) from None
             observed["after"] = widget_state(page, widget)
             widget.screenshot(path=str(out_dir / "cema_after.png"))
+            wait_for_autosave(page, root / notebook, modified_before)
         except Exception:
             with contextlib.suppress(Exception):
                 page.screenshot(path=str(out_dir / "failure.png"), full_page=True)
@@ -467,16 +518,20 @@ def run_widget_in_browser(server: LabServer, notebook: Path, out_dir: Path, *, h
     return observed
 
 
-def test_cema_widget_redraws_when_theta_moves(tmp_path: Path) -> None:
+def test_cema_widget_redraws_and_autosave_leaves_the_chapter_as_it_was(tmp_path: Path) -> None:
     require_chromium()
-    import torch
-
-    chapter = REPO_ROOT / CHAPTER
-    assert chapter.is_file(), f"{CHAPTER} is missing"
+    # The server serves a copy of the chapter and its jupytext.toml, so that a failing round trip
+    # cannot touch the checkout; the copy is byte for byte the chapter.
+    root = tmp_path / "root"
+    (root / CHAPTER.parent).mkdir(parents=True)
+    for name in (CHAPTER.name, "jupytext.toml"):
+        shutil.copyfile(REPO_ROOT / CHAPTER.parent / name, root / CHAPTER.parent / name)
+    chapter = root / CHAPTER
     digest_before = hashlib.sha256(chapter.read_bytes()).hexdigest()
+    text_before = chapter.read_text(encoding="utf-8")
 
-    with jupyterlab(REPO_ROOT, tmp_path / "home") as server:
-        observed = run_widget_in_browser(server, CHAPTER, tmp_path, has_cuda=torch.cuda.is_available())
+    with jupyterlab(root, tmp_path / "home") as server:
+        observed = run_widget_in_browser(server, root, CHAPTER, tmp_path, has_cuda=has_cuda())
 
     before, after = observed["before"], observed["after"]
     assert after["theta"] != before["theta"], f"theta slider did not move: {before['theta']!r}"
@@ -487,7 +542,9 @@ def test_cema_widget_redraws_when_theta_moves(tmp_path: Path) -> None:
     )
     assert observed["blocked"] == [], f"the page tried to reach the internet: {observed['blocked']}"
     digest_after = hashlib.sha256(chapter.read_bytes()).hexdigest()
-    assert digest_after == digest_before, f"{CHAPTER} was modified by the browser session"
+    assert digest_after == digest_before, (
+        f"JupyterLab's autosave changed {CHAPTER}:\n" + "".join(difflib.unified_diff(
+            text_before.splitlines(True), chapter.read_text(encoding="utf-8").splitlines(True), n=1)))
 
 
 def test_missing_chromium_skips_here_but_fails_on_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
