@@ -235,6 +235,9 @@ dK = dS^T Q from P and dS = P (dO V^T - rowsum(dO O)) written by a score-gradien
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -245,35 +248,38 @@ from torch import Tensor
 from megalodon_lite.attention import NORM_EPS, ChunkAttention
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAX_Z_HEAD_DIM = 256  # a block of query rows (BLOCK_M x dz) stays on chip for the whole key loop
+MAX_Z_HEAD_DIM = 256  # the softmax kernel keeps a block of query rows (BLOCK_M x dz) on chip
 
 
 @dataclass(frozen=True)
 class AttentionTiles:
     """Block sizes (powers of two, at least 16), warps and pipeline stages of the kernels.
 
-    ``softmax_*``: query rows x key columns per step of the softmax kernel; ``grad_*``: the same for
-    the score-gradient kernel, plus ``grad_v`` value channels per step of its dP = dO V^T
-    reduction; ``mm_*``: the triangular matmuls, ``mm_m`` output rows, ``mm_k`` reduction step,
-    ``mm_n_v`` / ``mm_n_z`` output columns of the value-wide (O, dV) and z-wide (dQ, dK) products.
+    ``softmax_*``: query rows x key columns per step of the softmax kernel; ``grad_*``: the tile of
+    the score-gradient kernel, with ``grad_v`` value channels per step of its dP = dO V^T reduction
+    and ``grad_d`` z channels per step of S = Q K^T; ``mm_*``: the triangular matmuls, ``mm_m``
+    output rows, ``mm_k`` reduction step, ``mm_n_v`` / ``mm_n_z`` output columns of the value-wide
+    (O, dV) and z-wide (dQ, dK) products; ``prologue_tokens``: tokens per program of the prologue
+    and epilogue.
     """
 
     prologue_tokens: int = 16
     softmax_m: int = 128
     softmax_n: int = 64
     softmax_warps: int = 8
-    softmax_stages: int = 2
+    softmax_stages: int = 3
     grad_m: int = 128
-    grad_n: int = 64
+    grad_n: int = 128
     grad_v: int = 64
+    grad_d: int = 64
     grad_warps: int = 8
-    grad_stages: int = 2
+    grad_stages: int = 3
     mm_m: int = 128
     mm_k: int = 64
     mm_n_v: int = 256
-    mm_n_z: int = 128
+    mm_n_z: int = 256
     mm_warps: int = 8
-    mm_stages: int = 3
+    mm_stages: int = 4
 
     @property
     def tile(self) -> int:
@@ -287,19 +293,27 @@ class AttentionTiles:
         return replace(self, **{name: min(getattr(self, name), cap) for name in names})
 
 
-GPU_TILES = AttentionTiles()
-GPU_TILES_FP32 = AttentionTiles(prologue_tokens=8, softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=16,
-                                grad_n=32, grad_v=32, grad_warps=4, mm_m=64, mm_k=32, mm_n_v=64, mm_n_z=64,
-                                mm_warps=4)
-INTERPRETER_TILES = AttentionTiles(softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16, mm_m=16,
-                                   mm_k=16, mm_n_v=16, mm_n_z=16)
+GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: kernels/tune_attention.py on an H200
+GPU_TILES_FP32 = AttentionTiles(prologue_tokens=8, softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32,
+                                grad_n=32, grad_v=32, grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_k=32,
+                                mm_n_v=64, mm_n_z=64, mm_warps=4, mm_stages=3)
+INTERPRETER_TILES = AttentionTiles(softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16, grad_d=16,
+                                   mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
+TILES_ENV = "MEGALODON_ATTENTION_TILES"
+"""JSON object of AttentionTiles fields that replace the defaults, e.g. '{"grad_m": 64}' (for tuning)."""
 
 
 def default_tiles(device: torch.device, dtype: torch.dtype) -> AttentionTiles:
-    """The tiles the launchers use when none are given."""
+    """The tiles the launchers use when none are given (with the overrides of ``MEGALODON_ATTENTION_TILES``)."""
     if device.type != "cuda":
-        return INTERPRETER_TILES
-    return GPU_TILES_FP32 if dtype == torch.float32 else GPU_TILES
+        tiles = INTERPRETER_TILES
+    else:
+        tiles = GPU_TILES_FP32 if dtype == torch.float32 else GPU_TILES
+    override = json.loads(os.environ.get(TILES_ENV) or "{}")
+    unknown = set(override) - set(tiles.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{TILES_ENV} names unknown fields {sorted(unknown)}")
+    return replace(tiles, **override)
 
 
 # %% [markdown]
@@ -341,62 +355,67 @@ def _layout(z: Tensor, num_heads: int, chunk_size: int, tiles: AttentionTiles) -
 # %% [markdown]
 # ### 3.1 Normalisation, affine and RoPE in one pass: the prologue
 #
-# Each program takes a block of tokens of one head and loads its $z$ row as even and odd
-# channels (RoPE turns the pair $(x_{2i}, x_{2i+1})$ by the angle $p\,\theta_i$), normalises in
-# float32, applies $(\gamma + 1)/\sqrt{d_z}$ and $\beta$, rotates, and writes $q$ and $k$ in the
-# input dtype. The cos/sin table ($c \times d_z/2$, float32) is computed once per call in float64
-# exactly as chapter 06's `RotaryEmbedding` does, so the angles carry no float32 error even at
-# position 2047.
+# Each program takes a block of tokens of one head and loads their $z$ rows whole (contiguous,
+# so the loads and stores are wide), normalises in float32, applies $(\gamma + 1)/\sqrt{d_z}$ and
+# $\beta$, rotates, and writes $q$ and $k$ in the input dtype. RoPE turns the pair
+# $(x_{2i}, x_{2i+1})$ by the angle $p\,\theta_i$; written per channel $j$ with its partner
+# $j \oplus 1$ (the other channel of its pair: flip the lowest bit),
+#
+# $$\mathrm{out}_j = x_j \cos(p\,\theta_{\lfloor j/2 \rfloor}) + s_j\, x_{j \oplus 1} \sin(p\,\theta_{\lfloor j/2 \rfloor}),
+#   \qquad s_j = -1 \text{ for even } j,\ +1 \text{ for odd } j,$$
+#
+# so the kernel loads the partner row at offsets `offs ^ 1` (the same memory, served by the
+# cache) instead of splitting rows into strided halves. The cos/sin table ($c \times d_z/2$,
+# float32) is computed in float64 exactly as chapter 06's `RotaryEmbedding` does, so the angles
+# carry no float32 error even at position 2047, and is cached per (chunk span, $d_z$, base, device).
 
 # %% tags=["export:ops.chunk_attention"]
 @triton.jit
-def _load_pairs(ptr, offsets, mask):
-    """Even channels at ``offsets`` and odd channels right after them, as float32."""
-    return (tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32),
-            tl.load(ptr + offsets + 1, mask=mask, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _normalized_rows(z_ptr, cos_ptr, sin_ptr, rows, pairs, n_rows, length, chunk_size, eps,
-                     H: tl.constexpr, DZ: tl.constexpr):
-    """RMSNorm(z) of a block of token rows of head program_id(1), as (even, odd) channels, with rstd,
-    the RoPE cos/sin at each row's position in its chunk, the even offsets and the mask."""
+def _normalized_rows(z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps,
+                     H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
+    """RMSNorm(z) of BLOCK_T token rows of head program_id(1), with the partner channels (j ^ 1),
+    rstd, the RoPE cos/sin of each row's position in its chunk, the offsets and the mask."""
     h = tl.program_id(1)
-    mask = (rows < n_rows)[:, None] & (pairs < DZ // 2)[None, :]
-    even = (rows.to(tl.int64) * H + h)[:, None] * DZ + 2 * pairs[None, :]
-    z_even, z_odd = _load_pairs(z_ptr, even, mask)
-    rstd = tl.rsqrt((tl.sum(z_even * z_even, 1) + tl.sum(z_odd * z_odd, 1)) / DZ + eps)
-    angle = ((rows % length) % chunk_size)[:, None] * (DZ // 2) + pairs[None, :]
+    d = tl.arange(0, BLOCK_DZ)
+    mask = (rows < n_rows)[:, None] & (d < DZ)[None, :]
+    offs = (rows.to(tl.int64) * H + h)[:, None] * DZ + d[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z_partner = tl.load(z_ptr + (offs ^ 1), mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(z * z, 1) / DZ + eps)
+    angle = ((rows % length) % chunk_size)[:, None] * (DZ // 2) + (d // 2)[None, :]
     cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
     sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
-    return z_even * rstd[:, None], z_odd * rstd[:, None], rstd, cos, sin, even, mask
+    return z * rstd[:, None], z_partner * rstd[:, None], rstd, cos, sin, offs, mask
 
 
 @triton.jit
-def _affine_rope_store(zh_even, zh_odd, cos, sin, gamma_ptr, beta_ptr, out_ptr, even, mask, pairs, which, h,
-                       H: tl.constexpr, DZ: tl.constexpr):
-    """Store RoPE(zh (gamma[which] + 1) / sqrt(dz) + beta[which]): queries (which=0) or keys (1)."""
-    par = (which * H + h) * DZ + 2 * pairs
-    g_even, g_odd = _load_pairs(gamma_ptr, par, pairs < DZ // 2)
-    b_even, b_odd = _load_pairs(beta_ptr, par, pairs < DZ // 2)
-    x_even = zh_even * ((g_even + 1.0) / tl.sqrt(DZ * 1.0))[None, :] + b_even[None, :]
-    x_odd = zh_odd * ((g_odd + 1.0) / tl.sqrt(DZ * 1.0))[None, :] + b_odd[None, :]
-    tl.store(out_ptr + even, (x_even * cos - x_odd * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + even + 1, (x_even * sin + x_odd * cos).to(out_ptr.dtype.element_ty), mask=mask)
+def _scale_shift(zh, which, h, gamma_ptr, beta_ptr, channels, H: tl.constexpr, DZ: tl.constexpr):
+    """zh (gamma[which, h, channels] + 1) / sqrt(dz) + beta[which, h, channels]."""
+    par = (which * H + h) * DZ + channels
+    g = tl.load(gamma_ptr + par, mask=channels < DZ, other=0.0).to(tl.float32)
+    b = tl.load(beta_ptr + par, mask=channels < DZ, other=0.0).to(tl.float32)
+    return zh * ((g + 1.0) / tl.sqrt(DZ * 1.0))[None, :] + b[None, :]
 
 
 @triton.jit
 def _qk_prologue_kernel(z_ptr, gamma_ptr, beta_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
                         n_rows, length, chunk_size, eps,
-                        H: tl.constexpr, DZ: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                        H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
     """q, k (B*L, H, dz) = RoPE(RMSNorm(z_h) (gamma + 1) / sqrt(dz) + beta) for BLOCK_T tokens."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    pairs = tl.arange(0, HALF)
-    zh_even, zh_odd, rstd, cos, sin, even, mask = _normalized_rows(
-        z_ptr, cos_ptr, sin_ptr, rows, pairs, n_rows, length, chunk_size, eps, H, DZ)
+    zh, zh_partner, rstd, cos, sin, offs, mask = _normalized_rows(
+        z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps, H, DZ, BLOCK_DZ)
     h = tl.program_id(1)
-    _affine_rope_store(zh_even, zh_odd, cos, sin, gamma_ptr, beta_ptr, q_ptr, even, mask, pairs, 0, h, H, DZ)
-    _affine_rope_store(zh_even, zh_odd, cos, sin, gamma_ptr, beta_ptr, k_ptr, even, mask, pairs, 1, h, H, DZ)
+    d = tl.arange(0, BLOCK_DZ)
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
+    for which in tl.static_range(2):  # 0: queries, 1: keys
+        x = _scale_shift(zh, which, h, gamma_ptr, beta_ptr, d, H, DZ)
+        x_partner = _scale_shift(zh_partner, which, h, gamma_ptr, beta_ptr, d ^ 1, H, DZ)
+        rotated = x * cos + sign * x_partner * sin
+        if which == 0:
+            tl.store(q_ptr + offs, rotated.to(q_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(k_ptr + offs, rotated.to(k_ptr.dtype.element_ty), mask=mask)
 
 
 # %% [markdown]
@@ -404,6 +423,7 @@ def _qk_prologue_kernel(z_ptr, gamma_ptr, beta_ptr, cos_ptr, sin_ptr, q_ptr, k_p
 # block of tokens and head.
 
 # %% tags=["export:ops.chunk_attention"]
+@functools.lru_cache(maxsize=16)
 def _rope_tables(span: int, dz: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos, sin (span, dz/2) of the angles p * base**(-2i/dz): float64, then float32 (as chapter 06)."""
     exponents = torch.arange(0, dz, 2, dtype=torch.float64, device=device) / dz
@@ -416,7 +436,7 @@ def _launch_prologue(z, gamma, beta, tables, q, k, num_heads, chunk_size, eps, t
     dz = z_dim // num_heads
     grid = (triton.cdiv(batch * length, tiles.prologue_tokens), num_heads)
     _qk_prologue_kernel[grid](z, gamma, beta, *tables, q, k, batch * length, length, chunk_size, eps,
-                              H=num_heads, DZ=dz, HALF=_pow2(dz // 2, 1), BLOCK_T=tiles.prologue_tokens)
+                              H=num_heads, DZ=dz, BLOCK_DZ=_pow2(dz, 2), BLOCK_T=tiles.prologue_tokens)
 
 
 # %% [markdown]
@@ -661,65 +681,87 @@ for x, block_n in ((v, tiles.mm_n_v), (q, tiles.mm_n_z)):
 # %% [markdown]
 # ### 3.4 The backward: score gradients, then back through RoPE and the norm
 #
-# The score-gradient kernel mirrors the softmax kernel: per block of query rows it first computes
-# $\delta = \mathrm{rowsum}(dO \circ O)$ over the value channels, then for each key block
-# recomputes $P$ from $Q$, $K$ and the saved log-sum-exp, accumulates $dP = dO\,V^\top$ over the
-# value channels in steps of `BLOCK_V` (a reduction: the accumulator is only $b_m \times b_n$), and
-# writes $P$ and $dS = P \circ (dP - \delta)$ over the same triangle.
+# First $\delta = \mathrm{rowsum}(dO \circ O)$ per token and head, a pass over two $L \times v$
+# tensors (memory-bound: it reads each once). Then the score-gradient kernel, one program per
+# $b_m \times b_n$ tile of a chunk's triangle, written like a matmul tile with a long reduction:
+# $dP = dO\,V^\top$ accumulated over the value channels in steps of `BLOCK_V` (the accumulator is
+# only $b_m \times b_n$), $S = Q K^\top$ over the $z$ channels in steps of `BLOCK_D`, then
+# $P = \exp(S - \mathrm{lse})$ and $dS = P \circ (dP - \delta)$, both written over the same
+# triangle as the forward's $P$. Programs whose tile lies above the triangle return at once.
+# (A first version gave each program a whole block of query rows and looped over the key blocks,
+# as the softmax kernel does; it ran at half the matmul rate of the others, see
+# `kernels/NOTES_attention.md`.)
 
 # %% tags=["export:ops.chunk_attention"]
 @triton.jit
-def _score_grad_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, p_ptr, ds_ptr,
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, n_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """delta (B*L*H,) = rowsum(dO * O) over the value channels, float32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    e = tl.arange(0, BLOCK_V)
+    offs = rows.to(tl.int64)[:, None] * DV + e[None, :]
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    for e0 in range(0, DV, BLOCK_V):
+        mask = (rows < n_rows)[:, None] & (e0 + e < DV)[None, :]
+        acc += tl.sum(tl.load(do_ptr + offs + e0, mask=mask, other=0.0).to(tl.float32)
+                      * tl.load(o_ptr + offs + e0, mask=mask, other=0.0).to(tl.float32), 1)
+    tl.store(delta_ptr + rows, acc, mask=rows < n_rows)
+
+
+@triton.jit
+def _score_grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, p_ptr, ds_ptr,
                        length, chunk_size, n_chunks, span,
-                       H: tl.constexpr, DZ: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                       TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       H: tl.constexpr, DZ: tl.constexpr, DV: tl.constexpr, TILE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
-    """P and dS = P (dO V^T - rowsum(dO O)), (G, span, span) each, for BLOCK_M query rows."""
-    g = tl.program_id(0)
-    row0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    """P and dS = P (dO V^T - delta) of one BLOCK_M x BLOCK_N tile of chunk program_id(1)."""
+    g = tl.program_id(1)
+    n_col_blocks = span // BLOCK_N
+    row0 = (tl.program_id(0) // n_col_blocks) * BLOCK_M
+    col0 = (tl.program_id(0) % n_col_blocks) * BLOCK_N
     h, tok, chunk_len = _chunk_of(g, length, chunk_size, n_chunks, H)
-    if row0 < tl.cdiv(chunk_len, TILE) * TILE:
+    if (row0 < tl.cdiv(chunk_len, TILE) * TILE) & (col0 < (row0 // TILE + 1) * TILE):
         rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < chunk_len
-        d = tl.arange(0, BLOCK_D)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < chunk_len, cols < chunk_len
         e = tl.arange(0, BLOCK_V)
-        q = tl.load(q_ptr + ((tok + rows) * H + h)[:, None] * DZ + d[None, :],
-                    mask=row_ok[:, None] & (d < DZ)[None, :], other=0.0)
-        lse = tl.load(lse_ptr + g.to(tl.int64) * span + rows)
         do_rows = do_ptr + ((tok + rows) * H + h)[:, None] * DV + e[None, :]
-        o_rows = o_ptr + ((tok + rows) * H + h)[:, None] * DV + e[None, :]
-        delta = tl.zeros((BLOCK_M,), tl.float32)  # rowsum(dO * O), which equals rowsum(P * dP)
-        for e0 in range(0, DV, BLOCK_V):
-            msk = row_ok[:, None] & (e0 + e < DV)[None, :]
-            delta += tl.sum(tl.load(do_rows + e0, mask=msk, other=0.0).to(tl.float32)
-                            * tl.load(o_rows + e0, mask=msk, other=0.0).to(tl.float32), 1)
-        k_cols = k_ptr + (tok * H + h) * DZ + d[:, None]
-        v_cols = v_ptr + (tok * H + h) * DV + e[:, None]
-        out_rows = g.to(tl.int64) * span * span + rows[:, None] * span
-        for col0 in range(0, (row0 // TILE + 1) * TILE, BLOCK_N):
-            cols = col0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < chunk_len
-            kt = tl.load(k_cols + cols[None, :] * (H * DZ), mask=col_ok[None, :] & (d < DZ)[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION)
-            p = tl.where((cols[None, :] <= rows[:, None]) & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for e0 in range(0, DV, BLOCK_V):
-                do = tl.load(do_rows + e0, mask=row_ok[:, None] & (e0 + e < DV)[None, :], other=0.0)
-                vt = tl.load(v_cols + e0 + cols[None, :] * (H * DV), mask=col_ok[None, :] & (e0 + e < DV)[:, None],
-                             other=0.0)
-                dp = tl.dot(do, vt, dp, input_precision=PRECISION)
-            tl.store(p_ptr + out_rows + cols[None, :], p.to(p_ptr.dtype.element_ty))
-            tl.store(ds_ptr + out_rows + cols[None, :], (p * (dp - delta[:, None])).to(ds_ptr.dtype.element_ty))
+        v_cols = v_ptr + ((tok + cols) * H + h)[None, :] * DV + e[:, None]
+        dp = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for e0 in range(0, DV, BLOCK_V):  # dP = dO V^T, a reduction over the value channels
+            do = tl.load(do_rows + e0, mask=row_ok[:, None] & (e0 + e < DV)[None, :], other=0.0)
+            vt = tl.load(v_cols + e0, mask=col_ok[None, :] & (e0 + e < DV)[:, None], other=0.0)
+            dp = tl.dot(do, vt, dp, input_precision=PRECISION)
+        d = tl.arange(0, BLOCK_D)
+        q_rows = q_ptr + ((tok + rows) * H + h)[:, None] * DZ + d[None, :]
+        k_cols = k_ptr + ((tok + cols) * H + h)[None, :] * DZ + d[:, None]
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d0 in range(0, DZ, BLOCK_D):  # S = Q K^T, recomputed
+            q = tl.load(q_rows + d0, mask=row_ok[:, None] & (d0 + d < DZ)[None, :], other=0.0)
+            kt = tl.load(k_cols + d0, mask=col_ok[None, :] & (d0 + d < DZ)[:, None], other=0.0)
+            s = tl.dot(q, kt, s, input_precision=PRECISION)
+        lse = tl.load(lse_ptr + g.to(tl.int64) * span + rows)
+        delta = tl.load(delta_ptr + (tok + rows) * H + h, mask=row_ok, other=0.0)
+        p = tl.where((cols[None, :] <= rows[:, None]) & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        out = g.to(tl.int64) * span * span + rows[:, None] * span + cols[None, :]
+        tl.store(p_ptr + out, p.to(p_ptr.dtype.element_ty))
+        tl.store(ds_ptr + out, (p * (dp - delta[:, None])).to(ds_ptr.dtype.element_ty))
 
 
 # %% tags=["export:ops.chunk_attention"]
-def _launch_score_grad(q, k, v, o, do, lse, p, ds, num_heads, chunk_size, tiles):
+def _launch_delta(o, grad_out, delta, num_heads):
+    width = o.shape[-1] // num_heads
+    _delta_kernel[(triton.cdiv(delta.numel(), 16),)](o, grad_out, delta, delta.numel(), DV=width, BLOCK_R=16,
+                                                     BLOCK_V=min(256, _pow2(width)))
+
+
+def _launch_score_grad(q, k, v, do, lse, delta, p, ds, num_heads, chunk_size, tiles):
     batch, length, z_dim = q.shape
-    dz, dv = z_dim // num_heads, v.shape[-1] // num_heads
-    _score_grad_kernel[(p.shape[0], p.shape[1] // tiles.grad_m)](
-        q, k, v, o, do, lse, p, ds, length, chunk_size, triton.cdiv(length, chunk_size), p.shape[1],
-        H=num_heads, DZ=dz, DV=dv, BLOCK_D=_pow2(dz), TILE=tiles.tile, BLOCK_M=tiles.grad_m,
-        BLOCK_N=tiles.grad_n, BLOCK_V=min(tiles.grad_v, _pow2(dv)), PRECISION=_precision(q.dtype),
+    dz, dv, span = z_dim // num_heads, v.shape[-1] // num_heads, p.shape[1]
+    _score_grad_kernel[((span // tiles.grad_m) * (span // tiles.grad_n), p.shape[0])](
+        q, k, v, do, lse, delta, p, ds, length, chunk_size, triton.cdiv(length, chunk_size), span, H=num_heads,
+        DZ=dz, DV=dv, TILE=tiles.tile, BLOCK_M=tiles.grad_m, BLOCK_N=tiles.grad_n,
+        BLOCK_D=min(tiles.grad_d, _pow2(dz)), BLOCK_V=min(tiles.grad_v, _pow2(dv)), PRECISION=_precision(q.dtype),
         num_warps=tiles.grad_warps, num_stages=tiles.grad_stages)
 
 
@@ -731,15 +773,19 @@ def _launch_score_grad(q, k, v, o, do, lse, p, ds, num_heads, chunk_size, tiles)
 # %%
 grad_o = torch.randn_like(v)
 o = _launch_tri_matmul(p, v, torch.empty_like(v), H, chunk, False, tiles.mm_n_v, tiles)
+delta = torch.full((B, L, H), float("nan"), device=device)
+_launch_delta(o, grad_o, delta, H)
 p2, ds = torch.full_like(p, float("nan")), torch.full_like(p, float("nan"))
-_launch_score_grad(q, k, v, o, grad_o, lse, p2, ds, H, chunk, tiles)
+_launch_score_grad(q, k, v, grad_o, lse, delta, p2, ds, H, chunk, tiles)
 err_p = err_ds = 0.0
 for g, b, h, start, n in chunks(L, chunk):
     probs, _ = reference_probs(q_ref, k_ref, b, h, start, n)
     v_h = v.double()[b, start:start + n].unflatten(-1, (H, dv))[:, h]
     do_h = grad_o.double()[b, start:start + n].unflatten(-1, (H, dv))[:, h]
-    delta = (do_h * (probs @ v_h)).sum(-1, keepdim=True)
-    ds_ref = probs * (do_h @ v_h.T - delta)
+    delta_ref = (do_h * (probs @ v_h)).sum(-1)
+    assert torch.allclose(delta[b, start:start + n, h].double(), delta_ref, rtol=1e-5, atol=1e-5)
+    delta_ref = delta_ref[:, None]
+    ds_ref = probs * (do_h @ v_h.T - delta_ref)
     err_p = max(err_p, (p2[g, :n, :n] - probs).abs().max().item())
     err_ds = max(err_ds, ((ds[g, :n, :n] - ds_ref).abs().max() / ds_ref.abs().max()).item())
 print(f"backward P max abs error {err_p:.1e}; dS max error {err_ds:.1e} of its largest entry")
@@ -761,44 +807,38 @@ assert torch.equal(p2.isnan(), p.isnan())  # the same triangle as the forward
 
 # %% tags=["export:ops.chunk_attention"]
 @triton.jit
-def _affine_rope_grad(grad_ptr, zh_even, zh_odd, cos, sin, gamma_ptr, dgamma_ptr, dbeta_ptr, even, mask, pairs,
-                      which, h, pid, H: tl.constexpr, DZ: tl.constexpr):
+def _affine_rope_grad(grad_ptr, zh, cos, sin, offs, mask, which, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
+                      H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
     """Back through RoPE and the affine of queries (which=0) or keys (1): stores this program's
-    partial dgamma, dbeta and returns the gradient to z_hat as (even, odd) channels."""
-    dr_even, dr_odd = _load_pairs(grad_ptr, even, mask)
-    dx_even = dr_even * cos + dr_odd * sin  # the transposed rotation: by minus the angle
-    dx_odd = dr_odd * cos - dr_even * sin
-    par = (which * H + h) * DZ + 2 * pairs
-    g_even, g_odd = _load_pairs(gamma_ptr, par, pairs < DZ // 2)
+    partial dgamma, dbeta and returns the gradient to z_hat."""
+    d = tl.arange(0, BLOCK_DZ)
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    grad_partner = tl.load(grad_ptr + (offs ^ 1), mask=mask, other=0.0).to(tl.float32)
+    dx = grad * cos - sign * grad_partner * sin  # the transposed rotation: by minus the angle
+    g = tl.load(gamma_ptr + (which * H + h) * DZ + d, mask=d < DZ, other=0.0).to(tl.float32)
     inv_sqrt = 1.0 / tl.sqrt(DZ * 1.0)
-    part = ((pid * 2 + which) * H + h) * DZ + 2 * pairs
-    tl.store(dgamma_ptr + part, tl.sum(dx_even * zh_even, 0) * inv_sqrt, mask=pairs < DZ // 2)
-    tl.store(dgamma_ptr + part + 1, tl.sum(dx_odd * zh_odd, 0) * inv_sqrt, mask=pairs < DZ // 2)
-    tl.store(dbeta_ptr + part, tl.sum(dx_even, 0), mask=pairs < DZ // 2)
-    tl.store(dbeta_ptr + part + 1, tl.sum(dx_odd, 0), mask=pairs < DZ // 2)
-    return dx_even * ((g_even + 1.0) * inv_sqrt)[None, :], dx_odd * ((g_odd + 1.0) * inv_sqrt)[None, :]
+    part = ((pid * 2 + which) * H + h) * DZ + d
+    tl.store(dgamma_ptr + part, tl.sum(dx * zh, 0) * inv_sqrt, mask=d < DZ)
+    tl.store(dbeta_ptr + part, tl.sum(dx, 0), mask=d < DZ)
+    return dx * ((g + 1.0) * inv_sqrt)[None, :]
 
 
 @triton.jit
 def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_ptr, dgamma_ptr, dbeta_ptr,
                         n_rows, length, chunk_size, eps,
-                        H: tl.constexpr, DZ: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+                        H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
     """dz (B*L, H, dz) and this program's partial dgamma, dbeta (programs, 2, H, dz) from dq, dk."""
     pid, h = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    pairs = tl.arange(0, HALF)
-    zh_even, zh_odd, rstd, cos, sin, even, mask = _normalized_rows(
-        z_ptr, cos_ptr, sin_ptr, rows, pairs, n_rows, length, chunk_size, eps, H, DZ)
-    dq_even, dq_odd = _affine_rope_grad(dq_ptr, zh_even, zh_odd, cos, sin, gamma_ptr, dgamma_ptr, dbeta_ptr,
-                                        even, mask, pairs, 0, h, pid, H, DZ)
-    dk_even, dk_odd = _affine_rope_grad(dk_ptr, zh_even, zh_odd, cos, sin, gamma_ptr, dgamma_ptr, dbeta_ptr,
-                                        even, mask, pairs, 1, h, pid, H, DZ)
-    dzh_even, dzh_odd = dq_even + dk_even, dq_odd + dk_odd
-    mean_dot = (tl.sum(dzh_even * zh_even, 1) + tl.sum(dzh_odd * zh_odd, 1)) / DZ
-    dz_even = rstd[:, None] * (dzh_even - zh_even * mean_dot[:, None])
-    dz_odd = rstd[:, None] * (dzh_odd - zh_odd * mean_dot[:, None])
-    tl.store(dz_ptr + even, dz_even.to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(dz_ptr + even + 1, dz_odd.to(dz_ptr.dtype.element_ty), mask=mask)
+    zh, _, rstd, cos, sin, offs, mask = _normalized_rows(
+        z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps, H, DZ, BLOCK_DZ)
+    dzh = _affine_rope_grad(dq_ptr, zh, cos, sin, offs, mask, 0, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
+                            H, DZ, BLOCK_DZ)
+    dzh += _affine_rope_grad(dk_ptr, zh, cos, sin, offs, mask, 1, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
+                             H, DZ, BLOCK_DZ)
+    mean_dot = tl.sum(dzh * zh, 1) / DZ  # RMSNorm backward: dz = rstd (dzh - zh mean(dzh zh))
+    tl.store(dz_ptr + offs, (rstd[:, None] * (dzh - zh * mean_dot[:, None])).to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 # %% tags=["export:ops.chunk_attention"]
@@ -807,7 +847,7 @@ def _launch_epilogue(z, gamma, tables, dq, dk, dz, dgamma_parts, dbeta_parts, nu
     d = z_dim // num_heads
     _qk_epilogue_kernel[(dgamma_parts.shape[0], num_heads)](
         z, gamma, *tables, dq, dk, dz, dgamma_parts, dbeta_parts, batch * length, length, chunk_size, eps,
-        H=num_heads, DZ=d, HALF=_pow2(d // 2, 1), BLOCK_T=tiles.prologue_tokens)
+        H=num_heads, DZ=d, BLOCK_DZ=_pow2(d, 2), BLOCK_T=tiles.prologue_tokens)
 
 
 # %% [markdown]
@@ -879,8 +919,10 @@ def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, 
     grad_out, z, gamma = grad_out.contiguous(), z.contiguous(), gamma.contiguous()
     n_chunks, n_programs, span, tiles = _layout(z, num_heads, chunk_size, tiles or default_tiles(z.device, z.dtype))
     _require(lse.shape == (n_programs, span), f"lse must be ({n_programs}, {span}) for these tiles, got {tuple(lse.shape)}")
+    delta = _empty((*z.shape[:2], num_heads), z, torch.float32, poison)
+    _launch_delta(o, grad_out, delta, num_heads)
     p, ds = _empty((n_programs, span, span), z, poison=poison), _empty((n_programs, span, span), z, poison=poison)
-    _launch_score_grad(q, k, v, o, grad_out, lse, p, ds, num_heads, chunk_size, tiles)
+    _launch_score_grad(q, k, v, grad_out, lse, delta, p, ds, num_heads, chunk_size, tiles)
     dv = _launch_tri_matmul(p, grad_out, _empty(v.shape, v, poison=poison), num_heads, chunk_size, True, tiles.mm_n_v, tiles)
     dq = _launch_tri_matmul(ds, k, _empty(z.shape, z, torch.float32, poison), num_heads, chunk_size, False, tiles.mm_n_z, tiles)
     dk = _launch_tri_matmul(ds, q, _empty(z.shape, z, torch.float32, poison), num_heads, chunk_size, True, tiles.mm_n_z, tiles)

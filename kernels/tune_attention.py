@@ -41,22 +41,25 @@ BASE = ops.GPU_TILES
 # Per kernel: candidate tiles (fields of AttentionTiles replaced on BASE; every block <= 128, so
 # the stored triangle's granularity stays BASE.tile = 128 while one kernel is tuned).
 CANDIDATES = {
+    "prologue": [dict(prologue_tokens=t) for t in (8, 16)],
+    "epilogue": [dict(prologue_tokens=t) for t in (8, 16)],
+    "delta": [{}],
     "softmax": [dict(softmax_m=m, softmax_n=n, softmax_warps=w, softmax_stages=s)
-                for m, n, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2),
-                                   (64, 128, 4, 2), (64, 64, 4, 3))],
+                for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2))],
     "pv": [dict(mm_m=m, mm_n_v=n, mm_k=k, mm_warps=w, mm_stages=s)
-           for m, n, k, w, s in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3),
-                                 (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 3), (128, 128, 32, 4, 4))],
-    "grad": [dict(grad_m=m, grad_n=n, grad_v=e, grad_warps=w, grad_stages=s)
-             for m, n, e, w, s in ((128, 64, 64, 8, 2), (128, 64, 64, 8, 3), (128, 128, 64, 8, 2),
-                                   (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 8, 3))],
+           for m, n, k, w, s in ((128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4), (256, 128, 64, 8, 3),
+                                 (128, 128, 64, 4, 3))],
+    "grad": [dict(grad_m=m, grad_n=n, grad_v=e, grad_d=d, grad_warps=w, grad_stages=s)
+             for m, n, e, d, w, s in ((128, 128, 64, 64, 8, 3), (128, 128, 64, 64, 8, 4), (128, 64, 64, 64, 4, 3),
+                                      (128, 64, 64, 64, 8, 3), (64, 128, 64, 64, 4, 3), (128, 128, 32, 64, 8, 4),
+                                      (64, 64, 64, 64, 4, 3))],
     "zgrad": [dict(mm_m=m, mm_n_z=n, mm_k=k, mm_warps=w, mm_stages=s)
-              for m, n, k, w, s in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 3),
-                                    (64, 256, 64, 8, 3), (128, 128, 64, 4, 4))],
+              for m, n, k, w, s in ((128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4),
+                                    (256, 128, 64, 8, 3), (128, 128, 64, 4, 3))],
 }
 CANDIDATES["pv_t"] = CANDIDATES["pv"]  # dV = P^T dO: the same kernel through transposed pointers
-FLASH = [dict(m=m, n=n, bv=bv, warps=w, stages=s, lse=lse)
-         for lse in (False, True) for m, n, bv, w, s in ((128, 64, 128, 8, 2), (64, 64, 256, 8, 2), (128, 64, 256, 8, 2))]
+# designs (a) and (b) at their best tiles of the first tuning run (kernels/results/tune_attention_nvidia_h200_v1.json)
+FLASH = [dict(m=128, n=64, bv=256, warps=8, stages=2, lse=lse) for lse in (False, True)]
 
 
 @triton.jit
@@ -117,7 +120,12 @@ def make_state(shape: dict, device: str, dtype: torch.dtype) -> dict:
     _, st["G"], st["span"], _ = ops._layout(st["z"], h, shape["c"], tiles)
     st["p"] = torch.empty(st["G"], st["span"], st["span"], device=device, dtype=dtype)
     st["ds"] = torch.empty_like(st["p"])
-    ops._launch_score_grad(st["q"], st["k"], st["v"], st["o"], st["do"], st["lse"], st["p"], st["ds"], h, shape["c"], tiles)
+    st["delta"] = torch.empty(b, length, h, device=device)
+    ops._launch_delta(st["o"], st["do"], st["delta"], h)
+    ops._launch_score_grad(st["q"], st["k"], st["v"], st["do"], st["lse"], st["delta"], st["p"], st["ds"], h,
+                           shape["c"], tiles)
+    st["dq"], st["dk"] = torch.randn(2, *st["z"].shape, device=device, generator=None).unbind(0)
+    st["tables"] = ops._rope_tables(st["span"], dz, 10000.0, st["z"].device)
     st["shape"], st["dtype"] = shape, dtype
     return st
 
@@ -151,8 +159,22 @@ def kernel_call(st: dict, kind: str, cand: dict):
         return (lambda: ops._launch_tri_matmul(st["ds"], st["k"], out, h, c, False, tiles.mm_n_z, tiles)), 2 * pairs * dz
     if kind == "grad":
         p, ds = torch.empty_like(st["p"]), torch.empty_like(st["ds"])
-        return (lambda: ops._launch_score_grad(st["q"], st["k"], st["v"], st["o"], st["do"], st["lse"], p, ds, h, c,
-                                               tiles)), 2 * pairs * (dz + dv)
+        return (lambda: ops._launch_score_grad(st["q"], st["k"], st["v"], st["do"], st["lse"], st["delta"], p, ds, h,
+                                               c, tiles)), 2 * pairs * (dz + dv)
+    n_tok = shape["B"] * shape["L"]
+    if kind == "prologue":
+        q, k = torch.empty_like(st["q"]), torch.empty_like(st["k"])
+        return (lambda: ops._launch_prologue(st["z"], st["gamma"], st["beta"], st["tables"], q, k, h, c, 1e-5,
+                                             tiles)), 0
+    if kind == "epilogue":
+        parts = (triton.cdiv(n_tok, tiles.prologue_tokens), 2, h, dz)
+        dg, db, dzz = (torch.empty(parts, device=st["z"].device), torch.empty(parts, device=st["z"].device),
+                       torch.empty_like(st["z"]))
+        return (lambda: ops._launch_epilogue(st["z"], st["gamma"], st["tables"], st["dq"], st["dk"], dzz, dg, db, h, c,
+                                             1e-5, tiles)), 0
+    if kind == "delta":
+        delta = torch.empty_like(st["delta"])
+        return (lambda: ops._launch_delta(st["o"], st["do"], delta, h)), 0
     raise ValueError(kind)
 
 
@@ -195,6 +217,10 @@ def bench(fn) -> float:
 
 def best_tiles(timings: list[dict]) -> ops.AttentionTiles:
     fields = {}
+    pro = [t for t in timings if t["kernel"] in ("prologue", "epilogue") and t["ms"] is not None]
+    if pro:
+        tokens = {t["tiles"]["prologue_tokens"] for t in pro}
+        fields["prologue_tokens"] = min(tokens, key=lambda n: sum(t["ms"] for t in pro if t["tiles"]["prologue_tokens"] == n))
     for kind in ("softmax", "pv", "grad", "zgrad"):
         ok = [t for t in timings if t["kernel"] == kind and t["ms"] is not None]
         if kind == "pv":  # O = P V and dV = P^T dO share mm_m, mm_k, mm_n_v: minimise their sum
@@ -228,7 +254,7 @@ def check_on_cpu() -> None:
     """Every code path at tiny size under the interpreter; the flash designs against design (c)."""
     st = make_state(TINY, "cpu", torch.float32)
     for kind, cands in CANDIDATES.items():
-        kernel_call(st, kind, {k: min(v, 32) if k.endswith(("_m", "_n", "_k", "_v", "_n_v", "_n_z")) else v
+        kernel_call(st, kind, {k: min(v, 32) if k.endswith(("_m", "_n", "_k", "_v", "_d", "_n_v", "_n_z")) else v
                                for k, v in cands[0].items()})[0]()
     for cand in FLASH[:1] + FLASH[-1:]:
         out = kernel_call(st, "flash", {**cand, "m": 32, "n": 32, "bv": 32})[0]()
@@ -250,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global FULL, BASE
     if args.dry_run:
-        FULL, BASE = {**TINY, "dz": 64, "dv": 256, "L": 256 + 77, "c": 256}, ops.INTERPRETER_TILES
+        FULL, BASE = {**TINY, "dz": 32, "dv": 64, "L": 128 + 77, "c": 128}, ops.INTERPRETER_TILES
         for cands in list(CANDIDATES.values()) + [FLASH]:
             for cand in cands:
                 cand.update({k: min(v, 32) for k, v in cand.items() if k in ("m", "n", "bv") or k.endswith(
-                    ("_m", "_n", "_k", "_v", "_n_v", "_n_z"))})
+                    ("_m", "_n", "_k", "_v", "_d", "_n_v", "_n_z"))})
     device = torch.cuda.get_device_name() if not args.dry_run else "cpu dry run"
     errors = precompile(args.workers) if not args.dry_run else []
     st = make_state(FULL, "cuda" if not args.dry_run else "cpu", torch.bfloat16 if not args.dry_run else torch.float32)
@@ -266,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001
             ms, flops = None, 0
             errors.append(f"{kind} {cand}: {type(err).__name__}: {str(err)[:200]}")
-        timings.append({"kernel": kind, "tiles": cand, "ms": ms, "tflops": flops / (ms * 1e9) if ms else None})
+        timings.append({"kernel": kind, "tiles": cand, "ms": ms, "tflops": flops / (ms * 1e9) if ms and flops else None})
         print(f"{kind:>8} {json.dumps(cand):<90} " + (f"{ms:8.3f} ms {flops / (ms * 1e9):6.0f} TFLOP/s" if ms else "failed"),
               flush=True)
     best = best_tiles(timings)
     best_of = {k: min((t for t in timings if t["kernel"] == k and t["ms"]), key=lambda t: t["ms"]) for k in CANDIDATES}
+    overrides = {k: v for k, v in dataclasses.asdict(best).items() if getattr(BASE, k) != v}
     useful = kernel_call(st, "pv", CANDIDATES["pv"][0])[1] * (FULL["dz"] + FULL["dv"]) // FULL["dv"]  # causal-pair FLOPs
     prologue_ms = bench(lambda: ops.chunk_attention_forward(st["z"][:, :16], st["v"][:, :16], st["gamma"], st["beta"],
                                                             FULL["H"], FULL["c"], tiles=best))  # launch overhead
@@ -303,11 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
         "shape": {**FULL, "dtype": "bfloat16"}, "useful_fwd_flops": useful,
         "kernels": timings, "designs": designs, "errors": errors,
-        "best_tiles": dataclasses.asdict(best), "cublas_bmm_full_square_ms": bmm_ms,
+        "best_tiles": dataclasses.asdict(best), "overrides_of_defaults": overrides, "cublas_bmm_full_square_ms": bmm_ms,
         "whole": {"best": {"fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms},
                   "default": {"fwd_ms": default_fwd, "fwdbwd_ms": default_fwdbwd}, "tiny_call_ms": prologue_ms},
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "best_overrides.json").write_text(json.dumps(overrides) + "\n")  # for MEGALODON_ATTENTION_TILES
+    print(f"overrides of the package defaults: {json.dumps(overrides)}")
     path = args.out / f"tune_attention_{device.lower().replace(' ', '_')}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}; {len(errors)} candidates failed")
