@@ -17,14 +17,15 @@
 # FlashAttention needs the value dim to equal the query dim, and `scaled_dot_product_attention`
 # falls back to its memory-efficient kernel, which is far from what the hardware can do.
 #
-# This chapter writes the attention as five Triton kernels, forward and backward, and exports
+# This chapter writes the attention as six Triton kernels, forward and backward, and exports
 # them to `megalodon_lite/ops/chunk_attention.py`. The plan:
 #
 # 1. count the work: the compute floor, and what each way of tiling costs on top of it;
 # 2. why FlashAttention's tiling breaks at $v = 2048$, and what replaces it;
 # 3. the kernels, each followed by a check of it alone under the Triton interpreter;
 # 4. the whole operation against chapter 06 in float64, forward and every gradient;
-# 5. what the GPU measured (committed results), and the cells that re-run it.
+# 5. what fusing the normalisation and RoPE saves;
+# 6. what an H200 measured (committed results; the cells of the last section re-run it).
 #
 # Without a GPU the kernels run in Triton's interpreter on the CPU (`TRITON_INTERPRET=1`, set in
 # the next cell before Triton is imported), at tiny sizes; the interpreter executes the same
@@ -66,7 +67,7 @@ print(f"device {device}, smoke mode {SMOKE}, Triton interpreter {os.environ.get(
 # arithmetic in matmuls can be faster. The backward pass needs $dV = P^\top dO$,
 # $dP = dO\,V^\top$, $dQ = dS\,K$ and $dK = dS^\top Q$ (with $dS$ below), and the convention for
 # attention is forward+backward $= 3.5\times$ the forward floor. The measured rate is read from the
-# committed benchmark of `kernels/bench.py` on an H200 (section 5).
+# committed benchmark of `kernels/bench.py` on an H200 (section 6).
 
 # %%
 RESULTS_DIR = repo_root() / "kernels" / "results"
@@ -172,28 +173,26 @@ assert fwd_floors + bwd_floors < 3.5
 
 # %%
 def draw_tiles() -> plt.Figure:
-    n = 16  # 2048 / 128 tiles per side
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6))
+    n, row, vt = 16, 9, 3  # 2048 / 128 tiles per side; the program drawn: query block 9, value tile 3 of 8
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1, 1]})
     for i in range(n):
         for j in range(i + 1):
             left.add_patch(Rectangle((j, n - 1 - i), 1, 1, facecolor=plt.cm.viridis(i / n), edgecolor="white"))
-    left.set(xlim=(0, n), ylim=(0, n), aspect="equal", xticks=[], yticks=[],
-             title="P of one chunk: tiles written by the softmax kernel\n(colour = the program, one per row block)",
-             xlabel="key s  (c = 2048)", ylabel="query t")
-    row, vt = 9, 3  # the program drawn: query block 9, value tile 3 of 8 (256 channels)
-    for j in range(n):
-        for i in range(j, n):
-            right.add_patch(Rectangle((j, n - 1 - i), 1, 1, facecolor="0.92", edgecolor="white"))
-    for j in range(row + 1):
-        right.add_patch(Rectangle((j, n - 1 - row), 1, 1, facecolor="tab:orange", edgecolor="white"))
-    for s in range(row + 1):  # V is c x v: drawn to the right, 8 tiles of 256 channels wide, 2 units each
-        right.add_patch(Rectangle((n + 1 + 2 * vt, n - 1 - s), 2, 1, facecolor="tab:blue", edgecolor="white"))
-    right.add_patch(Rectangle((n + 1, 0), 16, n, fill=False, edgecolor="0.5"))
-    right.add_patch(Rectangle((n + 1 + 2 * vt, n - 1 - row), 2, 1, facecolor="tab:red", alpha=0.5))
-    right.text(n / 2, -1.2, "P: the row strip read", ha="center")
-    right.text(n + 9, -1.2, "V (c x 2048): rows s <= end of the block, one value tile", ha="center")
-    right.set(xlim=(0, 2 * n + 2), ylim=(-2, n), aspect="equal", xticks=[], yticks=[],
-              title="O = P V: one program owns a query block x a value tile (red: its output)")
+            reads = i == row
+            mid.add_patch(Rectangle((j, n - 1 - i), 1, 1, facecolor="tab:orange" if reads else "0.9", edgecolor="white"))
+    for s_block in range(n):  # V: c rows x 8 value tiles of 256 channels (drawn 2 units wide)
+        for t in range(8):
+            reads = t == vt and s_block <= row
+            right.add_patch(Rectangle((2 * t, n - 1 - s_block), 2, 1, facecolor="tab:blue" if reads else "0.9",
+                                      edgecolor="white"))
+    left.set(title="P: the tiles the softmax kernel writes\n(colour: the program, one per row block)",
+             xlabel="key s (c = 2048, tiles of 128)", ylabel="query t")
+    mid.set(title="O = P V, one program:\nthe strip of P it reads (orange)", xlabel="key s")
+    right.set(title="...and the rows of V it reads (blue):\none value tile of 256 of the 2048 channels",
+              xlabel="value channel", ylabel="key s")
+    for ax, width in ((left, n), (mid, n), (right, n)):
+        ax.set(xlim=(0, width), ylim=(0, n), aspect="equal", xticks=[], yticks=[])
+    fig.tight_layout()
     return fig
 
 
@@ -204,14 +203,15 @@ plt.show()
 # %% [markdown]
 # ## 3. The kernels
 #
-# Five kernels, in the order a training step runs them:
+# Six kernels, in the order a training step runs them:
 #
 # | kernel | grid | reads | writes |
 # |---|---|---|---|
 # | `_qk_prologue_kernel` | token blocks × heads | $z$, $\gamma$, $\beta$, cos/sin | $q$, $k$ |
 # | `_softmax_kernel` | chunks × query blocks | $q$, $k$ | lse, $P$ |
 # | `_tri_matmul_kernel` | chunks·column tiles × row blocks | $P$ (or $dS$), $V$ (or $dO$, $K$, $Q$) | $O$ ($dV$, $dQ$, $dK$) |
-# | `_score_grad_kernel` | chunks × query blocks | $q$, $k$, $V$, $O$, $dO$, lse | $P$, $dS$ |
+# | `_delta_kernel` | token blocks | $O$, $dO$ | $\delta$ |
+# | `_score_grad_kernel` | tiles of the triangle × chunks | $q$, $k$, $V$, $dO$, lse, $\delta$ | $P$, $dS$ |
 # | `_qk_epilogue_kernel` | token blocks × heads | $z$, $\gamma$, $dq$, $dk$ | $dz$, $d\gamma$, $d\beta$ |
 #
 # The tile sizes are one frozen dataclass, with one set for 16-bit inputs on a GPU (chosen by
@@ -263,7 +263,7 @@ class AttentionTiles:
     and epilogue.
     """
 
-    prologue_tokens: int = 16
+    prologue_tokens: int = 8
     softmax_m: int = 128
     softmax_n: int = 64
     softmax_warps: int = 8
@@ -273,11 +273,11 @@ class AttentionTiles:
     grad_v: int = 64
     grad_d: int = 64
     grad_warps: int = 8
-    grad_stages: int = 3
-    mm_m: int = 128
+    grad_stages: int = 4
+    mm_m: int = 256
     mm_k: int = 64
-    mm_n_v: int = 256
-    mm_n_z: int = 256
+    mm_n_v: int = 128
+    mm_n_z: int = 128
     mm_warps: int = 8
     mm_stages: int = 4
 
@@ -293,12 +293,12 @@ class AttentionTiles:
         return replace(self, **{name: min(getattr(self, name), cap) for name in names})
 
 
-GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: kernels/tune_attention.py on an H200
-GPU_TILES_FP32 = AttentionTiles(prologue_tokens=8, softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32,
-                                grad_n=32, grad_v=32, grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_k=32,
-                                mm_n_v=64, mm_n_z=64, mm_warps=4, mm_stages=3)
-INTERPRETER_TILES = AttentionTiles(softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16, grad_d=16,
-                                   mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
+GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: the best of kernels/tune_attention.py on an H200
+GPU_TILES_FP32 = AttentionTiles(softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32, grad_n=32, grad_v=32,
+                                grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_k=32, mm_n_v=64, mm_n_z=64,
+                                mm_warps=4, mm_stages=3)  # fits shared memory and registers without spilling
+INTERPRETER_TILES = AttentionTiles(prologue_tokens=16, softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16,
+                                   grad_d=16, mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
 TILES_ENV = "MEGALODON_ATTENTION_TILES"
 """JSON object of AttentionTiles fields that replace the defaults, e.g. '{"grad_m": 64}' (for tuning)."""
 
@@ -995,7 +995,7 @@ class ChunkAttentionFunction(torch.autograd.Function):
 # `unsupported_reason`: float64 (the kernels compute in float32 at most), head dims $d_z$ above
 # 256, attention dropout during training (it would need a random mask in both passes; the
 # official model trains without it), and a call that continues a cached, unfinished chunk (a
-# streaming step: a few tokens against at most $c - 1$ cached keys, where launching five kernels
+# streaming step: a few tokens against at most $c - 1$ cached keys, where launching the kernels
 # buys nothing). A stream's first call, or any call after a chunk boundary, has no cache and runs
 # the kernels. `megalodon_lite.backend.use_triton(..., supported=False, why_not=...)` turns the
 # reason into a fallback under `"auto"` and an error under an explicit `"triton"`.
@@ -1173,35 +1173,112 @@ assert per_element > 3 * fused
 #
 # ## 6. Measured on a GPU
 #
-# `kernels/tune_attention.py` timed each kernel's tile candidates and the three designs of
-# section 1 on an H200 (`kernels/NOTES_attention.md` keeps each version with its prediction and
-# outcome); `kernels/bench.py --ops attention` then measured the chosen kernels against the
-# PyTorch path of chapter 06, 65,536 tokens per call, bfloat16, official shapes. The tables below
-# are read from the committed results.
+# `kernels/tune_attention.py` timed each kernel's tile candidates and the designs of section 1 on
+# an H200, twice (`kernels/NOTES_attention.md` keeps each version with its prediction and
+# outcome); `kernels/bench.py --ops attention` then measured the chosen kernels, through the
+# autograd function, against chapter 06's PyTorch path: 65,536 tokens per call, bfloat16,
+# official shapes. Everything below is read from the committed results in `kernels/results/`.
+# First the three designs, forward only: (c) is twice as fast as (a) or (b), as the count
+# predicted.
 
 # %%
-tune_path = RESULTS_DIR / "tune_attention_nvidia_h200.json"
-tune = json.loads(tune_path.read_text()) if tune_path.exists() else None
+def read_result(name: str) -> dict | None:
+    path = RESULTS_DIR / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+tune, tune_v1 = read_result("tune_attention_nvidia_h200.json"), read_result("tune_attention_nvidia_h200_v1.json")
 if tune:
     print(f"{tune['device']}, torch {tune['torch']}, triton {tune['triton']}, {tune['date']}: forward designs")
     for row in tune["designs"]:
-        print(f"  {row['design']:<48} {row['ms']:7.3f} ms  ({row['tflops']:.0f} TFLOP/s of useful work)")
+        print(f"  {row['design']:<58} {row['ms']:7.3f} ms  ({row['tflops']:.0f} TFLOP/s of useful work)")
 else:
     print("no committed tuning results")
+
+# %% [markdown]
+# Then the whole operation, and the PyTorch path beside it:
 
 # %%
 OFFICIAL_H100_MS = {"fwd": 0.97, "fwdbwd": 2.87}  # the official CUDA kernels on one H100 (issue 9's measurement)
 if results:
-    print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}")
+    print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}; "
+          f"measured ceilings {results['matmul_TFLOPs']:.0f} TFLOP/s, {results['copy_TBps']:.2f} TB/s")
     print(f"{'B x L':>10} {'path':>7} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
     for row in (r for r in results["rows"] if r["op"] == "attention"):
         print(f"{row['B']:>4} x {row['L']:<5} {row['path']:>6} {row['fwd_ms']:8.3f} {row['fwd_ms'] / row['floor_fwd_ms']:8.2f} "
               f"{row['fwdbwd_ms']:11.3f} {row['fwdbwd_ms'] / row['floor_fwdbwd_ms']:8.2f}")
+    triton_rows = [r for r in results["rows"] if r["op"] == "attention" and r["path"] == "triton"]
+    worst = max(triton_rows, key=lambda r: r["fwdbwd_ms"])
     print(f"official CUDA kernels on an H100: {OFFICIAL_H100_MS['fwd']} ms forward, {OFFICIAL_H100_MS['fwdbwd']} ms "
-          "forward+backward")
+          f"forward+backward; target 1.7 x floor = {1.7 * worst['floor_fwdbwd_ms']:.2f} ms")
+    print(f"slowest Triton forward+backward: {worst['fwdbwd_ms']:.2f} ms = {worst['fwdbwd_ms'] / worst['floor_fwdbwd_ms']:.2f} "
+          f"x floor, {worst['fwdbwd_ms'] / OFFICIAL_H100_MS['fwdbwd']:.2f} x the official H100 time")
+    for row in triton_rows:
+        torch_row = next(r for r in results["rows"] if r["op"] == "attention" and r["path"] == "torch"
+                         and (r["B"], r["L"]) == (row["B"], row["L"]))
+        print(f"  {row['B']} x {row['L']}: {torch_row['fwd_ms'] / row['fwd_ms']:.1f}x faster than PyTorch forward, "
+              f"{torch_row['fwdbwd_ms'] / row['fwdbwd_ms']:.1f}x forward+backward")
 else:
     print("no committed benchmark results")
 
+# %% [markdown]
+# Forward+backward runs 11 to 12 times faster than chapter 06's PyTorch path (the speed-ups are
+# printed above), but misses both targets of the issue: 1.7 times the compute floor, and the
+# official kernels' time on an H100 (an H200 has the H100's matmul rate and more memory
+# bandwidth, so that comparison favours us). Where the time goes, kernel by kernel, each at its
+# best tiles, against its own floor (FLOPs at the matmul rate for the matmul kernels, bytes at
+# the copy bandwidth for the three memory-bound ones):
+
+# %%
+if tune and results:
+    n_tok, n_z, n_v = tokens, z_dim, v_dim
+    work = {  # kernel: (what it does, FLOPs executed, bytes moved at the least)
+        "prologue": ("RMS norm, affine, RoPE -> q, k", 0, 6 * n_tok * n_z),
+        "softmax": ("lse, then P (S twice)", 4 * pairs * n_z, 0),
+        "pv": ("O = P V", 2 * pairs * n_v, 0),
+        "delta": ("rowsum(dO * O)", 0, 4 * n_tok * n_v),
+        "grad": ("P, dS (S and dP = dO V^T)", 2 * pairs * (n_z + n_v), 0),
+        "pv_t": ("dV = P^T dO", 2 * pairs * n_v, 0),
+        "zgrad": ("dQ = dS K (and dK = dS^T Q: the same again)", 2 * pairs * n_z, 0),
+        "epilogue": ("back to dz, dgamma, dbeta", 0, 12 * n_tok * n_z),
+    }
+    total = 0.0
+    print(f"{'kernel':>9} {'ms':>7} {'floor ms':>9} {'x floor':>8}  what")
+    for kernel, (what, flops, nbytes) in work.items():
+        ms = min(t["ms"] for t in tune["kernels"] if t["kernel"] == kernel and t["ms"])
+        floor = flops / (results["matmul_TFLOPs"] * 1e9) + nbytes / (results["copy_TBps"] * 1e9)
+        total += ms * (2 if kernel == "zgrad" else 1)
+        print(f"{kernel:>9} {ms:7.3f} {floor:9.3f} {ms / floor:8.2f}  {what}")
+    print(f"sum {total:.2f} ms; the launchers back to back: forward {tune['whole']['best']['fwd_ms']:.3f} ms, "
+          f"forward+backward {tune['whole']['best']['fwdbwd_ms']:.3f} ms; a call of 16 tokens {tune['whole']['tiny_call_ms']:.3f} ms")
+    cublas = 2 * 32 * 2048**3 / (tune["cublas_bmm_full_square_ms"] * 1e9)
+    print(f"cuBLAS on the full square P V (twice the causal work): {tune['cublas_bmm_full_square_ms']:.3f} ms, {cublas:.0f} TFLOP/s")
+if tune_v1:
+    v1_grad = min((t for t in tune_v1["kernels"] if t["kernel"] == "grad" and t["ms"]), key=lambda t: t["ms"])
+    print(f"first version of the score-gradient kernel (a block of rows per program, looping over key blocks): "
+          f"{v1_grad['ms']:.3f} ms, {v1_grad['tflops']:.0f} TFLOP/s")
+
+# %% [markdown]
+# Reading that table:
+#
+# - **The triangular matmuls** ($O$, $dV$) reach about 60 % of cuBLAS's rate on the full
+#   square: a causal row block reduces over 1 to 16 tiles instead of 16, so the software pipeline
+#   spends a larger share of each program filling and draining, and the loads are plain
+#   `cp.async` rather than the Hopper tensor-memory-accelerator copies cuBLAS uses.
+# - **The score-gradient kernel** went from a block of query rows per program (the first version)
+#   to one tile of the triangle per program: a plain matmul tile with a reduction of $v + z$
+#   channels, nearly twice as fast.
+# - **The memory-bound kernels** are the surprise: the prologue and epilogue move their bytes at a
+#   quarter to a third of the copy bandwidth (the partner channels $j \oplus 1$ are gathered
+#   element by element), and the separate pass for $\delta$ costs a tenth of a millisecond by
+#   itself.
+# - Between the launchers back to back and the benchmark (through the custom op and autograd)
+#   there is about 0.15 ms of Python and allocation overhead per call.
+#
+# What would close the gap to 1.7 × the floor, none of it done here: loading the RoPE pairs as
+# 32-bit words and swapping their halves (prologue and epilogue at bandwidth, about 0.2 ms),
+# folding $\delta$ into the score-gradient tiles (about 0.1 ms), and tensor-descriptor (TMA) loads
+# with a persistent schedule for the triangular matmuls.
 
 # %%
 def plot_attention_results(data: dict) -> plt.Figure:
@@ -1218,10 +1295,14 @@ def plot_attention_results(data: dict) -> plt.Figure:
         official = OFFICIAL_H100_MS["fwd" if key == "fwd_ms" else "fwdbwd"]
         ax.axhline(official, color="tab:blue", lw=1, ls=":", label=f"official CUDA kernels, H100: {official} ms")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_yticks([0.3, 0.5, 1, 2, 3, 5, 10, 20, 40])
+        ax.set_ylim(0.3, 300)  # room above the bars for the legend
         ax.set_xticks([i + 0.19 for i in range(len(shapes))], [f"{b} x {length // 1024}K" for b, length in shapes])
-        ax.set(title=("forward" if key == "fwd_ms" else "forward + backward"), ylabel="ms per call (log)",
+        ax.set(title=("forward" if key == "fwd_ms" else "forward + backward"), ylabel="ms per call (log scale)",
                xlabel="B x L (65,536 tokens)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
     fig.suptitle(f"chunk attention, c = 2048, z = 256, v = 2048, bfloat16, {data['device']}", fontsize=10)
     fig.tight_layout()
     return fig
@@ -1239,13 +1320,18 @@ if results:
 #   value dim ($v = 2048$) is 8 times the query/key dim: recomputing $QK^\top$ per value tile
 #   (FlashAttention with a split value dim) multiplies the forward FLOPs, while writing $P$ once
 #   per chunk costs a few hundredths of a millisecond of bandwidth.
-# - Five kernels: a prologue (RMS norm, affine and RoPE in one pass over $z$), a softmax kernel
-#   (log-sum-exp, then $P$), one triangular matmul for $O$, $dV$, $dQ$, $dK$, a score-gradient
-#   kernel ($P$ and $dS$), and an epilogue back to $dz$, $d\gamma$, $d\beta$.
+# - Six kernels: a prologue (RMS norm, affine and RoPE in one pass over $z$), a softmax kernel
+#   (log-sum-exp, then $P$), one triangular matmul for $O$, $dV$, $dQ$, $dK$, a pass for
+#   $\delta = \mathrm{rowsum}(dO \circ O)$, a score-gradient kernel ($P$ and $dS$, one tile of the
+#   triangle per program), and an epilogue back to $dz$, $d\gamma$, $d\beta$.
 # - Each kernel is checked alone, and the whole against chapter 06 in float64, forward and every
 #   gradient, with poisoned buffers, under the Triton interpreter on a CPU.
 # - `chunk_attention` is a custom op with autograd; `unsupported_reason` is the rule for the cases
 #   left to PyTorch (float64, dropout, streaming steps with a cache).
+# - On an H200 (section 6), forward+backward runs 11-12 times faster than chapter 06's PyTorch
+#   path, at 1.85-1.87 times the compute floor: it misses the issue's targets (1.7 times the floor,
+#   and the official CUDA kernels' 2.87 ms on an H100, by 2 %), with the reasons and the next steps
+#   measured kernel by kernel.
 
 # %% [markdown]
 # ## On a GPU

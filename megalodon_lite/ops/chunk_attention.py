@@ -45,7 +45,7 @@ class AttentionTiles:
     and epilogue.
     """
 
-    prologue_tokens: int = 16
+    prologue_tokens: int = 8
     softmax_m: int = 128
     softmax_n: int = 64
     softmax_warps: int = 8
@@ -55,11 +55,11 @@ class AttentionTiles:
     grad_v: int = 64
     grad_d: int = 64
     grad_warps: int = 8
-    grad_stages: int = 3
-    mm_m: int = 128
+    grad_stages: int = 4
+    mm_m: int = 256
     mm_k: int = 64
-    mm_n_v: int = 256
-    mm_n_z: int = 256
+    mm_n_v: int = 128
+    mm_n_z: int = 128
     mm_warps: int = 8
     mm_stages: int = 4
 
@@ -75,12 +75,12 @@ class AttentionTiles:
         return replace(self, **{name: min(getattr(self, name), cap) for name in names})
 
 
-GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: kernels/tune_attention.py on an H200
-GPU_TILES_FP32 = AttentionTiles(prologue_tokens=8, softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32,
-                                grad_n=32, grad_v=32, grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_k=32,
-                                mm_n_v=64, mm_n_z=64, mm_warps=4, mm_stages=3)
-INTERPRETER_TILES = AttentionTiles(softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16, grad_d=16,
-                                   mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
+GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: the best of kernels/tune_attention.py on an H200
+GPU_TILES_FP32 = AttentionTiles(softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32, grad_n=32, grad_v=32,
+                                grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_k=32, mm_n_v=64, mm_n_z=64,
+                                mm_warps=4, mm_stages=3)  # fits shared memory and registers without spilling
+INTERPRETER_TILES = AttentionTiles(prologue_tokens=16, softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16,
+                                   grad_d=16, mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
 TILES_ENV = "MEGALODON_ATTENTION_TILES"
 """JSON object of AttentionTiles fields that replace the defaults, e.g. '{"grad_m": 64}' (for tuning)."""
 
