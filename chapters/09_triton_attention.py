@@ -251,6 +251,11 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_Z_HEAD_DIM = 256  # the softmax kernel keeps a block of query rows (BLOCK_M x dz) on chip
 
 
+# %% [markdown]
+# The tiles. `tile` is the granularity of the stored triangle of $P$ and $dS$ (section 3.2): the
+# largest row or column block of any kernel, so that every kernel's blocks fit inside it.
+
+# %% tags=["export:ops.chunk_attention"]
 @dataclass(frozen=True)
 class AttentionTiles:
     """Block sizes (powers of two, at least 16), warps and pipeline stages of the kernels.
@@ -1114,7 +1119,7 @@ check_against_chapter_06(z[:, : chunk // 2 + 3], v[:, : chunk // 2 + 3], gamma, 
 # `tests/test_ops_chunk_attention.py` runs the same comparison over a grid of shapes (one chunk, a
 # partial chunk, several heads, $z \ne v$, $L < c$, several chunks, odd $L$), the error messages,
 # the fallback rule, and `torch.compile` of a function that calls the op; on a GPU it adds the
-# official shapes in bfloat16 and float32.
+# official shapes in bfloat16, float16 and float32.
 #
 # ## 5. What fusing the normalisation and RoPE saves
 #
@@ -1160,12 +1165,15 @@ print(f"PyTorch: {counter.ops} operations, {per_element:.0f} bytes per element o
       f"({per_element / fused:.0f}x less)")
 at_scale_ms = (per_element - fused) * tokens * z_dim / (HBM_TBPS * 1e12) * 1e3
 print(f"at 65,536 tokens and z = 256 that is {at_scale_ms:.3f} ms of bandwidth saved per forward")
+further_ms = 8 * tokens * z_dim / (HBM_TBPS * 1e12) * 1e3  # q and k written once and read once, bfloat16
+print(f"fusing further, into the attention loops, would save at most 8 bytes per element: {further_ms:.3f} ms, "
+      f"{100 * further_ms / (3.5 * floor_fwd_ms):.0f} % of the forward+backward floor")
 assert per_element > 3 * fused
 
 # %% [markdown]
 # Fusing one step further, into the attention's inner loop, would save writing and re-reading $q$
-# and $k$: 8 more bytes per element of $z$, about 0.03 ms per forward at these shapes, 2 % of the
-# forward+backward floor. But each block of keys would then be normalised and rotated once for
+# and $k$: 8 more bytes per element of $z$, a few hundredths of a millisecond (printed above). But
+# each block of keys would then be normalised and rotated once for
 # every block of queries that reads it ($c / b_m = 16$ times per chunk), in float32, with the
 # channel-pair shuffles of RoPE in the innermost loop: more work than the bytes it saves. So the
 # normalisation, affine and RoPE are fused into one pass over $z$ (where fusing pays: many
@@ -1178,8 +1186,9 @@ assert per_element > 3 * fused
 # outcome); `kernels/bench.py --ops attention` then measured the chosen kernels, through the
 # autograd function, against chapter 06's PyTorch path: 65,536 tokens per call, bfloat16,
 # official shapes. Everything below is read from the committed results in `kernels/results/`.
-# First the three designs, forward only: (c) is twice as fast as (a) or (b), as the count
-# predicted.
+# First the three designs, forward only: (c) is the fastest by about a factor of two, a little
+# more than its FLOP count alone predicted (section 1): the recomputing designs also carry a
+# $b_m \times 256$ accumulator and the scores in registers at once.
 
 # %%
 def read_result(name: str) -> dict | None:
@@ -1190,8 +1199,10 @@ def read_result(name: str) -> dict | None:
 tune, tune_v1 = read_result("tune_attention_nvidia_h200.json"), read_result("tune_attention_nvidia_h200_v1.json")
 if tune:
     print(f"{tune['device']}, torch {tune['torch']}, triton {tune['triton']}, {tune['date']}: forward designs")
+    design_c = tune["designs"][-1]["ms"]
     for row in tune["designs"]:
-        print(f"  {row['design']:<58} {row['ms']:7.3f} ms  ({row['tflops']:.0f} TFLOP/s of useful work)")
+        print(f"  {row['design']:<58} {row['ms']:7.3f} ms  ({row['tflops']:.0f} TFLOP/s of useful work, "
+              f"{row['ms'] / design_c:.2f} x design (c))")
 else:
     print("no committed tuning results")
 
@@ -1262,9 +1273,10 @@ if tune_v1:
 # Reading that table:
 #
 # - **The triangular matmuls** ($O$, $dV$) reach about 60 % of cuBLAS's rate on the full
-#   square: a causal row block reduces over 1 to 16 tiles instead of 16, so the software pipeline
-#   spends a larger share of each program filling and draining, and the loads are plain
-#   `cp.async` rather than the Hopper tensor-memory-accelerator copies cuBLAS uses.
+#   square: a causal row block reduces only over the keys up to its diagonal (half the chunk on
+#   average, a single tile at the start), so the software pipeline spends a larger share of each
+#   program filling and draining, and the loads are plain `cp.async` rather than the Hopper
+#   tensor-memory-accelerator copies cuBLAS uses.
 # - **The score-gradient kernel** went from a block of query rows per program (the first version)
 #   to one tile of the triangle per program: a plain matmul tile with a reduction of $v + z$
 #   channels, nearly twice as fast.
