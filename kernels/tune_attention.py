@@ -1,7 +1,9 @@
 """Time the chunk-attention kernels' tile candidates, and the three forward designs, on one GPU.
 
     python kernels/tune_attention.py --out DIR      # CUDA: writes DIR/tune_attention_<device>.json
-    TRITON_INTERPRET=1 python kernels/tune_attention.py --check   # CPU: every code path once, tiny sizes
+                                                    #   and DIR/best_overrides.json (for MEGALODON_ATTENTION_TILES)
+    TRITON_INTERPRET=1 python kernels/tune_attention.py --check     # CPU: every code path once, tiny sizes
+    TRITON_INTERPRET=1 python kernels/tune_attention.py --dry-run   # CPU: the whole GPU flow, tiny sizes (minutes)
 
 Shape: the official c=2048, z=256, v=2048, one head, bfloat16, 65,536 tokens as B=1 x L=65,536 (the
 same work as 32 x 2K or 4 x 16K: 32 chunk programs of 2048 tokens). Each kernel is timed alone on
@@ -10,6 +12,9 @@ processes, so the timing loop only loads the cache); then the forward designs of
 (a: value tiles with online softmax, b: log-sum-exp first then value tiles, c: P written once, then
 a triangular matmul) and the whole forward and forward+backward with the best tiles of each kernel.
 TFLOP/s are the FLOPs each kernel executes (recomputations included) per second.
+
+kernels/results/tune_attention_nvidia_h200_v1.json came from this script at commit 99c8e3f (the first
+version of the kernels and its candidates); kernels/NOTES_attention.md compares the versions.
 """
 
 from __future__ import annotations
