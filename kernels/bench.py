@@ -116,6 +116,48 @@ def bench_timestep_norm(ceilings: Ceilings) -> list[Row]:
 
 OPS["timestep_norm"] = bench_timestep_norm
 
+# ---- attention (chapter 09): megalodon_lite.ops.chunk_attention against chapter 06's ChunkAttention
+ATTENTION = {"z": 256, "v": 2048, "H": 1, "c": 2048}   # the official head dims and chunk size
+
+
+def attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
+    """Forward compute floor: 2*B*H*(L/c)*c*(c+1)/2*(z+v) FLOPs (the causal pairs) at the matmul rate."""
+    c, heads = ATTENTION["c"], ATTENTION["H"]
+    flops = 2 * batch * heads * (length // c) * c * (c + 1) / 2 * (ATTENTION["z"] + ATTENTION["v"])
+    return flops / (ceilings.matmul_TFLOPs * 1e12) * 1e3
+
+
+def attention_rows(ceilings: Ceilings) -> list[Row]:
+    """The Triton op and chapter 06's module (SDPA per chunk) in bf16, forward and forward+backward."""
+    from megalodon_lite.attention import ChunkAttention  # noqa: PLC0415
+    from megalodon_lite.ops.chunk_attention import chunk_attention  # noqa: PLC0415
+
+    z_dim, v_dim, heads, c = ATTENTION["z"], ATTENTION["v"], ATTENTION["H"], ATTENTION["c"]
+    rows = []
+    for batch, length in SHAPES:
+        z = (2 * torch.randn(batch, length, z_dim, device="cuda") + 0.5).bfloat16().requires_grad_()
+        v = torch.randn(batch, length, v_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(batch, length, v_dim, device="cuda", dtype=torch.bfloat16)
+        module = ChunkAttention(z_dim, v_dim, heads, c).cuda()  # float32 parameters, as in the model
+        module.backend = "torch"  # chapter 06's path even once ChunkAttention dispatches to the kernel
+        with torch.no_grad():
+            module.gamma.normal_(0, 0.5)
+            module.beta.normal_(0, 0.5)
+        gamma, beta = module.gamma, module.beta
+        calls = {"triton": lambda: chunk_attention(z, v, gamma, beta, heads, c), "torch": lambda: module(z, v)[0]}
+        floor = attention_floor_ms(batch, length, ceilings)
+        for path, call in calls.items():
+            with torch.no_grad():
+                fwd = bench_ms(call)
+            fwdbwd = bench_ms(lambda call=call: torch.autograd.grad(call(), (z, v, gamma, beta), grad))
+            rows.append(Row("attention", path, batch, length, fwd, fwdbwd, floor, BWD_OVER_FWD_ATTENTION * floor))
+        del z, v, grad, module
+        torch.cuda.empty_cache()
+    return rows
+
+
+OPS["attention"] = attention_rows
+
 
 def device_slug(name: str) -> str:
     """'NVIDIA H200' -> 'nvidia_h200' (the results file's name)."""
