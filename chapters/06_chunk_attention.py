@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon_lite import validate
+from megalodon_lite.backend import check_backend, requested_backend, use_triton
 
 NORM_EPS = 1e-5
 """The official code's normalisation epsilon (``ModelConf.norm_eps``)."""
@@ -477,7 +478,10 @@ def chunk_causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkKVCache,
 # %% [markdown]
 # The module puts the pieces of this chapter together: per-head RMSNorm of $z$, the learned
 # affine that makes $q$ and $k$, RoPE at the position inside the chunk (which the cache length
-# gives), and the chunked attention with its cache.
+# gives), and the chunked attention with its cache. On a GPU the whole chunks of a call run in
+# chapter 09's Triton kernels instead (the same function, with the norm, affine and RoPE fused);
+# the few tokens that finish a chunk begun in an earlier call stay on this path, as do attention
+# dropout and float64. `backend` (or `MEGALODON_BACKEND`) forces either path.
 
 # %% tags=["export:attention"]
 class ChunkAttention(nn.Module):
@@ -495,6 +499,10 @@ class ChunkAttention(nn.Module):
         chunk_size: c, tokens per attention chunk.
         rope_base: RoPE wavelength base.
         attention_dropout: dropout on the attention probabilities (training only).
+        backend: "auto" (chapter 09's Triton kernels on CUDA, PyTorch elsewhere), "triton" or
+            "torch" (:mod:`megalodon_lite.backend`). The kernels take every whole chunk that starts
+            at a chunk boundary; tokens that finish a chunk begun in an earlier call (streaming),
+            attention dropout and float64 run this module's PyTorch path.
 
     Attributes:
         gamma, beta: (2, H, dz), zeros: row 0 scales/shifts queries, row 1 keys.
@@ -502,12 +510,13 @@ class ChunkAttention(nn.Module):
     """
 
     def __init__(self, z_dim: int, value_dim: int, num_heads: int, chunk_size: int,
-                 rope_base: float = 10000.0, attention_dropout: float = 0.0) -> None:
+                 rope_base: float = 10000.0, attention_dropout: float = 0.0, backend: str = "auto") -> None:
         super().__init__()
         validate.chunk_attention_shapes(z_dim, value_dim, num_heads, chunk_size, attention_dropout)
         self.z_dim, self.value_dim, self.num_heads, self.chunk_size = z_dim, value_dim, num_heads, chunk_size
         self.z_head_dim, self.v_head_dim = z_dim // num_heads, value_dim // num_heads
         self.attention_dropout = attention_dropout
+        self.backend = check_backend(backend)
         self.use_sdpa = True
         self.z_norm = RMSNorm(self.z_head_dim, eps=NORM_EPS, affine=False)
         self.rope = RotaryEmbedding(self.z_head_dim, base=rope_base)
@@ -531,24 +540,58 @@ class ChunkAttention(nn.Module):
         validate.chunk_attention_inputs(z, v, cache, ChunkKVCache, z_dim=self.z_dim, value_dim=self.value_dim,
                                         num_heads=self.num_heads, chunk_size=self.chunk_size)
         batch, length, _ = z.shape
-        heads = self.num_heads
         if cache is None:
-            cache = ChunkKVCache.empty(batch, heads, self.z_head_dim, self.v_head_dim, dtype=z.dtype, device=z.device)
+            cache = ChunkKVCache.empty(batch, self.num_heads, self.z_head_dim, self.v_head_dim,
+                                       dtype=z.dtype, device=z.device)
         if length == 0:
             return v.new_zeros(batch, 0, self.value_dim), cache
+        dropout_p = self.attention_dropout if self.training else 0.0
+        head = min(length, self.chunk_size - cache.length) if cache.length else 0  # finish the cached chunk
+        if head < length and self._kernel_covers(z, dropout_p):
+            o_rest, new_cache = self._forward_kernel(z[:, head:], v[:, head:])
+            if not head:
+                return o_rest, new_cache
+            o_head, _ = self._forward_torch(z[:, :head], v[:, :head], cache, dropout_p)  # its cache ends empty
+            return torch.cat([o_head, o_rest], dim=1), new_cache
+        return self._forward_torch(z, v, cache, dropout_p)
 
+    def _forward_torch(self, z: Tensor, v: Tensor, cache: ChunkKVCache, dropout_p: float) -> tuple[Tensor, ChunkKVCache]:
+        """This chapter's path: normalised q, k, RoPE at the position inside the chunk, chunked attention."""
+        batch, length, _ = z.shape
+        heads = self.num_heads
         q, k = normalized_qk(self.z_norm(z.unflatten(-1, (heads, self.z_head_dim))), self.gamma, self.beta)
         positions = (cache.length + torch.arange(length, device=z.device)) % self.chunk_size
         q = self.rope(q.transpose(1, 2), positions)  # (B, H, L, dz)
         k = self.rope(k.transpose(1, 2), positions)
         v = v.unflatten(-1, (heads, self.v_head_dim)).transpose(1, 2)  # (B, H, L, dv)
-        o, cache = chunk_causal_attention(q, k, v, cache, self.chunk_size, use_sdpa=self.use_sdpa,
-                                          dropout_p=self.attention_dropout if self.training else 0.0)
+        o, cache = chunk_causal_attention(q, k, v, cache, self.chunk_size, use_sdpa=self.use_sdpa, dropout_p=dropout_p)
         return o.transpose(1, 2).reshape(batch, length, self.value_dim), cache
+
+    def _kernel_covers(self, z: Tensor, dropout_p: float) -> bool:
+        """Whether chapter 09's kernels run this call (a piece starting at a chunk boundary)."""
+        choice = requested_backend(self.backend)
+        if choice == "torch" or (choice == "auto" and z.device.type != "cuda"):
+            return False  # decided without importing triton
+        from megalodon_lite.ops.chunk_attention import unsupported_reason  # chapter 09; imports triton
+        why_not = unsupported_reason(z, self.num_heads, dropout_p=dropout_p)
+        return use_triton(self.backend, z.device, supported=not why_not, why_not=why_not)
+
+    def _forward_kernel(self, z: Tensor, v: Tensor) -> tuple[Tensor, ChunkKVCache]:
+        """Chapter 09's kernels from a chunk boundary; the cache holds the unfinished last chunk's k, v."""
+        from megalodon_lite.ops.chunk_attention import chunk_attention
+        o = chunk_attention(z, v, self.gamma, self.beta, self.num_heads, self.chunk_size, self.z_norm.eps,
+                            self.rope.base)
+        length = z.shape[1]
+        tail = length % self.chunk_size
+        z_tail = z[:, length - tail:].unflatten(-1, (self.num_heads, self.z_head_dim))
+        _, k_tail = normalized_qk(self.z_norm(z_tail), self.gamma, self.beta)
+        k_tail = self.rope(k_tail.transpose(1, 2), torch.arange(tail, device=z.device))
+        v_tail = v[:, length - tail:].unflatten(-1, (self.num_heads, self.v_head_dim)).transpose(1, 2)
+        return o, ChunkKVCache(k_tail.contiguous(), v_tail.contiguous())
 
     def extra_repr(self) -> str:
         return (f"z_dim={self.z_dim}, value_dim={self.value_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
-                f"dropout={self.attention_dropout}")
+                f"dropout={self.attention_dropout}, backend={self.backend}")
 
 
 # %% [markdown]

@@ -118,6 +118,7 @@ class MegalodonConfig:
     dropout: float = 0.0         # on the embeddings and on each sub-layer's output
     attention_dropout: float = 0.0  # on the attention probabilities
     hidden_dropout: float = 0.0  # on mx, on the gated attention output and on the FFN hidden layer
+    backend: str = "auto"        # kernels of chapters 08-09 ("triton"), plain PyTorch ("torch"), or by device
 
     def __post_init__(self) -> None:
         validate.megalodon_config(self, INIT_MODES)
@@ -473,7 +474,7 @@ class MegalodonLayer(nn.Module):
         cfg = config
         self.init_mode = cfg.init_mode
         self.dropout, self.hidden_dropout = cfg.dropout, cfg.hidden_dropout
-        self.timenorm = TimestepNorm(cfg.model_dim, cfg.norm_num_groups, eps=cfg.norm_eps)
+        self.timenorm = TimestepNorm(cfg.model_dim, cfg.norm_num_groups, eps=cfg.norm_eps, backend=cfg.backend)
         self.cema = CEMA(cfg.model_dim, cfg.cema_ndim)
         self.rmsnorm = RMSNorm(cfg.model_dim, eps=cfg.norm_eps)
         self.wz = nn.Linear(cfg.model_dim, cfg.z_dim)
@@ -482,7 +483,8 @@ class MegalodonLayer(nn.Module):
         self.wh1 = nn.Linear(cfg.model_dim, cfg.model_dim)
         self.wh2 = nn.Linear(cfg.value_dim, cfg.model_dim, bias=False)
         self.attention = ChunkAttention(cfg.z_dim, cfg.value_dim, cfg.num_heads, cfg.chunk_size,
-                                        rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout)
+                                        rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout,
+                                        backend=cfg.backend)
         self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
         self._init_projections()  # the sub-modules initialised themselves when built
 
@@ -698,7 +700,8 @@ class MegalodonLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.model_dim)
         self.blocks = nn.ModuleList(MegalodonBlock(config, i) for i in range(config.num_layers))
-        self.final_norm = TimestepNorm(config.model_dim, config.norm_num_groups, eps=config.norm_eps)
+        self.final_norm = TimestepNorm(config.model_dim, config.norm_num_groups, eps=config.norm_eps,
+                                       backend=config.backend)
         self.head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
         if config.share_emb:
             self.head.weight = self.embed.weight

@@ -187,7 +187,7 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = No
     elif not isinstance(model, MegalodonLM):
         raise TypeError(f"model must be a MegalodonLM or None, got {type(model).__name__}")
     else:
-        differ = config.differences(model.config)
+        differ = [name for name in config.differences(model.config) if name != "backend"]  # code, not weights
         if differ:
             details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, model {getattr(model.config, name)!r})"
                                 for name in differ)

@@ -48,6 +48,7 @@ class MegalodonConfig:
     dropout: float = 0.0         # on the embeddings and on each sub-layer's output
     attention_dropout: float = 0.0  # on the attention probabilities
     hidden_dropout: float = 0.0  # on mx, on the gated attention output and on the FFN hidden layer
+    backend: str = "auto"        # kernels of chapters 08-09 ("triton"), plain PyTorch ("torch"), or by device
 
     def __post_init__(self) -> None:
         validate.megalodon_config(self, INIT_MODES)

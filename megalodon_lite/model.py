@@ -203,7 +203,7 @@ class MegalodonLayer(nn.Module):
         cfg = config
         self.init_mode = cfg.init_mode
         self.dropout, self.hidden_dropout = cfg.dropout, cfg.hidden_dropout
-        self.timenorm = TimestepNorm(cfg.model_dim, cfg.norm_num_groups, eps=cfg.norm_eps)
+        self.timenorm = TimestepNorm(cfg.model_dim, cfg.norm_num_groups, eps=cfg.norm_eps, backend=cfg.backend)
         self.cema = CEMA(cfg.model_dim, cfg.cema_ndim)
         self.rmsnorm = RMSNorm(cfg.model_dim, eps=cfg.norm_eps)
         self.wz = nn.Linear(cfg.model_dim, cfg.z_dim)
@@ -212,7 +212,8 @@ class MegalodonLayer(nn.Module):
         self.wh1 = nn.Linear(cfg.model_dim, cfg.model_dim)
         self.wh2 = nn.Linear(cfg.value_dim, cfg.model_dim, bias=False)
         self.attention = ChunkAttention(cfg.z_dim, cfg.value_dim, cfg.num_heads, cfg.chunk_size,
-                                        rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout)
+                                        rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout,
+                                        backend=cfg.backend)
         self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
         self._init_projections()  # the sub-modules initialised themselves when built
 
@@ -369,7 +370,8 @@ class MegalodonLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.model_dim)
         self.blocks = nn.ModuleList(MegalodonBlock(config, i) for i in range(config.num_layers))
-        self.final_norm = TimestepNorm(config.model_dim, config.norm_num_groups, eps=config.norm_eps)
+        self.final_norm = TimestepNorm(config.model_dim, config.norm_num_groups, eps=config.norm_eps,
+                                       backend=config.backend)
         self.head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
         if config.share_emb:
             self.head.weight = self.embed.weight

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from megalodon_lite import validate
+from megalodon_lite.backend import check_backend, use_triton
 
 
 class TimestepNormState(NamedTuple):
@@ -224,12 +225,14 @@ class TimestepNorm(nn.Module):
         num_groups: G, dividing D; each group of D/G consecutive channels shares statistics (the
             model's ``norm_num_groups``; the official module calls it ``num_groups`` too).
         eps: added to the variance before the reciprocal square root.
+        backend: "auto" (chapter 08's Triton kernels on CUDA, PyTorch elsewhere), "triton" or
+            "torch" (:mod:`megalodon_lite.backend`).
 
     ``forward(x (B, L, D), state, padding_mask (B, L) bool) -> (y (B, L, D), state)``; see
     :func:`timestep_norm`.
     """
 
-    def __init__(self, model_dim: int, num_groups: int, eps: float = 1e-5) -> None:
+    def __init__(self, model_dim: int, num_groups: int, eps: float = 1e-5, backend: str = "auto") -> None:
         super().__init__()
         validate.positive_int("model_dim", model_dim)
         validate.divides("num_groups", num_groups, "model_dim", model_dim)
@@ -237,6 +240,7 @@ class TimestepNorm(nn.Module):
         self.model_dim = model_dim
         self.num_groups = num_groups
         self.eps = float(eps)
+        self.backend = check_backend(backend)
         self.weight = nn.Parameter(torch.zeros(model_dim))   # applied as weight + 1
         self.bias = nn.Parameter(torch.zeros(model_dim))
 
@@ -247,9 +251,18 @@ class TimestepNorm(nn.Module):
 
     def forward(self, x: Tensor, state: TimestepNormState | None = None,
                 padding_mask: Tensor | None = None) -> tuple[Tensor, TimestepNormState]:
-        """Normalise x (B, L, D) with statistics over steps <= t; return y (B, L, D) and the new state."""
+        """Normalise x (B, L, D) with statistics over steps <= t; return y (B, L, D) and the new state.
+
+        float16/bfloat16/float32 input runs the Triton kernels when :func:`~megalodon_lite.backend.use_triton`
+        says so; float64 always runs in PyTorch under "auto" and is refused under "triton".
+        """
+        validate.float_tensor("x", x)
         validate.channels("x", x, "model_dim", self.model_dim)
+        if use_triton(self.backend, x.device, supported=x.dtype != torch.float64,
+                      why_not="the TimestepNorm kernel takes float16, bfloat16 or float32 input"):
+            from megalodon_lite.ops.timestep_norm import timestep_norm_triton  # chapter 08; imports triton
+            return timestep_norm_triton(x, self.weight, self.bias, self.num_groups, state, padding_mask, self.eps)
         return timestep_norm(x, self.weight, self.bias, self.num_groups, state, padding_mask, self.eps)
 
     def extra_repr(self) -> str:
-        return f"model_dim={self.model_dim}, num_groups={self.num_groups}, eps={self.eps}"
+        return f"model_dim={self.model_dim}, num_groups={self.num_groups}, eps={self.eps}, backend={self.backend}"

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megalodon_lite.backend import check_backend
+
 # --------------------------------------------------------------------------------------------
 # primitives
 
@@ -437,6 +439,7 @@ def megalodon_config(config: Any, init_modes: tuple[str, ...]) -> None:
             raise ValueError(f"MegalodonConfig.{name} must be a positive number, got {value!r}")
     if config.init_mode not in init_modes:
         raise ValueError(f"MegalodonConfig.init_mode must be one of {init_modes}, got {config.init_mode!r}")
+    check_backend(config.backend, "MegalodonConfig.backend")
     for name in ("z_dim", "value_dim"):
         if getattr(config, name) % config.num_heads:
             raise ValueError(f"MegalodonConfig.{name}={getattr(config, name)} must be divisible by "
