@@ -16,7 +16,11 @@ import importlib
 import sys
 
 # subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megalodon_lite.commands", "train a byte-level model (Megalodon or the Llama-style baseline)"),
+    "sample": ("megalodon_lite.commands", "generate text from a checkpoint, printed as it comes"),
+    "eval": ("megalodon_lite.commands", "validation loss, bits per byte and loss per position of a checkpoint"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
