@@ -10,17 +10,19 @@ optimizer and schedule (``megalodon_lite.train``). Parts, each selectable with `
     curves      validation bits per byte while both train on the standard library at context 4K
     positions   (after curves, same call) loss per position at 32K on long validation documents
     recall      MQAR and passkey accuracy after training both on those tasks for the same budget
-    demo        a small Megalodon (about 5M parameters, 20 MB) trained on the standard library, saved
-                as a checkpoint for chapter 07's generation demo and the README's `sample` example
+    demo        a small Megalodon (3.4M parameters, 13 MiB in float32) trained on the standard library,
+                saved as a checkpoint for chapter 07's generation demo and the README's `sample` example
 
 The training parts share the time left after the measuring parts, by weight; each measures its
 models' step time first and fixes its step count (the schedule's length) so that both models
 train the same number of steps within the share. Results go to ``OUT/train_compare.json``
 (rewritten after every part; device, versions, date and the exact command in its header), the
-demo checkpoint to ``OUT/demo-checkpoint/``. Two calls of at most 10 minutes each:
+demo checkpoint to ``OUT/demo-checkpoint/``. Two calls of at most 10 minutes each, then one file:
 
-    python kernels/train_compare.py --out OUT --parts throughput,decode,recall,demo --minutes 9
-    python kernels/train_compare.py --out OUT --parts curves,positions --minutes 9
+    python kernels/train_compare.py --out OUT1 --parts throughput,decode,recall,demo --minutes 9
+    python kernels/train_compare.py --out OUT2 --parts curves,positions --minutes 9
+    python kernels/train_compare.py --merge OUT1/train_compare.json OUT2/train_compare.json \
+        --into kernels/results/train_compare_<gpu>.json
 
 ``--quick`` runs every part at toy sizes (the tiny preset, short contexts) on any device, to check
 the script end to end; chapter 10 reads and plots the results.
@@ -57,7 +59,7 @@ from megalodon_lite.train import (Trainer, TrainConfig, autocast_for, evaluate, 
 PARTS = ("throughput", "decode", "curves", "positions", "recall", "demo")
 TRAINING_WEIGHTS = {"curves": 5.0, "recall": 3.0, "demo": 1.5}   # shares of the training time
 KINDS = ("megalodon", "llama")
-DEMO_SHAPE = {"model_dim": 256, "z_dim": 64, "value_dim": 512, "ffn_hidden_dim": 640, "num_layers": 6,
+DEMO_SHAPE = {"model_dim": 256, "z_dim": 64, "value_dim": 512, "ffn_hidden_dim": 640, "num_layers": 4,
               "chunk_size": 512, "norm_num_groups": 32}
 
 
@@ -410,8 +412,31 @@ def write_json(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
+def merge(paths: list[str], into: str) -> dict:
+    """One results file from several calls: every part with the index of the call that measured it
+    (``calls`` keeps each call's header: command, date, versions); a part measured twice keeps the later."""
+    calls, parts = [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        calls.append(data["header"])
+        for name, value in data["parts"].items():
+            parts[name] = {**value, "call": len(calls) - 1}
+    merged = {"header": {k: calls[-1][k] for k in ("device", "torch", "triton", "python", "corpus")},
+              "calls": calls, "parts": parts}
+    Path(into).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(into), merged)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if argv is None and "--merge" in sys.argv[1:2] or argv is not None and argv[:1] == ["--merge"]:
+        args = (argv if argv is not None else sys.argv[1:])[1:]
+        if len(args) < 3 or "--into" not in args[-2:-1]:
+            parser.error("usage: train_compare.py --merge RESULTS.json [RESULTS.json ...] --into MERGED.json")
+        merged = merge(args[:-2], args[-1])
+        print(f"merged {len(args) - 2} file(s), parts {sorted(merged['parts'])}, into {args[-1]}")
+        return 0
     parser.add_argument("--out", required=True, help="folder for train_compare.json and demo-checkpoint/")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
     parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
@@ -429,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # toy sizes: a second thread only waits, and on a busy machine thrashes
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
     s = sizes(args.quick)
     budget = Budget(args.minutes, parts)
     out_dir = Path(args.out)

@@ -9,7 +9,8 @@ The main pieces are importable from the package itself::
 Most modules here are generated from the chapters in ``chapters/`` (their first line says which);
 edit the chapter and run ``python -m megalodon_lite.export``. Hand-written modules: ``export``
 (the generator), ``book`` (builds the executed book), ``checkpoint`` (atomic, verified save and
-load) and ``notebook`` (what every chapter uses: smoke mode, device, seeding, timing, figure saving).
+load), ``notebook`` (what every chapter uses: smoke mode, device, seeding, timing, figure saving),
+``backend`` (Triton or PyTorch), and ``cli`` with ``commands`` (the ``megalodon-lite`` command).
 
 Names are imported lazily (PEP 562), so ``import megalodon_lite`` is cheap and the exporter keeps
 working while a generated module is being rewritten.
@@ -41,6 +42,10 @@ _EXPORTS = {
     "MegalodonLayer": "model", "MegalodonBlock": "model", "MegalodonLM": "model", "MegalodonState": "model",
     "LayerState": "model",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "CheckpointError": "checkpoint",
+    # chapter 10
+    "load_corpus": "data", "mqar_batch": "data", "passkey_batch": "data",
+    "LlamaConfig": "baseline", "LlamaLM": "baseline", "matched_llama_config": "baseline",
+    "TrainConfig": "train", "Trainer": "train",
 }
 
 __all__ = sorted(_EXPORTS)

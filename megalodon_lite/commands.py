@@ -30,7 +30,7 @@ LOG_FILE = "log.jsonl"
 
 # The no-argument run: the tiny preset for about three minutes on a 2-core CPU (README).
 TRAIN_DEFAULTS = {"model": "megalodon", "preset": "tiny", "context": 512, "batch_size": 8, "accumulate": 1,
-                  "steps": 1500, "lr": 1e-3, "warmup": None, "weight_decay": 0.1, "clip": 1.0, "seed": 0,
+                  "steps": 1200, "lr": 1e-3, "warmup": None, "weight_decay": 0.1, "clip": 1.0, "seed": 0,
                   "data": None, "val_percent": 5}
 # TrainConfig field -> the option that sets it
 OPTION_OF = {name: "--" + name.replace("_", "-") for name in TRAIN_DEFAULTS}
@@ -135,7 +135,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimization (official recipe scaled down; recorded in the checkpoint)")
     optim.add_argument("--batch-size", type=_int_at_least(1), help="windows per micro-batch [8]")
     optim.add_argument("--accumulate", type=_int_at_least(1), help="micro-batches per optimizer step [1]")
-    optim.add_argument("--steps", type=_int_at_least(1), help="optimizer steps of the whole run [1500]")
+    optim.add_argument("--steps", type=_int_at_least(1), help="optimizer steps of the whole run [1200]")
     optim.add_argument("--lr", type=_positive_float, help="peak learning rate [1e-3]")
     optim.add_argument("--warmup", type=_int_at_least(0), help="warmup steps [5%% of --steps]")
     optim.add_argument("--weight-decay", type=_fraction, help="AdamW weight decay, on every parameter [0.1]")
@@ -147,8 +147,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR, bit-exactly, writing there")
     run.add_argument("--stop-after", type=_int_at_least(1), metavar="N",
                      help="stop after N steps of this run and save (the schedule still plans for --steps)")
-    run.add_argument("--eval-every", type=_int_at_least(0), default=250,
-                     help="steps between evaluations and checkpoints; 0: only at the end [250]")
+    run.add_argument("--eval-every", type=_int_at_least(0), default=200,
+                     help="steps between evaluations and checkpoints; 0: only at the end [200]")
     run.add_argument("--eval-windows", type=_int_at_least(1), default=32, help="validation windows per evaluation [32]")
     run.add_argument("--log-every", type=_int_at_least(1), default=10, help="steps between training records in the log [10]")
     run.add_argument("--activation-checkpointing", action="store_true",
@@ -276,6 +276,7 @@ def _train(args: argparse.Namespace, stop: dict) -> int:
     print(f"steps {trainer.step + 1}-{until} of {config.steps}, {trainer.tokens_per_step:,} tokens per step "
           f"(batch {config.batch_size} x {config.accumulate} x context {config.context}) on {where}; "
           f"checkpoint and log in {folder}", flush=True)
+    first_step, began = trainer.step, time.perf_counter()
     try:
         finished = _train_loop(trainer, args, folder, until, stop)
     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -288,6 +289,8 @@ def _train(args: argparse.Namespace, stop: dict) -> int:
         print(f"saved {folder} at step {trainer.step}; continue with: megalodon-lite train --resume {folder}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    print(f"trained steps {first_step + 1}-{trainer.step} in {(time.perf_counter() - began) / 60:.1f} min; "
+          f"checkpoint: {folder}")
     if trainer.step < config.steps:
         print(f"stopped at step {trainer.step} of {config.steps} (--stop-after); continue with: "
               f"megalodon-lite train --resume {folder}")
