@@ -698,7 +698,7 @@ class LlamaBlock(nn.Module):
 # %% [markdown]
 # The language model: embedding, blocks, a final RMSNorm and the head. Without a cache, `forward`
 # returns one that holds the window's keys and values (the tensors attention used anyway, so it
-# costs no memory); `generate` reserves room for the prompt and the continuation up front, reads the
+# costs no extra memory); `generate` reserves room for the prompt and the continuation up front, reads the
 # prompt in one call, then feeds back one sampled token at a time.
 
 # %% tags=["export:baseline"]
@@ -1567,8 +1567,8 @@ plt.show()
 #
 # The experiment the paper is about needs a GPU: `kernels/train_compare.py` runs it on one, in two
 # calls of ten minutes (the section "On a GPU" below runs it too). The `small` preset — four layers
-# of the official 200M shape, about 52M parameters with the byte vocabulary — races its matched
-# baseline:
+# of the official 200M shape, with the byte vocabulary (section 4 printed its parameter count) —
+# races its matched baseline:
 #
 # 1. **Validation loss** in bits per byte while both train on the standard library at context 4K,
 #    on the same windows in the same order, with the same optimizer and schedule, for as many
@@ -1584,8 +1584,8 @@ plt.show()
 #
 # What to compare it with. At 7B parameters and 2T tokens the paper reports a training loss of
 # 1.70 for Megalodon against 1.75 for Llama2-7B, a training throughput about 6% lower than
-# Llama2-7B's at 4K context and higher at 32K (Megalodon §4). Our models are more than a hundred
-# times smaller and see a few hundred million bytes at most, so only the direction of each
+# Llama2-7B's at 4K context and higher at 32K (Megalodon §4). Our models are two orders of
+# magnitude smaller and see four orders of magnitude fewer tokens, so only the direction of each
 # difference can be compared, not its size. The next cells read the committed results
 # (`kernels/results/train_compare_*.json`); every number they print comes from that file.
 

@@ -225,7 +225,7 @@ def part_decode(s: dict, device: torch.device) -> dict:
 
 def calibrated_steps(make_trainer, budget_seconds: float, evals: int, eval_seconds_guess: float = 0.0) -> dict:
     """Seconds per step of each model (after 2 warm-up steps, 3 timed) and the step count that fits
-    both in ``budget_seconds``."""
+    both, with a margin, in ``budget_seconds``."""
     per_step = {}
     for kind in KINDS:
         trainer = make_trainer(kind, 10_000)
@@ -239,7 +239,8 @@ def calibrated_steps(make_trainer, budget_seconds: float, evals: int, eval_secon
         per_step[kind] = (time.perf_counter() - start) / 3
         trainer = None
         reset_peak()
-    steps = int((budget_seconds - evals * eval_seconds_guess) / sum(per_step.values()))
+    # 85%: a margin for step times that vary (the call must end before the device tool's limit)
+    steps = int(0.85 * (budget_seconds - evals * eval_seconds_guess) / sum(per_step.values()))
     return {"seconds_per_step": per_step, "steps": max(steps, 2)}
 
 
@@ -373,7 +374,7 @@ def part_demo(s: dict, device: torch.device, corpus, budget: Budget, out_dir: Pa
     for _ in range(3):
         trainer.train_step()
     sync()
-    steps = max(2, int((seconds - 20.0) / ((time.perf_counter() - start) / 3)))
+    steps = max(2, int(0.85 * (seconds - 20.0) / ((time.perf_counter() - start) / 3)))
     trainer = make("megalodon", steps)
     began = time.perf_counter()
     trainer.run(steps)
@@ -399,7 +400,7 @@ def header(args: argparse.Namespace, device: torch.device, corpus) -> dict:
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "command": shlex.join(["python", "kernels/train_compare.py", *args.argv]),
             "megalodon_backend": os.environ.get("MEGALODON_BACKEND", "auto"), "triton_ops_present": ops,
             "quick": args.quick, "minutes": args.minutes,
             "corpus": {"name": corpus[0].name, "train_tokens": len(corpus[0]), "validation_tokens": len(corpus[1]),
@@ -443,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes, any device: checks the script end to end")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:

@@ -343,13 +343,12 @@ def _train_loop(trainer, args: argparse.Namespace, folder: Path, until: int, sto
 # --------------------------------------------------------------------------------------------- sample
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("checkpoint", help="a checkpoint folder (written by `train` or save_checkpoint)")
     parser.add_argument("--prompt", default="", help="text to continue (empty: the start of a new file)")
-    parser.add_argument("--tokens", type=_int_at_least(1), default=300, help="bytes to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely byte")
-    parser.add_argument("--top-k", type=_int_at_least(1), default=40, help="sample among the k most likely bytes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--tokens", type=_int_at_least(1), default=300, help="bytes to generate [300]")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 picks the most likely byte [0.8]")
+    parser.add_argument("--top-k", type=_int_at_least(1), default=40, help="sample among the k most likely bytes [40]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling [0]")
     parser.add_argument("--device", help="cpu, cuda, ... [cuda if available]")
     parser.add_argument("--threads", type=_int_at_least(1), help="CPU threads [1 for models under 5M parameters]")
 
@@ -398,13 +397,12 @@ def run_sample(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- eval
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("checkpoint", help="a checkpoint folder")
     parser.add_argument("--data", help="text file or folder [the data the checkpoint was trained on, else the "
                                        "standard library]")
     parser.add_argument("--context", type=_int_at_least(2), help="window length [the training context, else 1024]")
-    parser.add_argument("--windows", type=_int_at_least(1), default=64, help="validation windows")
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass")
+    parser.add_argument("--windows", type=_int_at_least(1), default=64, help="validation windows [64]")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=8, help="windows per forward pass [8]")
     parser.add_argument("--device", help="cpu, cuda, ... [cuda if available]")
     parser.add_argument("--threads", type=_int_at_least(1), help="CPU threads [1 for models under 5M parameters]")
     parser.add_argument("--json", metavar="PATH", help="also write the results, loss per position included, here")
