@@ -161,6 +161,16 @@ class Corpus:
         return hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
 
 
+def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
+    """Whether the document at relative path ``name`` is held out: the SHA-256 of the path, so the
+    answer is the same on every machine and every Python version."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 100 < val_percent
+
+# %% [markdown]
+# Reading: the standard library's `.py` files (without `site-packages`), or every file under a
+# `--data` folder except hidden ones; empty files carry no text and are skipped.
+
+# %% tags=["export:data"]
 def stdlib_files() -> tuple[Path, list[Path]]:
     """The root and the ``.py`` files of the running interpreter's standard library (no site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -180,12 +190,6 @@ def text_files(path: str | Path) -> tuple[Path, list[Path]]:
     if not files:
         raise DataError(f"data folder {path} holds no files")
     return path, sorted(files)
-
-
-def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
-    """Whether the document at relative path ``name`` is held out: the SHA-256 of the path, so the
-    answer is the same on every machine and every Python version."""
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 100 < val_percent
 
 
 def _stream(docs: list[tuple[str, bytes]]) -> tuple[Tensor, Tensor]:
@@ -613,7 +617,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_queries, n_keys))
 
+# %% [markdown]
+# The cache keeps preallocated buffers and writes each new piece in place: appending by
+# concatenation would copy the whole cache at every generated token, which at 128K tokens is
+# gigabytes per token. A block takes the cache and the position where its input starts.
 
+# %% tags=["export:baseline"]
 @dataclass
 class KVCache:
     """The keys (after RoPE) and values of every token read so far.
@@ -1022,7 +1031,11 @@ class TrainConfig:
     def differences(self, other: TrainConfig) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
+# %% [markdown]
+# From a config, the three pieces of the recipe: the learning rate at each step, the model, and
+# the optimizer.
 
+# %% tags=["export:train"]
 def learning_rate(step: int, config: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based), as the official ``lr_cosine``: linear
     from ``init_lr_ratio * lr`` to ``lr`` over ``warmup`` steps, then a cosine to ``end_lr_ratio * lr``."""
@@ -1395,56 +1408,75 @@ class Trainer:
                 return False
         return True
 
-    def state(self) -> tuple[dict, dict[str, Tensor]]:
-        """Everything but the weights that a resumed run needs: (JSON, tensors)."""
-        opt_json, opt_tensors = optimizer_state(self.optimizer, self.model)
-        rng_json, rng_tensors = rng_state()
-        data = None
-        if self.train_corpus is not None:
-            data = {"name": self.train_corpus.name, "tokens": len(self.train_corpus), "sha256": self.data_fingerprint()}
-        return ({"config": self.config.to_dict(), "step": self.step, "windows_consumed": self.step * self.rows_per_step,
-                 "data": data, "optimizer": opt_json, "rng": rng_json}, {**opt_tensors, **rng_tensors})
-
     def save(self, directory: str | Path) -> Path:
-        """Write a training checkpoint (atomically) into ``directory``."""
-        from megalodon_lite.checkpoint import save_checkpoint
-
-        state, tensors = self.state()
-        return save_checkpoint(self.model, directory, training=state, training_tensors=tensors)
+        """Write a training checkpoint (atomically) into ``directory``: see :func:`save_training`."""
+        return save_training(self, directory)
 
     @classmethod
     def resume(cls, directory: str | Path, *, expected: TrainConfig | None = None, **kwargs: Any) -> Trainer:
-        """Rebuild the trainer saved in ``directory``; ``kwargs`` as for the constructor.
+        """The trainer saved in ``directory``: see :func:`resume_training`."""
+        return resume_training(directory, expected=expected, trainer_class=cls, **kwargs)
 
-        Raises:
-            CheckpointError: no training state, damaged files, a config other than ``expected``, or
-                training data that is not the data the run was trained on.
-        """
-        from megalodon_lite.checkpoint import CheckpointError, load_checkpoint, load_training_state
+# %% [markdown]
+# Saving a trainer writes the model checkpoint of chapter 07 with the training state beside it;
+# resuming builds a fresh trainer from the saved config, checks that the data is the same, and
+# puts back the weights, the optimizer's moments, the random states and the step.
 
-        state, tensors = load_training_state(directory)
-        try:
-            config = TrainConfig.from_dict(state["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{directory}: bad training config: {err}") from None
-        if expected is not None and config.differences(expected):
-            details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, asked {getattr(expected, name)!r})"
-                                for name in config.differences(expected))
-            raise CheckpointError(f"{directory} was trained with other settings: {details}")
-        trainer = cls(config, **kwargs)
-        saved_data = state.get("data")
-        if saved_data is not None and trainer.train_corpus is not None and saved_data["sha256"] != trainer.data_fingerprint():
-            raise CheckpointError(f"{directory} was trained on {saved_data['name']} ({saved_data['tokens']:,} tokens); "
-                                  f"the training data here ({trainer.train_corpus.name}, {len(trainer.train_corpus):,} "
-                                  "tokens) is different")
-        load_checkpoint(directory, trainer.model)
-        try:
-            load_optimizer_state(trainer.optimizer, trainer.model, tensors)
-            set_rng_state(state["rng"], tensors)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"{directory}: the training state does not fit the model: {err}") from None
-        trainer.step = int(state["step"])
-        return trainer
+# %% tags=["export:train"]
+def training_state(trainer: Trainer) -> tuple[dict, dict[str, Tensor]]:
+    """Everything but the weights that a resumed run needs: (JSON, tensors)."""
+    opt_json, opt_tensors = optimizer_state(trainer.optimizer, trainer.model)
+    rng_json, rng_tensors = rng_state()
+    data = None
+    if trainer.train_corpus is not None:
+        data = {"name": trainer.train_corpus.name, "tokens": len(trainer.train_corpus),
+                "sha256": trainer.data_fingerprint()}
+    return ({"config": trainer.config.to_dict(), "step": trainer.step,
+             "windows_consumed": trainer.step * trainer.rows_per_step, "data": data, "optimizer": opt_json,
+             "rng": rng_json}, {**opt_tensors, **rng_tensors})
+
+
+def save_training(trainer: Trainer, directory: str | Path) -> Path:
+    """Write ``trainer``'s model and training state into ``directory``, atomically."""
+    from megalodon_lite.checkpoint import save_checkpoint
+
+    state, tensors = training_state(trainer)
+    return save_checkpoint(trainer.model, directory, training=state, training_tensors=tensors)
+
+
+def resume_training(directory: str | Path, *, expected: TrainConfig | None = None,
+                    trainer_class: type[Trainer] = Trainer, **kwargs: Any) -> Trainer:
+    """Rebuild the trainer saved in ``directory``; ``kwargs`` as for the :class:`Trainer` constructor.
+
+    Raises:
+        CheckpointError: no training state, damaged files, a config other than ``expected``, or
+            training data that is not the data the run was trained on.
+    """
+    from megalodon_lite.checkpoint import CheckpointError, load_checkpoint, load_training_state
+
+    state, tensors = load_training_state(directory)
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{directory}: bad training config: {err}") from None
+    if expected is not None and config.differences(expected):
+        details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, asked {getattr(expected, name)!r})"
+                            for name in config.differences(expected))
+        raise CheckpointError(f"{directory} was trained with other settings: {details}")
+    trainer = trainer_class(config, **kwargs)
+    saved_data = state.get("data")
+    if saved_data is not None and trainer.train_corpus is not None and saved_data["sha256"] != trainer.data_fingerprint():
+        raise CheckpointError(f"{directory} was trained on {saved_data['name']} ({saved_data['tokens']:,} tokens); "
+                              f"the training data here ({trainer.train_corpus.name}, {len(trainer.train_corpus):,} "
+                              "tokens) is different")
+    load_checkpoint(directory, trainer.model)
+    try:
+        load_optimizer_state(trainer.optimizer, trainer.model, tensors)
+        set_rng_state(state["rng"], tensors)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{directory}: the training state does not fit the model: {err}") from None
+    trainer.step = int(state["step"])
+    return trainer
 
 # %% [markdown]
 # **Sampling** works the same way for both models: read the prompt (Megalodon one chunk per call,

@@ -94,6 +94,12 @@ class Corpus:
         return hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
 
 
+def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
+    """Whether the document at relative path ``name`` is held out: the SHA-256 of the path, so the
+    answer is the same on every machine and every Python version."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 100 < val_percent
+
+# %% chapters/10_training.py cell 8
 def stdlib_files() -> tuple[Path, list[Path]]:
     """The root and the ``.py`` files of the running interpreter's standard library (no site-packages)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -113,12 +119,6 @@ def text_files(path: str | Path) -> tuple[Path, list[Path]]:
     if not files:
         raise DataError(f"data folder {path} holds no files")
     return path, sorted(files)
-
-
-def is_validation(name: str, val_percent: int = VAL_PERCENT) -> bool:
-    """Whether the document at relative path ``name`` is held out: the SHA-256 of the path, so the
-    answer is the same on every machine and every Python version."""
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 100 < val_percent
 
 
 def _stream(docs: list[tuple[str, bytes]]) -> tuple[Tensor, Tensor]:
@@ -178,7 +178,7 @@ def load_corpus(path: str | Path | None = None, val_percent: int = VAL_PERCENT) 
         sides.append(Corpus(name, split, documents, whole.tokens[lo:hi].clone(), starts))
     return sides[0], sides[1]
 
-# %% chapters/10_training.py cell 10
+# %% chapters/10_training.py cell 12
 class WindowSampler:
     """Training windows of ``length + 1`` tokens, in a seeded random order, epoch after epoch.
 
@@ -241,7 +241,7 @@ def document_windows(corpus: Corpus, length: int, max_windows: int | None = None
         return torch.empty(0, length + 1, dtype=torch.int64)
     return corpus.tokens[torch.tensor(rows)[:, None] + torch.arange(length + 1)].long()
 
-# %% chapters/10_training.py cell 14
+# %% chapters/10_training.py cell 16
 @dataclass
 class ProbeBatch:
     """A batch of a recall task. ``inputs`` (B, L) int64; ``targets`` (B, L) int64, where
