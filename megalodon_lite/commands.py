@@ -200,10 +200,18 @@ class _Log:
     def __init__(self, path: Path, resumed_step: int | None) -> None:
         self.path, self.resumed_step = path, resumed_step
 
+    @staticmethod
+    def _step(line: str) -> int | None:
+        """The step of a record, None for a line that is not one (e.g. cut short by a crash)."""
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def write(self, record: dict) -> None:
         if self.resumed_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.resumed_step]
+                    if self._step(line) is not None and self._step(line) <= self.resumed_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, self.path)
@@ -228,6 +236,9 @@ def run_train(args: argparse.Namespace) -> int:
         return _train(args, stop)
     except CommandError as err:
         return _fail("train", err, err.code)
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped without saving (the last checkpoint, if any, is intact)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 

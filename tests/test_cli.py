@@ -188,3 +188,15 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, text, capsys):
     assert step >= 2
     assert main(["train", "--resume", str(out), "--stop-after", "1", "--eval-windows", "2", "--sample-tokens", "0"]) == 0
     assert read_manifest(out)["training"]["state"]["step"] == step + 1
+
+
+def test_resume_drops_log_records_of_the_lost_part_of_a_run(tmp_path, text):
+    out = tmp_path / "run"
+    common = ["--eval-windows", "2", "--log-every", "1", "--sample-tokens", "0"]
+    assert main(["train", "--data", str(text), *FAST, "--steps", "5", "--eval-every", "0", "--stop-after", "2",
+                 "--out", str(out), *common]) == 0
+    with (out / "log.jsonl").open("a") as log:  # what a crash after step 2's checkpoint would leave behind
+        log.write(json.dumps({"event": "train", "step": 3, "loss": 9.0}) + "\n" + '{"event": "tra')
+    assert main(["train", "--resume", str(out), *common]) == 0
+    steps = [r["step"] for r in log_records(out, "train")]
+    assert steps == [1, 2, 3, 4, 5] and 9.0 not in [r["loss"] for r in log_records(out, "train")]
