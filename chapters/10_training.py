@@ -1091,9 +1091,11 @@ plt.show()
 # under bf16 autocast: matrix products in bfloat16, weights, gradients and optimizer state in
 # float32 (both models return float32 logits, so the loss is computed in float32).
 #
-# The step is one function with one seam for parallelism: `reduce_gradients(model)`, called after
-# the backward passes and before clipping. A data- or sequence-parallel run passes a function that
-# all-reduces the gradients over its process group; a single process passes nothing.
+# The step is one function with two seams for parallelism: `loss_fn(model, inputs, targets)`, the
+# loss of one micro-batch, and `reduce_gradients(model)`, called after the backward passes and
+# before clipping. A data- or sequence-parallel run passes a function that all-reduces the
+# gradients over its process group (and, for sequence parallelism, a loss that handles its part of
+# each sequence); a single process passes neither.
 #
 # **Activation checkpointing** trades time for memory: each block's forward runs once without
 # keeping its intermediate tensors, and again during the backward pass to rebuild them. It changes
@@ -1125,10 +1127,11 @@ class StepResult:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[tuple[Tensor, Tensor]],
-               *, lr: float, clip: float, reduce_gradients: Callable[[nn.Module], None] | None = None) -> StepResult:
+               *, lr: float, clip: float, reduce_gradients: Callable[[nn.Module], None] | None = None,
+               loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss) -> StepResult:
     """One optimizer step over ``micro_batches`` of (inputs, targets), each (B, L) on the model's device.
 
-    Gradients of all micro-batches accumulate (each loss scaled by 1/count); ``reduce_gradients``
+    Gradients of all micro-batches accumulate (each ``loss_fn`` scaled by 1/count); ``reduce_gradients``
     (e.g. an all-reduce over a process group) runs before the global norm is clipped to ``clip``.
     """
     start = time.perf_counter()
@@ -1138,7 +1141,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     total = torch.zeros((), dtype=torch.float64, device=device)
     for inputs, targets in micro_batches:
         with autocast_for(device):
-            loss = lm_loss(model, inputs, targets)
+            loss = loss_fn(model, inputs, targets)
         (loss / len(micro_batches)).backward()
         total += loss.detach()
     if reduce_gradients is not None:
@@ -1319,15 +1322,18 @@ class Trainer:
         activation_checkpointing: recompute block activations in the backward pass.
         reduce_gradients: called with the model after the backward passes of a step (the hook for
             data or sequence parallelism).
+        loss_fn: ``loss_fn(model, inputs, targets)`` -> scalar loss of a micro-batch (default
+            :func:`lm_loss`; a sequence-parallel run passes one that handles its part of the sequence).
     """
 
     def __init__(self, config: TrainConfig, *, device: str | torch.device | None = None,
                  corpus: tuple[Corpus, Corpus] | None = None,
                  batches: Callable[[int, int], ProbeBatch] | None = None, activation_checkpointing: bool = False,
-                 reduce_gradients: Callable[[nn.Module], None] | None = None) -> None:
+                 reduce_gradients: Callable[[nn.Module], None] | None = None,
+                 loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss) -> None:
         self.config = config
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batches, self.reduce_gradients = batches, reduce_gradients
+        self.batches, self.reduce_gradients, self.loss_fn = batches, reduce_gradients, loss_fn
         self.train_corpus = self.val_corpus = self.sampler = None
         self._fingerprint = None
         self._val_windows: dict[int, Tensor] = {}
@@ -1376,7 +1382,7 @@ class Trainer:
         """Take the next optimizer step."""
         result = train_step(self.model, self.optimizer, self.micro_batches(self.step),
                             lr=learning_rate(self.step, self.config), clip=self.config.clip,
-                            reduce_gradients=self.reduce_gradients)
+                            reduce_gradients=self.reduce_gradients, loss_fn=self.loss_fn)
         self.step += 1
         return result
 

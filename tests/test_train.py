@@ -255,3 +255,22 @@ def test_stream_generate_equals_generate(kind):
                                     generator=torch.Generator().manual_seed(4)))
     expected = model.generate(prompt, 12, temperature=0.9, top_k=30, generator=torch.Generator().manual_seed(4))
     assert streamed == expected[0].tolist()
+
+
+def test_loss_and_gradient_hooks_are_called_each_step(corpus):
+    calls = {"loss": 0, "reduce": 0}
+
+    def counting_loss(model, inputs, targets):
+        calls["loss"] += 1
+        from megalodon_lite.train import lm_loss
+        return lm_loss(model, inputs, targets)
+
+    def reduce(model):  # what an all-reduce would see: every gradient already accumulated
+        calls["reduce"] += 1
+        assert all(p.grad is not None for p in model.parameters())
+
+    trainer = Trainer(config(accumulate=3), device="cpu", corpus=corpus, loss_fn=counting_loss,
+                      reduce_gradients=reduce)
+    trainer.train_step()
+    trainer.train_step()
+    assert calls == {"loss": 6, "reduce": 2}
