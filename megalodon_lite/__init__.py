@@ -12,7 +12,7 @@ edit the chapter and run ``python -m megalodon_lite.export``. Hand-written modul
 the chapters, in a checkout or installed, and copies them out), ``student`` and ``exercises`` (the
 student edition and the exercises' checks), ``checkpoint`` (atomic, verified save and load),
 ``validate`` (the argument checks every public boundary calls), ``official`` (state dicts and
-configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` (the
+configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` with ``commands`` (the
 ``megalodon-lite`` command) and ``notebook`` (what every chapter uses: smoke mode, device,
 seeding, timing, figure saving).
 
@@ -46,6 +46,10 @@ _EXPORTS = {
     "MegalodonLayer": "model", "MegalodonBlock": "model", "MegalodonLM": "model", "MegalodonState": "model",
     "LayerState": "model",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "CheckpointError": "checkpoint",
+    # chapter 10
+    "load_corpus": "data", "mqar_batch": "data", "passkey_batch": "data",
+    "LlamaConfig": "baseline", "LlamaLM": "baseline", "matched_llama_config": "baseline",
+    "TrainConfig": "train", "Trainer": "train",
     # chapter 11
     "ChunkParallelLM": "parallel", "init_chunk_parallel": "parallel",
 }

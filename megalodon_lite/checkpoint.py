@@ -1,14 +1,22 @@
-"""Save and load a :class:`~megalodon_lite.model.MegalodonLM`: safetensors weights, JSON config, atomic.
+"""Save and load a model — :class:`~megalodon_lite.model.MegalodonLM` or the baseline
+:class:`~megalodon_lite.baseline.LlamaLM` — and optionally the state of its training run:
+safetensors tensors, JSON everything else, written atomically.
 
 A checkpoint is a folder::
 
-    config.json                    {"format", "version", "config", "weights", "weights_sha256", "tied"}
-    model-<sha256[:16]>.safetensors
+    config.json                       {"format", "version", "model", "config", "weights",
+                                       "weights_sha256", "tied", ["training"]}
+    model-<sha256[:16]>.safetensors   the weights
+    training-<sha256[:16]>.safetensors  only in a training checkpoint: optimizer state, RNG states
 
-``config.json`` is the entry point and the commit point: a save writes the new weights file
-beside the old one, then replaces ``config.json`` atomically (temporary file + ``os.replace``),
-then deletes weights files no longer named. Loading verifies the SHA-256 of the weights and never
-unpickles anything.
+``model`` names the kind (``"megalodon"`` or ``"llama"``; a file without it, written before the
+baseline existed, holds a Megalodon model). ``training`` is ``{"state": <JSON>, "tensors": <file>,
+"tensors_sha256": <hex>}``: what a trainer needs to continue (see ``megalodon_lite.train``).
+
+``config.json`` is the entry point and the commit point: a save writes the new tensor files beside
+the old ones, then replaces ``config.json`` atomically (temporary file + ``os.replace``), then
+deletes the tensor files no longer named. Loading verifies SHA-256 hashes and never unpickles
+anything.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megalodon_lite.baseline import LlamaConfig, LlamaLM
 from megalodon_lite.config import MegalodonConfig
 from megalodon_lite.model import MegalodonLM
 
@@ -30,6 +39,9 @@ FORMAT = "megalodon-lite"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_GLOB = "model-*.safetensors"
+TRAINING_GLOB = "training-*.safetensors"
+MODEL_KINDS: dict[str, tuple[type, type]] = {"megalodon": (MegalodonLM, MegalodonConfig), "llama": (LlamaLM, LlamaConfig)}
+"""Model kind -> (model class, config class)."""
 
 
 class CheckpointError(ValueError):
@@ -71,7 +83,15 @@ def _temp_path(directory: Path, kind: str) -> Path:
     return Path(name)
 
 
-def _weights_and_ties(model: MegalodonLM) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def model_kind(model: object) -> str:
+    """``"megalodon"`` or ``"llama"``; TypeError for anything else."""
+    for kind, (model_class, _) in MODEL_KINDS.items():
+        if isinstance(model, model_class):
+            return kind
+    raise TypeError(f"model must be a MegalodonLM or a LlamaLM, got {type(model).__name__}")
+
+
+def _weights_and_ties(model: MegalodonLM | LlamaLM) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict as contiguous CPU tensors, each shared tensor once; ``ties`` maps a dropped
     name to the name that was kept."""
     tensors: dict[str, torch.Tensor] = {}
@@ -89,52 +109,88 @@ def _weights_and_ties(model: MegalodonLM) -> tuple[dict[str, torch.Tensor], dict
     return tensors, ties
 
 
-def _current_weights_name(directory: Path) -> str | None:
+def _named_files(directory: Path) -> set[str]:
+    """The tensor files the current ``config.json`` names (empty if there is none or it is unreadable)."""
     try:
-        return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("weights")
+        manifest = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        names = {manifest.get("weights")}
+        training = manifest.get("training")
+        if isinstance(training, dict):
+            names.add(training.get("tensors"))
+        return {n for n in names if isinstance(n, str)}
     except (OSError, ValueError, AttributeError):
-        return None
+        return set()
 
 
-def save_checkpoint(model: MegalodonLM, directory: str | os.PathLike) -> Path:
-    """Write ``model``'s config and weights into ``directory`` (created if needed); return its path.
+def _write_tensors(directory: Path, tensors: dict[str, torch.Tensor], prefix: str) -> tuple[Path, str]:
+    """Write ``tensors`` to a temporary safetensors file in ``directory``: (its path, its SHA-256)."""
+    tmp = _temp_path(directory, "safetensors")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "content": prefix})
+        _finish_file(tmp)
+        return tmp, _sha256(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: MegalodonLM | LlamaLM, directory: str | os.PathLike, *,
+                    training: dict | None = None, training_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model``'s kind, config and weights into ``directory`` (created if needed); return its path.
+
+    ``training`` (JSON-ready dict) and ``training_tensors`` (name -> tensor) make it a training
+    checkpoint: both are stored, the tensors in their own safetensors file, and come back from
+    :func:`load_training_state`. A save without them leaves a plain model checkpoint.
 
     Atomic: until the final ``os.replace`` of ``config.json`` the previous checkpoint in
     ``directory`` is untouched and loadable; temporary files are removed when the save fails.
     """
-    if not isinstance(model, MegalodonLM):
-        raise TypeError(f"model must be a MegalodonLM, got {type(model).__name__}")
+    kind = model_kind(model)
+    if training_tensors is not None and training is None:
+        raise ValueError("training_tensors need a training state dict to go with them")
+    if training is not None:
+        json.dumps(training)  # refuse what JSON cannot hold before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, ties = _weights_and_ties(model)
-    previous = _current_weights_name(directory)
-    weights_tmp = config_tmp = placed = None
+    previous = _named_files(directory)
+    temporary: list[Path] = []
+    placed: list[Path] = []
     try:
-        weights_tmp = _temp_path(directory, "safetensors")
-        save_file(tensors, str(weights_tmp), metadata={"format": FORMAT})
-        _finish_file(weights_tmp)
-        digest = _sha256(weights_tmp)
-        weights_name = f"model-{digest[:16]}.safetensors"
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
-                    "weights": weights_name, "weights_sha256": digest, "tied": ties}
+        weights_tmp, digest = _write_tensors(directory, tensors, "weights")
+        temporary.append(weights_tmp)
+        files = {f"model-{digest[:16]}.safetensors": weights_tmp}
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "model": kind, "config": model.config.to_dict(),
+                    "weights": f"model-{digest[:16]}.safetensors", "weights_sha256": digest, "tied": ties}
+        if training is not None:
+            extra = {name: t.detach().to("cpu").contiguous() for name, t in (training_tensors or {}).items()}
+            training_tmp, training_digest = _write_tensors(directory, extra, "training")
+            temporary.append(training_tmp)
+            files[f"training-{training_digest[:16]}.safetensors"] = training_tmp
+            manifest["training"] = {"state": training, "tensors": f"training-{training_digest[:16]}.safetensors",
+                                    "tensors_sha256": training_digest}
         config_tmp = _temp_path(directory, "json")
+        temporary.append(config_tmp)
         config_tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _finish_file(config_tmp)
-        placed = directory / weights_name
-        os.replace(weights_tmp, placed)
-        weights_tmp = None
+        for name, tmp in files.items():
+            os.replace(tmp, directory / name)
+            temporary.remove(tmp)
+            placed.append(directory / name)
         os.replace(config_tmp, directory / CONFIG_FILE)  # the commit point
-        config_tmp = None
+        temporary.remove(config_tmp)
     except BaseException:
-        for tmp in (weights_tmp, config_tmp):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        if placed is not None and placed.name != previous and _current_weights_name(directory) != placed.name:
-            placed.unlink(missing_ok=True)
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+        named = _named_files(directory)
+        for path in placed:
+            if path.name not in previous and path.name not in named:
+                path.unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
-    for stale in directory.glob(WEIGHTS_GLOB):
-        if stale.name != weights_name:
+    keep = set(files)
+    for stale in [*directory.glob(WEIGHTS_GLOB), *directory.glob(TRAINING_GLOB)]:
+        if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return directory
 
@@ -158,51 +214,85 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: field {field!r} is missing or not a {kind.__name__}")
     if Path(manifest["weights"]).name != manifest["weights"]:
         raise CheckpointError(f"{path}: 'weights' must be a file name inside the folder, got {manifest['weights']!r}")
+    manifest.setdefault("model", "megalodon")  # written before the baseline existed
+    if manifest["model"] not in MODEL_KINDS:
+        raise CheckpointError(f"{path}: 'model' must be one of {sorted(MODEL_KINDS)}, got {manifest['model']!r}")
+    training = manifest.get("training")
+    if training is not None:
+        if not (isinstance(training, dict) and isinstance(training.get("state"), dict)
+                and isinstance(training.get("tensors"), str) and isinstance(training.get("tensors_sha256"), str)):
+            raise CheckpointError(f"{path}: 'training' must hold a 'state' dict and the 'tensors' file and its hash")
+        if Path(training["tensors"]).name != training["tensors"]:
+            raise CheckpointError(f"{path}: training 'tensors' must be a file name inside the folder")
     return manifest
 
 
-def load_config(directory: str | os.PathLike) -> MegalodonConfig:
-    """The :class:`MegalodonConfig` stored in a checkpoint folder."""
+def load_config(directory: str | os.PathLike) -> MegalodonConfig | LlamaConfig:
+    """The model config stored in a checkpoint folder (its class says the model kind)."""
     manifest = read_manifest(directory)
+    config_class = MODEL_KINDS[manifest["model"]][1]
     try:
-        return MegalodonConfig.from_dict(manifest["config"])
+        return config_class.from_dict(manifest["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: bad config: {err}") from None
 
 
-def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | None = None, *,
-                    device: str | torch.device = "cpu", verify: bool = True) -> MegalodonLM:
-    """Load a checkpoint into ``model`` (its config must be equal) or into a new model on ``device``.
+def _load_tensors(path: Path, digest: str, device: str, verify: bool, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file named in the manifest, its hash checked first when ``verify``."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} named in {CONFIG_FILE} is missing")
+    if verify and _sha256(path) != digest:
+        raise CheckpointError(f"{what} {path} does not have the SHA-256 recorded in {CONFIG_FILE}: "
+                              "it is truncated or corrupted")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {what} {path}: {err}") from None
+
+
+def load_training_state(directory: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The training state saved with a checkpoint: (JSON state, tensors on the CPU).
+
+    Raises :class:`CheckpointError` when the folder holds no training state or its file is damaged.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    training = manifest.get("training")
+    if training is None:
+        raise CheckpointError(f"{directory} holds a model but no training state (it was not saved by a trainer)")
+    tensors = _load_tensors(directory / training["tensors"], training["tensors_sha256"], "cpu", verify,
+                            "training state file")
+    return training["state"], tensors
+
+
+def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | LlamaLM | None = None, *,
+                    device: str | torch.device = "cpu", verify: bool = True) -> MegalodonLM | LlamaLM:
+    """Load a checkpoint into ``model`` (same kind, equal config) or into a new model on ``device``.
 
     A new model takes the dtype the weights were saved in (e.g. bfloat16); an existing model keeps
-    its own dtype and device, the weights being cast on copy. ``verify`` checks the weights' SHA-256 first (reads the file twice; turn off only for speed
-    with a trusted file). Raises :class:`CheckpointError` (a ValueError) naming the problem.
+    its own dtype and device, the weights being cast on copy. ``verify`` checks the weights' SHA-256
+    first (reads the file twice; turn off only for speed with a trusted file). Raises
+    :class:`CheckpointError` (a ValueError) naming the problem.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = load_config(directory)
+    model_class = MODEL_KINDS[manifest["model"]][0]
     new_model = model is None
     if new_model:
-        model = MegalodonLM(config).to(device)
-    elif not isinstance(model, MegalodonLM):
-        raise TypeError(f"model must be a MegalodonLM or None, got {type(model).__name__}")
+        model = model_class(config).to(device)
+    elif model_kind(model) != manifest["model"]:
+        raise CheckpointError(f"checkpoint {directory} holds a {manifest['model']} model, "
+                              f"not a {type(model).__name__}")
     else:
         differ = [name for name in config.differences(model.config) if name != "backend"]  # code, not weights
         if differ:
             details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, model {getattr(model.config, name)!r})"
                                 for name in differ)
             raise CheckpointError(f"checkpoint config does not match the model's: {details}")
-    weights_path = directory / manifest["weights"]
-    if not weights_path.is_file():
-        raise CheckpointError(f"weights file {weights_path} named in {CONFIG_FILE} is missing")
-    if verify and _sha256(weights_path) != manifest["weights_sha256"]:
-        raise CheckpointError(f"weights file {weights_path} does not have the SHA-256 recorded in "
-                              f"{CONFIG_FILE}: it is truncated or corrupted")
     target_device = next(model.parameters()).device
-    try:
-        tensors = load_file(str(weights_path), device=str(target_device))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read weights file {weights_path}: {err}") from None
+    tensors = _load_tensors(directory / manifest["weights"], manifest["weights_sha256"], str(target_device), verify,
+                            "weights file")
     saved_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if new_model and len(saved_dtypes) == 1:
         model = model.to(saved_dtypes.pop())

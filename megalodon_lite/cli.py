@@ -17,6 +17,9 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megalodon_lite.commands", "train a byte-level model (Megalodon or the Llama-style baseline)"),
+    "sample": ("megalodon_lite.commands", "generate text from a checkpoint, printed as it comes"),
+    "eval": ("megalodon_lite.commands", "validation loss, bits per byte and loss per position of a checkpoint"),
     "book": ("megalodon_lite.book", "execute the chapters and render the offline HTML book, or write the student edition"),
     "chapters": ("megalodon_lite.chapters", "copy the chapters into a folder, to read and run them in JupyterLab"),
 }

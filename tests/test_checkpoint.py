@@ -158,3 +158,52 @@ def test_saving_twice_replaces_and_cleans_up(tmp_path):
 def test_save_refuses_what_is_not_a_model(tmp_path):
     with pytest.raises(TypeError, match="MegalodonLM"):
         save_checkpoint(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_training_state_is_saved_beside_the_weights_and_verified(tmp_path):
+    model = small_model()
+    state = {"step": 7, "note": "anything JSON can hold"}
+    tensors = {"optimizer/embed.weight/exp_avg": torch.randn(3, 4), "rng/torch": torch.get_rng_state()}
+    folder = save_checkpoint(model, tmp_path, training=state, training_tensors=tensors)
+    manifest = json.loads((folder / "config.json").read_text())
+    assert manifest["model"] == "megalodon" and manifest["training"]["state"] == state
+    loaded_state, loaded = checkpoint.load_training_state(folder)
+    assert loaded_state == state and loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert_same_weights(model, load_checkpoint(folder))  # still an ordinary model checkpoint
+    training_file = folder / manifest["training"]["tensors"]
+    data = training_file.read_bytes()
+    training_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="training state file .* truncated or corrupted"):
+        checkpoint.load_training_state(folder)
+    # saving a plain model into the folder replaces the training state: its file goes too
+    save_checkpoint(model, folder)
+    assert not list(folder.glob("training-*.safetensors"))
+    with pytest.raises(CheckpointError, match="no training state"):
+        checkpoint.load_training_state(folder)
+
+
+def test_training_state_must_be_json(tmp_path):
+    with pytest.raises(TypeError):
+        save_checkpoint(small_model(), tmp_path, training={"bad": object()})
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(ValueError, match="training state dict"):
+        save_checkpoint(small_model(), tmp_path, training_tensors={"a": torch.zeros(1)})
+
+
+def test_failed_training_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    folder = save_checkpoint(small_model(seed=0), tmp_path, training={"step": 1}, training_tensors={"x": torch.ones(2)})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_replace = checkpoint.os.replace
+
+    def replace_but_not_config(src, dst):
+        if str(dst).endswith("config.json"):
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_but_not_config)
+    with pytest.raises(OSError):
+        save_checkpoint(small_model(seed=1), folder, training={"step": 2}, training_tensors={"x": torch.zeros(2)})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert checkpoint.load_training_state(folder)[0] == {"step": 1}

@@ -1,0 +1,498 @@
+"""Megalodon-lite against its Llama-style baseline on one GPU: chapter 10's measured comparison.
+
+Both models are matched in parameters (the ``small`` preset, 4 layers of the official 200M shape, and
+the baseline from ``matched_llama_config``), see the same tokens in the same order, and use the same
+optimizer and schedule (``megalodon_lite.train``). Parts, each selectable with ``--parts``:
+
+    throughput  training tokens/s and peak memory at context 4K, 16K, 32K (32K tokens per step), and a
+                profile of one Megalodon step at 32K (where the time goes)
+    decode      decoding tokens/s and memory per sequence at context 1K, 8K, 32K, 128K (batch 1)
+    curves      validation bits per byte while both train on the standard library at context 4K
+    positions   (after curves, same call) loss per position at 32K on long validation documents
+    recall      MQAR and passkey accuracy after training both on those tasks for the same budget
+    demo        a small Megalodon (3.4M parameters, 13 MiB in float32) trained on the standard library,
+                saved as a checkpoint for chapter 07's generation demo and the README's `sample` example
+
+The training parts share the time left after the measuring parts, by weight; each measures its
+models' step time first and fixes its step count (the schedule's length) so that both models
+train the same number of steps within the share. Results go to ``OUT/train_compare.json``
+(rewritten after every part; device, versions, date and the exact command in its header), the
+demo checkpoint to ``OUT/demo-checkpoint/``. Two calls of at most 10 minutes each, then one file:
+
+    python kernels/train_compare.py --out OUT1 --parts throughput,decode,recall,demo --minutes 9
+    python kernels/train_compare.py --out OUT2 --parts curves,positions --minutes 9
+    python kernels/train_compare.py --merge OUT1/train_compare.json OUT2/train_compare.json \
+        --into kernels/results/train_compare_<gpu>.json
+
+``--quick`` runs every part at toy sizes (the tiny preset, short contexts) on any device, to check
+the script end to end; chapter 10 reads and plots the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from megalodon_lite.baseline import KVCache  # noqa: E402
+from megalodon_lite.checkpoint import save_checkpoint  # noqa: E402
+from megalodon_lite.data import (IGNORE_INDEX, ProbeBatch, document_windows, evaluation_windows,  # noqa: E402
+                                 load_corpus, mqar_batch, passkey_batch)
+from megalodon_lite.model import MegalodonLM  # noqa: E402
+from megalodon_lite.train import (Trainer, TrainConfig, autocast_for, evaluate, model_config,  # noqa: E402
+                                  probe_accuracy)
+
+PARTS = ("throughput", "decode", "curves", "positions", "recall", "demo")
+TRAINING_WEIGHTS = {"curves": 5.0, "recall": 3.0, "demo": 1.5}   # shares of the training time
+KINDS = ("megalodon", "llama")
+DEMO_SHAPE = {"model_dim": 256, "z_dim": 64, "value_dim": 512, "ffn_hidden_dim": 640, "num_layers": 4,
+              "chunk_size": 512, "norm_num_groups": 32}
+
+
+def sizes(quick: bool) -> dict:
+    """Every size the parts use: full (GPU) or quick (toy, any device)."""
+    if quick:
+        return {"preset": "tiny", "train_contexts": (128, 256, 512), "tokens_per_step": 1024, "timed_steps": 2,
+                "decode_contexts": (64, 256, 1024), "decode_tokens": 8, "curves_context": 256, "curves_batch": 4,
+                "eval_windows": 4, "positions_context": 1024, "positions_windows": 4, "recall_context": 256,
+                "recall_pairs": 8, "recall_batch": 4, "recall_eval": 16, "demo_shape": {"num_layers": 1},
+                "demo_preset": "tiny", "demo_context": 256, "demo_batch": 4}
+    return {"preset": "small", "train_contexts": (4096, 16384, 32768), "tokens_per_step": 32768, "timed_steps": 5,
+            "decode_contexts": (1024, 8192, 32768, 131072), "decode_tokens": 32, "curves_context": 4096,
+            "curves_batch": 8, "eval_windows": 16, "positions_context": 32768, "positions_windows": 16,
+            "recall_context": 4096, "recall_pairs": 64, "recall_batch": 8, "recall_eval": 128,
+            "demo_shape": DEMO_SHAPE, "demo_preset": "small", "demo_context": 2048, "demo_batch": 16}
+
+
+class Budget:
+    """Wall-clock seconds of the whole call, and the share each training part may use."""
+
+    def __init__(self, minutes: float, parts: list[str]) -> None:
+        self.start, self.total, self.parts = time.perf_counter(), 60.0 * minutes, parts
+
+    def left(self) -> float:
+        return self.total - (time.perf_counter() - self.start)
+
+    def share(self, part: str) -> float:
+        """Seconds for training ``part``: what is left (less a reserve for positions and saving),
+        split by weight among the training parts not run yet."""
+        remaining = [p for p in self.parts[self.parts.index(part):] if p in TRAINING_WEIGHTS]
+        reserve = 45.0 if "positions" in self.parts[self.parts.index(part):] else 0.0
+        weight = TRAINING_WEIGHTS[part] / sum(TRAINING_WEIGHTS[p] for p in remaining)
+        return max(0.0, (self.left() - reserve - 15.0) * weight)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes() -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+
+
+# --------------------------------------------------------------------------------------------- parts
+
+def part_throughput(s: dict, device: torch.device, corpus, budget: Budget) -> dict:
+    """Training tokens/s and peak memory per context; one profiled Megalodon step at the longest."""
+    rows = []
+    for context in s["train_contexts"]:
+        batch = max(1, s["tokens_per_step"] // context)
+        for kind in KINDS:
+            config = TrainConfig(model=kind, preset=s["preset"], context=context, batch_size=batch, steps=10_000)
+            row = {"model": kind, "context": context, "batch": batch, "tokens_per_step": batch * context}
+            try:
+                trainer = Trainer(config, device=device, corpus=corpus)
+                row["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+                for _ in range(2):  # warm-up: allocator, kernel selection, Triton autotuning
+                    trainer.train_step()
+                reset_peak()
+                sync()
+                start = time.perf_counter()
+                losses = [trainer.train_step().loss for _ in range(s["timed_steps"])]
+                sync()
+                seconds = (time.perf_counter() - start) / s["timed_steps"]
+                row.update(seconds_per_step=seconds, tokens_per_s=batch * context / seconds,
+                           peak_memory_bytes=peak_bytes(), finite=all(math.isfinite(x) for x in losses))
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not is_oom(err):
+                    raise
+                row["error"] = "out of memory"
+            rows.append(row)
+            print(f"  throughput {kind:>9} context {context:>6}: "
+                  + (f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_bytes'] or 0:,} bytes"
+                     if "tokens_per_s" in row else row["error"]), flush=True)
+            trainer = None
+            reset_peak()
+    out = {"rows": rows}
+    if device.type == "cuda":
+        out["profile_megalodon"] = profile_step(s, device, corpus, s["train_contexts"][-1])
+    return out
+
+
+def profile_step(s: dict, device: torch.device, corpus, context: int) -> dict:
+    """The CUDA kernels of one Megalodon training step, by total time (the 20 largest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = max(1, s["tokens_per_step"] // context)
+    trainer = Trainer(TrainConfig(model="megalodon", preset=s["preset"], context=context, batch_size=batch,
+                                  steps=10_000), device=device, corpus=corpus)
+    trainer.train_step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train_step()
+        sync()
+    events = []
+    for e in prof.key_averages():
+        device_us = getattr(e, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(e, "self_cuda_time_total", 0)
+        events.append({"name": e.key, "calls": e.count, "self_device_ms": device_us / 1e3,
+                       "self_cpu_ms": e.self_cpu_time_total / 1e3})
+    events.sort(key=lambda e: -e["self_device_ms"])
+    total = sum(e["self_device_ms"] for e in events)
+    return {"context": context, "batch": batch, "device_ms_total": total, "top": events[:20]}
+
+
+@torch.no_grad()
+def part_decode(s: dict, device: torch.device) -> dict:
+    """Tokens/s and memory per sequence while decoding one sequence after a prompt of each context."""
+    rows = []
+    torch.manual_seed(0)
+    models = {kind: Trainer(TrainConfig(model=kind, preset=s["preset"], steps=10), device=device,
+                            batches=lambda first, rows: None).model.eval() for kind in KINDS}
+    for context in s["decode_contexts"]:
+        prompt = torch.randint(0, 256, (1, context), device=device)
+        for kind, model in models.items():
+            row = {"model": kind, "context": context}
+            try:
+                reset_peak()
+                weights = torch.cuda.memory_allocated() if device.type == "cuda" else None
+                with autocast_for(device):
+                    if isinstance(model, MegalodonLM):
+                        memory, piece = None, 16 * model.config.chunk_size
+                        for lo in range(0, context, piece):
+                            logits, memory = model(prompt[:, lo:lo + piece], memory)
+                    else:
+                        logits, memory = model(prompt, KVCache.empty(context + s["decode_tokens"] + 8))
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+                    for _ in range(4):  # warm-up
+                        logits, memory = model(token, memory)
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(s["decode_tokens"]):
+                        logits, memory = model(token, memory)
+                        token = logits[:, -1].argmax(-1, keepdim=True)
+                    sync()
+                seconds = (time.perf_counter() - start) / s["decode_tokens"]
+                state = memory.nbytes() if isinstance(model, MegalodonLM) else memory.used_nbytes()
+                row.update(tokens_per_s=1.0 / seconds, state_bytes=state,
+                           peak_over_weights_bytes=None if weights is None else peak_bytes() - weights)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not is_oom(err):
+                    raise
+                row["error"] = "out of memory"
+            memory = logits = None
+            rows.append(row)
+            print(f"  decode {kind:>9} context {context:>7}: "
+                  + (f"{row['tokens_per_s']:,.1f} tokens/s, state {row['state_bytes']:,} bytes"
+                     if "tokens_per_s" in row else row["error"]), flush=True)
+    return {"rows": rows, "batch": 1}
+
+
+def calibrated_steps(make_trainer, budget_seconds: float, evals: int, eval_seconds_guess: float = 0.0) -> dict:
+    """Seconds per step of each model (after 2 warm-up steps, 3 timed) and the step count that fits
+    both, with a margin, in ``budget_seconds``."""
+    per_step = {}
+    for kind in KINDS:
+        trainer = make_trainer(kind, 10_000)
+        for _ in range(2):
+            trainer.train_step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            trainer.train_step()
+        sync()
+        per_step[kind] = (time.perf_counter() - start) / 3
+        trainer = None
+        reset_peak()
+    # 85%: a margin for step times that vary (the call must end before the device tool's limit)
+    steps = int(0.85 * (budget_seconds - evals * eval_seconds_guess) / sum(per_step.values()))
+    return {"seconds_per_step": per_step, "steps": max(steps, 2)}
+
+
+def part_curves(s: dict, device: torch.device, corpus, budget: Budget, results: dict) -> dict:
+    """Both models trained on the same windows with the same schedule; validation bits/byte as they go."""
+    seconds = budget.share("curves")
+
+    def make(kind: str, steps: int) -> Trainer:
+        config = TrainConfig(model=kind, preset=s["preset"], context=s["curves_context"],
+                             batch_size=s["curves_batch"], steps=steps)
+        return Trainer(config, device=device, corpus=corpus)
+
+    start = time.perf_counter()
+    plan = calibrated_steps(make, seconds - (time.perf_counter() - start) - 20.0, evals=12, eval_seconds_guess=1.0)
+    steps = plan["steps"]
+    out = {"budget_seconds": seconds, "calibration": plan, "steps": steps, "models": {}}
+    eval_every = max(1, steps // 12)
+    for kind in KINDS:
+        trainer = make(kind, steps)
+        record = {"parameters": sum(p.numel() for p in trainer.model.parameters()), "step": [], "train_loss": [],
+                  "eval_step": [], "eval_tokens": [], "val_bits_per_byte": [], "config": trainer.config.to_dict()}
+        began = time.perf_counter()
+        trainer.run(steps, eval_every=eval_every, eval_windows=s["eval_windows"],
+                    on_step=lambda r, rec=record, t=trainer: (rec["step"].append(t.step), rec["train_loss"].append(r.loss)),
+                    on_eval=lambda r, rec=record, t=trainer: (rec["eval_step"].append(t.step),
+                                                             rec["eval_tokens"].append(t.step * t.tokens_per_step),
+                                                             rec["val_bits_per_byte"].append(r.bits_per_byte)))
+        sync()
+        record["seconds"] = time.perf_counter() - began
+        record["tokens"] = steps * trainer.tokens_per_step
+        record["epochs"] = record["tokens"] / len(corpus[0])
+        out["models"][kind] = record
+        results.setdefault("_trained", {})[kind] = trainer.model
+        print(f"  curves {kind:>9}: {steps} steps, {record['tokens']:,} tokens in {record['seconds']:.0f} s, "
+              f"validation {record['val_bits_per_byte'][-1]:.3f} bits/byte", flush=True)
+        trainer = None
+    return out
+
+
+def part_positions(s: dict, device: torch.device, corpus, results: dict) -> dict:
+    """Loss per position of the models trained by ``curves``, on windows longer than their training context."""
+    models = results.get("_trained")
+    if not models:
+        return {"skipped": "needs the curves part in the same call (it evaluates the models curves trained)"}
+    length = s["positions_context"]
+    windows = document_windows(corpus[1], length, s["positions_windows"])
+    source = "validation documents at least as long as the window, from their first byte"
+    if windows.shape[0] < 2:
+        windows = evaluation_windows(corpus[1], length, s["positions_windows"])
+        source = "consecutive windows of the validation stream (too few documents are this long)"
+    out = {"context": length, "windows": int(windows.shape[0]), "source": source, "models": {}}
+    for kind, model in models.items():
+        try:
+            result = evaluate(model, windows, batch_size=1)
+            out["models"][kind] = {"bits_per_byte": result.bits_per_byte,
+                                   "loss_per_position": [round(x, 5) for x in result.loss_per_position.tolist()]}
+            print(f"  positions {kind:>9}: {result.bits_per_byte:.3f} bits/byte over {length:,} positions", flush=True)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            out["models"][kind] = {"error": "out of memory"}
+        reset_peak()
+    return out
+
+
+def recall_batches(s: dict, offset: int):
+    """Half MQAR, half passkey rows, a deterministic function of the first row (seeds from ``offset``)."""
+    def batches(first: int, rows: int) -> ProbeBatch:
+        a = mqar_batch(rows // 2, s["recall_context"], s["recall_pairs"], seed=offset + 2 * first)
+        b = passkey_batch(rows - rows // 2, s["recall_context"], seed=offset + 2 * first + 1)
+        return ProbeBatch(torch.cat([a.inputs, b.inputs]), torch.cat([a.targets, b.targets]))
+    return batches
+
+
+def part_recall(s: dict, device: torch.device, budget: Budget) -> dict:
+    """Both models trained on MQAR + passkey for the same steps, then scored on unseen sequences."""
+    seconds = budget.share("recall")
+    train_batches = recall_batches(s, offset=0)
+
+    def make(kind: str, steps: int) -> Trainer:
+        config = TrainConfig(model=kind, preset=s["preset"], context=s["recall_context"],
+                             batch_size=s["recall_batch"], steps=steps)
+        return Trainer(config, device=device, batches=train_batches)
+
+    plan = calibrated_steps(make, seconds - 25.0, evals=0)
+    steps = plan["steps"]
+    n = s["recall_eval"]
+    mqar = mqar_batch(n, s["recall_context"], s["recall_pairs"], seed=10**9)
+    passkey = passkey_batch(n, s["recall_context"], seed=10**9 + 1)
+    longer = passkey_batch(max(4, n // 4), 4 * s["recall_context"], seed=10**9 + 2)
+    out = {"budget_seconds": seconds, "calibration": plan, "steps": steps, "context": s["recall_context"],
+           "mqar_pairs": s["recall_pairs"], "eval_sequences": n, "models": {}}
+    for kind in KINDS:
+        trainer = make(kind, steps)
+        losses = []
+        began = time.perf_counter()
+        trainer.run(steps, on_step=lambda r, losses=losses: losses.append(r.loss))
+        record = {"seconds": time.perf_counter() - began, "final_train_loss": losses[-1],
+                  "mqar_accuracy": probe_accuracy(trainer.model, mqar, batch_size=s["recall_batch"]),
+                  "passkey_accuracy": probe_accuracy(trainer.model, passkey, batch_size=s["recall_batch"],
+                                                     whole_rows=True)}
+        try:
+            record["passkey_accuracy_4x_context"] = probe_accuracy(trainer.model, longer, batch_size=1,
+                                                                   whole_rows=True)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            record["passkey_accuracy_4x_context"] = None
+        out["models"][kind] = record
+        print(f"  recall {kind:>9}: MQAR {record['mqar_accuracy']:.3f}, passkey {record['passkey_accuracy']:.3f} "
+              f"({steps} steps)", flush=True)
+        trainer = None
+        reset_peak()
+    return out
+
+
+def part_demo(s: dict, device: torch.device, corpus, budget: Budget, out_dir: Path) -> dict:
+    """A small Megalodon trained on the standard library, saved (float32) for CPU demos."""
+    seconds = budget.share("demo")
+
+    def make(kind: str, steps: int) -> Trainer:
+        config = TrainConfig(model="megalodon", preset=s["demo_preset"], overrides=s["demo_shape"],
+                             context=s["demo_context"], batch_size=s["demo_batch"], steps=steps)
+        return Trainer(config, device=device, corpus=corpus)
+
+    trainer = make("megalodon", 10_000)
+    for _ in range(2):
+        trainer.train_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(3):
+        trainer.train_step()
+    sync()
+    steps = max(2, int(0.85 * (seconds - 20.0) / ((time.perf_counter() - start) / 3)))
+    trainer = make("megalodon", steps)
+    began = time.perf_counter()
+    trainer.run(steps)
+    result = trainer.evaluate(s["eval_windows"])
+    folder = save_checkpoint(trainer.model, out_dir / "demo-checkpoint")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    print(f"  demo: {steps} steps in {time.perf_counter() - began:.0f} s, validation {result.bits_per_byte:.3f} "
+          f"bits/byte, checkpoint {size:,} bytes in {folder}", flush=True)
+    return {"steps": steps, "config": trainer.config.to_dict(), "tokens": steps * trainer.tokens_per_step,
+            "val_bits_per_byte": result.bits_per_byte, "checkpoint_bytes": size,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()), "folder": folder.name}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def header(args: argparse.Namespace, device: torch.device, corpus) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    ops = (ROOT / "megalodon_lite" / "ops").is_dir()
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "kernels/train_compare.py", *args.argv]),
+            "megalodon_backend": os.environ.get("MEGALODON_BACKEND", "auto"), "triton_ops_present": ops,
+            "quick": args.quick, "minutes": args.minutes,
+            "corpus": {"name": corpus[0].name, "train_tokens": len(corpus[0]), "validation_tokens": len(corpus[1]),
+                       "train_files": len(corpus[0].documents), "validation_files": len(corpus[1].documents)}}
+
+
+def write_json(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in results.items() if not k.startswith("_")}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def merge(paths: list[str], into: str) -> dict:
+    """One results file from several calls: every part with the index of the call that measured it
+    (``calls`` keeps each call's header: command, date, versions); a part measured twice keeps the later."""
+    calls, parts = [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        calls.append(data["header"])
+        for name, value in data["parts"].items():
+            parts[name] = {**value, "call": len(calls) - 1}
+    merged = {"header": {k: calls[-1][k] for k in ("device", "torch", "triton", "python", "corpus")},
+              "calls": calls, "parts": parts}
+    Path(into).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(into), merged)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if argv is None and "--merge" in sys.argv[1:2] or argv is not None and argv[:1] == ["--merge"]:
+        args = (argv if argv is not None else sys.argv[1:])[1:]
+        if len(args) < 3 or "--into" not in args[-2:-1]:
+            parser.error("usage: train_compare.py --merge RESULTS.json [RESULTS.json ...] --into MERGED.json")
+        merged = merge(args[:-2], args[-1])
+        print(f"merged {len(args) - 2} file(s), parts {sorted(merged['parts'])}, into {args[-1]}")
+        return 0
+    parser.add_argument("--out", required=True, help="folder for train_compare.json and demo-checkpoint/")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {','.join(PARTS)}")
+    parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this call")
+    parser.add_argument("--quick", action="store_true", help="toy sizes, any device: checks the script end to end")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; expected some of {PARTS}")
+    parts = [p for p in PARTS if p in parts]  # run in the fixed order
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and not args.quick:
+        parser.error("the full-size comparison needs a CUDA GPU; use --quick to check the script on a CPU")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # toy sizes: a second thread only waits, and on a busy machine thrashes
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs outside bf16 autocast
+    s = sizes(args.quick)
+    budget = Budget(args.minutes, parts)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus()
+    results = {"header": header(args, device, corpus), "sizes": {k: v for k, v in s.items()}, "parts": {}}
+    path = out_dir / "train_compare.json"
+    print(f"{results['header']['device']}, torch {torch.__version__}; parts {parts}; budget {args.minutes} min; "
+          f"corpus {corpus[0].name}: {len(corpus[0]):,} training tokens", flush=True)
+    for part in parts:
+        began = time.perf_counter()
+        print(f"[{part}] {budget.left():.0f} s left", flush=True)
+        try:
+            if part == "throughput":
+                value = part_throughput(s, device, corpus, budget)
+            elif part == "decode":
+                value = part_decode(s, device)
+            elif part == "curves":
+                value = part_curves(s, device, corpus, budget, results)
+            elif part == "positions":
+                value = part_positions(s, device, corpus, results)
+            elif part == "recall":
+                value = part_recall(s, device, budget)
+            else:
+                value = part_demo(s, device, corpus, budget, out_dir)
+        except Exception as err:  # record and go on: the other parts are still worth having
+            traceback.print_exc()
+            value = {"error": f"{type(err).__name__}: {err}"}
+        value["wall_seconds"] = time.perf_counter() - began
+        value["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        results["parts"][part] = value
+        write_json(path, results)
+        reset_peak()
+    print(f"wrote {path} ({time.perf_counter() - budget.start:.0f} s)")
+    return 1 if any("error" in v for v in results["parts"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""kernels/train_compare.py, the GPU comparison of chapter 10: its cheapest part end to end, and the merge."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "kernels" / "train_compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("train_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_decode_part_writes_results_with_their_provenance(compare, tmp_path):
+    out = tmp_path / "call"
+    code = compare.main(["--quick", "--out", str(out), "--parts", "positions,decode", "--minutes", "2"])
+    results = json.loads((out / "train_compare.json").read_text())
+    header = results["header"]
+    assert {"device", "torch", "triton", "python", "date", "command", "corpus"} <= set(header)
+    assert "--parts positions,decode" in header["command"]
+    assert "needs the curves part" in results["parts"]["positions"]["skipped"]
+    rows = results["parts"]["decode"]["rows"]
+    assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("megalodon", "llama") for c in (64, 256, 1024)}
+    megalodon = [r["state_bytes"] for r in rows if r["model"] == "megalodon"]
+    llama = [r["state_bytes"] for r in rows if r["model"] == "llama"]
+    assert len(set(megalodon)) == 1 and llama == sorted(llama) and llama[0] < llama[-1]  # constant vs growing
+    assert code == 0
+    merged = compare.merge([str(out / "train_compare.json"), str(out / "train_compare.json")],
+                           str(tmp_path / "merged.json"))
+    assert len(merged["calls"]) == 2 and merged["parts"]["decode"]["call"] == 1
+
+
+def test_unknown_part_and_full_size_on_a_cpu_are_refused(compare, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--parts", "everything", "--quick"])
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--parts", "decode", "--device", "cpu"])
