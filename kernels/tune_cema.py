@@ -35,12 +35,10 @@ VARIANTS = {
     "default": {},
     "C16": dict(chunk=16),
     "stages3": dict(num_stages=3),
-    "stages1": dict(num_stages=1),
     "BD4-warps4": dict(block_d=4, num_warps=4),
     "fewer-segments": dict(min_programs=264),
     "more-segments": dict(min_programs=1056, min_segment_blocks=4),
     "bf16-dots": dict(precision="bf16"),
-    "C16-bf16-dots": dict(chunk=16, precision="bf16"),
 }
 
 
