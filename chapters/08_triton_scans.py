@@ -227,14 +227,15 @@ class CemaKernelConfig:
 
     chunk: int = 32              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
-    block_d: int = 8             # BD, channels per program (one warp each)
+    block_d: int = 4             # BD, channels per program (one warp each)
     streams: int = 16            # SB, (row, segment) streams per program: the M of every tl.dot
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 2
     segment: int = 0             # tokens per segment; 0: split rows until the grid is full
     min_programs: int = 528      # ... i.e. until this many programs (4 per H200 SM) ...
     min_segment_blocks: int = 8  # ... unless segments would get shorter than this many blocks
     precision: str = ""          # tl.dot operands: "" (tf32, or tf32x3 for float32 x), "tf32", "bf16", "ieee"
+    prefetch: bool = False       # load the next block while computing this one
 
 
 DEFAULT_CONFIG = CemaKernelConfig()
@@ -381,6 +382,14 @@ def _load_state(ptr, index, batch_row, B, D, N, d, dmask, NP: tl.constexpr):
 
 
 @triton.jit
+def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
+                FLIP: tl.constexpr):
+    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
+    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _store_pair(ptrs, re, im, mask):
     tl.store(ptrs, re, mask=mask)
     tl.store(ptrs + 1, im, mask=mask)
@@ -411,7 +420,8 @@ def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS
                    FLIP: tl.constexpr, shift=0):
     """Element offsets (BD, SB, C) of block `blk` of every stream, and the mask of real tokens.
     REVERSE reads the row backwards in time; FLIP reverses the token order inside the block;
-    shift moves every token by `shift` places (masking what falls outside the block)."""
+    shift moves every token by `shift` places (masking what falls outside the block; a block
+    past the segment's end is all masked)."""
     cj = tl.arange(0, C)
     if FLIP:
         cj = C - 1 - cj
@@ -422,7 +432,7 @@ def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS
     else:
         pos = tok
     offs = row.to(tl.int64)[None, :, None] * L * D + pos.to(tl.int64)[None, :, :] * D + d[:, None, None]
-    inside = (tok < L) & (row < B)[:, None] & ((cj >= 0) & (cj < C))[None, :]
+    inside = (tok < L) & (row < B)[:, None] & ((cj >= 0) & (cj < C) & (blk * C + cj < SEG_TOKENS))[None, :]
     return offs, inside[None, :, :] & dmask[:, None, None]
 
 # %% [markdown]
@@ -612,7 +622,7 @@ def _cema_segment_end_kernel(
     x_ptr, powers_ptr, step_ptr, ends_ptr, ends_dq_ptr,
     B, L, D, N, n_seg, seg_blocks,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
-    REVERSE: tl.constexpr, DERIV: tl.constexpr, PRECISION: tl.constexpr,
+    REVERSE: tl.constexpr, DERIV: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Kernel 1. Every segment's end state from a zero start with unit input,
     e = sum_t q^(S-1-t) x_t, and with DERIV also E = q de/dq. Grid: (channel tiles, groups).
@@ -630,9 +640,13 @@ def _cema_segment_end_kernel(
     er = tl.zeros((BD, SB, NP), tl.float32)
     ei, fr, fi = er, er, er
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
+    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
     for blk in range(0, seg_blocks):
-        offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
+        else:
+            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True).to(tl.float32)
         ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
         if DERIV:
             dur, dui = _pairs_to_complex(_dot(x * j, powers, PRECISION), BD, SB, NP)
@@ -653,12 +667,12 @@ def _cema_segment_end_kernel(
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _scan_block(x_ptr, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
+def _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
                 C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, SEG_TOKENS,
                 REVERSE: tl.constexpr, PRECISION: tl.constexpr):
-    """One block of every stream: y = X T + H_pairs V + omega X, then H <- A H + X U."""
+    """One block X (loaded) of every stream: y = X T + H_pairs V + omega X, then H <- A H + X U."""
     offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, False)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
     h = _complex_to_pairs(hr, hi, BD, SB, NP)
     y = _dot(x, toeplitz, PRECISION) + _dot(h, v, PRECISION) + omega * x
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -672,6 +686,7 @@ def _cema_scan_kernel(
     B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Kernel 2. Per block of C tokens of every stream, with the block-start state H in registers:
         y = X T + H_pairs V + omega X,     H <- q^C H + X U
@@ -707,10 +722,16 @@ def _cema_scan_kernel(
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)
     fr = tl.zeros((BD, SB, NP), tl.float32)
     fi = tl.zeros((BD, SB, NP), tl.float32)
+    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
     for blk in range(0, seg_blocks):
+        if PREFETCH:            # issue the next block's load now, so it flies while this one computes
+            x = x_next
+            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
+        else:
+            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
         at_last = blk == last_blk          # keep q^r H of the last block's start state
         fr, fi = tl.where(at_last, rr * hr - ri * hi, fr), tl.where(at_last, rr * hi + ri * hr, fi)
-        hr, hi = _scan_block(x_ptr, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
+        hr, hi = _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
                              C, BD, NP, SB, seg_blocks * C, REVERSE, PRECISION)
     # the final state q^r H + sum_j x_j beta q^(r-1-j) (r = last_len tokens in the last block): the
     # block moved C - r places right, times U. After the loops, so that they hold no registers for it.
@@ -815,15 +836,13 @@ def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N,
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _grad_block(x_ptr, g_ptr, blk, row, seg, powers, ar, ai, qr, qi, corr,
-                vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, B, L, D, d, dmask,
-                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, SEG_TOKENS,
+def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
+                vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
                 HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
-    """One block of every stream for kernel 3: the products, then the states one block on."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, False, True)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)              # the block, last token first
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, False, False)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """One block of every stream for kernel 3 (x read last token first): the products, then the
+    states one block on."""
+    x, g = x.to(tl.float32), g.to(tl.float32)
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
     corr += _dot(tl.permute(x, (0, 2, 1)), g, PRECISION)          # corr[j', i] = sum over streams x_(C-1-j') g_i
     gr, gi = _pairs_to_complex(_dot(g, powers, PRECISION), BD, SB, NP)                 # gq = sum_i g_i q^i
@@ -851,7 +870,7 @@ def _cema_grad_sums_kernel(
     x_ptr, g_ptr, powers_ptr, step_ptr, ends_ptr, ends_dq_ptr, z_ptr, lag_sums_ptr, sums_ptr, v_last_ptr,
     B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
-    HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Kernel 3, forward in time over x and g = dL/dy. Per program (summed later in PyTorch):
     lag_sums[l] = sum of x_(t-l) g_t over pairs inside a block (anti-diagonals of X_f^T G), and the
@@ -883,14 +902,23 @@ def _cema_grad_sums_kernel(
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)
     r1r, r1i = _load_step3(step_ptr, STEP_AR1, d, dmask, NP)
     fr, fi, f2r, f2i = zero3, zero3, zero3, zero3
+    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, False, True)
+    g_next = _load_block(g_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, False, False)
     for blk in range(0, seg_blocks):
+        if PREFETCH:
+            x, g = x_next, g_next
+            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, False, True)
+            g_next = _load_block(g_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, False, False)
+        else:
+            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, False, True)
+            g = _load_block(g_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, False, False)
         at_last = blk == last_blk   # keep q^r v and q^(r-1) (V + r v) of the last block's start states
         fr, fi = tl.where(at_last, rr * vr - ri * vi, fr), tl.where(at_last, rr * vi + ri * vr, fi)
         t1r, t1i = dvr + last_len * vr, dvi + last_len * vi
         f2r, f2i = tl.where(at_last, r1r * t1r - r1i * t1i, f2r), tl.where(at_last, r1r * t1i + r1i * t1r, f2i)
         corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
-            x_ptr, g_ptr, blk, row, seg, powers, ar, ai, qr, qi, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
-            k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, B, L, D, d, dmask, C, BD, NP, SB, seg_blocks * C, HAS_Z, PRECISION)
+            x, g, powers, ar, ai, qr, qi, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+            k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, BD, NP, SB, HAS_Z, PRECISION)
     # each row's final v and dv/dq (r = last_len tokens in the last block):
     # v_end = q^r v + sum_k x_(r-1-k) q^k,  dv_end/dq = q^(r-1) (V + r v) + sum_k (k+1) x_(r-2-k) q^k
     # (the block read last-first and moved so that its last real token comes first, times Q)
@@ -1024,7 +1052,7 @@ def launch_segment_ends(x: Tensor, tables: CemaTables, plan: Segments, cfg: Cema
     _cema_segment_end_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
         x, tables.powers, tables.step, ends, ends_dq, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, C=chunk, BD=cfg.block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
-        DERIV=deriv, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return ends, (ends_dq if deriv else None)
 
 
@@ -1041,7 +1069,7 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, REVERSE=reverse, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, h_last
 
 
@@ -1060,7 +1088,7 @@ def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None,
         lag_sums if z is None else z, lag_sums, sums, v_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lag_sums, sums, v_last
 
 
@@ -1129,15 +1157,16 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
 
 # %% tags=["export:ops.cema"]
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
-                "min_programs", "min_segment_blocks")
+                "min_programs", "min_segment_blocks", "prefetch")
 
 
 def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
-    return [getattr(cfg, name) for name in _TILE_FIELDS], cfg.precision
+    return [int(getattr(cfg, name)) for name in _TILE_FIELDS], cfg.precision
 
 
 def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
-    return CemaKernelConfig(**dict(zip(_TILE_FIELDS, tiles)), precision=precision)
+    fields = dict(zip(_TILE_FIELDS, tiles))
+    return CemaKernelConfig(**{**fields, "prefetch": bool(fields["prefetch"])}, precision=precision)
 
 
 @torch.library.custom_op("megalodon_lite::cema_fwd", mutates_args=())

@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = {
+VARIANTS = {   # over the module's defaults; the first is the reference the others are compared with
     "default": {},
-    "C16": dict(chunk=16),
-    "stages3": dict(num_stages=3),
-    "BD4-warps4": dict(block_d=4, num_warps=4),
-    "fewer-segments": dict(min_programs=264),
-    "more-segments": dict(min_programs=1056, min_segment_blocks=4),
-    "bf16-dots": dict(precision="bf16"),
+    "prefetch": dict(prefetch=True),
+    "prefetch-C16": dict(prefetch=True, chunk=16),
+    "prefetch-BD2-warps2": dict(prefetch=True, block_d=2, num_warps=2),
+    "prefetch-C16-BD2-warps2": dict(prefetch=True, chunk=16, block_d=2, num_warps=2),
+    "prefetch-fewer-segments": dict(prefetch=True, min_programs=256),
+    "prefetch-bf16-dots": dict(prefetch=True, precision="bf16"),   # reported, never adopted: tf32 is the contract
 }
 
 
@@ -100,6 +100,39 @@ def adopt(best: dict) -> None:
     print(f"adopted {best['variant']}: DEFAULT_CONFIG = CemaKernelConfig({args})")
 
 
+def profile(cfg, out: Path) -> None:
+    """torch.profiler of forward+backward at 1 x 64K and 32 x 2K: GPU time per kernel and the
+    call's wall time (a gap between them is time the GPU waited for the host)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from megalodon_lite.ops.cema import cema_triton
+
+    lines = [f"config: {cfg}"]
+    for batch, length in [(1, 65536), (32, 2048)]:
+        coefficients, x, dy = _problem(batch, length, 1024, 16, "cuda")
+        x = x.requires_grad_(True)
+
+        def step():
+            cema_triton(x, *coefficients, config=cfg)[0].backward(dy)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / 5
+        lines.append(f"\n{batch} x {length}: wall {1e3 * wall:.3f} ms per forward+backward")
+        lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=48))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (out / "cema_profile.txt").write_text(text + "\n")
+
+
 def kernel_resources() -> dict[str, list]:
     """Registers and spills of every compiled kernel, where this Triton version exposes them."""
     from megalodon_lite.ops import cema as ops
@@ -126,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--interpret", action="store_true", help="toy sizes under the Triton interpreter (CPU check)")
     parser.add_argument("--adopt", action="store_true", help="make the best variant this checkout's default (see adopt)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU times of the best variant (torch.profiler)")
     args = parser.parse_args(argv)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -161,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1e3 * (time.perf_counter() - start)
         copy_tbps = float("nan")
     else:
-        from kernels.bench import SHAPES, bench_ms, measure_ceilings
+        from triton.testing import do_bench
+
+        from kernels.bench import SHAPES, measure_ceilings
         shapes, d_model, n_states = SHAPES, 1024, 16
-        time_ms = bench_ms
+
+        def time_ms(fn, grad_to_none=None):
+            return float(do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median"))
         copy_tbps = measure_ceilings().copy_TBps
     baseline: dict[tuple, list] = {}
     records = []
@@ -209,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(record["error"], flush=True)
         records.append(record)
     ranked = sorted((r for r in records if r.get("ok")), key=lambda r: r["worst_x_floor_fwdbwd"])
+    adoptable = [r for r in ranked if not r["config"]["precision"]]
     print("\nvariant            worst fwd+bwd x floor   (sum of fwd+bwd ms)")
     for r in ranked:
         print(f"{r['variant']:>16}  {r['worst_x_floor_fwdbwd']:8.2f}   ({sum(x['fwdbwd_ms'] for x in r['rows']):.3f})")
@@ -225,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"cema_tuning_{slug}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
-    if args.adopt and ranked:
-        adopt(ranked[0])
+    if args.adopt and adoptable:
+        adopt(adoptable[0])
+    if args.profile and not args.interpret:
+        profile(CemaKernelConfig(**(adoptable[0]["config"] if adoptable else {})), out=args.out)
     return 0
 
 

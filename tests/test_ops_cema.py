@@ -41,11 +41,12 @@ CASES = [
     ("segments-without-h0", 3, 70, 6, 2, 32, 16, False),
     ("chunk32-D-not-pow2", 1, 100, 12, 4, 64, 32, True),
     ("N9-padded-to-16", 1, 40, 3, 9, 0, 16, True),
+    ("prefetch-next-block", 2, 90, 6, 3, 32, 16, True),
 ]
 
 
-def config(segment: int = 0, chunk: int = 16) -> ops.CemaKernelConfig:
-    return ops.CemaKernelConfig(**{**TINY, "chunk": chunk}, segment=segment)
+def config(segment: int = 0, chunk: int = 16, prefetch: bool = False) -> ops.CemaKernelConfig:
+    return ops.CemaKernelConfig(**{**TINY, "chunk": chunk}, segment=segment, prefetch=prefetch)
 
 
 def random_problem(batch: int, length: int, d_model: int, n_states: int, with_h0: bool, seed: int = 0):
@@ -105,7 +106,7 @@ def check_case(case, through_parameters: bool) -> None:
     want = run(cema_recurrence, layer, x, h0, dy, dh, through_parameters=through_parameters)
     layer32 = float32_copy(layer)
     with ops.poisoned_outputs():
-        got = run(kernel_form(config(segment, chunk)), layer32, x.float(), None if h0 is None else h0.to(torch.complex64),
+        got = run(kernel_form(config(segment, chunk, prefetch=case[0].startswith("prefetch"))), layer32, x.float(), None if h0 is None else h0.to(torch.complex64),
                   dy, dh, through_parameters=through_parameters)
     errors = relative_errors(got, want)
     assert max(errors.values()) < RTOL_FP32, errors
