@@ -36,7 +36,6 @@ VARIANTS = {   # over the module's defaults; the first is the reference the othe
     "prefetch": dict(prefetch=True),
     "prefetch-C16": dict(prefetch=True, chunk=16),
     "prefetch-BD2-warps2": dict(prefetch=True, block_d=2, num_warps=2),
-    "prefetch-C16-BD2-warps2": dict(prefetch=True, chunk=16, block_d=2, num_warps=2),
     "prefetch-fewer-segments": dict(prefetch=True, min_programs=256),
     "prefetch-bf16-dots": dict(prefetch=True, precision="bf16"),   # reported, never adopted: tf32 is the contract
 }
