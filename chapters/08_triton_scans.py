@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   kernelspec:
-#     display_name: Python 3 (ipykernel)
+#     display_name: Python 3
 #     language: python
 #     name: python3
 # ---
@@ -223,9 +223,11 @@ from megalodon_lite.cema import _check_inputs, cema_chunked, cema_powers, cema_r
 
 @dataclass(frozen=True)
 class CemaKernelConfig:
-    """Tile sizes of the CEMA kernels. Defaults: measured on an H200 (kernels/NOTES_cema.md)."""
+    """Tile sizes of the CEMA kernels. The defaults were the fastest of the variants timed on an
+    H200 (kernels/tune_cema.py; the record is kernels/results/cema_tuning_h200*.json and
+    kernels/NOTES_cema.md)."""
 
-    chunk: int = 32              # C of the scan kernels (forward and dx), tokens per block
+    chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
     block_d: int = 4             # BD, channels per program (one warp each)
     streams: int = 16            # SB, (row, segment) streams per program: the M of every tl.dot
@@ -235,7 +237,7 @@ class CemaKernelConfig:
     min_programs: int = 528      # ... i.e. until this many programs (4 per H200 SM) ...
     min_segment_blocks: int = 8  # ... unless segments would get shorter than this many blocks
     precision: str = ""          # tl.dot operands: "" (tf32, or tf32x3 for float32 x), "tf32", "bf16", "ieee"
-    prefetch: bool = False       # load the next block while computing this one
+    prefetch: bool = True        # load the next block while computing this one
 
 
 DEFAULT_CONFIG = CemaKernelConfig()
@@ -1374,6 +1376,34 @@ fig, ax = plt.subplots(figsize=(12, 4.6))
 ax.imshow(plt.imread(figure_path))
 ax.axis("off")
 plt.show()
+
+# %% [markdown]
+# The target is missed. Where the time goes is in the profile committed next to the results
+# (`kernels/results/cema_profile_h200.txt`, torch.profiler around forward+backward at 1 × 64K);
+# its kernel rows:
+
+# %%
+for line in (ROOT / "kernels" / "results" / "cema_profile_h200.txt").read_text().splitlines():
+    if " wall " in line:                      # e.g. "1 x 65536: wall ... ms per forward+backward"
+        print(line.strip())
+    elif line.strip().startswith("_cema_"):   # name, ..., CUDA total, CUDA time per call, calls
+        name, *_, total, per_call, calls = line.split()
+        print(f"    {name:28s} {per_call:>10} per call ({calls} calls in the 5 profiled steps)")
+
+# %% [markdown]
+# Each kernel runs several times slower than the bytes it moves would allow. They are bound by
+# the latency of one step of their loop, not by bandwidth or arithmetic: a program walks its
+# blocks one after the other, and each step is a dependent chain — the block's load (issued one
+# step early since the second tuning session), a layout conversion through shared memory into the
+# tensor cores' operand layout, three small $16\times16\times16$ products per channel, a
+# shared-memory round trip for the store, the state update — while only a few programs fit on an
+# SM at the register counts these need. Prefetching the next block and halving $C$ to 16 (a
+# smaller Toeplitz product: $C + 4N$ multiply-adds per token) took the kernels from about 18× to
+# about 12.5× the floor (`kernels/NOTES_cema.md` has every version and what it predicted). What
+# the measurements point to next is more independent work per SM — a persistent kernel whose warps
+# own different channels and streams, with the blocks of $x$ double-buffered in shared memory —
+# rather than a different algorithm: the algebra above already moves each byte of $x$ and $y$ only
+# a few times.
 
 # %% [markdown]
 # ## Summary

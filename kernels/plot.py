@@ -49,7 +49,8 @@ def plot_results(json_path: str | Path, directory: str | Path | None = None) -> 
             ratios = [by_shape[shapes[i]][key] / by_shape[shapes[i]][floor_key] for i in xs]
             ax.plot(xs, ratios, "o-" if path == "triton" else "s--", color=colours[op], label=f"{op} ({path})")
             for i, ratio in zip(xs, ratios):
-                ax.annotate(f"{ratio:.3g}", (i, ratio), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(f"{ratio:.3g}" if ratio < 100 else f"{ratio:.0f}", (i, ratio), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
         ax.axhline(1.0, color="k", lw=1)
         ax.axhline(2.0, color="k", lw=1, ls=":")
         ax.set(yscale="log", title=title, xlabel="B x L (65,536 tokens per call)")

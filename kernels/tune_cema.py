@@ -8,7 +8,9 @@ variant is timed forward and forward+backward at B x L in {32 x 2K, 4 x 16K, 1 x
 N = 16, bf16, gradients to x and the parameters (what kernels/bench.py times), and its outputs
 and gradients are compared with the first variant's (a variant that computes something else is
 reported, not ranked). The record (kernels/NOTES_cema.md says what each version predicted and
-what it measured) is this script's JSON: device, versions, date, command, per-variant rows.
+what it measured) is this script's JSON: device, versions, date, command, per-variant rows, with
+each variant's full config (the two committed sessions, kernels/results/cema_tuning_h200*.json,
+ran earlier variant lists, relative to the defaults of their day).
 
 ``--interpret`` runs the same script at toy sizes under the Triton interpreter, to check it on a CPU.
 """
@@ -32,12 +34,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS = {   # over the module's defaults; the first is the reference the others are compared with
-    "default": {},
-    "prefetch": dict(prefetch=True),
-    "prefetch-C16": dict(prefetch=True, chunk=16),
-    "prefetch-BD2-warps2": dict(prefetch=True, block_d=2, num_warps=2),
-    "prefetch-fewer-segments": dict(prefetch=True, min_programs=256),
-    "prefetch-bf16-dots": dict(prefetch=True, precision="bf16"),   # reported, never adopted: tf32 is the contract
+    "default": {},                                    # C 16, BD 4 / 4 warps, prefetch: session 2's best
+    "no-prefetch": dict(prefetch=False),
+    "C32": dict(chunk=32),
+    "BD2-warps2": dict(block_d=2, num_warps=2),
+    "BD8-warps8": dict(block_d=8, num_warps=8),       # session 1's defaults, with C 16 and prefetch
+    "fewer-segments": dict(min_programs=256),
+    "bf16-dots": dict(precision="bf16"),              # reported, never adopted: tf32 is the contract
 }
 
 

@@ -41,9 +41,11 @@ from megalodon_lite.cema import _check_inputs, cema_chunked, cema_powers, cema_r
 
 @dataclass(frozen=True)
 class CemaKernelConfig:
-    """Tile sizes of the CEMA kernels. Defaults: measured on an H200 (kernels/NOTES_cema.md)."""
+    """Tile sizes of the CEMA kernels. The defaults were the fastest of the variants timed on an
+    H200 (kernels/tune_cema.py; the record is kernels/results/cema_tuning_h200*.json and
+    kernels/NOTES_cema.md)."""
 
-    chunk: int = 32              # C of the scan kernels (forward and dx), tokens per block
+    chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
     block_d: int = 4             # BD, channels per program (one warp each)
     streams: int = 16            # SB, (row, segment) streams per program: the M of every tl.dot
@@ -53,7 +55,7 @@ class CemaKernelConfig:
     min_programs: int = 528      # ... i.e. until this many programs (4 per H200 SM) ...
     min_segment_blocks: int = 8  # ... unless segments would get shorter than this many blocks
     precision: str = ""          # tl.dot operands: "" (tf32, or tf32x3 for float32 x), "tf32", "bf16", "ieee"
-    prefetch: bool = False       # load the next block while computing this one
+    prefetch: bool = True        # load the next block while computing this one
 
 
 DEFAULT_CONFIG = CemaKernelConfig()
