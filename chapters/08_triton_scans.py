@@ -93,21 +93,22 @@ print(f"the recurrence's 6N = {6 * n_states} multiply-adds per token and channel
 # $$y_m[i] = \sum_{j \le i} k[i-j]\, x_m[j] + \mathrm{Re}\sum_n \gamma_n q_n^{\,i+1} H_{m,n} + \omega x_m[i],
 # \qquad H_{m+1} = q^C H_m + \sum_j p\, q^{\,C-1-j} x_m[j],$$
 #
-# with the kernel $k[t] = \mathrm{Re}\sum_n p\gamma_n q_n^t$. In matrices, per channel,
-# $y_m = x_m T + H_m V + \omega x_m$ and $H_{m+1} = A H_m + x_m U$: $T$ is the $C\times C$
-# lower-triangular Toeplitz matrix of $k$, $U$ ($C \times 2N$) and $V$ ($2N \times C$) map tokens
-# to the state and back (complex numbers as real/imaginary pairs), $A = q^C$.
+# with the kernel $k[t] = \mathrm{Re}\sum_n p\gamma_n q_n^t$. In matrices, per channel, with the
+# block as a row vector, $y_m = x_m T^\top + H_m V + \omega x_m$ and $H_{m+1} = A H_m + x_m U$:
+# $T$ is the $C\times C$ lower-triangular Toeplitz matrix of $k$ ($T_{ij} = k[i-j]$), $U$
+# ($C \times 2N$) and $V$ ($2N \times C$) map tokens to the state and back (complex numbers as
+# real/imaginary pairs), $A = q^C$.
 #
 # **The point that makes tensor cores usable:** $T$, $U$, $V$ and $A$ depend on the channel only —
 # CEMA is time-invariant. So the blocks of *different sequences* (or of different stretches of
 # one sequence) can be stacked as the rows of one product with the same matrices. A Triton
-# program takes $S_B = 16$ such independent *streams* and $B_D = 8$ channels, and steps through
-# the streams' blocks in lockstep: at every step the 16 blocks are the 16 rows of
-# $(16 \times C) \cdot (C \times C)$, batched over the 8 channels — one 3-D `tl.dot` of shape
-# $(B_D, 16, C) \cdot (B_D, C, C)$. The carried states are 16 × 8 × $N$ complex numbers in
-# registers, and the step $H \leftarrow A H + xU$ is elementwise. Per token and channel that is
+# program takes $S_B = 16$ such independent *streams* and a few channels ($B_D = 4$, one warp
+# each), and steps through the streams' blocks in lockstep: at every step the 16 blocks are the
+# 16 rows of $(16 \times C) \cdot (C \times C)$, batched over the channels — one 3-D `tl.dot` of
+# shape $(B_D, 16, C) \cdot (B_D, C, C)$. The carried states are $16 \times B_D \times N$ complex
+# numbers in registers, and the step $H \leftarrow A H + xU$ is elementwise. Per token and channel that is
 # $C + 2N + 2N$ multiply-adds on tensor cores ($C$ for $T$, $2N$ each for $U$ and $V$), and $4N/C$
-# on the float32 units for the carry. Loads are tiles of $C$ tokens × 8 channels, contiguous
+# on the float32 units for the carry. Loads are tiles of $C$ tokens × $B_D$ channels, contiguous
 # along the channels.
 #
 # **Streams from one long row.** A batch of 32 rows gives 32 streams; one row of 65,536 tokens
@@ -124,7 +125,7 @@ print(f"the recurrence's 6N = {6 * n_states} multiply-adds per token and channel
 # (middle), and what one program holds: 16 streams stepping through their blocks together (right).
 
 # %%
-from megalodon_lite.cema import CEMA, cema_coefficients, cema_kernel, cema_recurrence
+from megalodon_lite.cema import CEMA, cema_kernel, cema_recurrence
 
 
 def draw_blocks(chunk: int = 8, blocks_per_segment: int = 4, segments: int = 3, streams: int = 6):
@@ -198,11 +199,13 @@ Blocks of C tokens: inside a block a C x C Toeplitz matmul, across blocks the N 
 carried in registers. One program runs SB independent *streams* (a batch row, or a segment of
 one) in lockstep over BD channels, so every product is a tensor-core ``tl.dot`` batched over
 channels: (BD, SB, C) @ (BD, C, C). Long rows are cut into segments whose start states come from
-a first pass that writes every segment's end state. Three kernels:
+a first pass that writes every segment's end state. The kernels:
 
+0. ``_cema_tables_kernel``: the per-channel tables (Toeplitz row, state maps, powers of q).
 1. ``_cema_segment_end_kernel``: each segment's end state from zero (and its q-derivative).
 2. ``_cema_scan_kernel``: outputs and final state; the backward runs it on dy backwards in time.
 3. ``_cema_grad_sums_kernel``: the sums over (b, t) that the parameter gradients need.
+4. ``_cema_grad_finish_kernel``: the parameter gradients from those sums.
 
 ``cema_triton`` is the public function; ``torch.ops.megalodon_lite.cema_fwd``/``cema_bwd`` are
 the opaque custom ops torch.compile sees. The reference is chapter 04's ``cema_chunked``.
@@ -557,12 +560,12 @@ def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int,
 
 # %% [markdown]
 # ### 1.6 The kernels
-
-# %% [markdown]
-# The start states of a program's streams: one running state walks the segments in order
+#
+# First, the start states of a program's streams: one running state walks the segments in order
 # (streams are (row, segment) pairs in row-major order), restarting from the row's initial state
-# at every new row. The walk is sequential but short: the segments before the program's first
-# stream, then its 16 streams.
+# at every new row: the segments before the program's first stream, then its 16 streams. The walk
+# is sequential, so its length grows with the number of segments per row; the segment plan keeps
+# that number moderate (the tuning sessions in `kernels/NOTES_cema.md` show what 256 cost).
 
 # %% tags=["export:ops.cema"]
 @triton.jit

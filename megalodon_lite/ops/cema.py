@@ -16,11 +16,13 @@ Blocks of C tokens: inside a block a C x C Toeplitz matmul, across blocks the N 
 carried in registers. One program runs SB independent *streams* (a batch row, or a segment of
 one) in lockstep over BD channels, so every product is a tensor-core ``tl.dot`` batched over
 channels: (BD, SB, C) @ (BD, C, C). Long rows are cut into segments whose start states come from
-a first pass that writes every segment's end state. Three kernels:
+a first pass that writes every segment's end state. The kernels:
 
+0. ``_cema_tables_kernel``: the per-channel tables (Toeplitz row, state maps, powers of q).
 1. ``_cema_segment_end_kernel``: each segment's end state from zero (and its q-derivative).
 2. ``_cema_scan_kernel``: outputs and final state; the backward runs it on dy backwards in time.
 3. ``_cema_grad_sums_kernel``: the sums over (b, t) that the parameter gradients need.
+4. ``_cema_grad_finish_kernel``: the parameter gradients from those sums.
 
 ``cema_triton`` is the public function; ``torch.ops.megalodon_lite.cema_fwd``/``cema_bwd`` are
 the opaque custom ops torch.compile sees. The reference is chapter 04's ``cema_chunked``.
@@ -340,7 +342,7 @@ def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int,
         d_model, n_states, last_len, seg_len, length, C=chunk, BD=8, NP=n_pad, ADJOINT=adjoint)
     return tables
 
-# %% chapters/08_triton_scans.py cell 18
+# %% chapters/08_triton_scans.py cell 17
 @triton.jit
 def _segment_starts(ends_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, d, dmask,
                     BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr, z_sign: tl.constexpr):
@@ -383,7 +385,7 @@ def _segment_starts(ends_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, d, dmask,
         hr, hi = pr * hr - pi * hi + br * er - bi * ei, pr * hi + pi * hr + br * ei + bi * er
     return out_r, out_i
 
-# %% chapters/08_triton_scans.py cell 20
+# %% chapters/08_triton_scans.py cell 19
 # Integer arguments that change with the sequence are not specialised on (one compiled kernel
 # serves every length); D is, so that loads along the channels can be vectorised.
 _LENGTH_ARGS = ["B", "L", "N", "n_seg", "seg_blocks", "last_seg", "last_blk", "last_len"]
@@ -430,7 +432,7 @@ def _cema_segment_end_kernel(
     if DERIV:
         _store_states(ends_dq_ptr, stream, row < B, fr, fi, D, N, d, dmask, NP)
 
-# %% chapters/08_triton_scans.py cell 22
+# %% chapters/08_triton_scans.py cell 21
 @triton.jit
 def _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
                 C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, SEG_TOKENS,
@@ -506,7 +508,7 @@ def _cema_scan_kernel(
     ur, ui = _pairs_to_complex(_dot(x, u, PRECISION), BD, SB, NP)
     _store_states(h_last_ptr, row, (row < B) & (seg == last_seg), fr + ur, sign * (fi + ui), D, N, d, dmask, NP)
 
-# %% chapters/08_triton_scans.py cell 24
+# %% chapters/08_triton_scans.py cell 23
 @triton.jit
 def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, seg_len, d, dmask,
                          BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr):
@@ -549,7 +551,7 @@ def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N,
             wr, wi, dwr, dwi = _cstep(pr, pi, spr, spi, wr, wi, dwr, dwi, zero, zero, zero, zero)
     return o_vr, o_vi, o_dvr, o_dvi, o_wr, o_wi, o_dwr, o_dwi
 
-# %% chapters/08_triton_scans.py cell 25
+# %% chapters/08_triton_scans.py cell 24
 @triton.jit
 def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
                 vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
@@ -579,7 +581,7 @@ def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
     vr, vi, dvr, dvi = _cstep(ar, ai, C * ar, C * ai, vr, vi, dvr, dvi, ur, ui, dur, dui)
     return corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
-# %% chapters/08_triton_scans.py cell 26
+# %% chapters/08_triton_scans.py cell 25
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _cema_grad_sums_kernel(
     x_ptr, g_ptr, powers_ptr, step_ptr, ends_ptr, ends_dq_ptr, z_ptr, lag_sums_ptr, sums_ptr, v_last_ptr,
@@ -665,7 +667,7 @@ def _cema_grad_sums_kernel(
     _store_pair(sums_ptr + offs + 2 * NP * 2, kzr, kzi, dmask[:, None])
     _store_pair(sums_ptr + offs + 3 * NP * 2, kdr, kdi, dmask[:, None])
 
-# %% chapters/08_triton_scans.py cell 28
+# %% chapters/08_triton_scans.py cell 27
 @triton.jit
 def _cema_grad_finish_kernel(lag_sums_ptr, sums_ptr, v_last_ptr, dh_last_ptr, z_ptr, powers_ptr, step_ptr, p_ptr,
                              gamma_ptr, dp_ptr, dq_ptr, dgamma_ptr, domega_ptr, D, N, B, G, length,
@@ -730,7 +732,7 @@ def _cema_grad_finish_kernel(lag_sums_ptr, sums_ptr, v_last_ptr, dh_last_ptr, z_
     tl.store(dq_ptr + 2 * dn + 1, dqi, mask=live)
     tl.store(domega_ptr + d, tl.sum(tl.where(l[None, :] == 0, lags, 0.0), 1), mask=dmask)
 
-# %% chapters/08_triton_scans.py cell 30
+# %% chapters/08_triton_scans.py cell 29
 def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """An output buffer: uninitialised, or NaN-filled under poisoned_outputs()."""
     if POISON_OUTPUTS:
@@ -807,7 +809,7 @@ def launch_grad_finish(lag_sums: Tensor, sums: Tensor, v_last: Tensor, dh_last: 
         C=tables.chunk, BD=8, NP=tables.n_pad, HAS_Z=z is not None)
     return dp, dq, dgamma, domega
 
-# %% chapters/08_triton_scans.py cell 31
+# %% chapters/08_triton_scans.py cell 30
 def _log_q(q: Tensor) -> Tensor:
     """(D, N, 2) float64: log|q| and arg q of the stored complex64 q (pairs in, pairs out)."""
     return torch.view_as_real(torch.log(torch.view_as_complex(q).to(torch.complex128)))
@@ -852,7 +854,7 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
     dp, dq, dgamma, domega = launch_grad_finish(lag_sums, sums, v_last, dh_last, h0, grad_tables, p, gamma, length)
     return dx, dp, dq, dgamma, domega, dh0
 
-# %% chapters/08_triton_scans.py cell 33
+# %% chapters/08_triton_scans.py cell 32
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
                 "min_programs", "min_segment_blocks", "prefetch")
 
@@ -907,7 +909,7 @@ def _(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq, params, tiles, prec
     return (x.new_empty(x.shape), like(p, params), like(q, params), like(gamma, params), like(omega, params),
             like(dh_last, h0 is not None))
 
-# %% chapters/08_triton_scans.py cell 34
+# %% chapters/08_triton_scans.py cell 33
 class CemaTritonFunction(torch.autograd.Function):
     """Autograd glue: the custom ops forward and backward, complex tensors as float32 pairs."""
 
