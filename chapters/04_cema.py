@@ -115,6 +115,7 @@ import torch
 from torch import Tensor, nn
 
 from megalodon_lite import validate
+from megalodon_lite.backend import check_backend, requested_backend, use_triton
 from megalodon_lite.ema import fft_causal_conv
 
 METHODS = ("auto", "recurrence", "fft", "chunked")
@@ -482,8 +483,10 @@ for chunk in (1, 7, 128):
 # `CEMA` holds the five parameters in the official shapes ($\omega$ is stored as a vector of $D$,
 # [the official code's `omega`](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/complex_exponential_moving_average.py#L66) is $D \times 1$), draws them with `cema_reset_parameters`, and its
 # `forward(x, h0)` computes the coefficients and runs one of the three forms: `method="auto"` picks
-# the recurrence for very short pieces (one-token decoding) and the chunked form otherwise. We load
-# the parameters drawn above, so the module must reproduce the functions exactly.
+# the recurrence for very short pieces (one-token decoding) and the chunked form otherwise — or, on a
+# GPU, chapter 08's Triton kernel, the chunked form written as one fused pass (`backend`, or the
+# environment variable `MEGALODON_BACKEND`, forces either path). We load the parameters drawn
+# above, so the module must reproduce the functions exactly.
 
 # %% tags=["export:cema"]
 class CEMA(nn.Module):
@@ -496,13 +499,16 @@ class CEMA(nn.Module):
     Args:
         model_dim: D, the number of channels.
         cema_ndim: N, complex EMA states per channel (16 in every official configuration).
+        backend: "auto" (chapter 08's Triton kernel on CUDA, PyTorch elsewhere), "triton" or "torch"
+            (:mod:`megalodon_lite.backend`).
     """
 
-    def __init__(self, model_dim: int, cema_ndim: int = 16) -> None:
+    def __init__(self, model_dim: int, cema_ndim: int = 16, backend: str = "auto") -> None:
         super().__init__()
         validate.positive_ints(model_dim=model_dim, cema_ndim=cema_ndim)
         self.model_dim = model_dim
         self.cema_ndim = cema_ndim
+        self.backend = check_backend(backend)
         self.chunk_size = DEFAULT_CHUNK_SIZE
         self.alpha = nn.Parameter(torch.empty(model_dim, cema_ndim, 1))
         self.delta = nn.Parameter(torch.empty(model_dim, cema_ndim, 1))
@@ -522,13 +528,18 @@ class CEMA(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None = None, *, method: str = "auto") -> tuple[Tensor, Tensor]:
         """Apply CEMA to x (B, L, D) from state h0 (B, D, N) complex64 or None (zeros).
 
-        method: "recurrence", "fft", "chunked", or "auto" (the recurrence up to
-        RECURRENCE_MAX_LENGTH tokens, e.g. one-token decoding steps, else the chunked form).
+        method: "recurrence", "fft", "chunked", or "auto": chapter 08's kernel when the backend
+        says so (on CUDA, for pieces longer than RECURRENCE_MAX_LENGTH tokens — a decoding step
+        costs less as the recurrence — and for any piece under an explicit "triton"), else the
+        recurrence up to RECURRENCE_MAX_LENGTH tokens and the chunked form beyond.
         Returns y (B, L, D) in x's dtype and the final state h_L (B, D, N) complex64.
         """
         validate.one_of("method", method, METHODS)
         validate.sequence("x", x, channels=self.model_dim)
         p, q, gamma = self.coefficients()
+        if method == "auto" and self._use_kernel(x):
+            from megalodon_lite.ops.cema import cema_triton  # chapter 08; imports triton
+            return cema_triton(x, p, q, gamma, self.omega, h0)
         if method == "auto":
             method = "recurrence" if x.shape[1] <= RECURRENCE_MAX_LENGTH else "chunked"
         if method == "recurrence":
@@ -537,8 +548,16 @@ class CEMA(nn.Module):
             return cema_fft(x, p, q, gamma, self.omega, h0)
         return cema_chunked(x, p, q, gamma, self.omega, h0, chunk_size=self.chunk_size)
 
+    def _use_kernel(self, x: Tensor) -> bool:
+        """Whether ``method="auto"`` runs chapter 08's kernel (float32 coefficients, x not float64)."""
+        if x.shape[1] <= RECURRENCE_MAX_LENGTH and requested_backend(self.backend) != "triton":
+            return False
+        supported = x.dtype != torch.float64 and self.alpha.dtype != torch.float64
+        return use_triton(self.backend, x.device, supported=supported,
+                          why_not="the CEMA kernel takes float16/bfloat16/float32 x and float32 parameters")
+
     def extra_repr(self) -> str:
-        return f"model_dim={self.model_dim}, cema_ndim={self.cema_ndim}"
+        return f"model_dim={self.model_dim}, cema_ndim={self.cema_ndim}, backend={self.backend}"
 
 
 # %%

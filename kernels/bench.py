@@ -3,7 +3,7 @@
 One command, one GPU run::
 
     python kernels/bench.py                      # every op, writes kernels/results/<device>.json
-    python kernels/bench.py --ops cema --out /tmp/results --no-figure
+    python kernels/bench.py --ops cema --out /tmp/results --figure
 
 It measures, in the same run: the device's copy bandwidth (bytes read + written by a large
 device-to-device copy) and bf16 matmul rate (8192^3, random data), then each op forward and
@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:   # `python kernels/bench.py` from a checkout: megalodon_lite and kernels.plot
+    sys.path.insert(0, str(ROOT))
 SHAPES = ((32, 2048), (4, 16384), (1, 65536))   # (B, L): 65,536 tokens per call
 D_MODEL, N_STATES, N_GROUPS = 1024, 16, 32
 BWD_OVER_FWD_SCAN = 2.5       # forward+backward floor of a memory-bound scan, in forward floors
@@ -57,11 +59,13 @@ class Row:
     floor_fwdbwd_ms: float
 
 
-def bench_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn()`` over CUDA-event-timed repeats (``triton.testing.do_bench``)."""
+def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median milliseconds of ``fn()`` over CUDA-event-timed repeats (``triton.testing.do_bench``;
+    it flushes the L2 cache before each repeat and sets ``.grad`` of ``grad_to_none`` to None, so
+    a backward does not time the accumulation into an existing gradient)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return float(do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def measure_ceilings() -> Ceilings:
@@ -86,6 +90,41 @@ def scan_floor_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element
 # Each op contributes ``name -> fn(ceilings) -> list[Row]`` (kernel and PyTorch paths, every shape).
 OPS: dict[str, Callable[[Ceilings], list[Row]]] = {}
 
+
+def bench_cema(ceilings: Ceilings, config=None) -> list[Row]:
+    """CEMA (chapter 08): the Triton kernels and chapter 04's cema_chunked (block 64, what the
+    module runs without kernels), bf16 x, gradients to x and to the coefficients p, q, gamma, omega
+    (the op itself: the layer's cema_coefficients around it is the same for both paths)."""
+    from megalodon_lite.cema import CEMA, cema_chunked
+    from megalodon_lite.ops.cema import cema_triton
+
+    torch.manual_seed(0)
+    layer = CEMA(D_MODEL, N_STATES).cuda()
+    coefficients = [t.detach().requires_grad_(True) for t in (*layer.coefficients(), layer.omega)]
+    forms = {"triton": lambda x: cema_triton(x, *coefficients, config=config),
+             "torch": lambda x: cema_chunked(x, *coefficients, chunk_size=64)}
+    rows = []
+    for batch, length in SHAPES:
+        x = torch.randn(batch, length, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        x_grad = x.clone().requires_grad_(True)
+        dy = torch.randn_like(x)
+        floor = scan_floor_ms(batch, length, ceilings)
+        for path, form in forms.items():
+            def forward(form=form):
+                with torch.no_grad():
+                    return form(x)
+
+            def forward_backward(form=form):
+                form(x_grad)[0].backward(dy)
+
+            rows.append(Row("cema", path, batch, length, bench_ms(forward),
+                            bench_ms(forward_backward, grad_to_none=[x_grad, *coefficients]),
+                            floor, BWD_OVER_FWD_SCAN * floor))
+            torch.cuda.empty_cache()
+    return rows
+
+
+OPS["cema"] = bench_cema
 
 def bench_timestep_norm(ceilings: Ceilings) -> list[Row]:
     """TimestepNorm (chapter 08 Part 2): the Triton kernels and chapter 05's cumulative-sum form,
@@ -169,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", nargs="*", default=None, help=f"subset of {sorted(OPS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
     parser.add_argument("--figure", action="store_true", help="write figures/08_scan_kernels.png")
+    parser.add_argument("--list", action="store_true", help="print the registered ops and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        print(" ".join(sorted(OPS)))
+        return 0
     if not torch.cuda.is_available():
         print("kernels/bench.py needs a CUDA device", file=sys.stderr)
         return 2

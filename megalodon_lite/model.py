@@ -204,7 +204,7 @@ class MegalodonLayer(nn.Module):
         self.init_mode = cfg.init_mode
         self.dropout, self.hidden_dropout = cfg.dropout, cfg.hidden_dropout
         self.timenorm = TimestepNorm(cfg.model_dim, cfg.norm_num_groups, eps=cfg.norm_eps, backend=cfg.backend)
-        self.cema = CEMA(cfg.model_dim, cfg.cema_ndim)
+        self.cema = CEMA(cfg.model_dim, cfg.cema_ndim, backend=cfg.backend)
         self.rmsnorm = RMSNorm(cfg.model_dim, eps=cfg.norm_eps)
         self.wz = nn.Linear(cfg.model_dim, cfg.z_dim)
         self.wv = nn.Linear(cfg.model_dim, cfg.value_dim)

@@ -14,6 +14,7 @@ import torch
 
 from megalodon_lite import backend
 from megalodon_lite.attention import ChunkAttention
+from megalodon_lite.cema import CEMA
 from megalodon_lite.config import preset
 from megalodon_lite.model import MegalodonLM
 from megalodon_lite.timestep_norm import TimestepNorm
@@ -24,10 +25,11 @@ TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 sums in different orders (see the modul
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the calls of each op's public kernel function (the modules import them at call time)."""
+    import megalodon_lite.ops.cema as cema_ops
     import megalodon_lite.ops.chunk_attention as attention_ops
     import megalodon_lite.ops.timestep_norm as norm_ops
 
-    calls = {"timestep_norm": 0, "chunk_attention": 0}
+    calls = {"cema": 0, "timestep_norm": 0, "chunk_attention": 0}
 
     def spy(module, name, key):
         original = getattr(module, name)
@@ -38,6 +40,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
         monkeypatch.setattr(module, name, counted)
 
+    spy(cema_ops, "cema_triton", "cema")
     spy(norm_ops, "timestep_norm_triton", "timestep_norm")
     spy(attention_ops, "chunk_attention", "chunk_attention")
     return calls
@@ -148,5 +151,29 @@ def test_model_config_backend_reaches_every_module_and_both_paths_agree(kernel_c
         model = MegalodonLM(config.replace(backend=name))
         assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {name}
         logits[name] = model(tokens)[0]
-        assert kernel_calls == {"timestep_norm": 2, "chunk_attention": 1}  # layer norm + final norm; attention
+        assert kernel_calls == {"cema": 1, "timestep_norm": 2, "chunk_attention": 1}  # + the final norm
     torch.testing.assert_close(logits["triton"], logits["torch"], **TOL)
+
+
+def test_cema_module_dispatch_matches_pytorch(kernel_calls: dict[str, int]) -> None:
+    """Pieces longer than RECURRENCE_MAX_LENGTH run the kernel under "auto" on CUDA and always under
+    "triton"; a short decoding piece stays on the recurrence unless "triton" is explicit."""
+    torch.manual_seed(3)
+    reference = CEMA(10, 3, backend="torch")
+    x, h0 = torch.randn(2, 29, 10), torch.randn(2, 10, 3, dtype=torch.complex64)
+    results = {}
+    for name in ("triton", "torch"):
+        layer = CEMA(10, 3, backend=name)
+        layer.load_state_dict(reference.state_dict())
+        xi = x.clone().requires_grad_()
+        y, h = layer(xi, h0)
+        (y.square().sum() + h.abs().square().sum()).backward()
+        results[name] = (y, h, xi.grad, *(p.grad for p in layer.parameters()))
+        assert kernel_calls["cema"] == 1
+    for a, b in zip(*results.values(), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    layer = CEMA(10, 3, backend="triton")
+    layer(x[:, :1])          # an explicit "triton" takes a one-token step too
+    assert kernel_calls["cema"] == 2
+    with pytest.raises(ValueError, match="CEMA kernel takes"):
+        layer.double()(x.double())
