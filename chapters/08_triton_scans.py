@@ -1374,7 +1374,7 @@ from megalodon_lite.timestep_norm import TimestepNormState, timestep_norm, times
 BENCH_TOKENS, BENCH_D, BENCH_G, BF16_BYTES = 65_536, 1024, 32, 2
 tensor_bytes = BENCH_TOKENS * BENCH_D * BF16_BYTES                  # one (B, L, D) bf16 tensor
 passes = {"floor": (2, 3), "tiled kernels": (3, 5)}                  # (forward, backward) tensor passes
-results_file = repo_root() / "kernels" / "results" / "nvidia_h200_timestep_norm.json"   # committed GPU run
+results_file = repo_root() / "kernels" / "results" / "nvidia_h200.json"   # committed GPU run
 copy_TBps = json.loads(results_file.read_text())["copy_TBps"] if results_file.exists() else None
 print(f"one bf16 tensor of {BENCH_TOKENS:,} tokens x D={BENCH_D}: {tensor_bytes / 2**20:.0f} MiB")
 for name, (fwd, bwd) in passes.items():
@@ -2294,7 +2294,7 @@ assert worst < 1e-4
 
 # %%
 results_dir = repo_root() / "kernels" / "results"
-bench_file, tune_file = results_dir / "nvidia_h200_timestep_norm.json", results_dir / "tune_timestep_norm_h200.json"
+bench_file, tune_file = results_dir / "nvidia_h200.json", results_dir / "tune_timestep_norm_h200.json"
 if bench_file.exists() and tune_file.exists():
     bench_run, tune_run = json.loads(bench_file.read_text()), json.loads(tune_file.read_text())
     print(f"{bench_run['device']}, torch {bench_run['torch']}, triton {bench_run['triton']}, {bench_run['date'][:10]}; "
