@@ -266,13 +266,14 @@ if not SMOKE:
 # | 05 | timestep normalization | causal group norm with running statistics |
 # | 06 | normalized chunk attention | attention inside chunks, normalised q and k |
 # | 07 | the model and streaming | the full model; pieces of a stream give the same logits as the whole, at constant memory |
-# | 08 | Triton kernels (planned) | fused GPU kernels for the memory-bound parts |
-# | 09 | a GPU training run (planned) | Megalodon vs a Llama-style baseline: loss and tokens per second as the context grows |
-# | 10 | chunk parallelism (planned) | splitting one long sequence across GPUs |
+# | 08 | Triton kernels for the scans | CEMA and TimestepNorm as fused GPU kernels, against their memory floor |
+# | 09 | a Triton kernel for chunk attention | attention with a value dim of 2048, against its compute floor |
+# | 10 | training against a Llama-style baseline | loss, tokens per second and memory as the context grows; the `train` command |
+# | 11 | chunk parallelism | splitting one long sequence across processes or GPUs |
 #
 # The "unlimited context" claim is tested directly in chapter 07 (streaming equals one long call,
 # with a state whose size does not depend on the stream length); the loss and speed claims are
-# to be tested, in direction rather than in magnitude, by the training run of chapter 09.
+# tested, in direction rather than in magnitude, by the training run of chapter 10.
 
 # %% [markdown]
 # ## On a GPU

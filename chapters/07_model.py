@@ -161,7 +161,7 @@ class MegalodonConfig:
 # the repository's SwiGLU shape `mega7.3B` with those two numbers changed; the paper does not give
 # the FFN width, so it is the repository's. The repository leaves `vocab_size` to
 # the tokenizer; the paper trains with LLaMA-2's, so our presets set its 32,000 tokens. We add
-# `small` (four layers of the 200M model, for the GPU training run of chapter 09) and `tiny`
+# `small` (four layers of the 200M model, for the GPU training run of chapter 10) and `tiny`
 # (a byte-level model for the CPU). Each preset is a frozen config; `preset(name, **changes)`
 # returns a validated copy with some fields changed.
 
@@ -187,7 +187,7 @@ PRESETS: dict[str, MegalodonConfig] = {
     "mega7B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=32, model_dim=4096, num_heads=4, z_dim=1024,
                               value_dim=8192, ffn_hidden_dim=8192, chunk_size=4096, norm_num_groups=64,
                               swiglu=True, rope_base=100_000.0),
-    # Four layers of mega200M: the GPU training run of chapter 09.
+    # Four layers of mega200M: the GPU training run of chapter 10.
     "small": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=4, model_dim=1024, num_heads=1, z_dim=256,
                              value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),
     # A byte-level model that runs anywhere: for the CPU chapters and the tests.
@@ -1020,20 +1020,30 @@ plt.show()
 # %% [markdown]
 # **Generating text.** `generate` reads the prompt through the state one chunk per call, then
 # feeds each sampled token back alone, so neither a long prompt nor a long continuation makes
-# memory grow. An untrained byte-level model produces noise, of course — chapter 09 trains
-# one — but two things can be checked already: the same seed gives the same text, and greedy
-# decoding through the state picks exactly the tokens a single full forward pass over prompt and
-# continuation would pick (teacher forcing).
+# memory grow. The model below is the small demo checkpoint that chapter 10's GPU run trained on
+# the Python standard library (`checkpoints/demo`, 3.4M parameters, byte-level; an untrained
+# `tiny` model stands in where the chapters were copied out without it). Two things are checked:
+# the same seed gives the same text, and greedy decoding through the state picks exactly the tokens
+# a single full forward pass over prompt and continuation would pick (teacher forcing).
 
 # %%
-text_model = MegalodonLM(preset("tiny")).eval()
-prompt = torch.tensor([list("Megalodon reads ".encode())])
-sampled = text_model.generate(prompt, 32, temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(3))
-again = text_model.generate(prompt, 32, temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(3))
+from megalodon_lite.checkpoint import load_checkpoint
+from megalodon_lite.export import repo_root
+
+demo_checkpoint = repo_root() / "checkpoints" / "demo"
+if (demo_checkpoint / "config.json").exists():
+    text_model = load_checkpoint(demo_checkpoint).eval()
+    print(f"loaded {demo_checkpoint.name}: {sum(p.numel() for p in text_model.parameters()):,} parameters")
+else:
+    text_model = MegalodonLM(preset("tiny")).eval()
+    print("no checkpoints/demo here: an untrained tiny model (its text is noise)")
+prompt = torch.tensor([list("def read_config(path):\n    ".encode())])
+sampled = text_model.generate(prompt, 64, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(3))
+again = text_model.generate(prompt, 64, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(3))
 assert torch.equal(sampled, again)
 print("sampled:", repr(bytes(sampled[0].tolist()).decode("utf-8", errors="replace")))
 
-greedy = text_model.generate(prompt, 24, temperature=0)
+greedy = text_model.generate(prompt, 48, temperature=0)
 with torch.no_grad():
     logits, _ = text_model(torch.cat([prompt, greedy], dim=1))
 teacher_forced = logits[:, prompt.shape[1] - 1:-1].argmax(-1)
@@ -1090,5 +1100,6 @@ with tempfile.TemporaryDirectory() as tmp:
 #   stream of a million tokens.
 # * Checkpoints are safetensors plus JSON, written atomically and verified by hash on load.
 #
-# Later chapters spread the chunks of one long sequence over several GPUs and train the `small`
-# preset (chapter 09).
+# Later chapters write GPU kernels for its three costly ops (08, 09), train the `small` preset
+# against a Llama-style transformer (10) and spread the chunks of one long sequence over several
+# processes (11).

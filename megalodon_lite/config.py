@@ -103,7 +103,7 @@ PRESETS: dict[str, MegalodonConfig] = {
     "mega7B": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=32, model_dim=4096, num_heads=4, z_dim=1024,
                               value_dim=8192, ffn_hidden_dim=8192, chunk_size=4096, norm_num_groups=64,
                               swiglu=True, rope_base=100_000.0),
-    # Four layers of mega200M: the GPU training run of chapter 09.
+    # Four layers of mega200M: the GPU training run of chapter 10.
     "small": MegalodonConfig(vocab_size=_LLAMA2_VOCAB, num_layers=4, model_dim=1024, num_heads=1, z_dim=256,
                              value_dim=2048, ffn_hidden_dim=2560, chunk_size=2048, norm_num_groups=32),
     # A byte-level model that runs anywhere: for the CPU chapters and the tests.
