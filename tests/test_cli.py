@@ -200,3 +200,13 @@ def test_resume_drops_log_records_of_the_lost_part_of_a_run(tmp_path, text):
     assert main(["train", "--resume", str(out), *common]) == 0
     steps = [r["step"] for r in log_records(out, "train")]
     assert steps == [1, 2, 3, 4, 5] and 9.0 not in [r["loss"] for r in log_records(out, "train")]
+
+
+def test_the_published_demo_checkpoint_samples_on_a_cpu(capsys):
+    """The README's `sample checkpoints/demo` example: the committed GPU-trained checkpoint loads on
+    a CPU (hash verified) and continues a prompt with bytes it learned from Python sources."""
+    demo = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
+    assert main(["sample", str(demo), "--prompt", "def read_config(path):", "--tokens", "40", "--seed", "0",
+                 "--temperature", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def read_config(path):") and len(text) > len("def read_config(path):") + 20
