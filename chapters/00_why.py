@@ -32,10 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (SMOKE, describe_run, pick, pick_device, require_cuda, save_figure,
+                                     seed_everything, time_call)
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 on_gpu = device.type == "cuda"
 dtype = torch.bfloat16 if on_gpu else torch.float32
 heads, head_dim = pick(smoke=2, full=8), 64
@@ -44,7 +46,7 @@ if on_gpu:
     lengths = pick(smoke=[256, 512, 1024, 2048], full=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
 else:
     lengths = pick(smoke=[128, 256, 512, 1024, 2048], full=[256, 512, 1024, 2048, 4096, 8192])
-print(f"device={device}  dtype={dtype}  smoke={SMOKE}  heads={heads}  head_dim={head_dim}  chunk={chunk}")
+print(f"dtype={dtype}  heads={heads}  head_dim={head_dim}  chunk={chunk}")
 print(f"sequence lengths: {lengths}")
 
 # %% [markdown]

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B, L, D = 2, pick(smoke=257, full=4099), 8   # L deliberately not a power of two
-print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
+print(f"(B, L, D) = ({B}, {L}, {D})")
 
 # %% [markdown]
 # ## 1. The recurrence

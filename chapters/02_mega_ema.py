@@ -44,15 +44,16 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B = pick(smoke=2, full=4)
 L = pick(smoke=256, full=16_384)
 D = pick(smoke=8, full=256)
 N = 16
-print(f"smoke={SMOKE} device={device} B={B} L={L} D={D} N={N}")
+print(f"B={B} L={L} D={D} N={N}")
 
 # %% [markdown]
 # ## The recurrence

@@ -50,15 +50,16 @@ import torch.nn.functional as F
 
 from megalodon_lite import mega_ema                             # chapter 02
 from megalodon_lite.mega_ema import damped_ema_recurrence
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 if device.type == "cpu":
     # Every model here is tiny: its matrices gain nothing from a second thread, and on a busy
     # machine threads waiting for each other make each small call several times slower.
     torch.set_num_threads(1)
-print(f"smoke={SMOKE} device={device} threads={torch.get_num_threads()}")
+print(f"threads={torch.get_num_threads()}")
 
 # %% [markdown]
 # ## The Laplace attention function

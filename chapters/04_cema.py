@@ -41,15 +41,17 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (describe_run, pick, pick_device, require_cuda, save_figure, seed_everything,
+                                     time_call)
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B = 2
 L = pick(smoke=300, full=16_384)   # not a multiple of the chunk size on purpose
 D = pick(smoke=8, full=256)
 N = 16
-print(f"device={device}  B={B}  L={L}  D={D}  N={N}  smoke={SMOKE}")
+print(f"B={B}  L={L}  D={D}  N={N}")
 
 # %% [markdown]
 # ## The parameterisation the official code uses

@@ -31,15 +31,17 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (describe_run, pick, pick_device, require_cuda, save_figure, seed_everything,
+                                     time_call)
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B = 2                                       # batch rows
 L = pick(smoke=256, full=65_536)            # steps for the fast form
 L_REF = pick(smoke=128, full=1_024)         # steps for the slow references (Python loops)
 D, G = pick(smoke=(64, 4), full=(1024, 32)) # channels and groups (G = 32 for D = 1024, as in mega200M)
-print(f"device={device}  SMOKE={SMOKE}  B={B} L={L} L_REF={L_REF} D={D} G={G}")
+print(f"B={B} L={L} L_REF={L_REF} D={D} G={G}")
 
 # %% [markdown]
 # ## 1. Normalising over the sequence leaks the future

@@ -35,11 +35,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (describe_run, pick, pick_device, require_cuda, save_figure, seed_everything,
+                                     time_call)
 
 seed_everything(0)
 device = pick_device()
-print(f"device {device}, smoke mode {SMOKE}")
+describe_run(device)
 
 # %% [markdown]
 # ## 1. RMSNorm, stored as 0 and applied as +1

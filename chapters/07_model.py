@@ -44,14 +44,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 # Every model run on the CPU in this chapter is tiny: its matrices gain nothing from a second
 # thread, and on a busy machine threads waiting for each other make every small call slower.
 torch.set_num_threads(1)
-print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
 # ## 1. The configuration

@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from megalodon_lite.config import preset
 from megalodon_lite.export import repo_root
 from megalodon_lite.model import MegalodonLM
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 torch.set_num_threads(1)  # tiny models: a second thread only adds waiting
-print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
 # ## 1. What must cross a segment boundary
