@@ -193,9 +193,10 @@ if not on_gpu:
 # On log-log axes a cost $\propto L^p$ is a straight line of slope $p$. We fit the slope of each
 # curve over the larger sizes (at small sizes fixed overheads such as kernel launches dominate and
 # flatten every curve). Full attention should approach slope 2, the chunked version and the
-# cumulative mean slope 1 (or less while they are still dominated by overhead). In smoke mode the
-# sizes are too small and the timings too noisy for the slopes to mean much: they are printed,
-# not asserted.
+# cumulative mean slope 1 (or less while they are still dominated by overhead). The slopes are
+# printed and plotted, not asserted: a timing is whatever the machine measured, and other work on
+# it bends the curves (in smoke mode the sizes are also too small for the slopes to mean much).
+# `tests/test_chapter_timings.py` checks the ordering on these four functions, with a margin.
 
 # %%
 fit_from = pick(smoke=256, full=16384 if on_gpu else 1024)
@@ -231,15 +232,11 @@ fig.tight_layout()
 save_figure(fig, "00_quadratic_wall")
 plt.show()
 
-if not SMOKE:
-    # Full sizes only: attention's L^2 must stand clearly above the linear-time mixers.
-    for name in ("SDPA", "naive"):
-        if np.isfinite(slopes[name]):
-            assert slopes[name] > slopes["cumulative mean"] + 0.5, (name, slopes)
-            assert slopes[name] > slopes["chunked"] + 0.5, (name, slopes)
-    # At the largest size that ran, the naive version really holds the scores; SDPA does not.
+if not SMOKE and not on_gpu:
+    # At full size, the largest length that ran: the naive version really holds the L×L scores, SDPA
+    # does not. (Smoke sizes are too small: the allocator reuses memory it already holds.)
     largest = max(i for i, t in enumerate(seconds["naive"]) if np.isfinite(t))
-    if not on_gpu and np.isfinite(cpu_peak["naive"][largest]):
+    if np.isfinite(cpu_peak["naive"][largest]):
         assert cpu_peak["naive"][largest] >= score_bytes[largest] > cpu_peak["SDPA"][largest]
 
 # %% [markdown]

@@ -673,10 +673,11 @@ assert err < 1e-12
 # term dominates. Fixed per-call overheads flatten both curves at the short end, so the slopes are
 # fitted over the three longest lengths. Each point is the fastest of several calls
 # (`notebook.time_call`, which synchronises CUDA): other work on the machine only ever adds time.
-# The slopes printed are what this machine measured. At smoke sizes on a CPU (calls of a few
-# milliseconds, cores shared with other work) they are less clean than on a GPU, so the cell
-# asserts only what must hold anywhere: chunk attention's slope is clearly (by more than 0.25)
-# below full attention's.
+# The slopes printed are what this machine measured; at smoke sizes on a CPU (calls of a few
+# milliseconds, cores shared with other work) they are less clean than on a GPU. They are shown,
+# not asserted: `tests/test_chapter_timings.py` times the same module at lengths where the
+# quadratic term dominates and checks the ordering with a margin, and counts its floating-point
+# operations, which are exactly linear and quadratic in $L$ on any machine.
 
 # %%
 chunk = pick(smoke=64, full=2048)
@@ -721,7 +722,6 @@ ax.set(xlabel="sequence length L", ylabel="ms per forward call",
 ax.legend()
 save_figure(fig, "06_chunk_attention_scaling")
 plt.show()
-assert slopes["chunk attention"] < slopes["full causal attention"] - 0.25, slopes
 
 # %% [markdown]
 # ## Summary
