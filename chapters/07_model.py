@@ -1089,7 +1089,8 @@ from megalodon_lite.checkpoint import CheckpointError, load_checkpoint, save_che
 with tempfile.TemporaryDirectory() as tmp:
     folder = save_checkpoint(text_model, Path(tmp) / "tiny")
     print("checkpoint files:", sorted(p.name for p in folder.iterdir()))
-    restored = load_checkpoint(folder).eval()
+    restored = load_checkpoint(folder)                    # a new model, in eval mode
+    assert not restored.training
     with torch.no_grad():
         assert torch.equal(restored(prompt)[0], text_model(prompt)[0])
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), text_model.state_dict().values()))
