@@ -134,6 +134,34 @@ def test_check_passes_reports_not_implemented_and_says_what_differs(capsys, monk
     assert "not yet implemented" in capsys.readouterr().out
 
 
+def test_named_tuples_go_in_and_come_out_whole():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        a: torch.Tensor
+        b: torch.Tensor
+
+    def swap(pair: Pair) -> Pair:
+        return Pair(pair.b, pair.a)
+
+    def inputs(generator):
+        return (Pair(torch.randn(3, generator=generator), torch.randn(2, generator=generator)),)
+
+    assert run_check(lambda pair: Pair(pair.b.clone(), pair.a.clone()), swap, inputs).passed
+    wrong = run_check(lambda pair: pair, swap, inputs)
+    assert "the output[0] should have shape (2,), got (3,)" in wrong.message
+
+
+def test_a_notebooks_own_reference_goes_by_its_name():
+    def reference(x):
+        return 2 * x
+
+    reference.__module__ = "__main__"  # as for a function defined in a notebook cell
+    assert "agrees with test_student.test_a_notebooks_own_reference_goes_by_its_name.<locals>.reference" not in (
+        message := run_check(lambda x: x + x, reference, _inputs).message)
+    assert "agrees with test_a_notebooks_own_reference_goes_by_its_name.<locals>.reference on 5" in message
+
+
 def test_check_gives_each_function_its_own_copy_of_the_inputs():
     def clobbers(x):
         x.zero_()
