@@ -840,6 +840,154 @@ cema_widget
 # builds the Megalodon layer on `CEMA`; the Triton chapter fuses `cema_chunked`.
 
 # %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+#
+# **1. Predict, then try it in the widget.** Set $|q| = 0.95$: what half-life will the readout show?
+# Then set $\theta_1 = 0.2$ rad/token: what are the periods of states $n = 1$ and $n = 5$, and how much
+# of a turn does state 1's spiral in panel (2) make before its radius has halved?
+#
+# ### BEGIN SOLUTION
+# Half-life $\ln 2 / (-\ln 0.95) = 13.5$ tokens. State 1 turns by $\theta_1 = 0.2$ rad per token, a
+# period of $2\pi/0.2 = 31.4$ tokens; state 5 by $\theta_5 = 5\theta_1 = 1.0$ rad per token, a period
+# of $6.3$ tokens. In one half-life state 1 turns by $13.5 \cdot 0.2 = 2.7$ rad, $0.43$ of a turn: a
+# slow state forgets before it oscillates, so to oscillate for many periods a state needs $|q|$ close
+# to 1 or a high harmonic $n$.
+# ### END SOLUTION
+#
+# **2. Derive.** Write $\gamma = |\gamma| e^{i\phi}$ and $q = |q| e^{i\theta}$. Show that one state's
+# kernel term is a damped cosine, $\mathrm{Re}(p\,\gamma\, q^t) = p\,|\gamma|\,|q|^t \cos(\theta t + \phi)$.
+# Which parameter sets its envelope, which its frequency, and which its phase? What does it become when
+# $\theta = 0$?
+#
+# ### BEGIN SOLUTION
+# $p\gamma q^t = p|\gamma||q|^t e^{i(\theta t + \phi)}$ since the moduli multiply and the angles add;
+# its real part is $p|\gamma||q|^t\cos(\theta t + \phi)$. The envelope $p|\gamma||q|^t$ decays at the
+# rate $|q|$ (set by `alpha` and `delta`) from the height $p|\gamma|$; the frequency is $\theta$ (set
+# by `theta` and the harmonic $n$); the phase is $\arg\gamma$ (the learned output weight). With
+# $\theta = 0$ it is $p\,|\gamma|\cos\phi\,|q|^t$: a single real exponential, one term of MEGA's
+# damped EMA (chapter 02).
+# ### END SOLUTION
+#
+# **3. Write the kernel.** `my_cema_kernel(p, q, gamma, length)` returns the real kernel
+# $k[t] = \mathrm{Re}\sum_n p_n \gamma_n q_n^t$ of shape (D, L), for `p` (D, N) real and `q`, `gamma`
+# (D, N) complex. The check compares it with `megalodon_lite.cema.cema_kernel`.
+
+# %%
+import math
+
+import torch
+
+from megalodon_lite.cema import cema_kernel, cema_recurrence
+from megalodon_lite.exercises import check
+
+
+def my_cema_kernel(p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor, length: int) -> torch.Tensor:
+    """p (D, N) real, q and gamma (D, N) complex -> (D, length) real kernel Re sum_n p gamma q^t."""
+    ### BEGIN SOLUTION
+    steps = torch.arange(length, dtype=p.dtype, device=p.device)
+    powers = torch.polar(q.abs()[..., None] ** steps, q.angle()[..., None] * steps)   # q^t, (D, N, L)
+    return ((p * gamma)[..., None] * powers).sum(dim=1).real
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def coefficients(generator: torch.Generator, channels: int, ndim: int) -> tuple[torch.Tensor, ...]:
+    """p in (0, 1); q with |q| in (0.5, 0.99) at any angle; gamma complex: (D, N) each, 64-bit."""
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(channels, ndim, generator=generator, dtype=torch.float64)
+
+    p = uniform(0.01, 0.99)
+    q = torch.polar(uniform(0.5, 0.99), uniform(-math.pi, math.pi))
+    gamma = torch.complex(*(torch.randn(channels, ndim, generator=generator, dtype=torch.float64) for _ in range(2)))
+    return p, q, gamma
+
+
+def kernel_inputs(generator: torch.Generator) -> tuple:
+    channels, ndim, length = (int(n) for n in torch.randint(1, 17, (3,), generator=generator))
+    return (*coefficients(generator, channels, ndim), 4 * length)
+
+
+check(my_cema_kernel, reference=cema_kernel, make_inputs=kernel_inputs,
+      hint="powers q[..., None] ** t for t = 0..L-1 as a (D, N, L) tensor; multiply by (p * gamma)[..., None], "
+           "sum over N, then take the real part")
+
+# %% [markdown]
+# **4. Write one streaming step.** `my_cema_step(x_t, h, p, q, gamma, omega)` takes one token's input
+# $x_t$ (B, D) and the complex state $h$ (B, D, N), and returns the output
+# $y_t = \mathrm{Re}\sum_n \gamma_n h'_n + \omega x_t$ (B, D) and the next state
+# $h' = q h + p x_t$: what `CEMA` does for each token when a model generates text. The check
+# compares it with `cema_recurrence` on a one-token sequence from the same state.
+
+# %%
+def my_cema_step(x_t: torch.Tensor, h: torch.Tensor, p: torch.Tensor, q: torch.Tensor, gamma: torch.Tensor,
+                 omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t (B, D) real, h (B, D, N) complex -> y_t (B, D) real and the next state (B, D, N) complex."""
+    ### BEGIN SOLUTION
+    h = q * h + p * x_t[..., None]
+    return (gamma * h).real.sum(-1) + omega * x_t, h
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def one_step_of_the_recurrence(x_t, h, p, q, gamma, omega):
+    y, h_next = cema_recurrence(x_t[:, None], p, q, gamma, omega, h)
+    return y[:, 0], h_next
+
+
+def step_inputs(generator: torch.Generator) -> tuple:
+    batch, channels, ndim = (int(n) for n in torch.randint(1, 9, (3,), generator=generator))
+    p, q, gamma = coefficients(generator, channels, ndim)
+    x_t = torch.randn(batch, channels, generator=generator, dtype=torch.float64)
+    h = torch.complex(*(torch.randn(batch, channels, ndim, generator=generator, dtype=torch.float64) for _ in range(2)))
+    return x_t, h, p, q, gamma, torch.randn(channels, generator=generator, dtype=torch.float64)
+
+
+check(my_cema_step, reference=one_step_of_the_recurrence, make_inputs=step_inputs,
+      hint="update the state first (h' = q h + p x_t, with x_t[..., None] over N), then read it out with gamma")
+
+# %% [markdown]
+# **5. Write the state a block hands on.** The chunked form (section 3) carries the state across
+# blocks: a block of $C$ tokens that starts in state $H$ ends in
+# $H' = q^C H + \sum_{j<C} p\, q^{C-1-j} x_j$. Write `my_block_end_state(x, p, q, h0)` for a block
+# `x` (B, C, D) starting in `h0` (B, D, N), without a loop over the tokens (powers of $q$ and one
+# `einsum`). The check compares it with the final state of `cema_recurrence`. (Chapter 11 sends
+# exactly this between GPUs.)
+
+# %%
+def my_block_end_state(x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """x (B, C, D) real, p (D, N), q (D, N) complex, h0 (B, D, N) complex -> the state after the block."""
+    ### BEGIN SOLUTION
+    length = x.shape[1]
+    back = torch.arange(length - 1, -1, -1, dtype=p.dtype, device=p.device)           # C-1-j for j = 0..C-1
+    into_end = p[..., None] * torch.polar(q.abs()[..., None] ** back, q.angle()[..., None] * back)
+    q_block = torch.polar(q.abs() ** length, q.angle() * length)                      # q^C
+    return q_block * h0 + torch.einsum("bjd,dnj->bdn", x.to(q.dtype), into_end)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def recurrence_end_state(x, p, q, h0):
+    zeros = torch.zeros(x.shape[-1], dtype=x.dtype)
+    return cema_recurrence(x, p, q, torch.zeros_like(q), zeros, h0)[1]   # the output weights play no part
+
+
+def block_inputs(generator: torch.Generator) -> tuple:
+    batch, length, channels, ndim = (int(n) for n in torch.randint(1, 17, (4,), generator=generator))
+    p, q, _ = coefficients(generator, channels, ndim)
+    x = torch.randn(batch, length, channels, generator=generator, dtype=torch.float64)
+    h0 = torch.complex(*(torch.randn(batch, channels, ndim, generator=generator, dtype=torch.float64) for _ in range(2)))
+    return x, p, q, h0
+
+
+check(my_block_end_state, reference=recurrence_end_state, make_inputs=block_inputs,
+      hint="the weight of token j is p q^(C-1-j): the last token is multiplied by p alone, the first by p q^(C-1)")
+
+
+# %% [markdown]
 # ## On a GPU
 #
 # *The cells below need a CUDA GPU: the tests and the book build skip them on a machine without one.*
