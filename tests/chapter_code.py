@@ -51,3 +51,20 @@ def chapter_definitions(number: str, **given: object) -> dict[str, object]:
                        dont_inherit=True)
         exec(code, namespace)  # noqa: S102 - the book's own chapters
     return namespace
+
+
+EXERCISES_HEADING = "## Exercises"
+EXERCISE_CHAPTERS = ["00", "01", "02", "03", "04", "05", "06", "07", "11"]
+"""Chapters that end with exercises (CONTRIBUTING.md, "Exercises"); add a chapter when it gets its own."""
+
+
+def exercise_section(cells: list) -> list:
+    """The cells of a chapter's ``## Exercises`` section: from its heading up to the next ``## ``
+    heading (``## On a GPU``) or the end; empty if the chapter has none."""
+    start = next((i for i, c in enumerate(cells) if c.cell_type == "markdown"
+                  and c.source.startswith(EXERCISES_HEADING)), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start + 1, len(cells)) if cells[i].cell_type == "markdown"
+                and cells[i].source.startswith("## ")), len(cells))
+    return cells[start:end]
