@@ -385,56 +385,54 @@ for length in pick(smoke=[128, 512], full=[256, 1024, 4096, 16384]):
 # widget shows its first state and does not respond.)
 
 # %%
-signal_length = 300
-rng = np.random.default_rng(0)
-time_axis = np.arange(signal_length)
-signals = {
-    "step": (time_axis >= 60).astype(np.float64),
-    "noisy sine": np.sin(2 * np.pi * time_axis / 80) + 0.4 * rng.standard_normal(signal_length),
-    "spikes": (rng.random(signal_length) < 0.03) * 5.0,
-    "random walk": np.cumsum(rng.standard_normal(signal_length)),
-}
+def build_ema_widget(signal_length: int = 300, seed: int = 0) -> widgets.VBox:
+    """A slider for α and a choice of input over two panels: the kernel, and the input with its EMA
+    computed by ``ema_fft``. The figure is built once; a redraw swaps the data of its lines. The
+    returned box also holds ``redraw()``."""
+    rng = np.random.default_rng(seed)
+    time_axis = np.arange(signal_length)
+    signals = {
+        "step": (time_axis >= 60).astype(np.float64),
+        "noisy sine": np.sin(2 * np.pi * time_axis / 80) + 0.4 * rng.standard_normal(signal_length),
+        "spikes": (rng.random(signal_length) < 0.03) * 5.0,
+        "random walk": np.cumsum(rng.standard_normal(signal_length)),
+    }
+    fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11, 3.5))
+    plt.close(fig)                             # drawn into the widget only, not as a cell output
+    kernel_line, = ax_k.plot([], [], color="C0")
+    ax_k.set(xlabel=r"lag $j$", ylabel=r"$k_j$", title=r"kernel $\alpha(1-\alpha)^j$", xlim=(0, 60))
+    input_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="0.6", label="input")
+    ema_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="C0", label="EMA")
+    ax_s.set(xlabel=r"$t$", title="input and its EMA")
+    ax_s.legend(loc="upper left")
+    image = widgets.Image(format="png")
+    alpha_slider = widgets.FloatLogSlider(value=0.1, base=10, min=-2.5, max=-0.01, step=0.01,
+                                          description="α", readout_format=".3f")
+    signal_choice = widgets.SelectionSlider(options=list(signals), value="noisy sine", description="input")
 
-fig_widget, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11, 3.5))
-plt.close(fig_widget)                          # drawn into the widget only, not as a cell output
-kernel_line, = ax_k.plot([], [], color="C0")
-ax_k.set(xlabel="lag j", ylabel="k_j", title="kernel α(1-α)^j", xlim=(0, 60))
-input_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="0.6", label="input")
-ema_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="C0", label="EMA")
-ax_s.set(xlabel="t", title="input and its EMA")
-ax_s.legend(loc="upper left")
-image = widgets.Image(format="png")
-alpha_slider = widgets.FloatLogSlider(value=0.1, base=10, min=-2.5, max=-0.01, step=0.01,
-                                      description="α", readout_format=".3f")
-signal_choice = widgets.SelectionSlider(options=list(signals), value="noisy sine", description="input")
+    def redraw(_change=None) -> None:
+        a = torch.tensor([alpha_slider.value], dtype=torch.float64)
+        signal = torch.from_numpy(signals[signal_choice.value])
+        smoothed = ema_fft(signal.view(1, -1, 1), a).view(-1)
+        kernel_line.set_data(np.arange(61), ema_kernel(a, 61)[0].numpy())
+        ax_k.set_ylim(0, 1.05 * alpha_slider.value)
+        input_line.set_ydata(signal.numpy())
+        ema_line.set_ydata(smoothed.numpy())
+        ax_s.relim()
+        ax_s.autoscale_view()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        image.value = buffer.getvalue()
+
+    alpha_slider.observe(redraw, names="value")
+    signal_choice.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([alpha_slider, signal_choice]), image])
+    box.redraw = redraw
+    return box
 
 
-def redraw(_change=None) -> None:
-    a = torch.tensor([alpha_slider.value], dtype=torch.float64)
-    signal = torch.from_numpy(signals[signal_choice.value])
-    smoothed = ema_fft(signal.view(1, -1, 1), a).view(-1)
-    kernel_line.set_data(np.arange(61), ema_kernel(a, 61)[0].numpy())
-    ax_k.set_ylim(0, 1.05 * alpha_slider.value)
-    input_line.set_ydata(signal.numpy())
-    ema_line.set_ydata(smoothed.numpy())
-    ax_s.relim()
-    ax_s.autoscale_view()
-    buffer = io.BytesIO()
-    fig_widget.savefig(buffer, format="png", dpi=80)
-    image.value = buffer.getvalue()
-
-
-alpha_slider.observe(redraw, names="value")
-signal_choice.observe(redraw, names="value")
-redraw()
-first_frame = image.value
-alpha_slider.value = 0.5                       # moving either control must redraw the picture
-assert image.value != first_frame
-alpha_slider.value, signal_choice.value = 0.1, "step"
-assert image.value not in (first_frame, b"")
-signal_choice.value = "noisy sine"             # back to the first state
-assert image.value == first_frame
-display(widgets.VBox([widgets.HBox([alpha_slider, signal_choice]), image]))
+display(build_ema_widget())
 
 # %% [markdown]
 # ## What we built
