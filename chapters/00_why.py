@@ -279,7 +279,8 @@ if not SMOKE and not on_gpu:
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against a reference on random inputs and prints a pass, "not yet implemented", or what
 # differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** In the measurement above, by about what factor does the time of naive
 # attention grow when $L$ doubles from 512 to 1024, and that of the cumulative mean? Write down your
 # prediction, then read both rows of the table. Why can the smallest sizes disagree with it?
@@ -291,7 +292,8 @@ if not SMOKE and not on_gpu:
 # large share of a short call, which flattens every curve. That is why the slopes are fitted over
 # the larger sizes only.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **2. Derive.** Llama-2-7B has 32 attention heads in each layer. In bfloat16 (2 bytes per number),
 # how many bytes would the materialised causal scores of one layer take for one sequence of
 # $L = 32{,}768$ tokens? And with attention only inside chunks of $c = 4096$ tokens, as in
@@ -305,7 +307,8 @@ if not SMOKE and not on_gpu:
 # linear in $L$ and the full one quadratic. (Fused kernels store neither; the work keeps the same
 # ratio.)
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write the memory formula.** `score_matrix_bytes(batch, heads, length, dtype)` returns the
 # bytes of the $(B, H, L, L)$ score tensor that naive attention materialises, for a floating torch
 # dtype. The check compares it with the bytes of the tensor PyTorch itself produces for

@@ -458,7 +458,8 @@ display(build_ema_widget())
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then try it in the widget.** Choose the *step* input and $\alpha = 0.1$. At which
 # step $t$ does the EMA first exceed 0.9? And with $\alpha = 0.01$? Predict from the step response
 # $y_t = 1 - (1-\alpha)^{t+1}$, then move the slider, and run the next cell.
@@ -493,7 +494,8 @@ print("first t with y_t > 0.9, for alpha = 0.1 and 0.01:",
 # $\alpha = 0.05$: a mean lag of 19 steps, and a half-life of $0.693 / 0.0513 = 13.5$ steps (the
 # mean lies past the half-life: the long tail pulls it out).
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write the kernel.** `my_ema_kernel(alpha, length)` returns $k_j = \alpha(1-\alpha)^j$ for
 # $j = 0, \dots, L-1$: shape (D, L) for `alpha` of shape (D,), in `alpha`'s dtype. The check compares
 # it with `megalodon_lite.ema.ema_kernel`.

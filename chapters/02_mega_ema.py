@@ -483,7 +483,8 @@ for length in pick(smoke=[64, 256, 1024], full=[1024, 4096, 16_384]):
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** One hidden dimension with $\alpha = 0.5$, $\delta = 0.02$ and
 # $\beta = \eta = 1$. What is its kernel at lag 0, and after how many steps has it halved? Which
 # $\alpha$ would chapter 01's EMA need for the same half-life, and how large would its first tap be?
@@ -526,7 +527,8 @@ print(f"damped: first tap {damped[0]:.3f}, halved at lag {int((damped <= damped[
 # of the earlier pieces but their last state, $N$ numbers per channel: feeding the pieces one after
 # the other, each with the state the previous one returned, computes exactly the whole.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write the kernel.** `my_damped_ema_kernel(alpha, delta, beta, eta, length)` returns
 # $k[t] = \sum_n \eta_n \alpha_n \beta_n \varphi_n^t$, $\varphi = 1 - \alpha\delta$, of shape (D, L)
 # for coefficients of shape (D, N): a product of the (D, N) weights with the Vandermonde matrix of the

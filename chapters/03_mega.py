@@ -775,7 +775,8 @@ plt.show()
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** What weight does the Laplace function give a score of exactly 0? And a
 # row of softmax weights sums to 1: what is the most a row of Laplace weights can sum to, for the
 # query at position $i$ (from 0) of its chunk? Predict, then run the next cell.
@@ -812,7 +813,8 @@ print("row sums of Laplace weights for large scores, queries 0..5:", [round(s, 3
 # = L(c+1)/2$. The ratio is $(L+1)/(c+1)$: for $L = 4096$, $c = 128$, $8{,}390{,}656$ against
 # $264{,}192$ weights, 31.8 times fewer. It grows linearly with $L$.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write the Laplace function.** `my_laplace(scores)` returns
 # $f(x) = \tfrac12\big[1 + \mathrm{erf}\big(\frac{x - \mu}{\sigma\sqrt2}\big)\big]$ with
 # $\mu = \sqrt{1/2}$ and $\sigma = \sqrt{1/(4\pi)}$, elementwise. The check compares it with

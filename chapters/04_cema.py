@@ -845,7 +845,8 @@ cema_widget
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then try it in the widget.** Set $|q| = 0.95$: what half-life will the readout show?
 # Then set $\theta_1 = 0.2$ rad/token: what are the periods of states $n = 1$ and $n = 5$, and how much
 # of a turn does state 1's spiral in panel (2) make before its radius has halved?
@@ -857,7 +858,8 @@ cema_widget
 # slow state forgets before it oscillates, so to oscillate for many periods a state needs $|q|$ close
 # to 1 or a high harmonic $n$.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **2. Derive.** Write $\gamma = |\gamma| e^{i\phi}$ and $q = |q| e^{i\theta}$. Show that one state's
 # kernel term is a damped cosine, $\mathrm{Re}(p\,\gamma\, q^t) = p\,|\gamma|\,|q|^t \cos(\theta t + \phi)$.
 # Which parameter sets its envelope, which its frequency, and which its phase? What does it become when
@@ -871,7 +873,8 @@ cema_widget
 # $\theta = 0$ it is $p\,|\gamma|\cos\phi\,|q|^t$: a single real exponential, one term of MEGA's
 # damped EMA (chapter 02).
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write the kernel.** `my_cema_kernel(p, q, gamma, length)` returns the real kernel
 # $k[t] = \mathrm{Re}\sum_n p_n \gamma_n q_n^t$ of shape (D, L), for `p` (D, N) real and `q`, `gamma`
 # (D, N) complex. The check compares it with `megalodon_lite.cema.cema_kernel`.

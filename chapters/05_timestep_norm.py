@@ -686,7 +686,8 @@ for offset in (0.0, 100.0):
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** A group's running statistics have seen $c = 999$ steps, with mean
 # $M = 0$ and variance $S = 1$. The next step's group has mean $m = 10$ and variance $v = 1$. What
 # are the new $M'$ and $S'$? Predict with the merge of section 3, then run the next cell.
@@ -725,7 +726,8 @@ print(f"count {after.count.item()}, mean {after.mean.item():.4f}, variance {afte
 # of two means), so nothing large is subtracted from anything large: unlike
 # $\overline{x^2} - \bar x^2$, it keeps its digits at any offset.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write the per-step moments.** `my_group_moments(x, num_groups)` splits the $D$ channels of
 # each step of `x` (B, L, D) into `num_groups` groups of consecutive channels and returns each
 # group's mean and (population) variance, both (B, L, G). The check compares it with

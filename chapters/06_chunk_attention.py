@@ -743,7 +743,8 @@ plt.show()
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** A `ChunkAttention` with chunks of $c = 16$ reads a stream of 100 tokens
 # in pieces of 30, 30, 30 and 10, carrying its cache. How many tokens does the cache hold after each
 # piece? Predict, then run the next cell.
@@ -784,7 +785,8 @@ print("tokens in the cache after each piece:", held)
 # the same chunk), so $p - s$, and with it every score, is unchanged; attention never pairs tokens of
 # two chunks, where the difference would change.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Write RoPE on adjacent pairs.** `my_rope(x, positions)` rotates each pair of channels
 # $(x_{2i}, x_{2i+1})$ of `x` (..., L, d) at position $p$ (`positions`, L integers) by the angle
 # $p\,\theta_i$, $\theta_i = 10000^{-2i/d}$, as the official code does (adjacent pairs, not the two

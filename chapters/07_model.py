@@ -1127,7 +1127,8 @@ with tempfile.TemporaryDirectory() as tmp:
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** The `tiny` preset (2 layers, $D = 64$, $N = 16$, $G = 8$ groups, 2 heads
 # with `z_dim` 32 and `value_dim` 128, chunks of $c = 64$) reads 1,000 tokens of one sequence, then
 # 24 more. How many bytes does its state hold after 1,000 tokens, and after 1,024: more, or fewer?
@@ -1174,7 +1175,8 @@ print(after_1024)
 # the layer scale, $D$. The model adds the embedding $VD$, the head $VD$ (none when `share_emb`
 # ties it to the embedding) and the final norm $2D$.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Count a model's parameters by hand.** `count_parameters(config)` returns the number of
 # parameters of `MegalodonLM(config)` from the fields of the config alone, with the formula of
 # exercise 2. The check builds the package's model for random configs on the `meta` device (shapes,

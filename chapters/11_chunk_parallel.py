@@ -1303,7 +1303,8 @@ for path in gpu_results:
 # Predict before you run, derive on paper, then write code: the cell after each function you write
 # checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
 # what differs with a hint. The section imports what it uses, so it also runs on its own.
-#
+
+# %% [markdown]
 # **1. Predict, then run.** Split one sequence for the `tiny` preset ($n = 2$ layers, $D = 64$,
 # $N = 16$, $G = 8$ groups, chunks of 64) at token 128, a chunk boundary. How many real numbers must
 # cross the boundary, and how many of them come from the attention? Predict with section 1's count,
@@ -1348,7 +1349,8 @@ print(f"norm statistics {statistics} + CEMA states {cema_numbers} = {statistics 
 # $h^{(r)} = \sum_{j<r} q^{g_j} S_j$ with $g_j = n_{j+1} + \dots + n_{r-1}$ (so $g_{r-1} = 0$). Every
 # $S_j$ is computed by its own rank at the same time; only this weighted sum needs the others'.
 # ### END SOLUTION
-#
+
+# %% [markdown]
 # **3. Merge two segments' statistics.** `my_merge_moments(a, b)` takes the timestep-norm statistics
 # (`TimestepNormState`: count (B,), mean and var (B, G)) of a segment `a` and of the segment `b` that
 # follows it, and returns those of `a` followed by `b` (Chan, Golub and LeVeque's merge, section 3).

@@ -143,8 +143,9 @@ EXERCISE_NUMBER = re.compile(r"^\*\*(\d+)\. ", re.MULTILINE)  # "**2. Derive.** 
 @pytest.mark.parametrize("number", EXERCISE_CHAPTERS)
 def test_chapter_ends_with_3_to_5_exercises_and_at_least_one_check(number):
     """The section `## Exercises` is the chapter's last before `## On a GPU` (or its last), holds
-    exercises numbered 1..n with 3 <= n <= 5, and at least one cell tagged `check` that calls
-    megalodon_lite.exercises.check on a function the reader writes between solution markers."""
+    exercises numbered 1..n with 3 <= n <= 5, each in its own markdown cell, and at least one cell
+    tagged `check` that calls megalodon_lite.exercises.check on a function the reader writes
+    between solution markers."""
     import jupytext
 
     (path,) = [p for p in CHAPTERS if p.name.startswith(f"{number}_")]
@@ -157,6 +158,10 @@ def test_chapter_ends_with_3_to_5_exercises_and_at_least_one_check(number):
     numbers = [int(n) for c in section if c.cell_type == "markdown" for n in EXERCISE_NUMBER.findall(c.source)]
     assert numbers == list(range(1, len(numbers) + 1)) and 3 <= len(numbers) <= 5, (
         f"{path.name}: exercises numbered {numbers}, expected 1..n with 3 <= n <= 5")
+    for cell in section:  # one exercise per cell: nbgrader grades each written answer on its own
+        if cell.cell_type == "markdown":
+            assert len(EXERCISE_NUMBER.findall(cell.source)) <= 1 and cell.source.count("BEGIN SOLUTION") <= 1, (
+                f"{path.name}: a markdown cell holds more than one exercise:\n{cell.source[:200]}")
     checks = [c for c in section if c.cell_type == "code" and "check" in c.metadata.get("tags", [])]
     assert checks, f"{path.name}: no cell tagged 'check' among the exercises"
     for cell in checks:
