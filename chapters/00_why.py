@@ -32,10 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (SMOKE, describe_run, pick, pick_device, require_cuda, save_figure,
+                                     seed_everything, time_call)
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 on_gpu = device.type == "cuda"
 dtype = torch.bfloat16 if on_gpu else torch.float32
 heads, head_dim = pick(smoke=2, full=8), 64
@@ -44,7 +46,7 @@ if on_gpu:
     lengths = pick(smoke=[256, 512, 1024, 2048], full=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
 else:
     lengths = pick(smoke=[128, 256, 512, 1024, 2048], full=[256, 512, 1024, 2048, 4096, 8192])
-print(f"device={device}  dtype={dtype}  smoke={SMOKE}  heads={heads}  head_dim={head_dim}  chunk={chunk}")
+print(f"dtype={dtype}  heads={heads}  head_dim={head_dim}  chunk={chunk}")
 print(f"sequence lengths: {lengths}")
 
 # %% [markdown]
@@ -191,9 +193,10 @@ if not on_gpu:
 # On log-log axes a cost $\propto L^p$ is a straight line of slope $p$. We fit the slope of each
 # curve over the larger sizes (at small sizes fixed overheads such as kernel launches dominate and
 # flatten every curve). Full attention should approach slope 2, the chunked version and the
-# cumulative mean slope 1 (or less while they are still dominated by overhead). In smoke mode the
-# sizes are too small and the timings too noisy for the slopes to mean much: they are printed,
-# not asserted.
+# cumulative mean slope 1 (or less while they are still dominated by overhead). The slopes are
+# printed and plotted, not asserted: a timing is whatever the machine measured, and other work on
+# it bends the curves (in smoke mode the sizes are also too small for the slopes to mean much).
+# `tests/test_chapter_timings.py` checks the ordering on these four functions, with a margin.
 
 # %%
 fit_from = pick(smoke=256, full=16384 if on_gpu else 1024)
@@ -229,15 +232,11 @@ fig.tight_layout()
 save_figure(fig, "00_quadratic_wall")
 plt.show()
 
-if not SMOKE:
-    # Full sizes only: attention's L^2 must stand clearly above the linear-time mixers.
-    for name in ("SDPA", "naive"):
-        if np.isfinite(slopes[name]):
-            assert slopes[name] > slopes["cumulative mean"] + 0.5, (name, slopes)
-            assert slopes[name] > slopes["chunked"] + 0.5, (name, slopes)
-    # At the largest size that ran, the naive version really holds the scores; SDPA does not.
+if not SMOKE and not on_gpu:
+    # At full size, the largest length that ran: the naive version really holds the L×L scores, SDPA
+    # does not. (Smoke sizes are too small: the allocator reuses memory it already holds.)
     largest = max(i for i, t in enumerate(seconds["naive"]) if np.isfinite(t))
-    if not on_gpu and np.isfinite(cpu_peak["naive"][largest]):
+    if np.isfinite(cpu_peak["naive"][largest]):
         assert cpu_peak["naive"][largest] >= score_bytes[largest] > cpu_peak["SDPA"][largest]
 
 # %% [markdown]
@@ -274,6 +273,109 @@ if not SMOKE:
 # The "unlimited context" claim is tested directly in chapter 07 (streaming equals one long call,
 # with a state whose size does not depend on the stream length); the loss and speed claims are
 # tested, in direction rather than in magnitude, by the training run of chapter 10.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against a reference on random inputs and prints a pass, "not yet implemented", or what
+# differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** In the measurement above, by about what factor does the time of naive
+# attention grow when $L$ doubles from 512 to 1024, and that of the cumulative mean? Write down your
+# prediction, then read both rows of the table. Why can the smallest sizes disagree with it?
+#
+# ### BEGIN SOLUTION
+# About $2^2 = 4$ for naive attention (its work and its score matrix grow as $L^2$) and about 2 for
+# the cumulative mean (one pass over the tokens). At the smallest sizes both grow more slowly than
+# that: fixed costs per call (Python, dispatch, kernel launches) that do not depend on $L$ are a
+# large share of a short call, which flattens every curve. That is why the slopes are fitted over
+# the larger sizes only.
+# ### END SOLUTION
+
+# %% [markdown]
+# **2. Derive.** Llama-2-7B has 32 attention heads in each layer. In bfloat16 (2 bytes per number),
+# how many bytes would the materialised causal scores of one layer take for one sequence of
+# $L = 32{,}768$ tokens? And with attention only inside chunks of $c = 4096$ tokens, as in
+# Megalodon-7B? What is the ratio of the two in general?
+#
+# ### BEGIN SOLUTION
+# Full attention: $B H L^2 \cdot 2 = 32 \cdot 32768^2 \cdot 2 = 2^{36}$ bytes $= 64$ GiB, for one
+# layer of one sequence. Inside chunks there are $L/c$ score matrices of $c \times c$, so
+# $B H (L/c) c^2 \cdot 2 = B H L c \cdot 2 = 32 \cdot 32768 \cdot 4096 \cdot 2 = 2^{33}$ bytes
+# $= 8$ GiB. The ratio is $L / c$ (here 8): it grows with the context, because the chunked cost is
+# linear in $L$ and the full one quadratic. (Fused kernels store neither; the work keeps the same
+# ratio.)
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Write the memory formula.** `score_matrix_bytes(batch, heads, length, dtype)` returns the
+# bytes of the $(B, H, L, L)$ score tensor that naive attention materialises, for a floating torch
+# dtype. The check compares it with the bytes of the tensor PyTorch itself produces for
+# `q @ k.transpose(-2, -1)`, built on the `meta` device (shapes and dtypes, no memory), for random
+# sizes and dtypes.
+
+# %%
+import torch
+import torch.nn.functional as F
+
+from megalodon_lite.exercises import check
+
+
+def score_matrix_bytes(batch: int, heads: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of the (batch, heads, length, length) attention scores held in ``dtype``."""
+    ### BEGIN SOLUTION
+    return batch * heads * length**2 * (torch.finfo(dtype).bits // 8)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def materialised_score_bytes(batch: int, heads: int, length: int, dtype: torch.dtype) -> int:
+    """The bytes of q @ k^T as PyTorch builds it, on the meta device (no memory is allocated)."""
+    q = torch.empty(batch, heads, length, 64, dtype=dtype, device="meta")
+    return (q @ q.transpose(-2, -1)).nbytes
+
+
+def score_sizes(generator: torch.Generator) -> tuple[int, int, int, torch.dtype]:
+    batch, heads = (int(n) for n in torch.randint(1, 9, (2,), generator=generator))
+    length = int(torch.randint(1, 70_000, (), generator=generator))
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return batch, heads, length, dtypes[int(torch.randint(len(dtypes), (), generator=generator))]
+
+
+check(score_matrix_bytes, reference=materialised_score_bytes, make_inputs=score_sizes,
+      hint="B · H · L² numbers, each of torch.finfo(dtype).bits // 8 bytes")
+
+# %% [markdown]
+# **4. Write the cheapest causal mixer.** `causal_mean(v)` takes values of shape (B, H, L, d) and
+# returns, at every position $t$, the mean of $v_0, \dots, v_t$, in $O(L)$: one running sum, no
+# $L \times L$ matrix. The check compares it with PyTorch's fused causal attention whose scores are
+# all equal ($q = 0$): attention that cannot choose its weights is a running mean.
+
+# %%
+def causal_mean(v: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) -> (B, H, L, d): position t holds the mean of v[..., :t + 1, :]."""
+    ### BEGIN SOLUTION
+    counts = torch.arange(1, v.shape[-2] + 1, dtype=v.dtype, device=v.device)
+    return v.cumsum(dim=-2) / counts[:, None]
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def attention_with_equal_scores(v: torch.Tensor) -> torch.Tensor:
+    zeros = torch.zeros_like(v)
+    return F.scaled_dot_product_attention(zeros, zeros, v, is_causal=True)
+
+
+def random_values(generator: torch.Generator) -> tuple[torch.Tensor]:
+    batch, heads, length, dim = (int(n) for n in torch.randint(1, 33, (4,), generator=generator))
+    return (torch.randn(batch, heads, length, dim, generator=generator, dtype=torch.float64),)
+
+
+check(causal_mean, reference=attention_with_equal_scores, make_inputs=random_values,
+      hint="torch.cumsum along the length dimension (-2), then divide position t by t + 1")
+
 
 # %% [markdown]
 # ## On a GPU

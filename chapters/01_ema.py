@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B, L, D = 2, pick(smoke=257, full=4099), 8   # L deliberately not a power of two
-print(f"device={device}  smoke={SMOKE}  (B, L, D)=({B}, {L}, {D})")
+print(f"(B, L, D) = ({B}, {L}, {D})")
 
 # %% [markdown]
 # ## 1. The recurrence
@@ -384,56 +385,54 @@ for length in pick(smoke=[128, 512], full=[256, 1024, 4096, 16384]):
 # widget shows its first state and does not respond.)
 
 # %%
-signal_length = 300
-rng = np.random.default_rng(0)
-time_axis = np.arange(signal_length)
-signals = {
-    "step": (time_axis >= 60).astype(np.float64),
-    "noisy sine": np.sin(2 * np.pi * time_axis / 80) + 0.4 * rng.standard_normal(signal_length),
-    "spikes": (rng.random(signal_length) < 0.03) * 5.0,
-    "random walk": np.cumsum(rng.standard_normal(signal_length)),
-}
+def build_ema_widget(signal_length: int = 300, seed: int = 0) -> widgets.VBox:
+    """A slider for α and a choice of input over two panels: the kernel, and the input with its EMA
+    computed by ``ema_fft``. The figure is built once; a redraw swaps the data of its lines. The
+    returned box also holds ``redraw()``."""
+    rng = np.random.default_rng(seed)
+    time_axis = np.arange(signal_length)
+    signals = {
+        "step": (time_axis >= 60).astype(np.float64),
+        "noisy sine": np.sin(2 * np.pi * time_axis / 80) + 0.4 * rng.standard_normal(signal_length),
+        "spikes": (rng.random(signal_length) < 0.03) * 5.0,
+        "random walk": np.cumsum(rng.standard_normal(signal_length)),
+    }
+    fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11, 3.5))
+    plt.close(fig)                             # drawn into the widget only, not as a cell output
+    kernel_line, = ax_k.plot([], [], color="C0")
+    ax_k.set(xlabel=r"lag $j$", ylabel=r"$k_j$", title=r"kernel $\alpha(1-\alpha)^j$", xlim=(0, 60))
+    input_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="0.6", label="input")
+    ema_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="C0", label="EMA")
+    ax_s.set(xlabel=r"$t$", title="input and its EMA")
+    ax_s.legend(loc="upper left")
+    image = widgets.Image(format="png")
+    alpha_slider = widgets.FloatLogSlider(value=0.1, base=10, min=-2.5, max=-0.01, step=0.01,
+                                          description="α", readout_format=".3f")
+    signal_choice = widgets.SelectionSlider(options=list(signals), value="noisy sine", description="input")
 
-fig_widget, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11, 3.5))
-plt.close(fig_widget)                          # drawn into the widget only, not as a cell output
-kernel_line, = ax_k.plot([], [], color="C0")
-ax_k.set(xlabel="lag j", ylabel="k_j", title="kernel α(1-α)^j", xlim=(0, 60))
-input_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="0.6", label="input")
-ema_line, = ax_s.plot(time_axis, np.zeros(signal_length), color="C0", label="EMA")
-ax_s.set(xlabel="t", title="input and its EMA")
-ax_s.legend(loc="upper left")
-image = widgets.Image(format="png")
-alpha_slider = widgets.FloatLogSlider(value=0.1, base=10, min=-2.5, max=-0.01, step=0.01,
-                                      description="α", readout_format=".3f")
-signal_choice = widgets.SelectionSlider(options=list(signals), value="noisy sine", description="input")
+    def redraw(_change=None) -> None:
+        a = torch.tensor([alpha_slider.value], dtype=torch.float64)
+        signal = torch.from_numpy(signals[signal_choice.value])
+        smoothed = ema_fft(signal.view(1, -1, 1), a).view(-1)
+        kernel_line.set_data(np.arange(61), ema_kernel(a, 61)[0].numpy())
+        ax_k.set_ylim(0, 1.05 * alpha_slider.value)
+        input_line.set_ydata(signal.numpy())
+        ema_line.set_ydata(smoothed.numpy())
+        ax_s.relim()
+        ax_s.autoscale_view()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        image.value = buffer.getvalue()
+
+    alpha_slider.observe(redraw, names="value")
+    signal_choice.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([alpha_slider, signal_choice]), image])
+    box.redraw = redraw
+    return box
 
 
-def redraw(_change=None) -> None:
-    a = torch.tensor([alpha_slider.value], dtype=torch.float64)
-    signal = torch.from_numpy(signals[signal_choice.value])
-    smoothed = ema_fft(signal.view(1, -1, 1), a).view(-1)
-    kernel_line.set_data(np.arange(61), ema_kernel(a, 61)[0].numpy())
-    ax_k.set_ylim(0, 1.05 * alpha_slider.value)
-    input_line.set_ydata(signal.numpy())
-    ema_line.set_ydata(smoothed.numpy())
-    ax_s.relim()
-    ax_s.autoscale_view()
-    buffer = io.BytesIO()
-    fig_widget.savefig(buffer, format="png", dpi=80)
-    image.value = buffer.getvalue()
-
-
-alpha_slider.observe(redraw, names="value")
-signal_choice.observe(redraw, names="value")
-redraw()
-first_frame = image.value
-alpha_slider.value = 0.5                       # moving either control must redraw the picture
-assert image.value != first_frame
-alpha_slider.value, signal_choice.value = 0.1, "step"
-assert image.value not in (first_frame, b"")
-signal_choice.value = "noisy sine"             # back to the first state
-assert image.value == first_frame
-display(widgets.VBox([widgets.HBox([alpha_slider, signal_choice]), image]))
+display(build_ema_widget())
 
 # %% [markdown]
 # ## What we built
@@ -452,3 +451,99 @@ display(widgets.VBox([widgets.HBox([alpha_slider, signal_choice]), image]))
 # 04 lets them rotate in the complex plane (CEMA), so the kernel can oscillate. Both reuse
 # `fft_causal_conv`, and both keep the property shown here: a recurrence with a fixed-size state,
 # and hence a stream of unlimited length at constant memory.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then try it in the widget.** Choose the *step* input and $\alpha = 0.1$. At which
+# step $t$ does the EMA first exceed 0.9? And with $\alpha = 0.01$? Predict from the step response
+# $y_t = 1 - (1-\alpha)^{t+1}$, then move the slider, and run the next cell.
+#
+# ### BEGIN SOLUTION
+# $y_t > 0.9$ when $(1-\alpha)^{t+1} < 0.1$, that is $t + 1 > \ln 10 / (-\ln(1-\alpha))$: for
+# $\alpha = 0.1$, $t + 1 > 21.9$, so $t = 21$; for $\alpha = 0.01$, $t + 1 > 229.1$, so $t = 229$.
+# Ten times less input weight costs about ten times the delay ($\ln 10 / \alpha$ for small $\alpha$).
+# ### END SOLUTION
+
+# %%
+import torch
+
+from megalodon_lite.ema import ema_kernel, ema_recurrence, fft_causal_conv
+from megalodon_lite.exercises import check
+
+step_input = torch.ones(1, 400, 2, dtype=torch.float64)
+step_response = ema_recurrence(step_input, torch.tensor([0.1, 0.01], dtype=torch.float64))[0]
+print("first t with y_t > 0.9, for alpha = 0.1 and 0.01:",
+      [int((step_response[:, d] > 0.9).nonzero()[0]) for d in range(2)])
+
+# %% [markdown]
+# **2. Derive.** Show that the kernel's weights up to lag $t$ sum to $1 - (1-\alpha)^{t+1}$, and
+# that its mean lag $\sum_{j \ge 0} j\, k_j$ is $(1-\alpha)/\alpha$. What are the mean lag and the
+# half-life $\ln 2 / (-\ln(1-\alpha))$ for $\alpha = 0.05$?
+#
+# ### BEGIN SOLUTION
+# A geometric sum: $\sum_{j=0}^{t} \alpha r^j = \alpha \frac{1 - r^{t+1}}{1 - r}$ with $r = 1 - \alpha$,
+# and $1 - r = \alpha$, so the sum is $1 - (1-\alpha)^{t+1}$. Differentiating
+# $\sum_j r^j = \frac{1}{1-r}$ gives $\sum_j j r^{j} = \frac{r}{(1-r)^2}$, so
+# $\sum_j j\, \alpha r^j = \frac{\alpha (1-\alpha)}{\alpha^2} = \frac{1-\alpha}{\alpha}$. For
+# $\alpha = 0.05$: a mean lag of 19 steps, and a half-life of $0.693 / 0.0513 = 13.5$ steps (the
+# mean lies past the half-life: the long tail pulls it out).
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Write the kernel.** `my_ema_kernel(alpha, length)` returns $k_j = \alpha(1-\alpha)^j$ for
+# $j = 0, \dots, L-1$: shape (D, L) for `alpha` of shape (D,), in `alpha`'s dtype. The check compares
+# it with `megalodon_lite.ema.ema_kernel`.
+
+# %%
+def my_ema_kernel(alpha: torch.Tensor, length: int) -> torch.Tensor:
+    """(D,) smoothing factors in (0, 1) -> (D, length) kernel k[d, j] = alpha_d (1 - alpha_d)^j."""
+    ### BEGIN SOLUTION
+    lags = torch.arange(length, dtype=alpha.dtype, device=alpha.device)
+    return alpha[:, None] * torch.exp(lags * torch.log1p(-alpha)[:, None])
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def kernel_inputs(generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    channels, length = int(torch.randint(1, 9, (), generator=generator)), int(torch.randint(1, 300, (), generator=generator))
+    return torch.rand(channels, generator=generator, dtype=torch.float64) * 0.98 + 0.01, length
+
+
+check(my_ema_kernel, reference=ema_kernel, make_inputs=kernel_inputs,
+      hint="alpha[:, None] * (1 - alpha[:, None]) ** j, with j = torch.arange(length) as a row")
+
+# %% [markdown]
+# **4. Write the FFT convolution.** `my_fft_causal_conv(x, kernel)` computes
+# $y_{b,t,d} = \sum_{j \le t} k_{d,j}\, x_{b,t-j,d}$ for `x` of shape (B, L, D) and `kernel` of shape
+# (D, L) with `torch.fft.rfft` / `irfft`, in $O(L \log L)$. The check compares it with
+# `megalodon_lite.ema.fft_causal_conv` (which also rounds the FFT length up to a fast size; any
+# $n \ge 2L - 1$ gives the same numbers up to rounding).
+
+# %%
+def my_fft_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) input and (D, L) kernel -> (B, L, D) causal convolution along the length."""
+    ### BEGIN SOLUTION
+    length = x.shape[1]
+    n = 2 * length                                     # zero-padding: no wrap-around into the past
+    x_freq = torch.fft.rfft(x, n=n, dim=1)             # (B, n // 2 + 1, D)
+    kernel_freq = torch.fft.rfft(kernel, n=n, dim=1)   # (D, n // 2 + 1)
+    return torch.fft.irfft(x_freq * kernel_freq.T, n=n, dim=1)[:, :length]
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def convolution_inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, length, channels = (int(n) for n in torch.randint(1, 40, (3,), generator=generator))
+    x = torch.randn(batch, length, channels, generator=generator, dtype=torch.float64)
+    return x, torch.randn(channels, length, generator=generator, dtype=torch.float64)
+
+
+check(my_fft_causal_conv, reference=fft_causal_conv, make_inputs=convolution_inputs,
+      hint="pad both signals to n >= 2L - 1 (rfft(..., n=n)); with n = L the convolution is circular and the "
+           "future leaks into the past")

@@ -44,15 +44,16 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B = pick(smoke=2, full=4)
 L = pick(smoke=256, full=16_384)
 D = pick(smoke=8, full=256)
 N = 16
-print(f"smoke={SMOKE} device={device} B={B} L={L} D={D} N={N}")
+print(f"B={B} L={L} D={D} N={N}")
 
 # %% [markdown]
 # ## The recurrence
@@ -475,3 +476,120 @@ for length in pick(smoke=[64, 256, 1024], full=[1024, 4096, 16_384]):
 # `damped_ema_fft` (with state in and out) and the layer `DampedEMA`. Chapter 03 builds MEGA's gated
 # attention around it. Megalodon (chapter 04) replaces the real decays $\varphi$ with complex ones,
 # $\varphi\, e^{i\theta}$, whose kernels oscillate as they decay.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** One hidden dimension with $\alpha = 0.5$, $\delta = 0.02$ and
+# $\beta = \eta = 1$. What is its kernel at lag 0, and after how many steps has it halved? Which
+# $\alpha$ would chapter 01's EMA need for the same half-life, and how large would its first tap be?
+# Predict, then run the next cell.
+#
+# ### BEGIN SOLUTION
+# At lag 0 the kernel is $\eta\alpha\beta = 0.5$, whatever $\delta$. It decays by
+# $\varphi = 1 - \alpha\delta = 0.99$ per step, so it halves after $\ln 2 / (-\ln 0.99) = 69.0$
+# steps (the first lag at or below half is 69). Chapter 01's EMA decays by $1 - \alpha$, so it needs
+# $\alpha = 0.01$ for the same memory, and its first tap is then 0.01: fifty times smaller. Damping
+# lets a layer remember long *and* take in much of each new token.
+# ### END SOLUTION
+
+# %%
+import math
+
+import torch
+
+from megalodon_lite.exercises import check
+from megalodon_lite.mega_ema import damped_ema_kernel, damped_ema_recurrence
+
+one = torch.ones(1, 1, dtype=torch.float64)
+damped = damped_ema_kernel(0.5 * one, 0.02 * one, one, one, 200)[0]
+plain = damped_ema_kernel(0.01 * one, one, one, one, 200)[0]                 # δ = 1: chapter 01's EMA
+print(f"damped: first tap {damped[0]:.3f}, halved at lag {int((damped <= damped[0] / 2).nonzero()[0])}; "
+      f"chapter 01 with the same decay: first tap {plain[0]:.3f}, halved at lag "
+      f"{int((plain <= plain[0] / 2).nonzero()[0])}")
+
+# %% [markdown]
+# **2. Derive.** Start the recurrence from a state $h_0$ instead of zero. Show that the output gains
+# $\sum_n \eta_n \varphi_n^{t+1} h_{0,n}$ at step $t$, and that after $L$ steps the state is
+# $h_L = \sum_{s<L} \alpha\beta\,\varphi^{L-1-s} x_s + \varphi^L h_0$. Why is this what lets a
+# sequence be fed in pieces?
+#
+# ### BEGIN SOLUTION
+# The recurrence is linear: $h_t = \varphi h_{t-1} + \alpha\beta x_t$. Unrolled from $h_{-1} = h_0$,
+# $h_t = \sum_{s \le t} \alpha\beta\varphi^{t-s} x_s + \varphi^{t+1} h_0$: the zero-start state plus
+# the free decay of $h_0$, $t + 1$ steps of it. Projecting with $\eta$ gives the extra term
+# $\sum_n \eta_n\varphi_n^{t+1}h_{0,n}$, and $t = L - 1$ gives $h_L$. A piece therefore needs nothing
+# of the earlier pieces but their last state, $N$ numbers per channel: feeding the pieces one after
+# the other, each with the state the previous one returned, computes exactly the whole.
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Write the kernel.** `my_damped_ema_kernel(alpha, delta, beta, eta, length)` returns
+# $k[t] = \sum_n \eta_n \alpha_n \beta_n \varphi_n^t$, $\varphi = 1 - \alpha\delta$, of shape (D, L)
+# for coefficients of shape (D, N): a product of the (D, N) weights with the Vandermonde matrix of the
+# powers $\varphi^t$. The check compares it with `megalodon_lite.mega_ema.damped_ema_kernel`.
+
+# %%
+def my_damped_ema_kernel(alpha: torch.Tensor, delta: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor,
+                         length: int) -> torch.Tensor:
+    """(D, N) coefficients -> (D, length) kernel k[d, t] = sum_n eta alpha beta phi^t, phi = 1 - alpha delta."""
+    ### BEGIN SOLUTION
+    steps = torch.arange(length, dtype=alpha.dtype, device=alpha.device)
+    powers = torch.exp(torch.log1p(-alpha * delta)[..., None] * steps)          # phi^t, (D, N, L)
+    return torch.einsum("dn,dnt->dt", eta * alpha * beta, powers)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def coefficients(generator: torch.Generator, channels: int, ndim: int) -> list[torch.Tensor]:
+    """alpha, delta in (0, 1); beta, eta of both signs; (D, N) each, float64."""
+    alpha, delta = (torch.sigmoid(torch.randn(channels, ndim, generator=generator, dtype=torch.float64))
+                    for _ in range(2))
+    beta, eta = (torch.randn(channels, ndim, generator=generator, dtype=torch.float64) for _ in range(2))
+    return [alpha, delta, beta, eta]
+
+
+def kernel_inputs(generator: torch.Generator) -> tuple:
+    channels, ndim, length = (int(n) for n in torch.randint(1, 17, (3,), generator=generator))
+    return (*coefficients(generator, channels, ndim), 8 * length)
+
+
+check(my_damped_ema_kernel, reference=damped_ema_kernel, make_inputs=kernel_inputs,
+      hint="powers phi^t as a (D, N, L) tensor (phi[..., None] ** t), weighted by eta * alpha * beta and summed over N")
+
+# %% [markdown]
+# **4. Write one streaming step.** `my_damped_ema_step(x_t, h, alpha, delta, beta, eta)` takes one
+# token's input $x_t$ (B, D) and the state $h$ (B, D, N), and returns the output $y_t$ (B, D) and the
+# next state: what a streaming decoder does for every new token. The check compares it with
+# `damped_ema_recurrence` run on a one-token sequence from the same state.
+
+# %%
+def my_damped_ema_step(x_t: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor, delta: torch.Tensor,
+                       beta: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t (B, D), h (B, D, N) -> y_t (B, D) and the next state (B, D, N)."""
+    ### BEGIN SOLUTION
+    h = alpha * beta * x_t[..., None] + (1 - alpha * delta) * h
+    return (eta * h).sum(-1), h
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def one_step_of_the_recurrence(x_t, h, alpha, delta, beta, eta):
+    y, h_next = damped_ema_recurrence(x_t[:, None], alpha, delta, beta, eta, h0=h)
+    return y[:, 0], h_next
+
+
+def step_inputs(generator: torch.Generator) -> tuple:
+    batch, channels, ndim = (int(n) for n in torch.randint(1, 9, (3,), generator=generator))
+    x_t = torch.randn(batch, channels, generator=generator, dtype=torch.float64)
+    h = torch.randn(batch, channels, ndim, generator=generator, dtype=torch.float64)
+    return (x_t, h, *coefficients(generator, channels, ndim))
+
+
+check(my_damped_ema_step, reference=one_step_of_the_recurrence, make_inputs=step_inputs,
+      hint="h' = alpha * beta * x_t + (1 - alpha * delta) * h, with x_t[..., None] broadcast over N; y_t = sum_n eta h'")

@@ -50,15 +50,16 @@ import torch.nn.functional as F
 
 from megalodon_lite import mega_ema                             # chapter 02
 from megalodon_lite.mega_ema import damped_ema_recurrence
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything, time_call
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 if device.type == "cpu":
     # Every model here is tiny: its matrices gain nothing from a second thread, and on a busy
     # machine threads waiting for each other make each small call several times slower.
     torch.set_num_threads(1)
-print(f"smoke={SMOKE} device={device} threads={torch.get_num_threads()}")
+print(f"threads={torch.get_num_threads()}")
 
 # %% [markdown]
 # ## The Laplace attention function
@@ -767,3 +768,105 @@ plt.show()
 # `MovingAverageGatedAttention`, `MegaBlock` and `MegaLM`. Megalodon keeps this skeleton and changes
 # its parts: a complex EMA (chapter 04), timestep normalisation instead of LayerNorm (chapter 05),
 # normalised attention with rotary positions inside chunks (chapter 06), and a two-hop residual.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** What weight does the Laplace function give a score of exactly 0? And a
+# row of softmax weights sums to 1: what is the most a row of Laplace weights can sum to, for the
+# query at position $i$ (from 0) of its chunk? Predict, then run the next cell.
+#
+# ### BEGIN SOLUTION
+# $f(0) = \tfrac12\big[1 + \mathrm{erf}(-\mu/(\sigma\sqrt2))\big]$ with $\sigma\sqrt2 = \sqrt{1/(2\pi)}$,
+# so $\mu/(\sigma\sqrt2) = \sqrt{1/2}\,\sqrt{2\pi} = \sqrt{\pi} \approx 1.77$ and
+# $f(0) = \tfrac12(1 - \mathrm{erf}(1.77)) \approx 0.006$: a score of 0 is nearly ignored. Each weight
+# lies in $(0, 1)$ and query $i$ sees $i + 1$ keys, so its row sums to less than $i + 1$, not to 1:
+# the Laplace weights do not compete with each other.
+# ### END SOLUTION
+
+# %%
+import math
+
+import torch
+
+from megalodon_lite.exercises import check
+from megalodon_lite.mega import attention_weights, laplace_attention
+
+print(f"f(0) = {laplace_attention(torch.tensor(0.0, dtype=torch.float64)).item():.4f}")
+large = torch.full((1, 1, 6, 4), 3.0, dtype=torch.float64)        # large scores: every weight near 1
+rows = attention_weights(large, large, torch.zeros(6, 6, dtype=torch.float64), "laplace").sum(-1)[0, 0]
+print("row sums of Laplace weights for large scores, queries 0..5:", [round(s, 3) for s in rows.tolist()])
+
+# %% [markdown]
+# **2. Derive.** Count the attention weights (one per visible query–key pair) that causal
+# attention computes over $L$ tokens, and that MEGA-chunk computes with chunks of $c$ tokens
+# ($c$ dividing $L$). What is the ratio for $L = 4096$ and $c = 128$?
+#
+# ### BEGIN SOLUTION
+# Full causal attention: query $i$ sees $i + 1$ keys, so $\sum_{i<L} (i+1) = L(L+1)/2$ weights.
+# MEGA-chunk: $L/c$ chunks, each a causal attention over $c$ tokens, so $\frac{L}{c}\cdot\frac{c(c+1)}{2}
+# = L(c+1)/2$. The ratio is $(L+1)/(c+1)$: for $L = 4096$, $c = 128$, $8{,}390{,}656$ against
+# $264{,}192$ weights, 31.8 times fewer. It grows linearly with $L$.
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Write the Laplace function.** `my_laplace(scores)` returns
+# $f(x) = \tfrac12\big[1 + \mathrm{erf}\big(\frac{x - \mu}{\sigma\sqrt2}\big)\big]$ with
+# $\mu = \sqrt{1/2}$ and $\sigma = \sqrt{1/(4\pi)}$, elementwise. The check compares it with
+# `megalodon_lite.mega.laplace_attention`.
+
+# %%
+def my_laplace(scores: torch.Tensor) -> torch.Tensor:
+    """The Laplace attention function, elementwise, same shape and dtype as ``scores``."""
+    ### BEGIN SOLUTION
+    mu, sigma = math.sqrt(0.5), math.sqrt(1.0 / (4.0 * math.pi))
+    return 0.5 * (1.0 + torch.erf((scores - mu) / (sigma * math.sqrt(2.0))))
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def score_inputs(generator: torch.Generator) -> tuple[torch.Tensor]:
+    shape = [int(n) for n in torch.randint(1, 9, (3,), generator=generator)]
+    return (2 * torch.randn(*shape, generator=generator, dtype=torch.float64),)
+
+
+check(my_laplace, reference=laplace_attention, make_inputs=score_inputs,
+      hint="torch.erf((x - mu) / (sigma * sqrt(2))), with mu = sqrt(1/2) and sigma = sqrt(1/(4 pi))")
+
+# %% [markdown]
+# **4. Write MEGA-chunk's Laplace weights.** `my_laplace_weights(q, k, bias)` takes chunked queries
+# and keys (B, K, C, z) and the (C, C) relative bias, and returns the weights (B, K, C, C):
+# $f\big(q_i \cdot k_j / n_i + b_{ij}\big)$ for the keys $j \le i$ of the same chunk, where
+# $n_i = i + 1$ is the number of keys query $i$ sees, and 0 for the keys after it. The check
+# compares it with `attention_weights(q, k, bias, "laplace")`.
+
+# %%
+def my_laplace_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, K, C, z) queries and keys, (C, C) bias -> (B, K, C, C) causal Laplace weights per chunk."""
+    ### BEGIN SOLUTION
+    chunk = q.shape[-2]
+    visible = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    n_visible = torch.arange(1, chunk + 1, dtype=q.dtype, device=q.device)[:, None]
+    return laplace_attention(q @ k.transpose(-1, -2) / n_visible + bias) * visible
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def laplace_reference(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return attention_weights(q, k, bias, "laplace")
+
+
+def chunked_inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, chunks, chunk, z = (int(n) for n in torch.randint(1, 9, (4,), generator=generator))
+    q, k = (torch.randn(batch, chunks, chunk, z, generator=generator, dtype=torch.float64) for _ in range(2))
+    return q, k, 0.5 * torch.randn(chunk, chunk, generator=generator, dtype=torch.float64)
+
+
+check(my_laplace_weights, reference=laplace_reference, make_inputs=chunked_inputs,
+      hint="scores q @ k^T divided row by row by n_i = i + 1 (not by sqrt(z)), plus the bias, then f, then "
+           "zero above the diagonal")

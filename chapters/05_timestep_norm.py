@@ -31,15 +31,17 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (describe_run, pick, pick_device, require_cuda, save_figure, seed_everything,
+                                     time_call)
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 B = 2                                       # batch rows
 L = pick(smoke=256, full=65_536)            # steps for the fast form
 L_REF = pick(smoke=128, full=1_024)         # steps for the slow references (Python loops)
 D, G = pick(smoke=(64, 4), full=(1024, 32)) # channels and groups (G = 32 for D = 1024, as in mega200M)
-print(f"device={device}  SMOKE={SMOKE}  B={B} L={L} L_REF={L_REF} D={D} G={G}")
+print(f"B={B} L={L} L_REF={L_REF} D={D} G={G}")
 
 # %% [markdown]
 # ## 1. Normalising over the sequence leaks the future
@@ -694,6 +696,114 @@ for offset in (0.0, 100.0):
 # `megalodon_lite.timestep_norm` exports `TimestepNorm`, `TimestepNormState`,
 # `timestep_norm` (parallel), `timestep_norm_reference` (sequential), `cumulative_moments`,
 # `welford_update`, `group_moments` and `initial_timestep_norm_state`.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** A group's running statistics have seen $c = 999$ steps, with mean
+# $M = 0$ and variance $S = 1$. The next step's group has mean $m = 10$ and variance $v = 1$. What
+# are the new $M'$ and $S'$? Predict with the merge of section 3, then run the next cell.
+#
+# ### BEGIN SOLUTION
+# $w = 1/1000$, so $M' = 0 + w \cdot 10 = 0.01$ and
+# $S' = (1-w) \cdot 1 + w \cdot 1 + w(1-w) \cdot 10^2 = 1 + 0.0999 = 1.0999$. One outlying step
+# moves the mean by a thousandth of its distance and widens the variance by a tenth: after many
+# steps the statistics are stable, which is the trade-off of cumulative statistics.
+# ### END SOLUTION
+
+# %%
+import torch
+
+from megalodon_lite.exercises import check
+from megalodon_lite.timestep_norm import TimestepNormState, group_moments, welford_update
+
+before = TimestepNormState(torch.tensor([999]), torch.zeros(1, 1, dtype=torch.float64),
+                           torch.ones(1, 1, dtype=torch.float64))
+after = welford_update(before, torch.full((1, 1), 10.0, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
+                       torch.tensor([True]))
+print(f"count {after.count.item()}, mean {after.mean.item():.4f}, variance {after.var.item():.4f}")
+
+# %% [markdown]
+# **2. Derive.** Two sets of numbers, the first with weight $1 - w$, mean $M$ and variance $S$, the
+# second with weight $w$, mean $m$ and variance $v$. Derive the variance of their union,
+# $S' = (1-w)S + wv + w(1-w)(m - M)^2$, from the law of total variance. Why does no term of it
+# cancel?
+#
+# ### BEGIN SOLUTION
+# The union's mean is $M' = (1-w)M + wm$. The law of total variance: the variance of the union is
+# the weighted mean of the variances, plus the variance of the means,
+# $S' = (1-w)S + wv + (1-w)(M - M')^2 + w(m - M')^2$. With $M - M' = -w(m - M)$ and
+# $m - M' = (1-w)(m - M)$ the last two terms are $(1-w)w^2(m-M)^2 + w(1-w)^2(m-M)^2 = w(1-w)(m-M)^2$.
+# Every term is a non-negative number on the scale of the data (a variance, or a squared difference
+# of two means), so nothing large is subtracted from anything large: unlike
+# $\overline{x^2} - \bar x^2$, it keeps its digits at any offset.
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Write the per-step moments.** `my_group_moments(x, num_groups)` splits the $D$ channels of
+# each step of `x` (B, L, D) into `num_groups` groups of consecutive channels and returns each
+# group's mean and (population) variance, both (B, L, G). The check compares it with
+# `megalodon_lite.timestep_norm.group_moments`.
+
+# %%
+def my_group_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, D) -> mean and population variance of each group of D/G consecutive channels, (B, L, G) each."""
+    ### BEGIN SOLUTION
+    grouped = x.reshape(*x.shape[:2], num_groups, x.shape[2] // num_groups)
+    mean = grouped.mean(dim=-1)
+    return mean, (grouped - mean[..., None]).square().mean(dim=-1)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def moment_inputs(generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    batch, length, groups, size = (int(n) for n in torch.randint(1, 9, (4,), generator=generator))
+    return 3 + torch.randn(batch, length, groups * size, generator=generator, dtype=torch.float64), groups
+
+
+check(my_group_moments, reference=group_moments, make_inputs=moment_inputs,
+      hint="reshape (B, L, D) to (B, L, G, D/G); the variance divides by D/G (unbiased=False)")
+
+# %% [markdown]
+# **4. Write the Welford/Chan step.** `my_welford_update(state, step_mean, step_var, is_real)` merges
+# one step's group moments (B, G) into the running `TimestepNormState` (count (B,), mean and var
+# (B, G)), for the rows where `is_real` (B,) is True; a padded row keeps its state exactly. Return a
+# `TimestepNormState`. The check compares it with `megalodon_lite.timestep_norm.welford_update`.
+
+# %%
+def my_welford_update(state: TimestepNormState, step_mean: torch.Tensor, step_var: torch.Tensor,
+                      is_real: torch.Tensor) -> TimestepNormState:
+    """One step merged into the running (count, mean, var); rows where is_real is False are unchanged."""
+    ### BEGIN SOLUTION
+    count = state.count + is_real.long()
+    w = (is_real.to(step_mean.dtype) / count.clamp_min(1).to(step_mean.dtype))[:, None]
+    delta = step_mean - state.mean
+    mean = state.mean + w * delta
+    var = (1 - w) * state.var + w * step_var + w * (1 - w) * delta.square()
+    return TimestepNormState(count, mean, var)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def update_inputs(generator: torch.Generator) -> tuple:
+    batch, groups = (int(n) for n in torch.randint(1, 9, (2,), generator=generator))
+    count = torch.randint(0, 50, (batch,), generator=generator)
+    state = TimestepNormState(count, torch.randn(batch, groups, generator=generator, dtype=torch.float64),
+                              torch.rand(batch, groups, generator=generator, dtype=torch.float64) + 0.1)
+    step_mean = 2 * torch.randn(batch, groups, generator=generator, dtype=torch.float64)
+    step_var = torch.rand(batch, groups, generator=generator, dtype=torch.float64)
+    return state, step_mean, step_var, torch.rand(batch, generator=generator) < 0.7
+
+
+check(my_welford_update, reference=welford_update, make_inputs=update_inputs,
+      hint="the weight is w = 1/c' for a real step and 0 for padding (mind c' = 0 when a padded row has seen "
+           "nothing yet); the variance term w(1 - w)(m - M)^2 uses the mean before the update")
+
 
 # %% [markdown]
 # ## On a GPU

@@ -35,11 +35,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything, time_call
+from megalodon_lite.notebook import (describe_run, pick, pick_device, require_cuda, save_figure, seed_everything,
+                                     time_call)
 
 seed_everything(0)
 device = pick_device()
-print(f"device {device}, smoke mode {SMOKE}")
+describe_run(device)
 
 # %% [markdown]
 # ## 1. RMSNorm, stored as 0 and applied as +1
@@ -715,10 +716,11 @@ assert err < 1e-12
 # term dominates. Fixed per-call overheads flatten both curves at the short end, so the slopes are
 # fitted over the three longest lengths. Each point is the fastest of several calls
 # (`notebook.time_call`, which synchronises CUDA): other work on the machine only ever adds time.
-# The slopes printed are what this machine measured. At smoke sizes on a CPU (calls of a few
-# milliseconds, cores shared with other work) they are less clean than on a GPU, so the cell
-# asserts only what must hold anywhere: chunk attention's slope is clearly (by more than 0.25)
-# below full attention's.
+# The slopes printed are what this machine measured; at smoke sizes on a CPU (calls of a few
+# milliseconds, cores shared with other work) they are less clean than on a GPU. They are shown,
+# not asserted: `tests/test_chapter_timings.py` times the same module at lengths where the
+# quadratic term dominates and checks the ordering with a margin, and counts its floating-point
+# operations, which are exactly linear and quadratic in $L$ on any machine.
 
 # %%
 chunk = pick(smoke=64, full=2048)
@@ -763,7 +765,6 @@ ax.set(xlabel="sequence length L", ylabel="ms per forward call",
 ax.legend()
 save_figure(fig, "06_chunk_attention_scaling")
 plt.show()
-assert slopes["chunk attention"] < slopes["full causal attention"] - 0.25, slopes
 
 # %% [markdown]
 # ## Summary
@@ -778,6 +779,122 @@ assert slopes["chunk attention"] < slopes["full causal attention"] - 0.25, slope
 #
 # Chapter 07 wraps this in the Megalodon layer: CEMA and RMSNorm produce $m$, linear maps produce
 # $z$, $v$ and the gate $r$, and the output $O \odot r$ joins the residual stream.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** A `ChunkAttention` with chunks of $c = 16$ reads a stream of 100 tokens
+# in pieces of 30, 30, 30 and 10, carrying its cache. How many tokens does the cache hold after each
+# piece? Predict, then run the next cell.
+#
+# ### BEGIN SOLUTION
+# The cache holds the tokens of the unfinished chunk, $n = (\text{tokens so far}) \bmod c$: after 30,
+# 60, 90 and 100 tokens, $14, 12, 10$ and $4$. It never reaches $c$: a finished chunk is never looked
+# at again, which is why the attention's memory of a stream is bounded by the chunk, however long the
+# stream.
+# ### END SOLUTION
+
+# %%
+import torch
+
+from megalodon_lite.attention import ChunkAttention, RotaryEmbedding
+from megalodon_lite.exercises import check
+
+streaming = ChunkAttention(z_dim=8, value_dim=8, num_heads=1, chunk_size=16).double()
+z_stream, v_stream = torch.randn(2, 1, 100, 8, dtype=torch.float64)
+kv_cache, held = None, []
+with torch.no_grad():
+    for start, stop in ((0, 30), (30, 60), (60, 90), (90, 100)):
+        _, kv_cache = streaming(z_stream[:, start:stop], v_stream[:, start:stop], kv_cache)
+        held.append(kv_cache.length)
+print("tokens in the cache after each piece:", held)
+
+# %% [markdown]
+# **2. Derive.** Take one pair of channels of a query and a key as complex numbers $q$ and $k$; RoPE
+# turns them into $q e^{ip\theta}$ and $k e^{is\theta}$ at positions $p$ and $s$. Show that their
+# contribution to the score, $\mathrm{Re}\big(q e^{ip\theta}\,\overline{k e^{is\theta}}\big)$, depends
+# on $p - s$ only. Why does that make restarting the positions in every chunk harmless?
+#
+# ### BEGIN SOLUTION
+# For real vectors, the dot product of two pairs is $\mathrm{Re}(a\bar b)$ when each pair is read as
+# $a = a_0 + i a_1$. Here $q e^{ip\theta}\,\overline{k e^{is\theta}} = q\bar k\, e^{i(p-s)\theta}$,
+# since $|e^{is\theta}| = 1$ and the conjugate flips the sign of the angle: only $p - s$ is left.
+# Inside a chunk, restarting subtracts the same multiple of $c$ from $p$ and from $s$ (both lie in
+# the same chunk), so $p - s$, and with it every score, is unchanged; attention never pairs tokens of
+# two chunks, where the difference would change.
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Write RoPE on adjacent pairs.** `my_rope(x, positions)` rotates each pair of channels
+# $(x_{2i}, x_{2i+1})$ of `x` (..., L, d) at position $p$ (`positions`, L integers) by the angle
+# $p\,\theta_i$, $\theta_i = 10000^{-2i/d}$, as the official code does (adjacent pairs, not the two
+# halves of the vector). The check compares it with `RotaryEmbedding(d)`.
+
+# %%
+def my_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (..., L, d) with d even, integer positions (L,) -> x with pair i turned by positions * 10000^(-2i/d)."""
+    ### BEGIN SOLUTION
+    dim = x.shape[-1]
+    theta = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
+    angles = positions.to(torch.float64)[:, None] * theta                  # (L, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def package_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return RotaryEmbedding(x.shape[-1])(x, positions)
+
+
+def rope_inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, length, pairs = (int(n) for n in torch.randint(1, 9, (4,), generator=generator))
+    x = torch.randn(batch, heads, length, 2 * pairs, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 4096, (length,), generator=generator)
+
+
+check(my_rope, reference=package_rope, make_inputs=rope_inputs,
+      hint="pair i is (x[..., 2i], x[..., 2i+1]) (x[..., 0::2] and x[..., 1::2]); rotate it as a complex number "
+           "by the angle position * 10000^(-2i/d), then interleave the pairs back")
+
+# %% [markdown]
+# **4. Write the chunk-causal mask.** `my_chunk_causal_mask(length, chunk_size)` returns the
+# $(L, L)$ boolean matrix that is True where query $t$ may attend to key $s$: same chunk and
+# $s \le t$. The check compares it with where the package's `ChunkAttention` actually puts weight
+# (with the values set to the identity matrix, row $t$ of its output is query $t$'s probabilities).
+
+# %%
+def my_chunk_causal_mask(length: int, chunk_size: int) -> torch.Tensor:
+    """(length, length) bool: True where key s is visible to query t (same chunk of chunk_size tokens, s <= t)."""
+    ### BEGIN SOLUTION
+    t = torch.arange(length)
+    return (t[:, None] // chunk_size == t[None, :] // chunk_size) & (t[None, :] <= t[:, None])
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def where_chunk_attention_looks(length: int, chunk_size: int) -> torch.Tensor:
+    attention = ChunkAttention(z_dim=2, value_dim=length, num_heads=1, chunk_size=chunk_size).double()
+    with torch.no_grad():
+        probabilities, _ = attention(torch.ones(1, length, 2, dtype=torch.float64),
+                                     torch.eye(length, dtype=torch.float64)[None])
+    return probabilities[0] > 0
+
+
+def mask_sizes(generator: torch.Generator) -> tuple[int, int]:
+    return int(torch.randint(1, 60, (), generator=generator)), int(torch.randint(1, 20, (), generator=generator))
+
+
+check(my_chunk_causal_mask, reference=where_chunk_attention_looks, make_inputs=mask_sizes,
+      hint="two conditions, both as (L, L) comparisons of t[:, None] with t[None, :]: the same chunk index "
+           "t // chunk_size, and key <= query")
+
 
 # %% [markdown]
 # ## On a GPU

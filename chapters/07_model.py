@@ -44,14 +44,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 # Every model run on the CPU in this chapter is tiny: its matrices gain nothing from a second
 # thread, and on a busy machine threads waiting for each other make every small call slower.
 torch.set_num_threads(1)
-print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
 # ## 1. The configuration
@@ -398,6 +398,31 @@ class LayerState:
     cema: Tensor
     attention: ChunkKVCache
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held by the state."""
+        return [*self.norm, self.cema, self.attention.k, self.attention.v]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the state keeps alive (distinct storages, counted once), as ``Tensor.nbytes``."""
+        return _storage_bytes(self.tensors())
+
+    def __repr__(self) -> str:
+        return (f"LayerState(batch {self.cema.shape[0]}, {_tokens_seen(self.norm.count)} tokens seen, "
+                f"{self.attention.length} in the unfinished chunk, {self.nbytes:,} bytes)")
+
+
+def _storage_bytes(tensors: list[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a storage shared by several counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _tokens_seen(count: Tensor) -> str:
+    """'1,000' when every sequence of the batch has seen as many tokens, else '990 to 1,000'."""
+    low, high = int(count.min()), int(count.max())
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+
 
 @dataclass
 class MegalodonState:
@@ -428,13 +453,17 @@ class MegalodonState:
         """Every tensor held by the state."""
         out = list(self.final_norm)
         for layer in self.layers:
-            out += [*layer.norm, layer.cema, layer.attention.k, layer.attention.v]
+            out += layer.tensors()
         return out
 
+    @property
     def nbytes(self) -> int:
-        """Bytes of memory the state keeps alive (distinct storages, counted once)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
-        return sum(storages.values())
+        """Bytes of memory the state keeps alive (distinct storages, counted once), as ``Tensor.nbytes``."""
+        return _storage_bytes(self.tensors())
+
+    def __repr__(self) -> str:
+        return (f"MegalodonState({len(self.layers)} layers, batch {self.batch_size}, "
+                f"{_tokens_seen(self.num_tokens)} tokens seen, {self.nbytes:,} bytes)")
 
     def detach(self) -> MegalodonState:
         """A copy cut from the autograd graph, each tensor owning no more memory than it shows
@@ -727,7 +756,8 @@ class MegalodonLM(nn.Module):
         """
         validate.tokens(tokens, self.config.vocab_size)
         if state is not None:
-            validate.megalodon_state(state, MegalodonState, len(self.blocks), tokens.shape[0])
+            validate.megalodon_state(state, MegalodonState, self.config, tokens.shape[0],
+                                     dtype=self.embed.weight.dtype, device=self.embed.weight.device)
         x = self.embed(tokens)
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)
@@ -970,7 +1000,7 @@ with torch.inference_mode():
             torch.cuda.synchronize()
         seconds_per_token.append((time.perf_counter() - t0) / piece)
         positions.append(start + piece)
-        state_bytes.append(state.nbytes())
+        state_bytes.append(state.nbytes)
         rss_bytes.append(torch.cuda.memory_allocated() if device.type == "cuda" else process_rss_bytes())
 elapsed = time.perf_counter() - start_all
 assert int(state.num_tokens[0]) == n_tokens and torch.isfinite(logits).all()
@@ -1072,7 +1102,8 @@ from megalodon_lite.checkpoint import CheckpointError, load_checkpoint, save_che
 with tempfile.TemporaryDirectory() as tmp:
     folder = save_checkpoint(text_model, Path(tmp) / "tiny")
     print("checkpoint files:", sorted(p.name for p in folder.iterdir()))
-    restored = load_checkpoint(folder).eval()
+    restored = load_checkpoint(folder)                    # a new model, in eval mode
+    assert not restored.training
     with torch.no_grad():
         assert torch.equal(restored(prompt)[0], text_model(prompt)[0])
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), text_model.state_dict().values()))
@@ -1103,3 +1134,132 @@ with tempfile.TemporaryDirectory() as tmp:
 # Later chapters write GPU kernels for its three costly ops (08, 09), train the `small` preset
 # against a Llama-style transformer (10) and spread the chunks of one long sequence over several
 # processes (11).
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** The `tiny` preset (2 layers, $D = 64$, $N = 16$, $G = 8$ groups, 2 heads
+# with `z_dim` 32 and `value_dim` 128, chunks of $c = 64$) reads 1,000 tokens of one sequence, then
+# 24 more. How many bytes does its state hold after 1,000 tokens, and after 1,024: more, or fewer?
+# Predict from the parts of `LayerState` (float32 statistics, complex64 CEMA state, float32 keys and
+# values, an int64 count), then run the next cell, which prints both states.
+#
+# ### BEGIN SOLUTION
+# Per layer: the norm's count (8 bytes) and $G$ means and variances ($2 \cdot 8 \cdot 4 = 64$ bytes),
+# the CEMA state $D \cdot N$ complex64 numbers ($64 \cdot 16 \cdot 8 = 8{,}192$ bytes), and the keys and
+# values of the unfinished chunk, $n$ tokens of $32 + 128$ numbers ($640\,n$ bytes). The final norm adds
+# another 72 bytes. After 1,000 tokens the current chunk holds $n = 1000 \bmod 64 = 40$ tokens:
+# $2 \cdot (8{,}264 + 25{,}600) + 72 = 67{,}800$ bytes. After 1,024 tokens a chunk has just finished,
+# $n = 0$: $2 \cdot 8{,}264 + 72 = 16{,}600$ bytes, *fewer*. The state's size depends on where the stream
+# is inside its chunk, never on how many tokens came before.
+# ### END SOLUTION
+
+# %%
+import torch
+
+from megalodon_lite.config import MegalodonConfig, preset
+from megalodon_lite.exercises import check
+from megalodon_lite.model import MegalodonBlock, MegalodonLM
+
+reader = MegalodonLM(preset("tiny")).eval()
+stream = torch.randint(0, 256, (1, 1024), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    _, after_1000 = reader(stream[:, :1000])
+    _, after_1024 = reader(stream[:, 1000:], after_1000)
+print(after_1000)
+print(after_1024)
+
+# %% [markdown]
+# **2. Derive.** Count the parameters of one Megalodon block (layer and FFN) in terms of $D$, $N$,
+# `z_dim` $z$, `value_dim` $v$ and `ffn_hidden_dim` $f$, going through section 3's list: the timestep
+# norm, the CEMA, the RMSNorm, the five projections (which have a bias?), the attention's
+# $\gamma, \beta$ and the FFN with its LayerNorm. What do SwiGLU and `rescale_nffn` add?
+#
+# ### BEGIN SOLUTION
+# Timestep norm $2D$ (weight and bias); CEMA $D(4N + 2)$ (`alpha`, `delta`: $DN$ each, `gamma`:
+# $2DN$, `theta` and `omega`: $D$ each); RMSNorm $D$; $W_z$: $Dz + z$; $W_v$ and $W_r$: $Dv + v$ each;
+# $W_{h1}$: $D^2 + D$; $W_{h2}$: $vD$, no bias; the attention's $\gamma$ and $\beta$, each
+# $(2, H, z/H)$: $4z$; the FFN's LayerNorm $2D$ and its two matrices $2Df$, no biases. In all
+# $D^2 + D(z + 3v + 2f + 4N + 8) + 5z + 2v$. SwiGLU adds a third FFN matrix, $Df$; `rescale_nffn`
+# the layer scale, $D$. The model adds the embedding $VD$, the head $VD$ (none when `share_emb`
+# ties it to the embedding) and the final norm $2D$.
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Count a model's parameters by hand.** `count_parameters(config)` returns the number of
+# parameters of `MegalodonLM(config)` from the fields of the config alone, with the formula of
+# exercise 2. The check builds the package's model for random configs on the `meta` device (shapes,
+# no memory) and counts its parameters.
+
+# %%
+def count_parameters(config: MegalodonConfig) -> int:
+    """Parameters of MegalodonLM(config), from the config's fields alone."""
+    ### BEGIN SOLUTION
+    d, n, z, v, f = config.model_dim, config.cema_ndim, config.z_dim, config.value_dim, config.ffn_hidden_dim
+    block = d * d + d * (z + 3 * v + 2 * f + 4 * n + 8) + 5 * z + 2 * v
+    block += d * f * config.swiglu + d * config.rescale_nffn
+    embeddings = config.vocab_size * d * (1 if config.share_emb else 2)
+    return embeddings + 2 * d + config.num_layers * block
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def parameters_of_the_model(config: MegalodonConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in MegalodonLM(config).parameters())
+
+
+def random_config(generator: torch.Generator) -> tuple[MegalodonConfig]:
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=generator))
+
+    heads, groups = draw(1, 4), draw(1, 8)
+    flags = {name: bool(draw(0, 1)) for name in ("swiglu", "rescale_nffn", "share_emb")}
+    return (MegalodonConfig(vocab_size=draw(2, 500), num_layers=draw(1, 6), model_dim=groups * draw(1, 32),
+                            z_dim=2 * heads * draw(1, 16), value_dim=heads * draw(1, 64), num_heads=heads,
+                            ffn_hidden_dim=draw(1, 256), chunk_size=draw(1, 128), norm_num_groups=groups,
+                            cema_ndim=draw(1, 16), **flags),)
+
+
+check(count_parameters, reference=parameters_of_the_model, make_inputs=random_config,
+      hint="go through one block's modules in section 3 (which projections have a bias?), then the embedding, "
+           "the head (tied or not) and the final norm")
+
+# %% [markdown]
+# **4. Wire the two-hop block.** `my_block(block, x)` computes a `MegalodonBlock`'s output from its
+# two parts, `block.mega` (the layer, which returns $y = x + h$ and its state) and `block.ffn` (the
+# normalised FFN, called as `ffn(y, residual=...)`), for an input `x` (B, L, D) from a fresh stream.
+# The check compares it with the block itself.
+
+# %%
+def my_block(block: MegalodonBlock, x: torch.Tensor) -> torch.Tensor:
+    """The output (B, L, D) of a Megalodon block on x (B, L, D), from block.mega and block.ffn."""
+    ### BEGIN SOLUTION
+    y, _ = block.mega(x)
+    return block.ffn(y, residual=x)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def block_output(block: MegalodonBlock, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return block(x)[0]
+
+
+def block_inputs(generator: torch.Generator) -> tuple[MegalodonBlock, torch.Tensor]:
+    config = preset("tiny", model_dim=16, z_dim=8, value_dim=16, ffn_hidden_dim=24, num_heads=2, norm_num_groups=4,
+                    chunk_size=8)
+    with torch.random.fork_rng():                                 # the block's own initialisation, reproducibly
+        torch.manual_seed(int(torch.randint(2**31, (), generator=generator)))
+        block = MegalodonBlock(config, layer_index=0).double().eval()
+    batch, length = int(torch.randint(1, 4, (), generator=generator)), int(torch.randint(1, 30, (), generator=generator))
+    return block, torch.randn(batch, length, config.model_dim, generator=generator, dtype=torch.float64)
+
+
+check(my_block, reference=block_output, make_inputs=block_inputs,
+      hint="the FFN's residual is the block's input x, not the layer's output y")

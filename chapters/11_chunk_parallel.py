@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from megalodon_lite.config import preset
 from megalodon_lite.export import repo_root
 from megalodon_lite.model import MegalodonLM
-from megalodon_lite.notebook import SMOKE, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 torch.set_num_threads(1)  # tiny models: a second thread only adds waiting
-print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
 # ## 1. What must cross a segment boundary
@@ -1296,3 +1296,124 @@ for path in gpu_results:
 #   rounding, with uneven segments and a last segment that ends inside a chunk.
 # * Every group has a timeout, so a rank that dies, hangs or never joins produces an error that
 #   names the rank and what it was waiting for, not a hang.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** Split one sequence for the `tiny` preset ($n = 2$ layers, $D = 64$,
+# $N = 16$, $G = 8$ groups, chunks of 64) at token 128, a chunk boundary. How many real numbers must
+# cross the boundary, and how many of them come from the attention? Predict with section 1's count,
+# then run the next cell, which reads the state at the boundary.
+#
+# ### BEGIN SOLUTION
+# $(n+1) \cdot 2G + n \cdot 2DN = 3 \cdot 16 + 2 \cdot 2 \cdot 64 \cdot 16 = 48 + 4{,}096 = 4{,}144$ real
+# numbers (each complex CEMA number counts as two): the means and variances of three timestep norms
+# and two CEMA states. None from the attention: at a chunk boundary its cache is empty. (The counts are
+# known to every rank from the segment lengths and need not be sent.)
+# ### END SOLUTION
+
+# %%
+import torch
+
+from megalodon_lite.cema import cema_powers
+from megalodon_lite.config import preset
+from megalodon_lite.exercises import check
+from megalodon_lite.model import MegalodonLM
+from megalodon_lite.parallel import merge_moments, prefix_cema_state
+from megalodon_lite.timestep_norm import TimestepNormState
+
+with torch.no_grad():
+    _, at_boundary = MegalodonLM(preset("tiny"))(torch.randint(0, 256, (1, 128)))
+norms = [at_boundary.final_norm] + [layer.norm for layer in at_boundary.layers]
+statistics = sum(norm.mean.numel() + norm.var.numel() for norm in norms)
+cema_numbers = sum(2 * layer.cema.numel() for layer in at_boundary.layers)
+cached = sum(layer.attention.k.numel() + layer.attention.v.numel() for layer in at_boundary.layers)
+print(f"norm statistics {statistics} + CEMA states {cema_numbers} = {statistics + cema_numbers} real numbers; "
+      f"attention cache: {cached}")
+
+# %% [markdown]
+# **2. Derive.** A segment of length $n$ that starts in CEMA state $h_0$ ends in $q^n h_0 + S$, where
+# $S$ is the state it reaches from zero. Segments $0, 1, 2$ of lengths $n_0, n_1, n_2$ have zero-start
+# end states $S_0, S_1, S_2$. Unroll the state at the start of segment 2, then write the state at the
+# start of segment $r$ as a sum over the earlier segments.
+#
+# ### BEGIN SOLUTION
+# Segment 0 starts from nothing and ends in $S_0$. Segment 1 starts there and ends in
+# $q^{n_1} S_0 + S_1$, which is where segment 2 starts. In general each earlier end state decays by
+# $q$ once for every token between the end of its segment and the start of segment $r$:
+# $h^{(r)} = \sum_{j<r} q^{g_j} S_j$ with $g_j = n_{j+1} + \dots + n_{r-1}$ (so $g_{r-1} = 0$). Every
+# $S_j$ is computed by its own rank at the same time; only this weighted sum needs the others'.
+# ### END SOLUTION
+
+# %% [markdown]
+# **3. Merge two segments' statistics.** `my_merge_moments(a, b)` takes the timestep-norm statistics
+# (`TimestepNormState`: count (B,), mean and var (B, G)) of a segment `a` and of the segment `b` that
+# follows it, and returns those of `a` followed by `b` (Chan, Golub and LeVeque's merge, section 3).
+# The check compares it with `megalodon_lite.parallel.merge_moments`.
+
+# %%
+def my_merge_moments(a: TimestepNormState, b: TimestepNormState) -> TimestepNormState:
+    """The count, mean and population variance of segment a followed by segment b."""
+    ### BEGIN SOLUTION
+    n_a, n_b = a.count.to(a.mean.dtype)[:, None], b.count.to(a.mean.dtype)[:, None]
+    n = n_a + n_b
+    delta = b.mean - a.mean
+    mean = a.mean + delta * n_b / n
+    var = (n_a * a.var + n_b * b.var) / n + delta.square() * n_a * n_b / n.square()
+    return TimestepNormState(a.count + b.count, mean, var)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def two_summaries(generator: torch.Generator) -> tuple[TimestepNormState, TimestepNormState]:
+    batch, groups = (int(n) for n in torch.randint(1, 9, (2,), generator=generator))
+
+    def summary(offset: float) -> TimestepNormState:
+        return TimestepNormState(torch.randint(1, 1000, (batch,), generator=generator),
+                                 offset + torch.randn(batch, groups, generator=generator, dtype=torch.float64),
+                                 torch.rand(batch, groups, generator=generator, dtype=torch.float64) + 0.1)
+
+    return summary(0.0), summary(3.0)
+
+
+check(my_merge_moments, reference=merge_moments, make_inputs=two_summaries,
+      hint="weights n_a / n and n_b / n for the means and the variances, plus the spread of the two means, "
+           "delta^2 n_a n_b / n^2")
+
+# %% [markdown]
+# **4. Combine the CEMA end states.** `my_prefix_cema_state(end_states, lengths, rank, q)` takes every
+# segment's zero-start end state (P, B, D, N), the segment lengths and the CEMA's `q` (D, N), and
+# returns the state at the start of segment `rank`, $\sum_{j<\text{rank}} q^{g_j} S_j$ (exercise 2),
+# of shape (B, D, N). The check compares it with `megalodon_lite.parallel.prefix_cema_state`.
+
+# %%
+def my_prefix_cema_state(end_states: torch.Tensor, lengths: list[int], rank: int, q: torch.Tensor) -> torch.Tensor:
+    """(P, B, D, N) zero-start end states -> the CEMA state (B, D, N) at the start of segment ``rank``."""
+    ### BEGIN SOLUTION
+    state = torch.zeros_like(end_states[0])
+    for j in range(rank):
+        gap = sum(lengths[j + 1:rank])                          # tokens between segment j's end and rank's start
+        state = state + cema_powers(q, 1, start=gap)[..., 0] * end_states[j]
+    return state
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def segments(generator: torch.Generator) -> tuple:
+    ranks, batch, channels, ndim = (int(n) for n in torch.randint(1, 6, (4,), generator=generator))
+    lengths = [int(n) for n in torch.randint(1, 200, (ranks,), generator=generator)]
+    magnitude = 0.9 + 0.099 * torch.rand(channels, ndim, generator=generator, dtype=torch.float64)
+    q = torch.polar(magnitude, 3 * torch.rand(channels, ndim, generator=generator, dtype=torch.float64))
+    end_states = torch.complex(*(torch.randn(ranks, batch, channels, ndim, generator=generator, dtype=torch.float64)
+                                 for _ in range(2)))
+    return end_states, lengths, int(torch.randint(0, ranks, (), generator=generator)), q
+
+
+check(my_prefix_cema_state, reference=prefix_cema_state, make_inputs=segments,
+      hint="g_j counts the tokens of the segments strictly between j and rank (0 for j = rank - 1); "
+           "q ** g_j, or cema_powers(q, 1, start=g_j)[..., 0] for the accurate power")

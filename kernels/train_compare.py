@@ -208,7 +208,7 @@ def part_decode(s: dict, device: torch.device) -> dict:
                         token = logits[:, -1].argmax(-1, keepdim=True)
                     sync()
                 seconds = (time.perf_counter() - start) / s["decode_tokens"]
-                state = memory.nbytes() if isinstance(model, MegalodonLM) else memory.used_nbytes()
+                state = memory.nbytes if isinstance(model, MegalodonLM) else memory.used_nbytes
                 row.update(tokens_per_s=1.0 / seconds, state_bytes=state,
                            peak_over_weights_bytes=None if weights is None else peak_bytes() - weights)
             except (torch.OutOfMemoryError, RuntimeError) as err:

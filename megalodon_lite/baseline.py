@@ -133,15 +133,17 @@ class KVCache:
     def empty(cls, capacity: int = 0) -> KVCache:
         return cls([], [], 0, capacity)
 
+    @property
     def nbytes(self) -> int:
-        """Bytes of the buffers (allocated capacity, all layers)."""
+        """Bytes of the buffers (allocated capacity, all layers), like ``Tensor.nbytes``."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    @property
     def used_nbytes(self) -> int:
         """Bytes of the filled part: what the stream so far needs."""
         if not self.keys:
             return 0
-        return self.nbytes() * self.length // self.keys[0].shape[2]
+        return self.nbytes * self.length // self.keys[0].shape[2]
 
     def reserve(self, layer: int, k: Tensor, v: Tensor, end: int) -> None:
         """Make layer ``layer``'s buffers hold at least ``end`` positions, shaped like k and v."""

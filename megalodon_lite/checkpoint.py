@@ -269,10 +269,11 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | LlamaLM |
                     device: str | torch.device = "cpu", verify: bool = True) -> MegalodonLM | LlamaLM:
     """Load a checkpoint into ``model`` (same kind, equal config) or into a new model on ``device``.
 
-    A new model takes the dtype the weights were saved in (e.g. bfloat16); an existing model keeps
-    its own dtype and device, the weights being cast on copy. ``verify`` checks the weights' SHA-256
-    first (reads the file twice; turn off only for speed with a trusted file). Raises
-    :class:`CheckpointError` (a ValueError) naming the problem.
+    A new model takes the dtype the weights were saved in (e.g. bfloat16) and comes back in eval mode
+    (dropout off, ready for inference; call ``.train()`` to train it); an existing model keeps its own
+    dtype, device and mode, the weights being cast on copy (as ``load_state_dict`` does). ``verify``
+    checks the weights' SHA-256 first (reads the file twice; turn off only for speed with a trusted
+    file). Raises :class:`CheckpointError` (a ValueError) naming the problem.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -311,4 +312,4 @@ def load_checkpoint(directory: str | os.PathLike, model: MegalodonLM | LlamaLM |
             raise CheckpointError(f"tied weight {name} -> {kept} does not fit the model")
         tensors[name] = tensors[kept]
     model.load_state_dict(tensors, strict=True)
-    return model
+    return model.eval() if new_model else model

@@ -51,6 +51,8 @@ def _clone(value: Any) -> Any:
     """A copy of the inputs, so a function that writes into them cannot change the other's."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple (e.g. TimestepNormState)
+        return type(value)(*(_clone(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_clone(v) for v in value)
     if isinstance(value, dict):
@@ -143,7 +145,7 @@ def run_check(fn: Callable, reference: Callable, make_inputs: Callable[[torch.Ge
     name = name or getattr(fn, "__name__", "your function")
     reference_name = getattr(reference, "__qualname__", getattr(reference, "__name__", "the reference"))
     reference_module = getattr(reference, "__module__", None)
-    if reference_module:
+    if reference_module and reference_module != "__main__":  # a notebook's own function goes by its name
         reference_name = f"{reference_module}.{reference_name}"
     tail = f" Hint: {hint}" if hint else ""
     worst = 0.0

@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             for line in problems:
                 print(line, file=sys.stderr)
             if not problems:
-                print("package and chapters agree")
+                wanted, _ = plan(root)
+                chapters = sorted({m.chapter.name for m in wanted.values()})
+                print(f"package and chapters agree: {len(wanted)} generated modules from the export cells of "
+                      f"{len(chapters)} chapters ({', '.join(c[:2] for c in chapters)}), no stale module")
             return 1 if problems else 0
         changed = write(root, args.chapters or None)
     except ExportError as err:

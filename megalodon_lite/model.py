@@ -132,6 +132,31 @@ class LayerState:
     cema: Tensor
     attention: ChunkKVCache
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held by the state."""
+        return [*self.norm, self.cema, self.attention.k, self.attention.v]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the state keeps alive (distinct storages, counted once), as ``Tensor.nbytes``."""
+        return _storage_bytes(self.tensors())
+
+    def __repr__(self) -> str:
+        return (f"LayerState(batch {self.cema.shape[0]}, {_tokens_seen(self.norm.count)} tokens seen, "
+                f"{self.attention.length} in the unfinished chunk, {self.nbytes:,} bytes)")
+
+
+def _storage_bytes(tensors: list[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a storage shared by several counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _tokens_seen(count: Tensor) -> str:
+    """'1,000' when every sequence of the batch has seen as many tokens, else '990 to 1,000'."""
+    low, high = int(count.min()), int(count.max())
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
+
 
 @dataclass
 class MegalodonState:
@@ -162,13 +187,17 @@ class MegalodonState:
         """Every tensor held by the state."""
         out = list(self.final_norm)
         for layer in self.layers:
-            out += [*layer.norm, layer.cema, layer.attention.k, layer.attention.v]
+            out += layer.tensors()
         return out
 
+    @property
     def nbytes(self) -> int:
-        """Bytes of memory the state keeps alive (distinct storages, counted once)."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
-        return sum(storages.values())
+        """Bytes of memory the state keeps alive (distinct storages, counted once), as ``Tensor.nbytes``."""
+        return _storage_bytes(self.tensors())
+
+    def __repr__(self) -> str:
+        return (f"MegalodonState({len(self.layers)} layers, batch {self.batch_size}, "
+                f"{_tokens_seen(self.num_tokens)} tokens seen, {self.nbytes:,} bytes)")
 
     def detach(self) -> MegalodonState:
         """A copy cut from the autograd graph, each tensor owning no more memory than it shows
@@ -397,7 +426,8 @@ class MegalodonLM(nn.Module):
         """
         validate.tokens(tokens, self.config.vocab_size)
         if state is not None:
-            validate.megalodon_state(state, MegalodonState, len(self.blocks), tokens.shape[0])
+            validate.megalodon_state(state, MegalodonState, self.config, tokens.shape[0],
+                                     dtype=self.embed.weight.dtype, device=self.embed.weight.device)
         x = self.embed(tokens)
         if self.config.scale_emb:
             x = x * math.sqrt(self.config.model_dim)

@@ -503,10 +503,58 @@ def sampling(temperature: object, top_k: object, vocab_size: int) -> None:
         raise ValueError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r}")
 
 
-def megalodon_state(state: object, state_type: type, num_layers: int, batch_size: int) -> None:
-    """A streaming state from MegalodonLM.forward, for this many layers and this batch size."""
+def megalodon_state(state: object, state_type: type, config: Any, batch_size: int, *,
+                    dtype: torch.dtype, device: torch.device) -> None:
+    """A streaming state that ``MegalodonLM.forward`` returned for a model of this shape and batch size.
+
+    Checked at the model boundary, so that a state from a differently shaped model (or for another
+    batch, precision or device) is refused with the model-level difference (``model_dim``,
+    ``cema_ndim``, ``norm_num_groups``, ...) instead of failing deep inside a layer. ``config`` is
+    the model's ``MegalodonConfig``; ``dtype`` and ``device`` are its parameters' (the CEMA state is
+    complex128 in a float64 model, complex64 otherwise).
+    """
     instance("state", state, state_type, " (what forward returned) or None")
-    if len(state.layers) != num_layers:
-        raise ValueError(f"state has {len(state.layers)} layers, the model {num_layers}")
+    if len(state.layers) != config.num_layers:
+        raise ValueError(f"state has {len(state.layers)} layers, the model {config.num_layers}")
     if state.batch_size != batch_size:
         raise ValueError(f"state is for batch size {state.batch_size}, tokens have batch size {batch_size}")
+    groups, heads = config.norm_num_groups, config.num_heads
+    cema_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+
+    def fits(what: str, value: object, dims: tuple[tuple[str, int | None], ...]) -> None:
+        if not isinstance(value, Tensor) or value.dim() != len(dims):
+            raise ValueError(f"state does not fit this model: {what} must be a tensor of shape "
+                             f"({', '.join(name for name, _ in dims)}), got {_describe(value)} "
+                             f"{tuple(getattr(value, 'shape', ()))}")
+        wrong = [f"{name} {got} (this model: {size})" for (name, size), got in zip(dims, value.shape)
+                 if size is not None and got != size]
+        if wrong:
+            raise ValueError(f"state does not fit this model: in {what}, {', '.join(wrong)}; a state only "
+                             "continues the stream of a model of the same shape")
+        if value.device != device:
+            raise ValueError(f"state does not fit this model: {what} is on {value.device}, the model on {device}")
+
+    batch = ("batch", batch_size)
+
+    def norm_fits(where: str, norm: Any) -> None:
+        fits(f"{where} count", norm.count, (batch,))
+        for field in ("mean", "var"):
+            fits(f"{where} {field}", getattr(norm, field), (batch, ("norm_num_groups", groups)))
+
+    for i, layer in enumerate(state.layers):
+        fits(f"layer {i}'s CEMA state", layer.cema, (batch, ("model_dim", config.model_dim),
+                                                      ("cema_ndim", config.cema_ndim)))
+        if layer.cema.dtype != cema_dtype:
+            raise TypeError(f"state does not fit this model: layer {i}'s CEMA state is {layer.cema.dtype}, a "
+                            f"{dtype} model keeps {cema_dtype} (convert the model, or start a new stream)")
+        norm_fits(f"layer {i}'s norm", layer.norm)
+        cached = layer.attention.k.shape[2] if isinstance(layer.attention.k, Tensor) else None
+        fits(f"layer {i}'s attention keys", layer.attention.k,
+             (batch, ("num_heads", heads), ("cached tokens", cached), ("z_dim / num_heads", config.z_dim // heads)))
+        fits(f"layer {i}'s attention values", layer.attention.v,
+             (batch, ("num_heads", heads), ("cached tokens", cached),
+              ("value_dim / num_heads", config.value_dim // heads)))
+        if cached >= config.chunk_size:
+            raise ValueError(f"state does not fit this model: layer {i} caches {cached} tokens of an unfinished "
+                             f"chunk, this model's chunk_size is {config.chunk_size}")
+    norm_fits("the final norm", state.final_norm)

@@ -74,7 +74,7 @@ def test_pieces_through_the_cache_equal_one_call():
             assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-10, rtol=0)
             assert cache.length == 45 and cache.keys[0].shape[2] >= 45
             assert torch.allclose(cache.keys[1][:, :, :45], whole_cache.keys[1], atol=1e-10, rtol=0)
-    assert whole_cache.used_nbytes() == 2 * 2 * 3 * 45 * 32 * 8  # layers x (k, v) x B x L x D x float64
+    assert whole_cache.used_nbytes == 2 * 2 * 3 * 45 * 32 * 8  # layers x (k, v) x B x L x D x float64
 
 
 def test_causality_and_gradients():

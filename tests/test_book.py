@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+from chapter_code import EXERCISE_CHAPTERS, EXERCISES_HEADING, exercise_section  # noqa: E402
 
 from megalodon_lite import book, notebook  # noqa: E402
 from megalodon_lite.export import chapter_paths, repo_root  # noqa: E402
@@ -133,6 +135,60 @@ def test_chapter_opens_with_a_kernel_and_ends_with_its_gpu_cells(chapter):
     last_cpu = max(i for i, c in enumerate(cells) if c.cell_type == "code" and i not in gpu)
     assert headings and headings[-1] > last_cpu, f"{chapter.name}: no '## On a GPU' section after the CPU cells"
     assert "require_cuda()" in cells[gpu[0]].source, f"{chapter.name}: the first gpu cell must call require_cuda()"
+
+
+EXERCISE_NUMBER = re.compile(r"^\*\*(\d+)\. ", re.MULTILINE)  # "**2. Derive.** ..." opens exercise 2
+
+
+@pytest.mark.parametrize("number", EXERCISE_CHAPTERS)
+def test_chapter_ends_with_3_to_5_exercises_and_at_least_one_check(number):
+    """The section `## Exercises` is the chapter's last before `## On a GPU` (or its last), holds
+    exercises numbered 1..n with 3 <= n <= 5, each in its own markdown cell, and at least one cell
+    tagged `check` that calls megalodon_lite.exercises.check on a function the reader writes
+    between solution markers."""
+    import jupytext
+
+    (path,) = [p for p in CHAPTERS if p.name.startswith(f"{number}_")]
+    cells = jupytext.read(path).cells
+    section = exercise_section(cells)
+    assert section, f"{path.name} has no '{EXERCISES_HEADING}' section"
+    after = [c.source.splitlines()[0] for c in cells[cells.index(section[-1]) + 1:]
+             if c.cell_type == "markdown" and c.source.startswith("## ")]
+    assert after in ([], ["## On a GPU"]), f"{path.name}: sections after the exercises: {after}"
+    numbers = [int(n) for c in section if c.cell_type == "markdown" for n in EXERCISE_NUMBER.findall(c.source)]
+    assert numbers == list(range(1, len(numbers) + 1)) and 3 <= len(numbers) <= 5, (
+        f"{path.name}: exercises numbered {numbers}, expected 1..n with 3 <= n <= 5")
+    for cell in section:  # one exercise per cell: nbgrader grades each written answer on its own
+        if cell.cell_type == "markdown":
+            assert len(EXERCISE_NUMBER.findall(cell.source)) <= 1 and cell.source.count("BEGIN SOLUTION") <= 1, (
+                f"{path.name}: a markdown cell holds more than one exercise:\n{cell.source[:200]}")
+    checks = [c for c in section if c.cell_type == "code" and "check" in c.metadata.get("tags", [])]
+    assert checks, f"{path.name}: no cell tagged 'check' among the exercises"
+    for cell in checks:
+        assert re.search(r"^check\(", cell.source, re.MULTILINE), f"{path.name}: a check cell that calls no check()"
+    solutions = [c for c in section if c.cell_type == "code" and "### BEGIN SOLUTION" in c.source]
+    assert solutions, f"{path.name}: no function for the reader to write between solution markers"
+
+
+# Chapters whose first cell does not yet follow the convention: written on other branches at the
+# time of the second classroom pass; drop each number once its chapter calls describe_run.
+DESCRIBE_RUN_PENDING = {"08", "09", "10"}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_first_code_cell_says_what_size_runs_where(chapter):
+    """CONTRIBUTING.md: the first code cell calls describe_run(device) right after
+    device = pick_device(), so a reader sees at once the size, the device, why, and how to change it."""
+    import jupytext
+
+    if chapter.name[:2] in DESCRIBE_RUN_PENDING:
+        pytest.skip(f"{chapter.name} is written on another branch (DESCRIBE_RUN_PENDING)")
+    first = next(c for c in jupytext.read(chapter).cells if c.cell_type == "code")
+    lines = [line.strip() for line in first.source.splitlines()]
+    assert "device = pick_device()" in lines, f"{chapter.name}: the first code cell must pick the device"
+    after = lines[lines.index("device = pick_device()") + 1]
+    assert after == "describe_run(device)", (
+        f"{chapter.name}: describe_run(device) must follow device = pick_device(), found {after!r}")
 
 
 def test_manifest_records_versions_and_status(tmp_path):

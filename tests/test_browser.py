@@ -3,7 +3,7 @@
 Starts JupyterLab on 127.0.0.1 (random port, random token, isolated settings), opens
 ``chapters/04_cema.py`` as a notebook through jupytext in Debian's headless Chromium (Playwright
 with ``executable_path="/usr/bin/chromium"``; no downloaded browser), runs all cells, moves the
-``theta`` slider and asserts that the plot's pixels and the readout changed. The server is stopped
+``θ₁`` slider and asserts that the plot's pixels and the readout changed. The server is stopped
 by its process id (with every process it started).
 
 JupyterLab runs with its defaults, autosave included (only its interval is shortened from 120 s to
@@ -12,10 +12,12 @@ until JupyterLab has saved the notebook back to ``chapters/04_cema.py`` and asse
 is byte for byte as it was. That is the round trip every reader makes; the chapter's header names
 ipykernel's own kernelspec, so JupyterLab has nothing to rewrite.
 
-The widget contract this relies on (chapter 04): the whole widget has CSS class ``cema-widget``;
-FloatSliders ``alpha``, ``delta``, ``theta`` carry ``cema-alpha``, ``cema-delta``, ``cema-theta``;
-the state selector ``cema-state``; the plot is an ``ipywidgets.Image`` with ``cema-plot``; an
-``ipywidgets.HTML`` readout with ``cema-readout`` shows |q|, θ and a half-life after every redraw.
+The widget contract this relies on (chapter 04; tests/test_cema_widget.py checks it without a
+browser): the whole widget has CSS class ``cema-widget``; the FloatSliders ``|q|`` and ``θ₁``
+(the base frequency, rad/token) carry ``cema-magnitude`` and ``cema-theta``; the state selector
+``cema-state``; the plot is an ``ipywidgets.Image`` with ``cema-plot``; an ``ipywidgets.HTML``
+readout with ``cema-readout`` shows the half-life and the selected state's frequency and period
+after every redraw. The test moves ``θ₁``.
 
 The chapter carries a kernelspec, so JupyterLab must start Python 3 without asking (a "Select
 Kernel" dialog fails the test). Run All must end cleanly: every CPU cell runs without an error. The
@@ -407,7 +409,7 @@ def wait_for_kernel(page) -> None:
 
 
 def widget_state(page, widget) -> dict:
-    """The plot's src and PNG bytes (base64), the readout text and the theta slider's readout."""
+    """The plot's src and PNG bytes (base64), the readout text and the θ₁ slider's readout."""
     plot = page.evaluate(PLOT_SRC)
     return {
         "plot": plot,
@@ -440,7 +442,7 @@ def has_cuda() -> bool:
 
 def run_widget_in_browser(server: LabServer, root: Path, notebook: Path, out_dir: Path, *,
                           has_cuda: bool) -> dict:
-    """Open ``notebook`` (a jupytext .py under the server's ``root``), run all cells, move ``theta``.
+    """Open ``notebook`` (a jupytext .py under the server's ``root``), run all cells, move ``θ₁``.
 
     Without CUDA (``has_cuda`` false) the run stops at the first cell tagged ``gpu`` (see
     :func:`run_all_cells`).
@@ -486,7 +488,7 @@ def run_widget_in_browser(server: LabServer, root: Path, notebook: Path, out_dir
             observed["before"] = widget_state(page, widget)
             widget.screenshot(path=str(out_dir / "cema_before.png"))
 
-            # Move theta with the keyboard, as a reader could: focus the handle and press PageUp
+            # Move θ₁ with the keyboard, as a reader could: focus the handle and press PageUp
             # (once: one new value, so one redraw, and the state read below is the settled one).
             handle = widget.locator(".cema-theta .noUi-handle").first
             handle.focus()
@@ -504,7 +506,7 @@ def run_widget_in_browser(server: LabServer, root: Path, notebook: Path, out_dir
                 now = {"plot": page.evaluate(PLOT_SRC), "readout": page.evaluate(READOUT_TEXT)}
                 unchanged = [key for key in now if now[key] == observed["before"][key]]
                 raise AssertionError(
-                    f"{REDRAW_S:.0f} s after moving theta, still unchanged: {unchanged} (readout {now['readout']!r})"
+                    f"{REDRAW_S:.0f} s after moving θ₁, still unchanged: {unchanged} (readout {now['readout']!r})"
                 ) from None
             observed["after"] = widget_state(page, widget)
             widget.screenshot(path=str(out_dir / "cema_after.png"))
@@ -534,7 +536,7 @@ def test_cema_widget_redraws_and_autosave_leaves_the_chapter_as_it_was(tmp_path:
         observed = run_widget_in_browser(server, root, CHAPTER, tmp_path, has_cuda=has_cuda())
 
     before, after = observed["before"], observed["after"]
-    assert after["theta"] != before["theta"], f"theta slider did not move: {before['theta']!r}"
+    assert after["theta"] != before["theta"], f"θ₁ slider did not move: {before['theta']!r}"
     assert after["readout"] != before["readout"], f"readout did not change: {before['readout']!r}"
     pixels_before, pixels_after = decode_png(before["png"]), decode_png(after["png"])
     assert pixels_before.shape != pixels_after.shape or (pixels_before != pixels_after).any(), (

@@ -32,7 +32,7 @@ def assert_same_weights(a: MegalodonLM, b: MegalodonLM) -> None:
 def test_round_trip_is_bit_exact(tmp_path, share_emb):
     model = small_model(share_emb=share_emb)
     folder = save_checkpoint(model, tmp_path / "ckpt")
-    restored = load_checkpoint(folder).eval()
+    restored = load_checkpoint(folder)
     assert restored.config == model.config
     assert_same_weights(model, restored)
     assert (restored.head.weight is restored.embed.weight) == share_emb
@@ -48,6 +48,15 @@ def test_round_trip_is_bit_exact(tmp_path, share_emb):
     umask = os.umask(0)
     os.umask(umask)
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())  # as any new file
+
+
+def test_a_new_model_comes_back_in_eval_mode_an_existing_one_keeps_its_mode(tmp_path):
+    folder = save_checkpoint(small_model().train(), tmp_path)
+    assert not load_checkpoint(folder).training  # ready for inference: dropout off
+    for mode in (True, False):
+        target = small_model(seed=1).train(mode)
+        assert load_checkpoint(folder, target) is target and target.training == mode
+        assert all(m.training == mode for m in target.modules())
 
 
 def test_bf16_round_trip_keeps_the_dtype(tmp_path):

@@ -71,6 +71,18 @@ def test_round_trip_writes_header_markers_and_code(tmp_path):
     assert export.write(root) == []  # idempotent
 
 
+def test_check_says_what_it_checked(tmp_path, capsys):
+    root = make_repo(tmp_path, {"01_a.py": CH01, "02_b.py": CH02})
+    export.write(root)
+    assert export.main(["--check", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == ("package and chapters agree: 2 generated modules from the export "
+                                               "cells of 2 chapters (01, 02), no stale module")
+    (root / "megalodon_lite" / "beta.py").write_text("# edited by hand\n")
+    assert export.main(["--check", "--root", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "megalodon_lite/beta.py: differs from its chapter" in err
+
+
 def test_two_chapters_each_own_their_module(tmp_path):
     root = make_repo(tmp_path, {"01_a.py": CH01, "02_b.py": CH02})
     export.write(root)

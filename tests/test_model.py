@@ -131,7 +131,7 @@ def test_state_size_does_not_grow_with_the_stream():
     with torch.no_grad():
         for _ in range(6):
             _, state = model(torch.randint(0, cfg.vocab_size, (1, 2 * cfg.chunk_size + 3)), state)
-            sizes.append(state.nbytes())
+            sizes.append(state.nbytes)
     # every call ends 3, 6, 9 mod 8 ... tokens into a chunk: at most chunk_size-1 cached tokens
     bound = sizes[0] + 2 * cfg.num_layers * cfg.chunk_size * (cfg.z_dim + cfg.value_dim) * 4
     assert max(sizes) <= bound
@@ -356,5 +356,42 @@ def test_state_detach_owns_its_memory():
     _, state = model(torch.randint(0, cfg.vocab_size, (1, 10 * cfg.chunk_size + 3)))
     assert isinstance(state, MegalodonState)
     expected = sum(t.numel() * t.element_size() for t in state.tensors())
-    assert state.nbytes() == expected
+    assert state.nbytes == expected
     assert not any(t.requires_grad for t in state.tensors())
+
+
+def test_state_prints_in_one_line_and_nbytes_is_a_property_like_tensor_nbytes():
+    cfg = tiny(num_layers=2)
+    _, state = MegalodonLM(cfg).eval()(torch.randint(0, cfg.vocab_size, (3, 2 * cfg.chunk_size + 5)))
+    assert isinstance(state.nbytes, int) and state.nbytes == sum(layer.nbytes for layer in state.layers) + sum(
+        t.untyped_storage().nbytes() for t in state.final_norm)
+    text = repr(state)
+    assert text == f"MegalodonState(2 layers, batch 3, {2 * cfg.chunk_size + 5} tokens seen, {state.nbytes:,} bytes)"
+    assert repr(state.layers[0]) == (f"LayerState(batch 3, {2 * cfg.chunk_size + 5} tokens seen, 5 in the unfinished "
+                                     f"chunk, {state.layers[0].nbytes:,} bytes)")
+    assert "\n" not in str(state) and "tensor" not in str(state)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"model_dim": 64, "norm_num_groups": 4}, "in layer 0's CEMA state, model_dim 32 (this model: 64)"),
+    ({"cema_ndim": 8}, "in layer 0's CEMA state, cema_ndim 16 (this model: 8)"),
+    ({"norm_num_groups": 8}, "in layer 0's norm mean, norm_num_groups 4 (this model: 8)"),
+    ({"num_heads": 1}, "in layer 0's attention keys, num_heads 2 (this model: 1), z_dim / num_heads 8 (this model: 16)"),
+    ({"value_dim": 64}, "in layer 0's attention values, value_dim / num_heads 16 (this model: 32)"),
+    ({"chunk_size": 4}, "caches 5 tokens of an unfinished chunk, this model's chunk_size is 4"),
+])
+def test_a_state_from_a_differently_shaped_model_is_refused_at_the_model(changes, words):
+    """Not deep inside CEMA or the attention: the error names the model-level difference."""
+    cfg = tiny(num_layers=1)
+    _, state = MegalodonLM(cfg)(torch.randint(0, cfg.vocab_size, (1, cfg.chunk_size + 5)))
+    other = MegalodonLM(cfg.replace(**changes))
+    with pytest.raises(ValueError, match="state does not fit this model") as info:
+        other(torch.randint(0, cfg.vocab_size, (1, 3)), state)
+    assert words in str(info.value)
+
+
+def test_a_state_of_another_precision_is_refused_at_the_model():
+    cfg = tiny(num_layers=1)
+    _, state = MegalodonLM(cfg)(torch.randint(0, cfg.vocab_size, (1, 5)))
+    with pytest.raises(TypeError, match="CEMA state is torch.complex64, a torch.float64 model keeps torch.complex128"):
+        MegalodonLM(cfg).double()(torch.randint(0, cfg.vocab_size, (1, 3)), state)

@@ -7,6 +7,9 @@ putting the solution back into the stub makes its check pass.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import subprocess
 import sys
 import textwrap
@@ -15,6 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from chapter_code import EXERCISE_CHAPTERS, chapter_path, exercise_section
 
 from megalodon_lite import book, student
 from megalodon_lite.chapters import chapter_files, default_chapters_dir
@@ -134,6 +138,34 @@ def test_check_passes_reports_not_implemented_and_says_what_differs(capsys, monk
     assert "not yet implemented" in capsys.readouterr().out
 
 
+def test_named_tuples_go_in_and_come_out_whole():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        a: torch.Tensor
+        b: torch.Tensor
+
+    def swap(pair: Pair) -> Pair:
+        return Pair(pair.b, pair.a)
+
+    def inputs(generator):
+        return (Pair(torch.randn(3, generator=generator), torch.randn(2, generator=generator)),)
+
+    assert run_check(lambda pair: Pair(pair.b.clone(), pair.a.clone()), swap, inputs).passed
+    wrong = run_check(lambda pair: pair, swap, inputs)
+    assert "the output[0] should have shape (2,), got (3,)" in wrong.message
+
+
+def test_a_notebooks_own_reference_goes_by_its_name():
+    def reference(x):
+        return 2 * x
+
+    reference.__module__ = "__main__"  # as for a function defined in a notebook cell
+    assert "agrees with test_student.test_a_notebooks_own_reference_goes_by_its_name.<locals>.reference" not in (
+        message := run_check(lambda x: x + x, reference, _inputs).message)
+    assert "agrees with test_a_notebooks_own_reference_goes_by_its_name.<locals>.reference on 5" in message
+
+
 def test_check_gives_each_function_its_own_copy_of_the_inputs():
     def clobbers(x):
         x.zero_()
@@ -213,3 +245,67 @@ def test_nbgrader_source_keeps_solutions_and_marks_the_exercise_cells(tmp_path):
     sources = "\n".join(c.source for c in notebook.cells)
     assert "torch.stack(outputs" in sources and "### BEGIN SOLUTION" in sources  # nbgrader clears them
     assert student.SETUP_TAG in notebook.cells[0].metadata["tags"]
+
+
+# --- the real chapters' exercises
+
+
+def run_exercise_section(number: str, *, student_edition: bool) -> list[str]:
+    """Execute chapter ``number``'s Exercises section alone, in this process (solutions kept, or
+    cleared as in the student edition); return what each check cell printed."""
+    import jupytext
+
+    namespace: dict = {"__name__": f"exercises_{number}"}
+    printed = []
+    for index, cell in enumerate(exercise_section(jupytext.read(chapter_path(number)).cells)):
+        if cell.cell_type != "code":
+            continue
+        source = cell.source
+        if student_edition and student.has_solution(source):
+            source = student.clear_solutions(source, code=True, where=f"{number} exercises cell {index}")
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            exec(compile(source, f"chapter {number}, exercises cell {index}", "exec"), namespace)  # noqa: S102
+        if student.CHECK_TAG in cell.metadata.get("tags", []):
+            printed.append(buffer.getvalue().strip())
+    return printed
+
+
+@pytest.mark.parametrize("number", EXERCISE_CHAPTERS)
+def test_the_exercises_run_alone_checks_pass_with_solutions_and_say_not_yet_without(number, monkeypatch):
+    """A chapter's Exercises section imports what it uses, so it runs without the rest of the
+    chapter (a teacher can hand it out alone; this test runs it in a second). With the solutions
+    (the teacher edition) every check passes; with nbgrader's stubs (the student edition) every
+    check says "not yet implemented" and nothing else raises."""
+    monkeypatch.setenv(MUST_PASS_VARIABLE, "1")
+    teacher = run_exercise_section(number, student_edition=False)
+    assert teacher and all(line.startswith("✓ ") for line in teacher), teacher
+    monkeypatch.delenv(MUST_PASS_VARIABLE)
+    students = run_exercise_section(number, student_edition=True)
+    assert len(students) == len(teacher), students
+    assert all(line.startswith("… ") and line.split("\n")[-1].count(NOT_IMPLEMENTED) == 1 for line in students), students
+
+
+def functions_the_reader_writes(source: str) -> set[str]:
+    """Names of the functions whose body holds a solution region."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            and any(student.BEGIN_SOLUTION in line for line in lines[node.lineno - 1:node.end_lineno])}
+
+
+@pytest.mark.parametrize("number", EXERCISE_CHAPTERS)
+def test_nothing_after_an_exercise_uses_the_readers_function(number):
+    """In the student edition the reader's function raises until it is written: only its own check
+    cell may call it, never a later cell (gpu cells included), or Run All would stop there."""
+    import jupytext
+
+    written: set[str] = set()
+    for index, cell in enumerate(jupytext.read(chapter_path(number)).cells):
+        if cell.cell_type != "code":
+            continue
+        if student.CHECK_TAG not in cell.metadata.get("tags", []):
+            used = {node.id for node in ast.walk(ast.parse(cell.source)) if isinstance(node, ast.Name)}
+            assert not used & written, f"chapter {number}, cell {index} uses the reader's {sorted(used & written)}"
+        written |= functions_the_reader_writes(cell.source)
+    assert written, f"chapter {number} has no function for the reader to write"
