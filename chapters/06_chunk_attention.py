@@ -548,8 +548,8 @@ class ChunkAttention(nn.Module):
             return v.new_zeros(batch, 0, self.value_dim), cache
         dropout_p = self.attention_dropout if self.training else 0.0
         head = min(length, self.chunk_size - cache.length) if cache.length else 0  # finish the cached chunk
-        if head < length and self._kernel_covers(z, dropout_p):
-            o_rest, new_cache = self._forward_kernel(z[:, head:], v[:, head:])
+        if head < length and kernels_cover(self, z, dropout_p):
+            o_rest, new_cache = kernel_forward(self, z[:, head:], v[:, head:])
             if not head:
                 return o_rest, new_cache
             o_head, _ = self._forward_torch(z[:, :head], v[:, :head], cache, dropout_p)  # its cache ends empty
@@ -568,31 +568,42 @@ class ChunkAttention(nn.Module):
         o, cache = chunk_causal_attention(q, k, v, cache, self.chunk_size, use_sdpa=self.use_sdpa, dropout_p=dropout_p)
         return o.transpose(1, 2).reshape(batch, length, self.value_dim), cache
 
-    def _kernel_covers(self, z: Tensor, dropout_p: float) -> bool:
-        """Whether chapter 09's kernels run this call (a piece starting at a chunk boundary)."""
-        choice = requested_backend(self.backend)
-        if choice == "torch" or (choice == "auto" and z.device.type != "cuda"):
-            return False  # decided without importing triton
-        from megalodon_lite.ops.chunk_attention import unsupported_reason  # chapter 09; imports triton
-        why_not = unsupported_reason(z, self.num_heads, dropout_p=dropout_p)
-        return use_triton(self.backend, z.device, supported=not why_not, why_not=why_not)
-
-    def _forward_kernel(self, z: Tensor, v: Tensor) -> tuple[Tensor, ChunkKVCache]:
-        """Chapter 09's kernels from a chunk boundary; the cache holds the unfinished last chunk's k, v."""
-        from megalodon_lite.ops.chunk_attention import chunk_attention
-        o = chunk_attention(z, v, self.gamma, self.beta, self.num_heads, self.chunk_size, self.z_norm.eps,
-                            self.rope.base)
-        length = z.shape[1]
-        tail = length % self.chunk_size
-        z_tail = z[:, length - tail:].unflatten(-1, (self.num_heads, self.z_head_dim))
-        _, k_tail = normalized_qk(self.z_norm(z_tail), self.gamma, self.beta)
-        k_tail = self.rope(k_tail.transpose(1, 2), torch.arange(tail, device=z.device))
-        v_tail = v[:, length - tail:].unflatten(-1, (self.num_heads, self.v_head_dim)).transpose(1, 2)
-        return o, ChunkKVCache(k_tail.contiguous(), v_tail.contiguous())
-
     def extra_repr(self) -> str:
         return (f"z_dim={self.z_dim}, value_dim={self.value_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
                 f"dropout={self.attention_dropout}, backend={self.backend}")
+
+
+# %% [markdown]
+# On a GPU, `forward` hands every piece that starts at a chunk boundary to chapter 09's Triton
+# kernels, which compute the same function with the norm, the affine and RoPE fused into one pass;
+# the two functions below are the glue. The kernels return only $O$, so the keys and values of an
+# unfinished last chunk (the next call's cache) are recomputed here from that chunk's $z$ and $v$:
+# at most $c - 1$ tokens.
+
+# %% tags=["export:attention"]
+def kernels_cover(module: ChunkAttention, z: Tensor, dropout_p: float) -> bool:
+    """Whether chapter 09's kernels run this call of ``module`` (a piece starting at a chunk boundary)."""
+    choice = requested_backend(module.backend)
+    if choice == "torch" or (choice == "auto" and z.device.type != "cuda"):
+        return False  # decided without importing triton
+    from megalodon_lite.ops.chunk_attention import unsupported_reason  # chapter 09; imports triton
+    why_not = unsupported_reason(z, module.num_heads, dropout_p=dropout_p)
+    return use_triton(module.backend, z.device, supported=not why_not, why_not=why_not)
+
+
+def kernel_forward(module: ChunkAttention, z: Tensor, v: Tensor) -> tuple[Tensor, ChunkKVCache]:
+    """O (B, L, value_dim) from chapter 09's kernels, for a piece starting at a chunk boundary, and the
+    cache: post-RoPE keys and values of the unfinished last chunk."""
+    from megalodon_lite.ops.chunk_attention import chunk_attention
+    o = chunk_attention(z, v, module.gamma, module.beta, module.num_heads, module.chunk_size, module.z_norm.eps,
+                        module.rope.base)
+    length, heads = z.shape[1], module.num_heads
+    tail = length % module.chunk_size
+    z_tail = z[:, length - tail:].unflatten(-1, (heads, module.z_head_dim))
+    _, k_tail = normalized_qk(module.z_norm(z_tail), module.gamma, module.beta)
+    k_tail = module.rope(k_tail.transpose(1, 2), torch.arange(tail, device=z.device))
+    v_tail = v[:, length - tail:].unflatten(-1, (heads, module.v_head_dim)).transpose(1, 2)
+    return o, ChunkKVCache(k_tail.contiguous(), v_tail.contiguous())
 
 
 # %% [markdown]

@@ -424,6 +424,7 @@ def _tokens_seen(count: Tensor) -> str:
     return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
 
+# %% tags=["export:model"]
 @dataclass
 class MegalodonState:
     """The whole model's memory of the stream (the official ``cache``: one (attention, norm, CEMA)

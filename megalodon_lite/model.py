@@ -157,7 +157,7 @@ def _tokens_seen(count: Tensor) -> str:
     low, high = int(count.min()), int(count.max())
     return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
-
+# %% chapters/07_model.py cell 15 · §3 One Megalodon layer and the two-hop block
 @dataclass
 class MegalodonState:
     """The whole model's memory of the stream (the official ``cache``: one (attention, norm, CEMA)
@@ -214,7 +214,7 @@ class MegalodonState:
                   for s in self.layers]
         return MegalodonState(layers, own_norm(self.final_norm))
 
-# %% chapters/07_model.py cell 16 · §3 One Megalodon layer and the two-hop block
+# %% chapters/07_model.py cell 17 · §3 One Megalodon layer and the two-hop block
 class MegalodonLayer(nn.Module):
     """The moving-average gated attention layer of Megalodon (official name
     ``MovingAverageGatedAttention``), residual included.
@@ -275,7 +275,7 @@ class MegalodonLayer(nn.Module):
         h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)
 
-# %% chapters/07_model.py cell 18 · §3 One Megalodon layer and the two-hop block
+# %% chapters/07_model.py cell 19 · §3 One Megalodon layer and the two-hop block
 class MegalodonBlock(nn.Module):
     """Megalodon layer plus normalised FFN with the two-hop residual (Megalodon §3.4):
 
@@ -302,7 +302,7 @@ class MegalodonBlock(nn.Module):
         y, state = self.mega(x, state)
         return self.ffn(y, residual=x), state
 
-# %% chapters/07_model.py cell 20 · Checking the block against the equations
+# %% chapters/07_model.py cell 21 · Checking the block against the equations
 def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     """One Megalodon block in float64, written from the equations (Megalodon §3 as the official code
     implements it); slow, for checking.
@@ -364,7 +364,7 @@ def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     out = hidden @ P["ffn.fc2.weight"].T
     return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
 
-# %% chapters/07_model.py cell 23 · §4 The language model, and where its parameters are
+# %% chapters/07_model.py cell 24 · §4 The language model, and where its parameters are
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row from logits (B, V) -> (B,) int64.
@@ -384,7 +384,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
-# %% chapters/07_model.py cell 25 · §4 The language model, and where its parameters are
+# %% chapters/07_model.py cell 26 · §4 The language model, and where its parameters are
 class MegalodonLM(nn.Module):
     """Megalodon language model: embedding -> blocks -> final TimestepNorm -> head.
 
