@@ -3,8 +3,10 @@
 The chapters live in ``chapters/`` at the top of the repository, which is not a package. Building a
 wheel copies ``chapters/NN_slug.py`` and ``chapters/jupytext.toml`` into the built package as
 ``megalodon_lite/_chapters/``, so an installed package can copy them out for a reader
-(``megalodon-lite chapters DIR``) and build the book without a clone. An editable install reads
-``chapters/`` of the checkout instead (``megalodon_lite.chapters.default_chapters_dir``).
+(``megalodon-lite chapters DIR``) and build the book without a clone; and the recorded GPU
+measurements the later chapters display (``kernels/results/*.json``, ``*.txt``) as
+``megalodon_lite/_results/``. An editable install reads the checkout's folders instead
+(``megalodon_lite.chapters.default_chapters_dir``, ``megalodon_lite.notebook.recorded``).
 """
 
 from __future__ import annotations
@@ -28,24 +30,34 @@ def chapter_sources() -> list[Path]:
     return [*found, chapters / "jupytext.toml"]
 
 
+def recorded_results() -> list[Path]:
+    results = ROOT / "kernels" / "results"
+    return sorted(p for p in results.glob("*") if p.suffix in (".json", ".txt"))
+
+
+SHIPPED = {"_chapters": chapter_sources, "_results": recorded_results}  # package folder -> files
+
+
 class BuildPyWithChapters(build_py):
-    """``build_py`` that also copies the chapters into ``megalodon_lite/_chapters/``."""
+    """``build_py`` that also copies the chapters and the recorded results into the package."""
 
     def run(self) -> None:
         super().run()
-        if self.editable_mode:  # the checkout's chapters/ is read directly
+        if self.editable_mode:  # the checkout's folders are read directly
             return
-        target = Path(self.build_lib) / "megalodon_lite" / "_chapters"
-        shutil.rmtree(target, ignore_errors=True)  # a renamed chapter must not linger
-        target.mkdir(parents=True)
-        for source in chapter_sources():
-            shutil.copyfile(source, target / source.name)
+        for folder, sources in SHIPPED.items():
+            target = Path(self.build_lib) / "megalodon_lite" / folder
+            shutil.rmtree(target, ignore_errors=True)  # a renamed file must not linger
+            target.mkdir(parents=True)
+            for source in sources():
+                shutil.copyfile(source, target / source.name)
 
     def get_outputs(self, include_bytecode: bool = True) -> list[str]:
         outputs = super().get_outputs(include_bytecode)
         if not self.editable_mode:
-            target = Path(self.build_lib) / "megalodon_lite" / "_chapters"
-            outputs += [str(target / source.name) for source in chapter_sources()]
+            for folder, sources in SHIPPED.items():
+                target = Path(self.build_lib) / "megalodon_lite" / folder
+                outputs += [str(target / source.name) for source in sources()]
         return outputs
 
 

@@ -67,6 +67,21 @@ SMOKE, SMOKE_REASON = smoke_setting()
 """True when chapters should pick tiny sizes; and why (an environment variable, or the device)."""
 
 FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
+RESULTS_DIRS = (Path(__file__).resolve().parent.parent / "kernels" / "results",   # a checkout
+                Path(__file__).resolve().parent / "_results")                    # an installed wheel
+
+
+def recorded(name: str) -> Path:
+    """A recorded measurement, ``kernels/results/<name>`` of the checkout or the copy an installed
+    wheel carries, for the chapters that display GPU results.
+
+    Raises:
+        FileNotFoundError: neither has it, naming both places.
+    """
+    for directory in RESULTS_DIRS:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"no recorded result {name!r} in {' or '.join(str(d) for d in RESULTS_DIRS)}")
 
 
 def pick(smoke: T, full: T) -> T:

@@ -24,7 +24,7 @@ import pytest
 pytestmark = pytest.mark.install
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "megalodon_lite", "chapters"]
+SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "megalodon_lite", "chapters", "kernels"]
 
 
 def setuptools_builds_wheels() -> bool:
@@ -53,7 +53,7 @@ def test_wheel_installs_copies_chapters_and_builds_one(tmp_path: Path) -> None:
     for name in SOURCES:
         path = REPO_ROOT / name
         if path.is_dir():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "_chapters"))
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "_chapters", "_results"))
         else:
             shutil.copy2(path, source / name)
     # Offline with this environment's setuptools if it builds wheels by itself; else pip fetches one.
@@ -76,6 +76,10 @@ def test_wheel_installs_copies_chapters_and_builds_one(tmp_path: Path) -> None:
     run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path, env)
     where = run([str(python), "-c", "import megalodon_lite; print(megalodon_lite.__file__)"], tmp_path, env)
     assert Path(where.strip()).is_relative_to(venv), f"megalodon_lite imported from {where}, not the wheel"
+    # the recorded GPU results the later chapters display come with it
+    shipped = run([str(python), "-c", "from megalodon_lite.notebook import recorded; print(recorded('nvidia_h200.json'))"],
+                  tmp_path, env)
+    assert Path(shipped.strip()).is_relative_to(venv) and Path(shipped.strip()).parent.name == "_results"
 
     # 3. The student's commands: copy the chapters out, build one of them, write the student edition.
     command = venv / "bin" / "megalodon-lite"

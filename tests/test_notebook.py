@@ -74,3 +74,11 @@ def test_run_all_without_cuda_stops_at_the_gpu_section_with_one_calm_line(tmp_pa
     assert error.ename == "NoCUDAError"
     assert [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in error.traceback] == [notebook.NO_CUDA_MESSAGE]
     assert not nb.cells[2].get("outputs"), "Run All must stop at the first gpu cell"
+
+
+def test_recorded_finds_the_checkout_results_and_names_both_places_when_missing():
+    from megalodon_lite.notebook import RESULTS_DIRS, recorded
+
+    assert recorded("nvidia_h200.json") == RESULTS_DIRS[0] / "nvidia_h200.json"
+    with pytest.raises(FileNotFoundError, match="no recorded result 'absent.json' in .*kernels/results or .*_results"):
+        recorded("absent.json")
