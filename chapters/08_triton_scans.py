@@ -38,10 +38,12 @@ import torch
 if not torch.cuda.is_available():   # the kernels then run in the Triton interpreter (set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from megalodon_lite.notebook import FIGURES_DIR, SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
+from megalodon_lite.notebook import (FIGURES_DIR, SMOKE, describe_run, pick, pick_device, require_cuda, save_figure,
+                                    seed_everything)
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 ROOT = FIGURES_DIR.parent                      # the checkout: chapters/, kernels/, figures/
 measured = json.loads((ROOT / "kernels" / "results" / "nvidia_h200.json").read_text())
 print(f"{measured['device']}, torch {measured['torch']}, triton {measured['triton']}, {measured['date']}: "
@@ -2415,6 +2417,247 @@ for line in (ROOT / "kernels" / "results" / "cema_profile_h200.txt").read_text()
 # * The checks above ran the kernels under the Triton interpreter against chapter 04's float64
 #   recurrence; `tests/test_ops_cema.py` covers the shapes grid, and on a GPU bf16 and fp32 at the
 #   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200.txt`).
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the book's own code on random inputs and prints a pass, "not yet implemented",
+# or what differs with a hint. The section imports what it uses, so it also runs on its own; without
+# a GPU the kernels run in Triton's interpreter, at tiny sizes.
+
+# %% [markdown]
+# **1. Predict, then run.** The benchmark of Part 3 runs every op at three shapes of the same
+# 65,536 tokens, 32 × 2,048, 4 × 16,384 and 1 × 65,536, so the three have the same floor. For the
+# CEMA kernel and for chapter 04's `cema_chunked` (the PyTorch path), predict whether
+# forward+backward at 1 × 65,536 takes about as long as at 32 × 2,048 or several times longer, and
+# why. Then run the cell: it prints the committed H200 measurement, TimestepNorm's too.
+#
+# ### BEGIN SOLUTION
+# The kernel takes about as long at every shape: a long row is cut into segments, and the first
+# pass of segment end states gives every segment its start state, so one row of 65,536 tokens is as
+# many independent streams as a batch of 32 rows (Part 1.2). `cema_chunked` walks its blocks of 64
+# tokens one after the other, carrying the state: the number of sequential steps grows with $L$
+# and the work per step (the batch) shrinks, so one long row is several times slower than 32 short
+# ones, and its backward, which walks back through the same steps, even more so. TimestepNorm's
+# kernels are parallel over the tiles of a row as well, so they too barely change with the shape;
+# its PyTorch path is a chain of whole-tensor operations and cumulative sums along the row, which
+# run longer on one long row than on many short ones.
+# ### END SOLUTION
+
+# %%
+import json
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():   # the kernels run in the Triton interpreter (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton
+import triton.language as tl
+
+from megalodon_lite.exercises import check
+from megalodon_lite.export import repo_root
+from megalodon_lite.ops.timestep_norm import _tile_prefix_kernel
+from megalodon_lite.timestep_norm import cumulative_moments, initial_timestep_norm_state
+
+if str(repo_root()) not in sys.path:   # kernels/bench.py: the benchmark that measured Part 3's table
+    sys.path.insert(0, str(repo_root()))
+from kernels.bench import BWD_OVER_FWD_SCAN, D_MODEL, Ceilings, scan_floor_ms  # noqa: E402
+
+committed = json.loads((repo_root() / "kernels" / "results" / "nvidia_h200.json").read_text())
+print(f"{committed['device']}, forward+backward in ms at 65,536 tokens per call:")
+for op in ("cema", "timestep_norm"):
+    for path in ("triton", "torch"):
+        times = [(r["B"], r["L"], r["fwdbwd_ms"]) for r in committed["rows"] if (r["op"], r["path"]) == (op, path)]
+        print(f"{op:>14} {path:>6}: " + ", ".join(f"{b:>2} x {n:<6,} {ms:7.2f}" for b, n, ms in times))
+
+# %% [markdown]
+# **2. Write the floors.** `my_scan_floors_ms(batch, length, ceilings, bytes_per_element)` returns
+# the memory floor, in milliseconds, of a scan over $x$ of shape (batch, length, $D$) with the
+# benchmark's $D$ = 1,024 channels (`kernels.bench.D_MODEL`), as a pair: forward, and
+# forward+backward. Elements have `bytes_per_element` bytes; `ceilings.copy_TBps` is the copy
+# bandwidth in $10^{12}$ bytes per second, bytes read plus bytes written (Part 1.1 says what must
+# move each way). The check compares it with the floors `kernels/bench.py` writes into every row
+# of its results.
+
+# %%
+def my_scan_floors_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element: int) -> tuple[float, float]:
+    """(forward, forward+backward) memory floor in ms of a scan over (batch, length, 1024) elements."""
+    ### BEGIN SOLUTION
+    tensor_bytes = batch * length * D_MODEL * bytes_per_element   # one (B, L, D) tensor
+    forward = 2 * tensor_bytes / (ceilings.copy_TBps * 1e12) * 1e3  # read x, write y
+    return forward, forward * 5 / 2                                 # backward: read x and dy, write dx
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def benchmark_floors_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element: int) -> tuple[float, float]:
+    """The floors kernels/bench.py records in each row (floor_fwd_ms, floor_fwdbwd_ms)."""
+    forward = scan_floor_ms(batch, length, ceilings, bytes_per_element)
+    return forward, BWD_OVER_FWD_SCAN * forward
+
+
+def floor_inputs(generator: torch.Generator) -> tuple:
+    batch, log_length, which = (int(n) for n in torch.randint(1, 7, (3,), generator=generator))
+    bandwidth = 0.5 + 8 * float(torch.rand((), generator=generator, dtype=torch.float64))
+    return 2 ** batch, 2 ** (log_length + 9), Ceilings(copy_TBps=bandwidth, matmul_TFLOPs=1000.0), (1, 2, 4)[which % 3]
+
+
+check(my_scan_floors_ms, reference=benchmark_floors_ms, make_inputs=floor_inputs,
+      hint="bytes = B * L * D * bytes_per_element per tensor; the forward moves two tensors (x in, y out), "
+           "the backward three (x and dy in, dx out); 1 TB/s = 1e12 bytes per second, and the answer is in ms")
+
+# %% [markdown]
+# **3. Predict: what a multiple of the floor says.** Kernel A runs at 1.1 times its memory floor,
+# kernel B at 12 times (as the CEMA kernels do, Part 3). For each kernel, predict what happens to
+# its time, and to its multiple of the floor, when (a) its input and output go from bfloat16 to
+# float32 (twice the bytes, the same arithmetic); (b) it runs on a GPU with twice the memory
+# bandwidth and the same SMs and clocks; (c) twice as many of its programs fit on an SM at once.
+#
+# ### BEGIN SOLUTION
+# A is bound by bandwidth: its time is its bytes over the bandwidth. (a) its time doubles, its
+# multiple stays 1.1; (b) its time halves, the multiple stays; (c) nothing changes: more programs do
+# not make the memory faster. B is bound by something else: at 12 times the floor the memory system
+# is idle most of the time. For the CEMA kernels that is the latency of one step of each program's
+# loop (load a block, convert its layout, three small products, store, update the state), with too
+# few programs per SM to hide it. (a) its time barely changes, so its multiple *halves* without
+# the kernel getting any faster: the multiple measures the distance to the bandwidth limit, not
+# speed; (b) the time barely changes and the multiple doubles; (c) more independent programs per SM
+# overlap each other's latency, so the time falls: this is where the kernel has room (Part 1's
+# conclusion: more independent work per SM). A multiple of the floor says how much is left to win,
+# and a kernel far above it must be profiled to find what it is waiting for.
+# ### END SOLUTION
+
+# %% [markdown]
+# **4. Write the exclusive prefix of tile summaries.** Pass 2 of the TimestepNorm forward (Part 2)
+# merges, per row and group, the incoming state with the summaries $(k_j, \mu_j, Q_j)$ of tiles
+# $0, 1, \dots$ in order, and writes the state before every tile.
+# `my_states_before_tiles(count0, mean0, var0, tile_count, tile_mean, tile_q)` takes the incoming
+# state (count0 (B,) int64, mean0 and var0 (B, G)) and the tile summaries (tile_count (B, n) int64:
+# real steps per tile, possibly 0; tile_mean and tile_q (B, n, G)) and returns count (B, n+1) int64,
+# mean and var (B, n+1, G): at index $j$ the state before tile $j$, at index $n$ the state after
+# the last tile. Merge with Chan's rule in float64; a state that has seen no step keeps the incoming
+# mean and var. The check runs the kernel itself, `_tile_prefix_kernel`, on the same summaries.
+
+# %%
+def my_states_before_tiles(count0: torch.Tensor, mean0: torch.Tensor, var0: torch.Tensor, tile_count: torch.Tensor,
+                           tile_mean: torch.Tensor, tile_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The running (count, mean, var) before each of n tiles and after the last: (B, n+1), (B, n+1, G) x 2."""
+    ### BEGIN SOLUTION
+    count, mean, sum_sq = count0, mean0, count0[:, None] * var0       # a state is a summary with Q = c S
+    counts, means, variances = [count0], [mean0], [var0]
+    for j in range(tile_count.shape[1]):
+        k = tile_count[:, j]
+        total = count + k
+        weight = (k / total.clamp_min(1))[:, None]                     # k / n, 0 where nothing was seen
+        gap = tile_mean[:, j] - mean
+        sum_sq = sum_sq + tile_q[:, j] + count[:, None] * weight * gap.square()
+        mean = mean + weight * gap
+        count = total
+        counts.append(count)
+        means.append(mean)
+        variances.append(torch.where(count[:, None] > 0, sum_sq / count.clamp_min(1)[:, None], var0))
+    return torch.stack(counts, dim=1), torch.stack(means, dim=1), torch.stack(variances, dim=1)
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def states_before_tiles_by_the_kernel(count0, mean0, var0, tile_count, tile_mean, tile_q):
+    """Pass 2 of chapter 08's TimestepNorm forward (`_tile_prefix_kernel`, float32) on the same summaries."""
+    on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, n_tiles, groups = tile_mean.shape
+    f32 = {"dtype": torch.float32, "device": on}
+    prefix_count = torch.empty(batch, n_tiles + 1, dtype=torch.int64, device=on)
+    prefix_mean, prefix_var = torch.empty(2, batch, n_tiles + 1, groups, **f32)
+    final = (torch.empty(batch, dtype=torch.int64, device=on), torch.empty(batch, groups, **f32),
+             torch.empty(batch, groups, **f32))
+    _tile_prefix_kernel[(groups, batch)](
+        count0.to(on), mean0.to(**f32), var0.to(**f32), tile_count.to(on, torch.int32), tile_mean.to(**f32),
+        tile_q.to(**f32), prefix_count, prefix_mean, prefix_var, *final, n_tiles, groups, BLOCK_N=4, BLOCK_G=1)
+    return prefix_count.cpu(), prefix_mean.double().cpu(), prefix_var.double().cpu()
+
+
+def tile_inputs(generator: torch.Generator) -> tuple:
+    batch, groups = (int(n) for n in torch.randint(1, 4, (2,), generator=generator))
+    n_tiles = int(torch.randint(1, 10, (), generator=generator))
+    count0 = torch.randint(0, 40, (batch,), generator=generator)
+    mean0 = 5 + torch.randn(batch, groups, generator=generator, dtype=torch.float64)
+    var0 = 0.5 + torch.rand(batch, groups, generator=generator, dtype=torch.float64)
+    tile_count = torch.randint(0, 9, (batch, n_tiles), generator=generator)   # tiles of 8 steps, some padded
+    count0[0], tile_count[0, 0] = 0, 0   # row 0 has seen nothing and starts with padding (left padding)
+    tile_mean = 5 + 2 * torch.randn(batch, n_tiles, groups, generator=generator, dtype=torch.float64)
+    tile_q = tile_count[..., None] * (0.5 + torch.rand(batch, n_tiles, groups, generator=generator, dtype=torch.float64))
+    return count0, mean0, var0, tile_count, tile_mean, tile_q
+
+
+# The kernel sums in float32: relative errors of a few 2^-24 per tile merged, far below 1e-5.
+check(my_states_before_tiles, reference=states_before_tiles_by_the_kernel, make_inputs=tile_inputs, rtol=1e-5,
+      atol=1e-5, hint="n = n_a + k, M += k/n (mu - M), Q += Q_tile + n_a k/n (mu - M)^2 with the mean *before* the "
+                      "update, var = Q / n; entry 0 is the incoming state, and a state with n = 0 keeps mean0 and var0")
+
+# %% [markdown]
+# **5. Write a Triton kernel: the running mean.** `my_running_mean(x)` returns, for $x$ of shape
+# (B, L, D) in float32, $y_t = \frac{1}{t+1}\sum_{s \le t} x_s$ per row and channel, computed by a
+# Triton kernel that you write inside the function: one program per row and block of channels,
+# looping over blocks of steps, with `tl.cumsum` along the steps inside a block and the sum of the
+# blocks before it carried in registers (a tiny version of Part 2's kernels). $L$ may be longer
+# than one block. The check compares it with chapter 05's `cumulative_moments` (run in float64)
+# on groups of one channel. For more, feed it `x + 1000` and compare with float64: subtracting the
+# first step before summing, as chapter 05 does, keeps the digits.
+
+# %%
+def my_running_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) float32 -> (B, L, D): the mean of x[:, :t + 1] at every step t, by a Triton kernel."""
+    ### BEGIN SOLUTION
+    @triton.jit
+    def running_mean_kernel(x_ptr, y_ptr, length, channels, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        row, block = tl.program_id(0), tl.program_id(1)
+        d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_start = row * length * channels
+        shift = tl.load(x_ptr + row_start + d, mask=d < channels, other=0.0)  # the first step, K
+        before = tl.zeros((BLOCK_D,), tl.float32)                               # sum of x - K so far
+        for start in range(0, length, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            inside = (t < length)[:, None] & (d < channels)[None, :]
+            offsets = row_start + t[:, None] * channels + d[None, :]
+            centred = tl.where(inside, tl.load(x_ptr + offsets, mask=inside, other=0.0) - shift[None, :], 0.0)
+            sums = before[None, :] + tl.cumsum(centred, 0)
+            tl.store(y_ptr + offsets, shift[None, :] + sums / (t + 1).to(tl.float32)[:, None], mask=inside)
+            before += tl.sum(centred, 0)
+
+    batch, length, channels = x.shape
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    running_mean_kernel[(batch, triton.cdiv(channels, 16))](x, y, length, channels, BLOCK_T=16, BLOCK_D=16)
+    return y
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def running_mean_by_chapter_05(x: torch.Tensor) -> torch.Tensor:
+    """Chapter 05's running statistics with groups of one channel (step variance 0), in float64."""
+    batch, length, channels = x.shape
+    state = initial_timestep_norm_state(batch, channels, device=x.device, dtype=torch.float64)
+    real = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+    mean, _, _ = cumulative_moments(x.double(), torch.zeros_like(x, dtype=torch.float64), state, real)
+    return mean.float()
+
+
+def running_mean_inputs(generator: torch.Generator) -> tuple[torch.Tensor]:
+    batch = int(torch.randint(1, 4, (), generator=generator))
+    length = int(torch.randint(1, 80, (), generator=generator))
+    channels = int(torch.randint(1, 30, (), generator=generator))
+    offset = 10 * float(torch.rand((), generator=generator)) - 5
+    x = offset + torch.randn(batch, length, channels, generator=generator)
+    return (x.to("cuda" if torch.cuda.is_available() else "cpu"),)
+
+
+# float32 sums of at most ~80 steps of values below ~10: errors of a few 2^-24 of the sum.
+check(my_running_mean, reference=running_mean_by_chapter_05, make_inputs=running_mean_inputs, rtol=1e-5, atol=1e-5,
+      hint="offsets of x[b, t, d] are (b * L + t) * D + d; inside a block y = (sum before + tl.cumsum) / (t + 1); "
+           "mask the steps past L (loads and stores) and add the block's tl.sum to the carried sum")
 
 # %% [markdown]
 # ## On a GPU

@@ -46,11 +46,12 @@ from matplotlib.patches import Rectangle
 
 from megalodon_lite.attention import ChunkAttention
 from megalodon_lite.export import repo_root
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
+from megalodon_lite.notebook import describe_run, pick, pick_device, require_cuda, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
-print(f"device {device}, smoke mode {SMOKE}, Triton interpreter {os.environ.get('TRITON_INTERPRET') == '1'}")
+describe_run(device)
+print(f"Triton interpreter (the kernels run on the CPU): {os.environ.get('TRITON_INTERPRET') == '1'}")
 
 # %% [markdown]
 # ## 1. The compute floor, and what each tiling adds to it
@@ -1344,6 +1345,173 @@ if results:
 #   path, at 1.85-1.87 times the compute floor: it misses the issue's targets (1.7 times the floor,
 #   and the official CUDA kernels' 2.87 ms on an H100, by 2 %), with the reasons and the next steps
 #   measured kernel by kernel.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the book's own code on random inputs and prints a pass, "not yet implemented",
+# or what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** One row of scores in float32, $S = (100, 99, 0)$. What does the
+# textbook softmax `torch.exp(S) / torch.exp(S).sum()` give? And the log-sum-exp form of section
+# 3.2, $\mathrm{lse} = m + \log \sum_s e^{S_s - m}$ with $m = \max_s S_s$, then
+# $P_s = e^{S_s - \mathrm{lse}}$? (float32's largest number is about $3.4 \cdot 10^{38} \approx e^{88.7}$.)
+# Would bfloat16 scores fare better? Then run the cell.
+#
+# ### BEGIN SOLUTION
+# $e^{100}$ and $e^{99}$ overflow float32 to infinity, so the first two probabilities are
+# $\infty / \infty$ = NaN and the third $1/\infty = 0$: the row is lost. The log-sum-exp form only
+# ever takes $e^{x}$ of $x \le 0$: $\mathrm{lse} = 100 + \log(1 + e^{-1} + e^{-100})$, and
+# $P = (1, e^{-1}, e^{-100}) / (1 + e^{-1} + e^{-100})$, about $(0.73, 0.27, 0)$. bfloat16 has
+# float32's 8 exponent bits, so the same range and the same overflow (float16 overflows already
+# past $e^{11}$). The kernel stores only lse per row: one number that both normalises and shifts,
+# so pass 2 writes $P = e^{S - \mathrm{lse}} \le 1$ directly, and the backward recomputes $P$ from it.
+# ### END SOLUTION
+
+# %%
+import math
+import sys
+
+import torch
+
+from megalodon_lite.attention import causal_attention
+from megalodon_lite.exercises import check
+from megalodon_lite.export import repo_root
+
+if str(repo_root()) not in sys.path:   # kernels/bench.py: the benchmark that measured section 6's table
+    sys.path.insert(0, str(repo_root()))
+from kernels.bench import ATTENTION, Ceilings, attention_floor_ms  # noqa: E402
+
+score_row = torch.tensor([100.0, 99.0, 0.0])
+textbook = torch.exp(score_row) / torch.exp(score_row).sum()
+row_lse = score_row.max() + torch.log(torch.exp(score_row - score_row.max()).sum())
+print(f"textbook softmax: {textbook.tolist()}")
+print(f"log-sum-exp:      lse = {row_lse.item():.4f}, P = {torch.exp(score_row - row_lse).tolist()}")
+print(f"largest float32 {torch.finfo(torch.float32).max:.2e}, bfloat16 {torch.finfo(torch.bfloat16).max:.2e}, "
+      f"float16 {torch.finfo(torch.float16).max:.2e}")
+
+# %% [markdown]
+# **2. Write the compute floor.** `my_attention_floor_ms(batch, length, ceilings)` returns the
+# forward compute floor of section 1 in milliseconds, at the benchmark's shapes
+# (`kernels.bench.ATTENTION`: chunks of $c$ = 2,048 tokens, $z$ = 256, $v$ = 2,048, one head), for a
+# `length` that is a multiple of $c$, at the matmul rate `ceilings.matmul_TFLOPs` ($10^{12}$
+# floating-point operations per second). The check compares it with
+# `kernels.bench.attention_floor_ms`, which wrote the floor of every attention row of section 6.
+
+# %%
+def my_attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
+    """Milliseconds of the forward's causal-pair FLOPs at the matmul rate (c = 2048, z = 256, v = 2048, H = 1)."""
+    ### BEGIN SOLUTION
+    chunk, z_dim, v_dim, heads = 2048, 256, 2048, 1
+    pairs = batch * heads * (length // chunk) * chunk * (chunk + 1) // 2   # (query, key) pairs with key <= query
+    return 2 * pairs * (z_dim + v_dim) / (ceilings.matmul_TFLOPs * 1e12) * 1e3
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def floor_inputs(generator: torch.Generator) -> tuple:
+    batch, chunks = (int(n) for n in torch.randint(1, 33, (2,), generator=generator))
+    rate = 100 + 1900 * float(torch.rand((), generator=generator, dtype=torch.float64))
+    return batch, chunks * ATTENTION["c"], Ceilings(copy_TBps=4.0, matmul_TFLOPs=rate)
+
+
+check(my_attention_floor_ms, reference=attention_floor_ms, make_inputs=floor_inputs,
+      hint="a chunk of c tokens has c (c + 1) / 2 causal pairs, there are B H L / c chunks, and each pair costs "
+           "2 z FLOPs for its score and 2 v for its share of the output; 1 TFLOP/s = 1e12 FLOP/s, the answer in ms")
+
+# %% [markdown]
+# **3. Derive: why $v = 2048$ breaks a register accumulator.** A FlashAttention program keeps its
+# output block $O$, $b_m \times v$ in float32, in registers while it walks over the keys; an H200
+# SM has 65,536 32-bit registers (256 KiB) for all the programs it runs. (a) How many bytes is
+# $O$ at $b_m = 64$ for $v = 128$ (a Llama head) and for $v = 2048$? (b) What is the largest $b_m$
+# whose $O$ takes at most half the register file at $v = 2048$, and why is that too small?
+# (c) The triangular matmul of section 3.3 keeps a $b_m \times b_n$ accumulator: why can it, when
+# FlashAttention cannot split $v$ the same way for free?
+#
+# ### BEGIN SOLUTION
+# (a) $64 \cdot 128 \cdot 4$ B = 32 KiB, an eighth of the register file; $64 \cdot 2048 \cdot 4$ B
+# = 512 KiB, twice the whole file, before $Q$, the scores and the loads in flight. (b) Half the file
+# is 128 KiB $= b_m \cdot 2048 \cdot 4$ B, so $b_m = 16$: the tensor cores multiply 64 rows at a
+# time (a Hopper warp group), so three quarters of each product would be wasted, and every block of
+# keys and values loaded would serve only 16 queries. (c) FlashAttention's output tile needs the
+# softmax's row statistics, which it learns only as it walks the keys, so it must hold the whole row
+# of $O$ to rescale it; a program that owned a slice of $v$ would have to recompute $S = QK^\top$
+# for every slice (design (a)). Design (c) computes the row statistics first and writes
+# $P = e^{S - \mathrm{lse}}$, already normalised: $O = PV$ is then an ordinary matrix product, and
+# $v$ is just its $N$ dimension, cut into slices of $b_n$ independent programs with no rescaling.
+# The price is $P$'s bytes, written once and read once per value slice.
+# ### END SOLUTION
+
+# %% [markdown]
+# **4. Write causal attention through the log-sum-exp.** `my_lse_attention(q, k, v)` takes $q$, $k$
+# (N, H, L, $d_z$) and $v$ (N, H, L, $d_v$) and returns $O$ (N, H, L, $d_v$): causal attention with
+# scale 1 as the kernels compute it: scores $S = q k^\top$, masked above the diagonal, each row's
+# lse as in exercise 1, then $O = e^{S - \mathrm{lse}} v$. Some inputs have scores of a few
+# thousand, whose exponential overflows even float64. The check compares it with chapter 06's
+# `causal_attention`.
+
+# %%
+def my_lse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(N, H, L, dz), (N, H, L, dz), (N, H, L, dv) -> (N, H, L, dv): causal softmax attention, scale 1."""
+    ### BEGIN SOLUTION
+    scores = q @ k.transpose(-1, -2)
+    length = scores.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=scores.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)               # finite: the diagonal is never masked
+    lse = row_max + torch.log(torch.exp(scores - row_max).sum(dim=-1, keepdim=True))
+    return torch.exp(scores - lse) @ v
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def attention_inputs(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads = (int(n) for n in torch.randint(1, 4, (2,), generator=generator))
+    length = int(torch.randint(1, 40, (), generator=generator))
+    z_dim, v_dim = (2 * int(n) for n in torch.randint(1, 9, (2,), generator=generator))
+    scale = (1.0, 4.0, 12.0)[int(torch.randint(0, 3, (), generator=generator))]   # scores up to a few thousand
+    q, k = (scale * torch.randn(batch, heads, length, z_dim, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    return q, k, torch.randn(batch, heads, length, v_dim, generator=generator, dtype=torch.float64)
+
+
+check(my_lse_attention, reference=causal_attention, make_inputs=attention_inputs,
+      hint="mask the keys after each query with -inf before the softmax; take exp only of S - max (or S - lse), "
+           "never of S itself, or large scores give inf / inf = nan")
+
+# %% [markdown]
+# **5. Derive, then run.** Section 1 took forward+backward as 3.5 forward floors, "the convention
+# for attention". Count the FLOPs per causal pair, in units of the forward floor's $2(z + v)$, of
+# FlashAttention (forward: $S$ and $PV$ once; backward: recompute $S$, then $dP$, $dV$, $dQ$, $dK$)
+# and of design (c) (forward: $S$ twice, then $PV$; backward as section 1 says). Show where 3.5
+# comes from, and compare the two designs at $z = v$ and at the official $z = 256$, $v = 2048$.
+# Then run the cell, which evaluates both counts.
+#
+# ### BEGIN SOLUTION
+# Per pair: $S$ costs $2z$, $PV$ $2v$, $dP = dO\,V^\top$ $2v$, $dV = P^\top dO$ $2v$, $dQ = dS\,K$ and
+# $dK = dS^\top Q$ $2z$ each. FlashAttention: forward $2z + 2v$ = 1 floor; backward $2z + 2v + 2v +
+# 4z = 6z + 4v$, that is $(3z + 2v)/(z + v)$ floors. At $z = v$ that is 2.5, so forward+backward is
+# 3.5: the convention is FlashAttention's count for equal head dims. Design (c) has the same
+# backward (it recomputes $S$ too) and a forward of $4z + 2v$, $(2z + v)/(z + v)$ floors: 1.5 at
+# $z = v$, so 4 in all, worse than the convention. In FLOPs FlashAttention is always ahead by that
+# one extra $S$, $z/(z + v)$ of a floor: half a floor at $z = v$, a ninth at $z = 256$, $v = 2048$,
+# where design (c) comes to $(5z + 3v)/(z + v)$ floors, below 3.5, and where FlashAttention's count
+# assumes an accumulator it cannot hold (exercise 3). The extra $S$ is cheap exactly when $z \ll v$.
+# ### END SOLUTION
+
+# %%
+def pair_floors(z_dim: int, v_dim: int) -> dict[str, tuple[float, float]]:
+    """(forward, backward) FLOPs per causal pair in forward floors 2(z + v), for the two designs."""
+    backward = (6 * z_dim + 4 * v_dim) / (2 * (z_dim + v_dim))
+    return {"FlashAttention": (1.0, backward), "design (c)": ((4 * z_dim + 2 * v_dim) / (2 * (z_dim + v_dim)), backward)}
+
+
+for dz, dv in ((128, 128), (256, 2048)):
+    for design, (forward, backward) in pair_floors(dz, dv).items():
+        print(f"z = {dz:>4}, v = {dv:>4}, {design:<15}: forward {forward:.2f} + backward {backward:.2f} "
+              f"= {forward + backward:.2f} forward floors")
 
 # %% [markdown]
 # ## On a GPU

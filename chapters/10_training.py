@@ -40,14 +40,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from megalodon_lite.notebook import SMOKE, pick, pick_device, require_cuda, save_figure, seed_everything
+from megalodon_lite.notebook import describe_run, pick, pick_device, require_cuda, save_figure, seed_everything
 
 seed_everything(0)
 device = pick_device()
+describe_run(device)
 # The CPU models of this chapter are tiny: one thread is as fast as two and does not fight other work.
 if device.type == "cpu":
     torch.set_num_threads(1)
-print("device:", device, "| smoke mode:", SMOKE)
 
 # %% [markdown]
 # ## 1. The data: the standard library, as bytes
@@ -1803,6 +1803,195 @@ if gpu_results is not None:
 #   from a checkpoint and `eval` reports bits per byte and loss by position.
 # * The GPU comparison measures loss, speed, memory, long-context loss and recall for both models
 #   at equal parameters, and section 7 shows its committed results next to the paper's.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict before you run, derive on paper, then write code: the cell after each function you write
+# checks it against the package's own on random inputs and prints a pass, "not yet implemented", or
+# what differs with a hint. The section imports what it uses, so it also runs on its own.
+
+# %% [markdown]
+# **1. Predict, then run.** Bytes drawn uniformly at random from 0–255 are fed to a freshly
+# initialised tiny Megalodon. Two numbers to place its loss against: $\log_2 256 = 8$ bits per byte,
+# and $\log_2 257$, the loss of a model that gives each of the 257 tokens the same probability.
+# Will the untrained model be below 8, between the two, or above $\log_2 257$? Why? Then run the cell.
+#
+# ### BEGIN SOLUTION
+# Above $\log_2 257$. On data uniform over 256 values, the expected loss of any prediction $q$ is the
+# data's entropy plus the divergence of $q$ from it, $8 + \mathrm{KL}(p \,\|\, q)$ bits: no model
+# goes below 8, and only the uniform guess over the 256 bytes reaches it. Uniform over all 257
+# tokens wastes $1/257$ of the probability on `EOD`: $\log_2 257$, just above 8. A random
+# initialisation gives logits that are small but not equal, a non-uniform guess that differs from
+# byte to byte, so it pays a larger divergence and lands above $\log_2 257$. Training first learns
+# the byte frequencies (most text is ASCII letters and spaces), which is why the loss falls fast
+# in the first steps of section 6.
+# ### END SOLUTION
+
+# %%
+import json
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megalodon_lite.baseline import LlamaConfig, LlamaLM, config_parameter_count
+from megalodon_lite.config import preset
+from megalodon_lite.data import VOCAB_SIZE
+from megalodon_lite.exercises import check
+from megalodon_lite.export import repo_root
+from megalodon_lite.model import MegalodonLM
+from megalodon_lite.train import TrainConfig, evaluate, learning_rate
+
+with torch.random.fork_rng():   # the global random state is left as it was
+    torch.manual_seed(0)
+    untrained = MegalodonLM(preset("tiny", vocab_size=VOCAB_SIZE))
+    random_bytes = torch.randint(0, 256, (4, 129))
+print(f"untrained tiny Megalodon on random bytes: {evaluate(untrained, random_bytes, batch_size=4).bits_per_byte:.3f} "
+      f"bits per byte; log2 256 = 8, log2 257 = {math.log2(VOCAB_SIZE):.3f}")
+
+# %% [markdown]
+# **2. Write bits per byte.** `my_bits_per_byte(model, windows)` scores a model on windows
+# (n, L + 1) of token ids as section 5's evaluation does: the inputs are `windows[:, :-1]`, the
+# targets `windows[:, 1:]`, the model returns `(logits (n, L, V), cache)`. Return the mean
+# cross-entropy over all predictions in bits per byte (a float), and the mean over the windows at
+# each position, also in bits (an (L,) float64 tensor). The check compares it with `evaluate`'s
+# `bits_per_byte` and `loss_per_position`.
+
+# %%
+def my_bits_per_byte(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean next-token loss in bits per byte, and its mean over the windows at each position ((L,) float64)."""
+    ### BEGIN SOLUTION
+    with torch.no_grad():
+        logits, _ = model(windows[:, :-1])
+        nats = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")   # (n, L)
+    per_position = nats.double().mean(dim=0) / math.log(2)                               # nats -> bits
+    return float(per_position.mean()), per_position
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def scored_by_evaluate(model: torch.nn.Module, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """What section 5's `evaluate` reports, in bits: bits_per_byte and loss_per_position / ln 2."""
+    result = evaluate(model, windows, batch_size=3)
+    return result.bits_per_byte, result.loss_per_position / math.log(2)
+
+
+def scoring_inputs(generator: torch.Generator) -> tuple[torch.nn.Module, torch.Tensor]:
+    n_windows, length = int(torch.randint(1, 9, (), generator=generator)), int(torch.randint(1, 33, (), generator=generator))
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))
+        model = LlamaLM(LlamaConfig(vocab_size=VOCAB_SIZE, num_layers=1, model_dim=16, num_heads=2,
+                                    ffn_hidden_dim=24)).double()
+    return model, torch.randint(0, VOCAB_SIZE, (n_windows, length + 1), generator=generator)
+
+
+check(my_bits_per_byte, reference=scored_by_evaluate, make_inputs=scoring_inputs,
+      hint="predict token t + 1 from tokens up to t (inputs windows[:, :-1], targets windows[:, 1:]); "
+           "F.cross_entropy wants the classes in dimension 1 and gives nats: divide by ln 2 for bits")
+
+# %% [markdown]
+# **3. Write the learning-rate schedule.** `my_learning_rate(step, config)` returns the learning
+# rate of optimizer step `step` (0-based) of section 5's recipe: linear warmup from
+# `config.init_lr_ratio * config.lr` towards `config.lr` over `config.warmup` steps (step `warmup`
+# is the first at the peak), then a half cosine from `config.lr` down to
+# `config.end_lr_ratio * config.lr` at step `config.steps`, constant after it. The check compares
+# it with `megalodon_lite.train.learning_rate` on random configs and steps.
+
+# %%
+def my_learning_rate(step: int, config: TrainConfig) -> float:
+    """Warmup, then cosine decay (the official lr_cosine)."""
+    ### BEGIN SOLUTION
+    if step < config.warmup:
+        ratio = config.init_lr_ratio + (1 - config.init_lr_ratio) * step / config.warmup
+    else:
+        progress = min(1.0, (step - config.warmup) / (config.steps - config.warmup))
+        ratio = config.end_lr_ratio + (1 - config.end_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    return config.lr * ratio
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def schedule_inputs(generator: torch.Generator) -> tuple[int, TrainConfig]:
+    steps = int(torch.randint(2, 2000, (), generator=generator))
+    uniform = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
+    config = TrainConfig(steps=steps, warmup=int(uniform[0] * steps * 0.3), lr=1e-4 + 1e-2 * uniform[1],
+                         init_lr_ratio=1e-3 * uniform[2], end_lr_ratio=0.1 * uniform[3])
+    return int(uniform[4] * (steps + 10)), config   # a few steps past the end too
+
+
+check(my_learning_rate, reference=learning_rate, make_inputs=schedule_inputs, trials=20,
+      hint="during warmup the ratio goes linearly from init_lr_ratio (step 0) towards 1 (step warmup); after it, "
+           "progress = (step - warmup) / (steps - warmup), capped at 1, and the ratio is "
+           "end + (1 - end) (1 + cos(pi progress)) / 2")
+
+# %% [markdown]
+# **4. Count the baseline's parameters.** `my_llama_parameters(config)` returns the number of
+# parameters of `LlamaLM(config)` from the config alone (section 4): the embedding, per block two
+# RMSNorm scales, the four attention matrices and the three of the SwiGLU network (no biases; RoPE
+# has no parameters), the final norm, and the head, which is the embedding itself when
+# `config.share_emb`. The check compares it with `config_parameter_count`, which builds the model on
+# the meta device and counts, on random configs; the count must be exact.
+
+# %%
+def my_llama_parameters(config: LlamaConfig) -> int:
+    """Parameters of the Llama-style baseline that `config` describes."""
+    ### BEGIN SOLUTION
+    V, D, F_ = config.vocab_size, config.model_dim, config.ffn_hidden_dim
+    per_block = 2 * D + 4 * D * D + 3 * D * F_        # two norm scales; W_q, W_k, W_v, W_o; W_1, W_3, W_2
+    head = 0 if config.share_emb else V * D
+    return V * D + config.num_layers * per_block + D + head
+    ### END SOLUTION
+
+
+# %% tags=["check"]
+def llama_config_inputs(generator: torch.Generator) -> tuple[LlamaConfig]:
+    layers, heads, head_pairs = (int(n) for n in torch.randint(1, 9, (3,), generator=generator))
+    vocab, ffn = (int(n) for n in torch.randint(1, 300, (2,), generator=generator))
+    return (LlamaConfig(vocab_size=vocab, num_layers=layers, model_dim=heads * 2 * head_pairs, num_heads=heads,
+                        ffn_hidden_dim=ffn, share_emb=bool(torch.rand((), generator=generator) < 0.5)),)
+
+
+check(my_llama_parameters, reference=config_parameter_count, make_inputs=llama_config_inputs, rtol=0.0, atol=0.0,
+      hint="each block has 2 D (norm scales) + 4 D^2 (attention) + 3 D F (SwiGLU); add V D for the embedding, "
+           "D for the final norm, and V D for the head unless share_emb ties it to the embedding")
+
+# %% [markdown]
+# **5. Predict, then run: the loss at each position, far past the training context.** Section 7's
+# models trained on windows of 4,096 bytes; the GPU run then measured their loss at every position
+# of windows of 32,768 bytes of validation files. Sketch both curves, bits per byte against
+# position on a log scale: where do they start, how fast do they fall, and what does each do past
+# 2,048 (Megalodon's chunk) and past 4,096? Then run the cell, which prints the committed
+# measurement in bins.
+#
+# ### BEGIN SOLUTION
+# Both start high (the first byte of a file has no context, only byte frequencies) and fall fast
+# over the first hundreds of bytes, as the models use the words and lines before them. Within the
+# training context both keep improving slowly; the transformer sees every earlier byte,
+# Megalodon's attention only its own chunk of 2,048 plus what the CEMA and the normalisation's
+# running statistics carry. Past 4,096 the transformer meets positions it never trained on: its
+# rotary angles and attention over more keys than it ever saw put it off, and its loss climbs far
+# above its level inside the context. Megalodon's computation is the same at every position (chunks
+# of 2,048, a recurrence and running statistics that do not depend on the absolute position), so its
+# curve stays level or keeps falling slightly. With five windows of measurement the curves are
+# noisy (the bump just before 2,048 is a few hard stretches of text, not a boundary effect).
+# ### END SOLUTION
+
+# %%
+compare_files = sorted((repo_root() / "kernels" / "results").glob("train_compare_*.json"))
+positions_part = json.loads(compare_files[-1].read_text())["parts"].get("positions") if compare_files else None
+if positions_part and "models" in positions_part:
+    print(f"{compare_files[-1].name}: {positions_part['windows']} windows of {positions_part['context']:,} bytes; "
+          "mean bits per byte over positions [lo, hi)")
+    bins = [(0, 1), (1, 16), (16, 256), (256, 1024), (1024, 2048), (2048, 4096), (4096, 8192), (8192, 16384),
+            (16384, 32768)]
+    print(f"{'':>10}" + "".join(f"{f'{lo:,}-{hi:,}':>14}" for lo, hi in bins))
+    for kind, measured_part in positions_part["models"].items():
+        bits = np.array(measured_part["loss_per_position"]) / math.log(2)
+        print(f"{kind:>10}" + "".join(f"{bits[lo:hi].mean():>14.3f}" for lo, hi in bins))
+else:
+    print("no committed GPU comparison with the loss by position (kernels/results/train_compare_*.json)")
 
 # %% [markdown]
 # ## On a GPU
