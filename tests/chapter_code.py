@@ -54,7 +54,7 @@ def chapter_definitions(number: str, **given: object) -> dict[str, object]:
 
 
 EXERCISES_HEADING = "## Exercises"
-EXERCISE_CHAPTERS = ["00", "01", "02", "03", "04", "05", "06", "07", "11"]
+EXERCISE_CHAPTERS = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11"]
 """Chapters that end with exercises (CONTRIBUTING.md, "Exercises"); add a chapter when it gets its own."""
 
 

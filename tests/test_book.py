@@ -170,19 +170,12 @@ def test_chapter_ends_with_3_to_5_exercises_and_at_least_one_check(number):
     assert solutions, f"{path.name}: no function for the reader to write between solution markers"
 
 
-# Chapters whose first cell does not yet follow the convention: written on other branches at the
-# time of the second classroom pass; drop each number once its chapter calls describe_run.
-DESCRIBE_RUN_PENDING = {"08", "09", "10"}
-
-
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
 def test_first_code_cell_says_what_size_runs_where(chapter):
     """CONTRIBUTING.md: the first code cell calls describe_run(device) right after
     device = pick_device(), so a reader sees at once the size, the device, why, and how to change it."""
     import jupytext
 
-    if chapter.name[:2] in DESCRIBE_RUN_PENDING:
-        pytest.skip(f"{chapter.name} is written on another branch (DESCRIBE_RUN_PENDING)")
     first = next(c for c in jupytext.read(chapter).cells if c.cell_type == "code")
     lines = [line.strip() for line in first.source.splitlines()]
     assert "device = pick_device()" in lines, f"{chapter.name}: the first code cell must pick the device"
