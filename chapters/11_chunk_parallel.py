@@ -1238,6 +1238,20 @@ for P in (2, 4, 8, 16, 64):
 # `tests/test_parallel.py` runs exactly this with four `gloo` processes as 2 × 2 and checks every
 # gradient against one process reading both sequences whole.
 #
+# Chapter 10's `train` command does it under `torchrun` (`megalodon_lite.parallel_train`):
+#
+# ```bash
+# torchrun --standalone --nproc-per-node 4 -m megalodon_lite train --sequence-parallel 2
+# ```
+#
+# trains two sequences at a time, each split over two processes. It sums the gradients once per
+# optimizer step, after gradient accumulation, in one all-reduce over all the processes: each
+# rank's loss is its share of the mean over *every* rank's tokens (`chunk_parallel_cross_entropy`
+# given the whole job as its group), so that one sum adds the segments' parts and averages the
+# sequences' at once, where `DistributedDataParallel` would all-reduce after every micro-batch.
+# `tests/test_parallel_train.py` checks that its losses follow one process's step by step, and
+# that Ctrl-C and `--resume` continue a run bit for bit.
+#
 # ## 9. On two GPUs
 #
 # `kernels/sequence_parallel_bench.py` trains the `small` preset at contexts of 64K and 128K

@@ -13,8 +13,9 @@ the chapters, in a checkout or installed, and copies them out), ``student`` and 
 student edition and the exercises' checks), ``checkpoint`` (atomic, verified save and load),
 ``validate`` (the argument checks every public boundary calls), ``official`` (state dicts and
 configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` with ``commands`` (the
-``megalodon-lite`` command) and ``notebook`` (what every chapter uses: smoke mode, device,
-seeding, timing, figure saving).
+``megalodon-lite`` command), ``parallel_train`` (the ``train`` command's trainer over several
+processes under torchrun) and ``notebook`` (what every chapter uses: smoke mode, device, seeding,
+timing, figure saving).
 
 Names are imported lazily (PEP 562), so ``import megalodon_lite`` is cheap and the exporter keeps
 working while a generated module is being rewritten.

@@ -6,7 +6,9 @@ Arguments, progress bar, messages and exit codes live here; the work is done by
 after saving a checkpoint.
 
 ``megalodon-lite train`` with no arguments trains the ``tiny`` Megalodon preset on the Python
-standard library for a few minutes on a laptop CPU, then prints a sample.
+standard library for a few minutes on a laptop CPU, then prints a sample. Under ``torchrun`` it trains
+over all the processes (:mod:`megalodon_lite.parallel_train`): ``--sequence-parallel N`` splits each
+sequence over N of them (chapter 11), the rest read different rows (data parallelism).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ OPTION_OF = {name: "--" + name.replace("_", "-") for name in TRAIN_DEFAULTS}
 
 
 class CommandError(Exception):
-    """A problem to report in one line, with an exit code."""
+    """A problem to report in one line, with an exit code. Under torchrun only global rank 0 reports
+    one that every rank meets alike (bad options, data, checkpoint); a ``rank_specific`` one (out of
+    memory) is reported by the rank that met it."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+    def __init__(self, message: str, code: int = EXIT_ERROR, rank_specific: bool = False) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.rank_specific = code, rank_specific
 
 
 def _int_at_least(low: int, what: str = "") -> Callable[[str], int]:
@@ -157,6 +161,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=_int_at_least(1), help="CPU threads [1 for models under 5M parameters, "
                                                                "else PyTorch's default]")
     run.add_argument("--sample-tokens", type=_int_at_least(0), default=300, help="bytes to sample at the end [300]")
+    parallel = parser.add_argument_group(
+        "several processes (launch with torchrun --standalone --nproc-per-node P -m megalodon_lite train ...)",
+        "Each sequence is split over --sequence-parallel N processes (Megalodon only, chapter 11); the P / N "
+        "groups of them read different rows (data parallelism), --batch-size rows each. The losses equal one "
+        "process's with a batch P / N times larger, to float rounding.")
+    parallel.add_argument("--sequence-parallel", type=_int_at_least(1), default=1, metavar="N",
+                          help="processes that share each sequence, each holding a run of whole chunks [1]")
+    parallel.add_argument("--sequence-parallel-scheme", choices=("chain", "allgather"), default="allgather",
+                          help="how the boundary states cross: rank to rank, or one all-gather per layer [allgather]")
 
 
 def _free_run_folder(model: str, preset: str) -> Path:
@@ -228,98 +241,197 @@ def run_train(args: argparse.Namespace) -> int:
         if stop["asked"]:
             raise KeyboardInterrupt
         stop["asked"] = True
-        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving)",
-              file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving)",
+                  file=sys.stderr, flush=True)
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    job = None
     try:
-        return _train(args, stop)
+        job = _join(args)
+        return _train(args, stop, job)
     except CommandError as err:
+        rank = os.environ.get("RANK")
+        if rank is not None and err.rank_specific:
+            return _fail("train", CommandError(f"rank {rank}: {err}"), err.code)
+        if rank not in (None, "0"):
+            return err.code  # every rank met the same problem: rank 0 says it
         return _fail("train", err, err.code)
     except KeyboardInterrupt:
         print("interrupted twice: stopped without saving (the last checkpoint, if any, is intact)", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+        if job is not None:
+            job.close()
 
 
-def _train(args: argparse.Namespace, stop: dict) -> int:
+def _train_config(args: argparse.Namespace):
+    """The run's TrainConfig (new, or saved in --resume's folder) and its folder."""
     from megalodon_lite.checkpoint import CheckpointError
-    from megalodon_lite.data import DataError
-    from megalodon_lite.train import Trainer, TrainConfig
+    from megalodon_lite.train import TrainConfig
 
-    device = _device(args.device)
     explicit = _explicit_settings(args)
     if args.resume is not None:
         folder = Path(args.resume)
         try:
-            config = _resumed_config(folder, explicit)
+            return _resumed_config(folder, explicit), folder
         except CheckpointError as err:
             raise CommandError(f"--resume {folder}: {err}") from None
-    else:
-        try:
-            config = TrainConfig(**{**TRAIN_DEFAULTS, **explicit})
-        except ValueError as err:
-            raise CommandError(str(err), EXIT_USAGE) from None
-        folder = Path(args.out) if args.out is not None else _free_run_folder(config.model, config.preset)
-        if (folder / "config.json").exists():
-            raise CommandError(f"--out {folder} already holds a checkpoint: continue it with --resume {folder}, "
-                               "or choose another --out")
     try:
-        if args.resume is not None:
-            trainer = Trainer.resume(folder, device=device, activation_checkpointing=args.activation_checkpointing)
-        else:
-            trainer = Trainer(config, device=device, activation_checkpointing=args.activation_checkpointing)
+        config = TrainConfig(**{**TRAIN_DEFAULTS, **explicit})
+    except ValueError as err:
+        raise CommandError(str(err), EXIT_USAGE) from None
+    folder = Path(args.out) if args.out is not None else _free_run_folder(config.model, config.preset)
+    if (folder / "config.json").exists():
+        raise CommandError(f"--out {folder} already holds a checkpoint: continue it with --resume {folder}, "
+                           "or choose another --out")
+    return config, folder
+
+
+def _join(args: argparse.Namespace):
+    """Join the torchrun job this process belongs to (None for a lone process), after checking that
+    --sequence-parallel fits the model, the context and the number of processes."""
+    from megalodon_lite.parallel import ChunkParallelError, split_sequence
+    from megalodon_lite.parallel_train import join_job
+    from megalodon_lite.train import model_config
+
+    n = args.sequence_parallel
+    world = os.environ.get("WORLD_SIZE")
+    if n == 1 and world in (None, "1"):
+        return None
+    config, _ = _train_config(args)
+    if n > 1:
+        if config.model != "megalodon":
+            raise CommandError(f"--sequence-parallel {n}: chunk parallelism splits a Megalodon sequence at its "
+                               "attention chunks; the Llama-style baseline attends over the whole context and cannot "
+                               "be split (use --sequence-parallel 1: torchrun's processes then train data-parallel)",
+                               EXIT_USAGE)
+        chunk = model_config(config).chunk_size
+        try:
+            split_sequence(config.context, n, chunk)
+        except ValueError as err:
+            raise CommandError(f"--context {config.context} with --sequence-parallel {n}: {err}; use a context of "
+                               f"at least {(n - 1) * chunk + 1} tokens or fewer processes per sequence",
+                               EXIT_USAGE) from None
+        if args.activation_checkpointing:
+            raise CommandError(f"--activation-checkpointing with --sequence-parallel {n}: a block recomputed in the "
+                               "backward pass would miss the other ranks' boundary states; use one or the other",
+                               EXIT_USAGE)
+        if world is None:
+            raise CommandError(f"--sequence-parallel {n} splits each sequence over {n} processes, which torchrun "
+                               f"starts: torchrun --standalone --nproc-per-node {n} -m megalodon_lite train "
+                               f"--sequence-parallel {n} ...", EXIT_USAGE)
+    if int(world) % n:
+        raise CommandError(f"--sequence-parallel {n} must divide the number of processes torchrun started ({world}): "
+                           f"use --nproc-per-node {n}, or a multiple of {n} to train data-parallel over the rest",
+                           EXIT_USAGE)
+    if args.device not in (None, "cpu", "cuda"):
+        raise CommandError(f"--device {args.device}: under torchrun each process takes GPU LOCAL_RANK; give "
+                           "--device cuda or --device cpu", EXIT_USAGE)
+    try:
+        return join_job(n, device_type=_device(args.device).type)
+    except (ChunkParallelError, ValueError) as err:
+        raise CommandError(str(err)) from None
+
+
+def _split(sequence_parallel: int, scheme: str | None) -> str:
+    return f"each sequence split over {sequence_parallel} ({scheme})" if sequence_parallel > 1 else "whole sequences"
+
+
+def _build_trainer(args: argparse.Namespace, config, folder: Path, device: torch.device, job, say: Callable):
+    """A new trainer, or the one saved in --resume's folder; for this rank of the job if there is one."""
+    from megalodon_lite.checkpoint import CheckpointError, read_manifest
+    from megalodon_lite.data import DataError
+    from megalodon_lite.parallel_train import ChunkParallelTrainer, check_data_parallel, saved_layout
+    from megalodon_lite.train import Trainer
+
+    kwargs = {"device": device, "activation_checkpointing": args.activation_checkpointing}
+    trainer_class = Trainer
+    if job is not None:
+        trainer_class = ChunkParallelTrainer
+        kwargs.update(groups=job.groups, scheme=args.sequence_parallel_scheme)
+    try:
+        if args.resume is None:
+            return trainer_class(config, **kwargs)
+        state = read_manifest(folder)["training"]["state"]
+        if job is None:
+            check_data_parallel(state, 1, folder)
+        saved = saved_layout(state)
+        before = _split(saved["sequence_parallel"], saved["scheme"])
+        now = _split(args.sequence_parallel, args.sequence_parallel_scheme)
+        if before != now:
+            say(f"note: {folder} was trained on {before}, this run on {now}: it adds its sums in another order, "
+                "so it continues the run to float rounding, not bit for bit")
+        return trainer_class.resume(folder, **kwargs)
     except (DataError, CheckpointError) as err:
         raise CommandError(str(err)) from None
-    if stop["asked"]:
-        print("interrupted before training started: nothing saved", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace, stop: dict, job) -> int:
+    device = _device(args.device) if job is None else job.device
+    main = job is None or job.is_main
+    say = print if main else (lambda *a, **k: None)
+    config, folder = _train_config(args)
+    trainer = _build_trainer(args, config, folder, device, job, say)
+    if stop["asked"] if job is None else job.any(stop["asked"]):
+        say("interrupted before training started: nothing saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     until = config.steps if args.stop_after is None else min(config.steps, trainer.step + args.stop_after)
     if trainer.step >= until:
-        print(f"{folder} is already at step {trainer.step} of {config.steps}: nothing to do")
+        say(f"{folder} is already at step {trainer.step} of {config.steps}: nothing to do")
         return EXIT_OK
     parameters = sum(p.numel() for p in trainer.model.parameters())
     where = f"{device}{_set_cpu_threads(trainer.model, device, args.threads)}"
-    print(f"{'resuming' if args.resume else 'training'} {config.model} ({config.preset} preset, {parameters:,} "
-          f"parameters) on {trainer.train_corpus.name}: {len(trainer.train_corpus):,} training and "
-          f"{len(trainer.val_corpus):,} validation tokens")
-    print(f"steps {trainer.step + 1}-{until} of {config.steps}, {trainer.tokens_per_step:,} tokens per step "
-          f"(batch {config.batch_size} x {config.accumulate} x context {config.context}) on {where}; "
-          f"checkpoint and log in {folder}", flush=True)
+    if job is not None:
+        data = job.groups.data_size
+        where = (f"{job.world_size} processes ({where} each): "
+                 f"{_split(job.groups.sequence_size, args.sequence_parallel_scheme)}, {data} data-parallel "
+                 f"rank{'s' if data > 1 else ''}")
+    say(f"{'resuming' if args.resume else 'training'} {config.model} ({config.preset} preset, {parameters:,} "
+        f"parameters) on {trainer.train_corpus.name}: {len(trainer.train_corpus):,} training and "
+        f"{len(trainer.val_corpus):,} validation tokens")
+    rows = "" if job is None or job.groups.data_size == 1 else f" x {job.groups.data_size} data ranks"
+    say(f"steps {trainer.step + 1}-{until} of {config.steps}, {trainer.tokens_per_step:,} tokens per step "
+        f"(batch {config.batch_size} x {config.accumulate}{rows} x context {config.context}) on {where}; "
+        f"checkpoint and log in {folder}", flush=True)
     first_step, began = trainer.step, time.perf_counter()
+    should_stop = (lambda: stop["asked"]) if job is None else (lambda: job.any(stop["asked"]))
     try:
-        finished = _train_loop(trainer, args, folder, until, stop)
+        finished = _train_loop(trainer, args, folder, until, should_stop, main)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise
         what = f"a step of batch {config.batch_size} x context {config.context}"
-        raise CommandError(_memory_message(what, device) + " (nothing was saved at this step)") from None
+        raise CommandError(_memory_message(what, device) + " (nothing was saved at this step)",
+                           rank_specific=True) from None
     if not finished:
         trainer.save(folder)
-        print(f"saved {folder} at step {trainer.step}; continue with: megalodon-lite train --resume {folder}",
-              file=sys.stderr)
+        say(f"saved {folder} at step {trainer.step}; continue with: megalodon-lite train --resume {folder}",
+            file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"trained steps {first_step + 1}-{trainer.step} in {(time.perf_counter() - began) / 60:.1f} min; "
-          f"checkpoint: {folder}")
+    say(f"trained steps {first_step + 1}-{trainer.step} in {(time.perf_counter() - began) / 60:.1f} min; "
+        f"checkpoint: {folder}")
     if trainer.step < config.steps:
-        print(f"stopped at step {trainer.step} of {config.steps} (--stop-after); continue with: "
-              f"megalodon-lite train --resume {folder}")
-    if args.sample_tokens:
+        say(f"stopped at step {trainer.step} of {config.steps} (--stop-after); continue with: "
+            f"megalodon-lite train --resume {folder}")
+    if args.sample_tokens and main:
         print(f"\na sample ({args.sample_tokens} bytes, temperature 0.8, top-k 40, from the start of a file):\n")
         _print_sample(trainer.model, "", args.sample_tokens, 0.8, 40, seed=0)
         print(f"\n\nmore: megalodon-lite sample {folder} --prompt 'def '")
     return EXIT_OK
 
 
-def _train_loop(trainer, args: argparse.Namespace, folder: Path, until: int, stop: dict) -> bool:
+def _train_loop(trainer, args: argparse.Namespace, folder: Path, until: int, should_stop: Callable[[], bool],
+                main: bool) -> bool:
+    """Train up to ``until``; only ``main`` (global rank 0) shows the bar and writes the log."""
     from tqdm.auto import tqdm
 
     log = _Log(folder / LOG_FILE, trainer.step if args.resume else None)
     config, start = trainer.config, time.perf_counter()
     stats = {"loss_sum": 0.0, "count": 0, "smooth": None, "tokens_per_s": None}
     bar = tqdm(total=config.steps, initial=trainer.step, unit="step", dynamic_ncols=True, leave=False,
-               disable=None)  # no bar when stderr is not a terminal (logs, pipes)
+               disable=None if main else True)  # no bar when stderr is not a terminal (logs, pipes)
 
     def on_step(result) -> None:
         rate = trainer.tokens_per_step / result.seconds
@@ -329,24 +441,25 @@ def _train_loop(trainer, args: argparse.Namespace, folder: Path, until: int, sto
         stats["count"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{stats['smooth']:.3f}", tok_s=f"{stats['tokens_per_s']:,.0f}")
-        if trainer.step % args.log_every == 0:
+        if main and trainer.step % args.log_every == 0:
             log.write({"event": "train", "step": trainer.step, "loss": result.loss, "lr": result.lr,
                        "grad_norm": result.grad_norm, "tokens_per_s": rate})
 
     def on_eval(result) -> None:
         train_loss = stats["loss_sum"] / max(stats["count"], 1)
         stats["loss_sum"], stats["count"] = 0.0, 0
-        log.write({"event": "eval", "step": trainer.step, "tokens": trainer.step * trainer.tokens_per_step,
-                   "train_loss": train_loss, "val_loss": result.loss, "val_bits_per_byte": result.bits_per_byte,
-                   "tokens_per_s": stats["tokens_per_s"], "elapsed_s": time.perf_counter() - start})
-        bar.write(f"step {trainer.step:>6}: validation {result.bits_per_byte:.3f} bits/byte "
-                  f"(loss {result.loss:.3f}); training loss {train_loss:.3f}; "
-                  f"{stats['tokens_per_s']:,.0f} tokens/s")
-        trainer.save(folder)
+        if main:
+            log.write({"event": "eval", "step": trainer.step, "tokens": trainer.step * trainer.tokens_per_step,
+                       "train_loss": train_loss, "val_loss": result.loss, "val_bits_per_byte": result.bits_per_byte,
+                       "tokens_per_s": stats["tokens_per_s"], "elapsed_s": time.perf_counter() - start})
+            bar.write(f"step {trainer.step:>6}: validation {result.bits_per_byte:.3f} bits/byte "
+                      f"(loss {result.loss:.3f}); training loss {train_loss:.3f}; "
+                      f"{stats['tokens_per_s']:,.0f} tokens/s")
+        trainer.save(folder)  # collective under torchrun: rank 0 writes, every rank returns once it is committed
 
     try:
         return trainer.run(until, eval_every=args.eval_every, eval_windows=args.eval_windows, on_step=on_step,
-                           on_eval=on_eval, should_stop=lambda: stop["asked"])
+                           on_eval=on_eval, should_stop=should_stop)
     finally:
         bar.close()
 
