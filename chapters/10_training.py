@@ -581,13 +581,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LlamaConfig:
         """Build from :meth:`to_dict` output; unknown or missing fields are named in the error."""
-        if not isinstance(values, dict):
-            raise TypeError(f"config values must be a dict, got {type(values).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values)
-        if unknown or missing:
-            raise ValueError(f"LlamaConfig: unknown field(s) {unknown}, missing field(s) {missing}")
+        validate.dataclass_fields(cls, values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> LlamaConfig:
@@ -1023,10 +1017,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        validate.dataclass_fields(cls, values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:

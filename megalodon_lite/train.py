@@ -112,10 +112,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        validate.dataclass_fields(cls, values)
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:
