@@ -11,7 +11,8 @@ forward+backward, kernel and plain PyTorch, at D=1024, N=16, G=32, bf16, 65,536 
 call, B x L in {32 x 2K, 4 x 16K, 1 x 64K}. Each row carries its floor: for the scans the bytes
 of x read and y written at the measured bandwidth (``megalodon_lite.ops.floors.scan_floor_ms``,
 chapter 08 Part 1.1; forward+backward = 2.5 x forward), for attention the FLOPs of the causal
-pairs at the measured matmul rate (forward+backward = 3.5 x).
+pairs at the measured matmul rate (``megalodon_lite.ops.attention_floor.attention_floor_ms``,
+chapter 09 section 1; forward+backward = 3.5 x).
 
 Results: ``kernels/results/<device>.json`` with a header
 ``{"device", "torch", "triton", "date", "command", "copy_TBps", "matmul_TFLOPs", ...}`` and
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # `python kernels/bench.py` from a checkout: megalodon_lite and kernels.plot
     sys.path.insert(0, str(ROOT))
 
+from megalodon_lite.ops.attention_floor import BWD_OVER_FWD_ATTENTION, attention_floor_ms  # noqa: E402
 from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms  # noqa: E402
 
 SHAPES = ((32, 2048), (4, 16384), (1, 65536))   # (B, L): 65,536 tokens per call
@@ -150,13 +152,6 @@ OPS["timestep_norm"] = bench_timestep_norm
 ATTENTION = {"z": 256, "v": 2048, "H": 1, "c": 2048}   # the official head dims and chunk size
 
 
-def attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
-    """Forward compute floor: 2*B*H*(L/c)*c*(c+1)/2*(z+v) FLOPs (the causal pairs) at the matmul rate."""
-    c, heads = ATTENTION["c"], ATTENTION["H"]
-    flops = 2 * batch * heads * (length // c) * c * (c + 1) / 2 * (ATTENTION["z"] + ATTENTION["v"])
-    return flops / (ceilings.matmul_TFLOPs * 1e12) * 1e3
-
-
 def attention_rows(ceilings: Ceilings) -> list[Row]:
     """The Triton op and chapter 06's module (SDPA per chunk) in bf16, forward and forward+backward."""
     from megalodon_lite.attention import ChunkAttention  # noqa: PLC0415
@@ -175,7 +170,7 @@ def attention_rows(ceilings: Ceilings) -> list[Row]:
             module.beta.normal_(0, 0.5)
         gamma, beta = module.gamma, module.beta
         calls = {"triton": lambda: chunk_attention(z, v, gamma, beta, heads, c), "torch": lambda: module(z, v)[0]}
-        floor = attention_floor_ms(batch, length, ceilings)
+        floor = attention_floor_ms(batch, length, ceilings, heads=heads, chunk=c, z_head_dim=z_dim, v_head_dim=v_dim)
         for path, call in calls.items():
             with torch.no_grad():
                 fwd = bench_ms(call)

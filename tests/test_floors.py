@@ -1,6 +1,6 @@
-"""The benchmark floors (megalodon_lite.ops.floors, chapter 08 Part 1.1): they reproduce every floor
-the committed benchmark runs recorded, kernels/bench.py computes with them, bad input is refused,
-and the figure of time over floor draws a results file."""
+"""The benchmark floors (megalodon_lite.ops.floors, chapter 08 Part 1.1; ops.attention_floor, chapter
+09 section 1): they reproduce every floor the committed benchmark runs recorded, kernels/bench.py
+computes with them, bad input is refused, and the figure of time over floor draws a results file."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megalodon_lite.notebook import recorded_files
+from megalodon_lite.ops.attention_floor import BWD_OVER_FWD_ATTENTION, attention_floor_ms
 from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, plot_time_over_floor, scan_floor_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def benchmark_runs() -> list[dict]:
 
 def test_the_committed_runs_are_found():
     ops = {row["op"] for run in benchmark_runs() for row in run["rows"]}
-    assert set(SCAN_OPS) <= ops, ops
+    assert {*SCAN_OPS, "attention"} <= ops, ops
 
 
 @pytest.mark.parametrize("run", benchmark_runs(), ids=lambda run: run["command"])
@@ -57,15 +58,35 @@ def test_scan_floors_reproduce_every_recorded_row(run, bench):
         assert math.isclose(row["floor_fwdbwd_ms"], BWD_OVER_FWD_SCAN * floor, rel_tol=1e-12, abs_tol=0.0), row
 
 
+@pytest.mark.parametrize("run", benchmark_runs(), ids=lambda run: run["command"])
+def test_attention_floors_reproduce_every_recorded_row(run, bench):
+    ceilings = Ceilings(copy_TBps=run["copy_TBps"], matmul_TFLOPs=run["matmul_TFLOPs"])
+    shapes = {"heads": bench.ATTENTION["H"], "chunk": bench.ATTENTION["c"], "z_head_dim": bench.ATTENTION["z"],
+              "v_head_dim": bench.ATTENTION["v"]}
+    for row in (r for r in run["rows"] if r["op"] == "attention"):
+        floor = attention_floor_ms(row["B"], row["L"], ceilings, **shapes)
+        assert math.isclose(row["floor_fwd_ms"], floor, rel_tol=1e-12, abs_tol=0.0), row
+        assert math.isclose(row["floor_fwdbwd_ms"], BWD_OVER_FWD_ATTENTION * floor, rel_tol=1e-12, abs_tol=0.0), row
+
+
 def test_bench_uses_the_package_floors(bench):
     assert bench.scan_floor_ms is scan_floor_ms and bench.Ceilings is Ceilings
-    assert bench.BWD_OVER_FWD_SCAN == BWD_OVER_FWD_SCAN == 2.5
+    assert bench.attention_floor_ms is attention_floor_ms
+    ratios = (bench.BWD_OVER_FWD_SCAN, bench.BWD_OVER_FWD_ATTENTION)
+    assert ratios == (BWD_OVER_FWD_SCAN, BWD_OVER_FWD_ATTENTION) == (2.5, 3.5)
 
 
 def test_scan_floor_is_the_bytes_of_x_and_y_at_the_bandwidth():
     # 1 x 1000 x 500 bf16: x and y are 2 * 1e6 bytes, at 1e12 bytes/s that is 2e-6 s = 2e-3 ms
     assert scan_floor_ms(1, 1000, 500, Ceilings(copy_TBps=1.0, matmul_TFLOPs=1.0)) == pytest.approx(2e-3, rel=1e-15)
     assert scan_floor_ms(1, 1000, 500, Ceilings(2.0, 1.0), bytes_per_element=4) == pytest.approx(2e-3, rel=1e-15)
+
+
+def test_attention_floor_is_the_causal_pairs_flops_at_the_matmul_rate():
+    # 2 chunks of 3 tokens: 2 * 6 pairs, each 2 (z + v) = 2 * 10 FLOPs, twice (B = 2): 480 FLOPs at 1e12/s
+    floor = attention_floor_ms(2, 6, Ceilings(1.0, 1.0), heads=1, chunk=3, z_head_dim=4, v_head_dim=6)
+    assert floor == pytest.approx(480 / 1e12 * 1e3, rel=1e-15)
+    assert attention_floor_ms(1, 6, Ceilings(1.0, 1.0), heads=2, chunk=3, z_head_dim=4, v_head_dim=6) == floor
 
 
 @pytest.mark.parametrize("args, error, message", [
@@ -93,3 +114,15 @@ def test_the_figure_of_time_over_floor_draws_a_results_file(tmp_path):
     assert plot.plot_results(tmp_path / "run.json", directory=tmp_path) == tmp_path / "08_scan_kernels.png"
     with pytest.raises(ValueError, match="no rows"):
         plot_time_over_floor({**run, "rows": []})
+
+
+@pytest.mark.parametrize("length, shapes, error, message", [
+    (100, {"heads": 1, "chunk": 64, "z_head_dim": 8, "v_head_dim": 8}, ValueError,
+     "chunk must be a positive int dividing length=100"),
+    (128, {"heads": 0, "chunk": 64, "z_head_dim": 8, "v_head_dim": 8}, ValueError, "heads must be a positive int"),
+])
+def test_attention_floor_refuses_bad_input(length, shapes, error, message):
+    with pytest.raises(error, match=message):
+        attention_floor_ms(1, length, Ceilings(1.0, 1.0), **shapes)
+    with pytest.raises(ValueError, match="ceilings.matmul_TFLOPs must be positive"):
+        attention_floor_ms(1, 128, Ceilings(1.0, -1.0), heads=1, chunk=64, z_head_dim=8, v_head_dim=8)
