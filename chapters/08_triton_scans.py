@@ -38,14 +38,13 @@ import torch
 if not torch.cuda.is_available():   # the kernels then run in the Triton interpreter (set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from megalodon_lite.notebook import (FIGURES_DIR, SMOKE, describe_run, pick, pick_device, require_cuda, save_figure,
+from megalodon_lite.notebook import (SMOKE, describe_run, pick, pick_device, recorded, require_cuda, save_figure,
                                     seed_everything)
 
 seed_everything(0)
 device = pick_device()
 describe_run(device)
-ROOT = FIGURES_DIR.parent                      # the checkout: chapters/, kernels/, figures/
-measured = json.loads((ROOT / "kernels" / "results" / "nvidia_h200.json").read_text())
+measured = json.loads(recorded("nvidia_h200.json").read_text())   # the checkout's, or the installed copy
 print(f"{measured['device']}, torch {measured['torch']}, triton {measured['triton']}, {measured['date']}: "
       f"copy {measured['copy_TBps']:.2f} TB/s, bf16 matmul {measured['matmul_TFLOPs']:.0f} TFLOP/s")
 print(f"{'op':>14} {'path':>6} {'B x L':>10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x floor (fwd+bwd)':>18}")
@@ -66,8 +65,68 @@ for row in measured["rows"]:
 # **Bytes.** Forward, a kernel must read $x$ and write $y$: $2 \cdot BLD$ elements. Backward it
 # reads $x$ and $\partial L/\partial y$ and writes $\partial L/\partial x$: three more, so
 # forward+backward moves 2.5× the forward's bytes (the state, $N$ complex numbers per channel and
-# row, is noise next to that). At the benchmark's 65,536 tokens × $D = 1024$ in bf16 and the copy
-# bandwidth measured in the same run, that gives the floor below.
+# row, is noise next to that). Those bytes at the device's copy bandwidth are the **floor**:
+#
+# $$t_\text{fwd} = \frac{2 \cdot BLD \cdot \text{bytes per element}}{\text{copy bandwidth}}, \qquad
+#   t_\text{fwd+bwd} = 2.5\, t_\text{fwd}.$$
+#
+# The benchmark (`kernels/bench.py`) measures the bandwidth in the same run as the ops, and writes
+# this floor into every row of its results; the package keeps it as `megalodon_lite.ops.floors`.
+# First what a device can do, as the benchmark measures it:
+
+# %% tags=["export:ops.floors"]
+"""Floors: the least time an op can take on a device, from what it must move or compute.
+
+A benchmark run (``kernels/bench.py``) measures two ceilings of its device next to the ops: the
+copy bandwidth and the bf16 matmul rate. A memory-bound op's floor is the bytes it must read and
+write at that bandwidth (the scans of chapter 08: ``scan_floor_ms``); a compute-bound op's, its
+FLOPs at the matmul rate (chapter 09's attention: ``megalodon_lite.ops.attention_floor``). The
+results report each op's time as a multiple of its floor, which says how much is left to win.
+"""
+
+from dataclasses import dataclass
+
+from megalodon_lite import validate
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """What one device can do at most, measured on it.
+
+    Attributes:
+        copy_TBps: a large device-to-device copy, bytes read + bytes written per second / 1e12.
+        matmul_TFLOPs: bf16 matrix multiplication (8192^3, random data), FLOPs per second / 1e12.
+    """
+
+    copy_TBps: float
+    matmul_TFLOPs: float
+
+# %% [markdown]
+# Then the floor of a scan over $x$ of shape $(B, L, D)$:
+
+# %% tags=["export:ops.floors"]
+BWD_OVER_FWD_SCAN = 2.5
+"""Forward+backward floor of a scan, in forward floors: the forward moves two tensors (x in, y
+out), the backward three (x and dy in, dx out)."""
+
+
+def scan_floor_ms(batch: int, length: int, channels: int, ceilings: Ceilings, bytes_per_element: int = 2) -> float:
+    """Forward memory floor, in milliseconds, of a scan over x (batch, length, channels).
+
+    Whatever it computes, a scan reads x once and writes y once (chapter 08, Part 1.1)::
+
+        floor = 2 * B * L * D * bytes_per_element / (copy_TBps * 1e12) seconds
+
+    ``bytes_per_element`` is 2 for bf16. Forward+backward: ``BWD_OVER_FWD_SCAN`` times this.
+    """
+    validate.floor_inputs(ceilings, Ceilings, "copy_TBps", batch=batch, length=length, channels=channels,
+                          bytes_per_element=bytes_per_element)
+    return 2 * batch * length * channels * bytes_per_element / (ceilings.copy_TBps * 1e12) * 1e3
+
+# %% [markdown]
+# At the benchmark's 65,536 tokens × $D = 1024$ in bf16, with the bandwidth the committed run
+# measured, that gives the floor below; and it is exactly the floor of every scan row that run
+# recorded.
 #
 # **Arithmetic.** Stepping the recurrence costs $4N$ real multiply-adds per token and channel for
 # $q \odot h$ (a complex product) and $2N$ for the output, $6N$ in all. On the GPU's float32 units
@@ -76,13 +135,19 @@ for row in measured["rows"]:
 # which means it must be written as matrix products.
 
 # %%
-tokens, d_model, n_states = 65_536, 1024, 16
-bandwidth = measured["copy_TBps"] * 1e12                        # bytes read + written per second
-floor_fwd_ms = 2 * tokens * d_model * 2 / bandwidth * 1e3      # bf16 x read + y written
+tokens, d_model, n_states = 65_536, measured["shapes"]["D"], 16
+ceilings = Ceilings(copy_TBps=measured["copy_TBps"], matmul_TFLOPs=measured["matmul_TFLOPs"])
+floor_fwd_ms = scan_floor_ms(1, tokens, d_model, ceilings)     # bf16 x read + y written
 fma_per_s = 132 * 128 * 1.98e9                                  # H200: SMs x fp32 lanes x boost clock
 recurrence_ms = 6 * n_states * tokens * d_model / fma_per_s * 1e3
-print(f"floor: forward {floor_fwd_ms:.3f} ms, forward+backward {2.5 * floor_fwd_ms:.3f} ms "
+print(f"floor: forward {floor_fwd_ms:.3f} ms, forward+backward {BWD_OVER_FWD_SCAN * floor_fwd_ms:.3f} ms "
       f"(at {measured['copy_TBps']:.2f} TB/s)")
+scan_rows = [row for row in measured["rows"] if row["op"] in ("cema", "timestep_norm")]
+for row in scan_rows:   # the same formula wrote every scan row's floors
+    floor = scan_floor_ms(row["B"], row["L"], d_model, ceilings)
+    assert math.isclose(row["floor_fwd_ms"], floor, rel_tol=1e-12)
+    assert math.isclose(row["floor_fwdbwd_ms"], BWD_OVER_FWD_SCAN * floor, rel_tol=1e-12)
+print(f"the floors of the {len(scan_rows)} scan rows of the committed run: the same")
 print(f"the recurrence's 6N = {6 * n_states} multiply-adds per token and channel on CUDA cores: "
       f"{recurrence_ms:.3f} ms = {recurrence_ms / floor_fwd_ms:.1f}x the forward floor")
 
@@ -1359,8 +1424,8 @@ assert err_stream < 1e-5 and (h - h_whole).abs().max() < 1e-5
 #
 # The design below reads $x$ twice in the forward (once to summarise, once to normalise) and $x$
 # and $dy$ twice in the backward: 3 + 5 = 8 passes against the floor's 2 + 3 = 5, so its own
-# ceiling is 1.6 times the floor. The cell computes the bytes at the benchmark size and, when a
-# measured bandwidth is committed (`kernels/bench.py` writes it), the times.
+# ceiling is 1.6 times the floor. The cell computes the bytes at the benchmark size and the times
+# at the bandwidth the committed benchmark run measured.
 
 # %%
 import json
@@ -1369,22 +1434,18 @@ import matplotlib.patches as patches
 import matplotlib.pyplot as plt
 import torch
 
-from megalodon_lite.export import repo_root
-from megalodon_lite.notebook import require_cuda, save_figure
+from megalodon_lite.notebook import recorded, require_cuda, save_figure
 from megalodon_lite.timestep_norm import TimestepNormState, timestep_norm, timestep_norm_reference
 
 BENCH_TOKENS, BENCH_D, BENCH_G, BF16_BYTES = 65_536, 1024, 32, 2
 tensor_bytes = BENCH_TOKENS * BENCH_D * BF16_BYTES                  # one (B, L, D) bf16 tensor
 passes = {"floor": (2, 3), "tiled kernels": (3, 5)}                  # (forward, backward) tensor passes
-results_file = repo_root() / "kernels" / "results" / "nvidia_h200.json"   # committed GPU run
-copy_TBps = json.loads(results_file.read_text())["copy_TBps"] if results_file.exists() else None
+copy_TBps = json.loads(recorded("nvidia_h200.json").read_text())["copy_TBps"]   # the committed GPU run
 print(f"one bf16 tensor of {BENCH_TOKENS:,} tokens x D={BENCH_D}: {tensor_bytes / 2**20:.0f} MiB")
 for name, (fwd, bwd) in passes.items():
-    line = f"{name:>14}: forward {fwd} passes, forward+backward {fwd + bwd} ({(fwd + bwd) / 5:.1f}x floor)"
-    if copy_TBps:
-        line += (f" -> {fwd * tensor_bytes / copy_TBps / 1e9:.3f} ms / "
-                 f"{(fwd + bwd) * tensor_bytes / copy_TBps / 1e9:.3f} ms at {copy_TBps:.2f} TB/s")
-    print(line)
+    print(f"{name:>14}: forward {fwd} passes, forward+backward {fwd + bwd} ({(fwd + bwd) / 5:.1f}x floor)"
+          f" -> {fwd * tensor_bytes / copy_TBps / 1e9:.3f} ms / "
+          f"{(fwd + bwd) * tensor_bytes / copy_TBps / 1e9:.3f} ms at {copy_TBps:.2f} TB/s")
 
 # %% [markdown]
 # ### Tiles, summaries and an exclusive prefix
@@ -2295,32 +2356,28 @@ assert worst < 1e-4
 # chapter 05's PyTorch form, each against the memory floor; then where the GPU's time goes.
 
 # %%
-results_dir = repo_root() / "kernels" / "results"
-bench_file, tune_file = results_dir / "nvidia_h200.json", results_dir / "tune_timestep_norm_h200.json"
-if bench_file.exists() and tune_file.exists():
-    bench_run, tune_run = json.loads(bench_file.read_text()), json.loads(tune_file.read_text())
-    print(f"{bench_run['device']}, torch {bench_run['torch']}, triton {bench_run['triton']}, {bench_run['date'][:10]}; "
-          f"tiles of {tune_run['best']['steps']} steps x {tune_run['best']['channels']} channels, "
-          f"{tune_run['best']['warps']} warp(s)")
-    print(f"{'B x L':>12} | {'eager fwd':>17} | {'eager fwd+bwd':>17} | "
-          f"{'CUDA graph fwd+bwd':>18} | {'PyTorch fwd+bwd':>17}")
-    rows = {(r["path"], r["B"], r["L"]): r for r in bench_run["rows"] if r["op"] == "timestep_norm"}
-    for (path, batch, length), row in rows.items():
-        if path != "triton":
-            continue
-        torch_row = rows[("torch", batch, length)]
-        graph_ms = tune_run["best_fwdbwd_cuda_graph_ms"][f"{batch}x{length}"]
-        cell = lambda ms, floor: f"{ms:6.3f} ms ({ms / floor:4.1f}x)"  # noqa: E731
-        print(f"{batch:>3} x {length:<6} | {cell(row['fwd_ms'], row['floor_fwd_ms']):>17} | "
-              f"{cell(row['fwdbwd_ms'], row['floor_fwdbwd_ms']):>17} | {cell(graph_ms, row['floor_fwdbwd_ms']):>18} | "
-              f"{cell(torch_row['fwdbwd_ms'], torch_row['floor_fwdbwd_ms']):>17}")
-    pass_us = BENCH_TOKENS * BENCH_D * BF16_BYTES / (tune_run["copy_TBps"] * 1e12) * 1e6
-    print(f"\nGPU time per kernel, one forward+backward at 4 x 16K (one pass over a bf16 tensor: {pass_us:.0f} us):")
-    for name, us in tune_run["profile_4x16K_us"]:
-        if us > 1:
-            print(f"  {us:7.1f} us  {name.split('<')[0][:40]}")
-else:
-    print("no committed GPU measurement: run python kernels/tune_timestep_norm.py on a GPU")
+bench_run = json.loads(recorded("nvidia_h200.json").read_text())
+tune_run = json.loads(recorded("tune_timestep_norm_h200.json").read_text())
+print(f"{bench_run['device']}, torch {bench_run['torch']}, triton {bench_run['triton']}, {bench_run['date'][:10]}; "
+      f"tiles of {tune_run['best']['steps']} steps x {tune_run['best']['channels']} channels, "
+      f"{tune_run['best']['warps']} warp(s)")
+print(f"{'B x L':>12} | {'eager fwd':>17} | {'eager fwd+bwd':>17} | "
+      f"{'CUDA graph fwd+bwd':>18} | {'PyTorch fwd+bwd':>17}")
+rows = {(r["path"], r["B"], r["L"]): r for r in bench_run["rows"] if r["op"] == "timestep_norm"}
+for (path, batch, length), row in rows.items():
+    if path != "triton":
+        continue
+    torch_row = rows[("torch", batch, length)]
+    graph_ms = tune_run["best_fwdbwd_cuda_graph_ms"][f"{batch}x{length}"]
+    cell = lambda ms, floor: f"{ms:6.3f} ms ({ms / floor:4.1f}x)"  # noqa: E731
+    print(f"{batch:>3} x {length:<6} | {cell(row['fwd_ms'], row['floor_fwd_ms']):>17} | "
+          f"{cell(row['fwdbwd_ms'], row['floor_fwdbwd_ms']):>17} | {cell(graph_ms, row['floor_fwdbwd_ms']):>18} | "
+          f"{cell(torch_row['fwdbwd_ms'], torch_row['floor_fwdbwd_ms']):>17}")
+pass_us = BENCH_TOKENS * BENCH_D * BF16_BYTES / (tune_run["copy_TBps"] * 1e12) * 1e6
+print(f"\nGPU time per kernel, one forward+backward at 4 x 16K (one pass over a bf16 tensor: {pass_us:.0f} us):")
+for name, us in tune_run["profile_4x16K_us"]:
+    if us > 1:
+        print(f"  {us:7.1f} us  {name.split('<')[0][:40]}")
 
 # %% [markdown]
 # Against the target of forward+backward within 2x the floor, this misses (read the ratios above).
@@ -2340,8 +2397,9 @@ else:
 # `python kernels/bench.py` measures, in one run on one device, the copy bandwidth and the bf16
 # matmul rate, then every registered op forward and forward+backward, kernel and plain PyTorch, at
 # 65,536 tokens per call ($D = 1024$, $N = 16$, bf16, gradients to the input and the parameters).
-# Each row carries its floor. The committed run, and its figure (`kernels/plot.py`: time over
-# floor per op, path and shape; the dotted line is the 2× target):
+# Each row carries its floor. The committed run as a table, then as a figure: time over floor per
+# op, path and shape (the dotted line is the 2× target). The figure is drawn by a function of the
+# package, `plot_time_over_floor`, so that `kernels/plot.py` draws the same from any results file.
 
 # %%
 def show_results(results: dict) -> None:
@@ -2365,11 +2423,57 @@ def show_results(results: dict) -> None:
               f"at least {speedup:.0f}x faster than the PyTorch path")
 
 
+# %% tags=["export:ops.floors"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib comes with the [book] extra: the package itself draws nothing
+    from matplotlib.figure import Figure
+
+
+def plot_time_over_floor(results: dict) -> "Figure":
+    """A benchmark run's rows as time / floor, in a figure of two panels.
+
+    ``results`` is a ``kernels/bench.py`` results file, read: a header with ``device``, ``date``,
+    ``copy_TBps`` and ``matmul_TFLOPs``, and ``rows`` of ``{"op", "path", "B", "L", "fwd_ms",
+    "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms"}``. One panel per direction (forward,
+    forward+backward); per op and path (Triton kernel: solid, plain PyTorch: dashed) the time
+    over the row's floor (``fwd_ms / floor_fwd_ms``, ``fwdbwd_ms / floor_fwdbwd_ms``) at every
+    B x L shape, on a log scale: 1 is the floor, the dotted line at 2 the target.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    if not rows:
+        raise ValueError("results holds no rows to plot")
+    shapes = sorted({(r["B"], r["L"]) for r in rows}, key=lambda s: (s[1], -s[0]))
+    series = sorted({(r["op"], r["path"]) for r in rows})
+    colours = {op: plt.cm.tab10(i) for i, op in enumerate(sorted({op for op, _ in series}))}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    for ax, (key, floor_key, title) in zip(axes, [("fwd_ms", "floor_fwd_ms", "forward"),
+                                                 ("fwdbwd_ms", "floor_fwdbwd_ms", "forward + backward")]):
+        for op, path in series:
+            by_shape = {(r["B"], r["L"]): r for r in rows if r["op"] == op and r["path"] == path}
+            xs = [i for i, s in enumerate(shapes) if s in by_shape]
+            ratios = [by_shape[shapes[i]][key] / by_shape[shapes[i]][floor_key] for i in xs]
+            ax.plot(xs, ratios, "o-" if path == "triton" else "s--", color=colours[op], label=f"{op} ({path})")
+            for i, ratio in zip(xs, ratios):
+                ax.annotate(f"{ratio:.3g}" if ratio < 100 else f"{ratio:.0f}", (i, ratio), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+        ax.axhline(1.0, color="k", lw=1)
+        ax.axhline(2.0, color="k", lw=1, ls=":")
+        ax.set(yscale="log", title=title, xlabel="B x L (65,536 tokens per call)")
+        ax.set_xticks(range(len(shapes)), [f"{b} x {length:,}" for b, length in shapes])
+    axes[0].set_ylabel("time / floor (1 = floor, dotted: 2x target)")
+    axes[1].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{results['device']}: copy {results['copy_TBps']:.2f} TB/s, bf16 matmul "
+                 f"{results['matmul_TFLOPs']:.0f} TFLOP/s ({results['date'][:10]})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+# %%
 show_results(measured)
-figure_path = ROOT / "figures" / "08_scan_kernels.png"
-fig, ax = plt.subplots(figsize=(12, 4.6))
-ax.imshow(plt.imread(figure_path))
-ax.axis("off")
+fig = plot_time_over_floor(measured)
+save_figure(fig, "08_scan_kernels")
 plt.show()
 
 # %% [markdown]
@@ -2378,7 +2482,7 @@ plt.show()
 # its kernel rows:
 
 # %%
-for line in (ROOT / "kernels" / "results" / "cema_profile_h200.txt").read_text().splitlines():
+for line in recorded("cema_profile_h200.txt").read_text().splitlines():
     if " wall " in line:                      # e.g. "1 x 65536: wall ... ms per forward+backward"
         print(line.strip())
     elif line.strip().startswith("_cema_"):   # name, ..., CUDA total, CUDA time per call, calls
@@ -2448,7 +2552,6 @@ for line in (ROOT / "kernels" / "results" / "cema_profile_h200.txt").read_text()
 # %%
 import json
 import os
-import sys
 
 import torch
 
@@ -2458,15 +2561,13 @@ import triton
 import triton.language as tl
 
 from megalodon_lite.exercises import check
-from megalodon_lite.export import repo_root
+from megalodon_lite.notebook import recorded
+from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms
 from megalodon_lite.ops.timestep_norm import _tile_prefix_kernel
 from megalodon_lite.timestep_norm import cumulative_moments, initial_timestep_norm_state
 
-if str(repo_root()) not in sys.path:   # kernels/bench.py: the benchmark that measured Part 3's table
-    sys.path.insert(0, str(repo_root()))
-from kernels.bench import BWD_OVER_FWD_SCAN, D_MODEL, Ceilings, scan_floor_ms  # noqa: E402
-
-committed = json.loads((repo_root() / "kernels" / "results" / "nvidia_h200.json").read_text())
+committed = json.loads(recorded("nvidia_h200.json").read_text())   # Part 3's benchmark run
+D_MODEL = committed["shapes"]["D"]                                 # the channels it ran at
 print(f"{committed['device']}, forward+backward in ms at 65,536 tokens per call:")
 for op in ("cema", "timestep_norm"):
     for path in ("triton", "torch"):
@@ -2476,11 +2577,11 @@ for op in ("cema", "timestep_norm"):
 # %% [markdown]
 # **2. Write the floors.** `my_scan_floors_ms(batch, length, ceilings, bytes_per_element)` returns
 # the memory floor, in milliseconds, of a scan over $x$ of shape (batch, length, $D$) with the
-# benchmark's $D$ = 1,024 channels (`kernels.bench.D_MODEL`), as a pair: forward, and
-# forward+backward. Elements have `bytes_per_element` bytes; `ceilings.copy_TBps` is the copy
-# bandwidth in $10^{12}$ bytes per second, bytes read plus bytes written (Part 1.1 says what must
-# move each way). The check compares it with the floors `kernels/bench.py` writes into every row
-# of its results.
+# benchmark's $D$ = 1,024 channels (`D_MODEL` above), as a pair: forward, and forward+backward.
+# Elements have `bytes_per_element` bytes; `ceilings.copy_TBps` is the copy bandwidth in $10^{12}$
+# bytes per second, bytes read plus bytes written (Part 1.1 says what must move each way). The check
+# compares it with the package's `scan_floor_ms`, the floor `kernels/bench.py` writes into every
+# row of its results.
 
 # %%
 def my_scan_floors_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element: int) -> tuple[float, float]:
@@ -2494,8 +2595,8 @@ def my_scan_floors_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_ele
 
 # %% tags=["check"]
 def benchmark_floors_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element: int) -> tuple[float, float]:
-    """The floors kernels/bench.py records in each row (floor_fwd_ms, floor_fwdbwd_ms)."""
-    forward = scan_floor_ms(batch, length, ceilings, bytes_per_element)
+    """The floors kernels/bench.py records in each row (floor_fwd_ms, floor_fwdbwd_ms), at its D."""
+    forward = scan_floor_ms(batch, length, D_MODEL, ceilings, bytes_per_element)
     return forward, BWD_OVER_FWD_SCAN * forward
 
 
@@ -2673,21 +2774,17 @@ import subprocess
 import sys
 import tempfile
 
-env = {**os.environ, "PYTHONPATH": str(ROOT)}
-listed = subprocess.run([sys.executable, "kernels/bench.py", "--list"], cwd=ROOT, env=env, check=True,
-                        capture_output=True, text=True).stdout.split()
+from megalodon_lite.notebook import repository_script
+
+bench_script = repository_script("kernels/bench.py")   # a clone's; from an installed wheel, one line says so
+listed = subprocess.run([sys.executable, str(bench_script), "--list"], check=True, capture_output=True,
+                        text=True).stdout.split()
 chapter_ops = [op for op in ("cema", "timestep_norm") if op in listed]
 fresh = Path(tempfile.mkdtemp())
-subprocess.run([sys.executable, "kernels/bench.py", "--ops", *chapter_ops, "--out", str(fresh)], cwd=ROOT, env=env,
-               check=True)
-fresh_json = next(fresh.glob("*.json"))
-show_results(json.loads(fresh_json.read_text()))
+subprocess.run([sys.executable, str(bench_script), "--ops", *chapter_ops, "--out", str(fresh)], check=True)
+fresh_run = json.loads(next(fresh.glob("*.json")).read_text())
+show_results(fresh_run)
 
 # %% tags=["gpu"]
-sys.path.insert(0, str(ROOT))
-from kernels.plot import plot_results  # noqa: E402
-
-fig, ax = plt.subplots(figsize=(12, 4.6))
-ax.imshow(plt.imread(plot_results(fresh_json, directory=fresh)))
-ax.axis("off")
+fig = plot_time_over_floor(fresh_run)
 plt.show()

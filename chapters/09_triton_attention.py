@@ -45,8 +45,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
 from megalodon_lite.attention import ChunkAttention
-from megalodon_lite.export import repo_root
-from megalodon_lite.notebook import describe_run, pick, pick_device, require_cuda, save_figure, seed_everything
+from megalodon_lite.notebook import (describe_run, pick, pick_device, recorded_files, require_cuda, save_figure,
+                                    seed_everything)
 
 seed_everything(0)
 device = pick_device()
@@ -67,18 +67,52 @@ print(f"Triton interpreter (the kernels run on the CPU): {os.environ.get('TRITON
 # Divided by the matmul rate of the GPU, that is the **compute floor**: no kernel that does this
 # arithmetic in matmuls can be faster. The backward pass needs $dV = P^\top dO$,
 # $dP = dO\,V^\top$, $dQ = dS\,K$ and $dK = dS^\top Q$ (with $dS$ below), and the convention for
-# attention is forward+backward $= 3.5\times$ the forward floor. The measured rate is read from the
-# committed benchmark of `kernels/bench.py` on an H200 (section 6).
+# attention is forward+backward $= 3.5\times$ the forward floor (exercise 5 says where it comes
+# from). The package keeps this floor next to chapter 08's floor of a scan, as
+# `megalodon_lite.ops.attention_floor`, and `kernels/bench.py` writes it into every attention row:
+
+# %% tags=["export:ops.attention_floor"]
+"""The compute floor of causal attention within chunks (Megalodon §3.3-3.4; chapter 09, section 1).
+
+Inside a chunk of c tokens query t attends to the keys s <= t: c(c + 1)/2 pairs, each costing
+2(z + v) FLOPs (a multiply and an add per channel: z for the score q_t . k_s, v for its share of
+the output). At the device's matmul rate that is the least time any kernel doing this arithmetic
+in matmuls can take; chapter 08's ``megalodon_lite.ops.floors`` holds the device's ``Ceilings``.
+"""
+
+from megalodon_lite import validate
+from megalodon_lite.ops.floors import Ceilings
+
+BWD_OVER_FWD_ATTENTION = 3.5
+"""Forward+backward FLOPs of attention, in forward FLOPs: the convention (FlashAttention's count for
+equal query and value head dims, chapter 09 exercise 5)."""
+
+
+def attention_floor_ms(batch: int, length: int, ceilings: Ceilings, *, heads: int, chunk: int, z_head_dim: int,
+                       v_head_dim: int) -> float:
+    """Forward compute floor, in milliseconds, of causal attention within chunks of ``chunk`` tokens::
+
+        FLOPs = 2 * B * H * (L / c) * c (c + 1) / 2 * (z + v),    floor = FLOPs / (matmul_TFLOPs * 1e12) seconds
+
+    for B = ``batch`` sequences of L = ``length`` tokens (a multiple of c = ``chunk``), H = ``heads``,
+    and per head z = ``z_head_dim`` query/key and v = ``v_head_dim`` value channels.
+    Forward+backward: ``BWD_OVER_FWD_ATTENTION`` times this.
+    """
+    validate.floor_inputs(ceilings, Ceilings, "matmul_TFLOPs", batch=batch, length=length, heads=heads, chunk=chunk,
+                          z_head_dim=z_head_dim, v_head_dim=v_head_dim)
+    validate.divides("chunk", chunk, "length", length)
+    flops = 2 * batch * heads * (length // chunk) * chunk * (chunk + 1) / 2 * (z_head_dim + v_head_dim)
+    return flops / (ceilings.matmul_TFLOPs * 1e12) * 1e3
+
+# %% [markdown]
+# At the official shapes and the rates an H200 measured in the committed benchmark run (section 6),
+# for 65,536 tokens per call; the same formula wrote the floor of every attention row of that run:
 
 # %%
-RESULTS_DIR = repo_root() / "kernels" / "results"
-
-
 def attention_results(device_slug: str = "nvidia_h200") -> dict | None:
     """The committed benchmark with attention rows: the all-ops file, else the attention-only one."""
     for name in (f"{device_slug}.json", f"{device_slug}_attention.json"):
-        path = RESULTS_DIR / name
-        if path.exists():
+        for path in recorded_files(name):   # the checkout's or the installed copy, if recorded
             data = json.loads(path.read_text())
             if any(row["op"] == "attention" for row in data["rows"]):
                 return data
@@ -88,12 +122,20 @@ def attention_results(device_slug: str = "nvidia_h200") -> dict | None:
 results = attention_results()
 MATMUL_TFLOPS = results["matmul_TFLOPs"] if results else 675.0  # 675: the H200's bf16 8192^3 median
 HBM_TBPS = results["copy_TBps"] if results else 4.27
+ceilings = Ceilings(copy_TBps=HBM_TBPS, matmul_TFLOPs=MATMUL_TFLOPS)
 c, z_dim, v_dim, tokens = 2048, 256, 2048, 65_536  # official shapes, one head, 65,536 tokens per call
+official_shapes = {"heads": 1, "chunk": c, "z_head_dim": z_dim, "v_head_dim": v_dim}
 pairs = tokens // c * c * (c + 1) // 2                 # causal (query, key) pairs over all chunks
 fwd_flops = 2 * pairs * (z_dim + v_dim)
-floor_fwd_ms = fwd_flops / (MATMUL_TFLOPS * 1e12) * 1e3
+floor_fwd_ms = attention_floor_ms(1, tokens, ceilings, **official_shapes)
 print(f"{pairs / 1e6:.1f} M causal pairs, {fwd_flops / 1e9:.0f} GFLOP forward; at {MATMUL_TFLOPS:.0f} TFLOP/s "
-      f"the floor is {floor_fwd_ms:.3f} ms forward, {3.5 * floor_fwd_ms:.2f} ms forward+backward")
+      f"the floor is {floor_fwd_ms:.3f} ms forward, {BWD_OVER_FWD_ATTENTION * floor_fwd_ms:.2f} ms forward+backward")
+attention_rows = [row for row in results["rows"] if row["op"] == "attention"] if results else []
+for row in attention_rows:
+    floor = attention_floor_ms(row["B"], row["L"], ceilings, **official_shapes)
+    assert math.isclose(row["floor_fwd_ms"], floor, rel_tol=1e-12)
+    assert math.isclose(row["floor_fwdbwd_ms"], BWD_OVER_FWD_ATTENTION * floor, rel_tol=1e-12)
+print(f"the floors of the {len(attention_rows)} attention rows of the committed run: the same")
 
 # %% [markdown]
 # Three ways to organise the work (the next section says why each exists), counted at that shape.
@@ -1193,8 +1235,9 @@ assert per_element > 3 * fused
 
 # %%
 def read_result(name: str) -> dict | None:
-    path = RESULTS_DIR / name
-    return json.loads(path.read_text()) if path.exists() else None
+    """A committed result, read, or None when it was not recorded."""
+    found = recorded_files(name)   # the file, or nothing
+    return json.loads(found[0].read_text()) if found else None
 
 
 tune, tune_v1 = read_result("tune_attention_nvidia_h200.json"), read_result("tune_attention_nvidia_h200_v1.json")
@@ -1372,17 +1415,15 @@ if results:
 
 # %%
 import math
-import sys
 
 import torch
 
 from megalodon_lite.attention import causal_attention
 from megalodon_lite.exercises import check
-from megalodon_lite.export import repo_root
+from megalodon_lite.ops.attention_floor import attention_floor_ms
+from megalodon_lite.ops.floors import Ceilings
 
-if str(repo_root()) not in sys.path:   # kernels/bench.py: the benchmark that measured section 6's table
-    sys.path.insert(0, str(repo_root()))
-from kernels.bench import ATTENTION, Ceilings, attention_floor_ms  # noqa: E402
+BENCHMARK_SHAPES = {"heads": 1, "chunk": 2048, "z_head_dim": 256, "v_head_dim": 2048}   # kernels/bench.py's ATTENTION
 
 score_row = torch.tensor([100.0, 99.0, 0.0])
 textbook = torch.exp(score_row) / torch.exp(score_row).sum()
@@ -1395,10 +1436,11 @@ print(f"largest float32 {torch.finfo(torch.float32).max:.2e}, bfloat16 {torch.fi
 # %% [markdown]
 # **2. Write the compute floor.** `my_attention_floor_ms(batch, length, ceilings)` returns the
 # forward compute floor of section 1 in milliseconds, at the benchmark's shapes
-# (`kernels.bench.ATTENTION`: chunks of $c$ = 2,048 tokens, $z$ = 256, $v$ = 2,048, one head), for a
+# (`BENCHMARK_SHAPES`: chunks of $c$ = 2,048 tokens, $z$ = 256, $v$ = 2,048, one head), for a
 # `length` that is a multiple of $c$, at the matmul rate `ceilings.matmul_TFLOPs` ($10^{12}$
-# floating-point operations per second). The check compares it with
-# `kernels.bench.attention_floor_ms`, which wrote the floor of every attention row of section 6.
+# floating-point operations per second). The check compares it with the package's
+# `attention_floor_ms` (section 1), the floor `kernels/bench.py` wrote into every attention row of
+# section 6.
 
 # %%
 def my_attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
@@ -1411,13 +1453,18 @@ def my_attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
 
 
 # %% tags=["check"]
+def benchmark_attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
+    """The floor kernels/bench.py records in each attention row: the package's, at the benchmark's shapes."""
+    return attention_floor_ms(batch, length, ceilings, **BENCHMARK_SHAPES)
+
+
 def floor_inputs(generator: torch.Generator) -> tuple:
     batch, chunks = (int(n) for n in torch.randint(1, 33, (2,), generator=generator))
     rate = 100 + 1900 * float(torch.rand((), generator=generator, dtype=torch.float64))
-    return batch, chunks * ATTENTION["c"], Ceilings(copy_TBps=4.0, matmul_TFLOPs=rate)
+    return batch, chunks * BENCHMARK_SHAPES["chunk"], Ceilings(copy_TBps=4.0, matmul_TFLOPs=rate)
 
 
-check(my_attention_floor_ms, reference=attention_floor_ms, make_inputs=floor_inputs,
+check(my_attention_floor_ms, reference=benchmark_attention_floor_ms, make_inputs=floor_inputs,
       hint="a chunk of c tokens has c (c + 1) / 2 causal pairs, there are B H L / c chunks, and each pair costs "
            "2 z FLOPs for its score and 2 v for its share of the output; 1 TFLOP/s = 1e12 FLOP/s, the answer in ms")
 
@@ -1526,10 +1573,13 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+from megalodon_lite.notebook import repository_script  # noqa: E402
+
 cuda = require_cuda()
+bench_script = repository_script("kernels/bench.py")   # a clone's; from an installed wheel, one line says so
 with tempfile.TemporaryDirectory() as out_dir:
-    run = subprocess.run([sys.executable, str(repo_root() / "kernels" / "bench.py"), "--ops", "attention",
-                          "--out", out_dir], capture_output=True, text=True, cwd=repo_root())
+    run = subprocess.run([sys.executable, str(bench_script), "--ops", "attention", "--out", out_dir],
+                         capture_output=True, text=True)
     print(run.stdout[-4000:], run.stderr[-2000:])
     assert run.returncode == 0
 

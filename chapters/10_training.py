@@ -1623,21 +1623,21 @@ plt.show()
 # (`kernels/results/train_compare_*.json`); every number they print comes from that file.
 
 # %%
-from megalodon_lite.export import repo_root
+from megalodon_lite.notebook import recorded_files
 
 PAPER = {"loss_megalodon_7b": 1.70, "loss_llama2_7b": 1.75}  # Megalodon §4, training loss after 2T tokens
 
 
-def load_gpu_results(folder: Path) -> tuple[Path, dict] | None:
-    """The newest committed comparison (by the date of its last call), or None."""
+def load_gpu_results(paths: list[Path]) -> tuple[Path, dict] | None:
+    """The newest of these comparisons (by the date of its last call), or None."""
     found = []
-    for path in sorted(folder.glob("train_compare_*.json")):
+    for path in paths:
         data = json.loads(path.read_text())
         found.append((max(call["date"] for call in data.get("calls", [data.get("header")])), path, data))
     return max(found, key=lambda f: f[0])[1:] if found else None
 
 
-gpu_results = load_gpu_results(repo_root() / "kernels" / "results")
+gpu_results = load_gpu_results(recorded_files("train_compare_*.json"))   # the checkout's, or the installed copy
 if gpu_results is None:
     print("The GPU run has not been recorded yet (no kernels/results/train_compare_*.json): "
           "there are no GPU numbers to show.")
@@ -1831,8 +1831,8 @@ from megalodon_lite.baseline import LlamaConfig, LlamaLM, config_parameter_count
 from megalodon_lite.config import preset
 from megalodon_lite.data import VOCAB_SIZE
 from megalodon_lite.exercises import check
-from megalodon_lite.export import repo_root
 from megalodon_lite.model import MegalodonLM
+from megalodon_lite.notebook import recorded_files
 from megalodon_lite.train import TrainConfig, evaluate, learning_rate
 
 with torch.random.fork_rng():   # the global random state is left as it was
@@ -1970,7 +1970,7 @@ check(my_llama_parameters, reference=config_parameter_count, make_inputs=llama_c
 # ### END SOLUTION
 
 # %%
-compare_files = sorted((repo_root() / "kernels" / "results").glob("train_compare_*.json"))
+compare_files = recorded_files("train_compare_*.json")
 positions_part = json.loads(compare_files[-1].read_text())["parts"].get("positions") if compare_files else None
 if positions_part and "models" in positions_part:
     print(f"{compare_files[-1].name}: {positions_part['windows']} windows of {positions_part['context']:,} bytes; "
@@ -1996,10 +1996,12 @@ else:
 import subprocess
 import sys
 
+from megalodon_lite.notebook import repository_script
+
 cuda = require_cuda()
+script = repository_script("kernels/train_compare.py")   # a clone's; from an installed wheel, one line says so
 gpu_name = torch.cuda.get_device_name(cuda).split()[-1].lower()
-compare_dir = repo_root() / "build" / "train_compare"
-script = repo_root() / "kernels" / "train_compare.py"
+compare_dir = script.parents[1] / "build" / "train_compare"
 for name, parts in (("call1", "throughput,decode,recall,demo"), ("call2", "curves,positions")):
     subprocess.run([sys.executable, str(script), "--out", str(compare_dir / name), "--parts", parts, "--minutes", "9"],
                    check=False)

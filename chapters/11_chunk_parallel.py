@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from megalodon_lite.config import preset
-from megalodon_lite.export import repo_root
 from megalodon_lite.model import MegalodonLM
-from megalodon_lite.notebook import describe_run, pick, pick_device, save_figure, seed_everything
+from megalodon_lite.notebook import (describe_run, pick, pick_device, recorded, recorded_files, save_figure,
+                                    seed_everything)
 
 seed_everything(0)
 device = pick_device()
@@ -1133,8 +1133,7 @@ print(f"the same step with no waiting and no communication: {ideal:.1f} units")
 # runs anywhere; on a GPU cluster the constants, and possibly the winner, differ.
 
 # %%
-RESULTS = repo_root() / "kernels" / "results"  # the checkout's, wherever the notebook runs from
-measured = json.loads((RESULTS / "chunk_parallel_costs_cpu.json").read_text())
+measured = json.loads(recorded("chunk_parallel_costs_cpu.json").read_text())   # the checkout's, or the installed copy
 rows = measured["rows"]
 print(f"{measured['device']}, {measured['backend']}, torch {measured['torch']}, {measured['date']}")
 print(f"messages (float32 numbers): {measured['message_floats']}; command: {measured['command']}")
@@ -1263,7 +1262,7 @@ for P in (2, 4, 8, 16, 64):
 # ```
 
 # %%
-gpu_results = sorted(p for p in RESULTS.glob("sequence_parallel_*.json") if "cpu" not in p.name)
+gpu_results = [p for p in recorded_files("sequence_parallel_*.json") if "cpu" not in p.name]
 if not gpu_results:
     print("The 2-GPU run has not been recorded yet (kernels/results/sequence_parallel_<gpu>.json is absent).")
 for path in gpu_results:

@@ -9,8 +9,10 @@ It measures, in the same run: the device's copy bandwidth (bytes read + written 
 device-to-device copy) and bf16 matmul rate (8192^3, random data), then each op forward and
 forward+backward, kernel and plain PyTorch, at D=1024, N=16, G=32, bf16, 65,536 tokens per
 call, B x L in {32 x 2K, 4 x 16K, 1 x 64K}. Each row carries its floor: for the scans the bytes
-of x read and y written at the measured bandwidth (forward+backward = 2.5 x forward), for
-attention the FLOPs of the causal pairs at the measured matmul rate (forward+backward = 3.5 x).
+of x read and y written at the measured bandwidth (``megalodon_lite.ops.floors.scan_floor_ms``,
+chapter 08 Part 1.1; forward+backward = 2.5 x forward), for attention the FLOPs of the causal
+pairs at the measured matmul rate (``megalodon_lite.ops.attention_floor.attention_floor_ms``,
+chapter 09 section 1; forward+backward = 3.5 x).
 
 Results: ``kernels/results/<device>.json`` with a header
 ``{"device", "torch", "triton", "date", "command", "copy_TBps", "matmul_TFLOPs", ...}`` and
@@ -35,16 +37,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # `python kernels/bench.py` from a checkout: megalodon_lite and kernels.plot
     sys.path.insert(0, str(ROOT))
+
+from megalodon_lite.ops.attention_floor import BWD_OVER_FWD_ATTENTION, attention_floor_ms  # noqa: E402
+from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms  # noqa: E402
+
 SHAPES = ((32, 2048), (4, 16384), (1, 65536))   # (B, L): 65,536 tokens per call
 D_MODEL, N_STATES, N_GROUPS = 1024, 16, 32
-BWD_OVER_FWD_SCAN = 2.5       # forward+backward floor of a memory-bound scan, in forward floors
-BWD_OVER_FWD_ATTENTION = 3.5  # forward+backward FLOPs of attention, in forward FLOPs
-
-
-@dataclass
-class Ceilings:
-    copy_TBps: float       # device-to-device copy, bytes read + bytes written per second / 1e12
-    matmul_TFLOPs: float   # bf16 matmul, median
 
 
 @dataclass
@@ -82,11 +80,6 @@ def measure_ceilings() -> Ceilings:
     return Ceilings(copy_TBps=copy_TBps, matmul_TFLOPs=2 * n**3 / (mm_ms * 1e-3) / 1e12)
 
 
-def scan_floor_ms(batch: int, length: int, ceilings: Ceilings, bytes_per_element: int = 2) -> float:
-    """Forward memory floor of a scan: x read once and y written once, at the copy bandwidth."""
-    return 2 * batch * length * D_MODEL * bytes_per_element / (ceilings.copy_TBps * 1e12) * 1e3
-
-
 # Each op contributes ``name -> fn(ceilings) -> list[Row]`` (kernel and PyTorch paths, every shape).
 OPS: dict[str, Callable[[Ceilings], list[Row]]] = {}
 
@@ -108,7 +101,7 @@ def bench_cema(ceilings: Ceilings, config=None) -> list[Row]:
         x = torch.randn(batch, length, D_MODEL, device="cuda", dtype=torch.bfloat16)
         x_grad = x.clone().requires_grad_(True)
         dy = torch.randn_like(x)
-        floor = scan_floor_ms(batch, length, ceilings)
+        floor = scan_floor_ms(batch, length, D_MODEL, ceilings)
         for path, form in forms.items():
             def forward(form=form):
                 with torch.no_grad():
@@ -138,7 +131,7 @@ def bench_timestep_norm(ceilings: Ceilings) -> list[Row]:
         x = torch.randn(batch, length, D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         weight, bias = (torch.zeros(D_MODEL, device="cuda", requires_grad=True) for _ in range(2))
         dy = torch.randn_like(x)
-        floor_ms = scan_floor_ms(batch, length, ceilings)
+        floor_ms = scan_floor_ms(batch, length, D_MODEL, ceilings)
         for path, fn in (("triton", timestep_norm_triton), ("torch", timestep_norm)):
             def forward(fn=fn):
                 with torch.no_grad():
@@ -159,13 +152,6 @@ OPS["timestep_norm"] = bench_timestep_norm
 ATTENTION = {"z": 256, "v": 2048, "H": 1, "c": 2048}   # the official head dims and chunk size
 
 
-def attention_floor_ms(batch: int, length: int, ceilings: Ceilings) -> float:
-    """Forward compute floor: 2*B*H*(L/c)*c*(c+1)/2*(z+v) FLOPs (the causal pairs) at the matmul rate."""
-    c, heads = ATTENTION["c"], ATTENTION["H"]
-    flops = 2 * batch * heads * (length // c) * c * (c + 1) / 2 * (ATTENTION["z"] + ATTENTION["v"])
-    return flops / (ceilings.matmul_TFLOPs * 1e12) * 1e3
-
-
 def attention_rows(ceilings: Ceilings) -> list[Row]:
     """The Triton op and chapter 06's module (SDPA per chunk) in bf16, forward and forward+backward."""
     from megalodon_lite.attention import ChunkAttention  # noqa: PLC0415
@@ -184,7 +170,7 @@ def attention_rows(ceilings: Ceilings) -> list[Row]:
             module.beta.normal_(0, 0.5)
         gamma, beta = module.gamma, module.beta
         calls = {"triton": lambda: chunk_attention(z, v, gamma, beta, heads, c), "torch": lambda: module(z, v)[0]}
-        floor = attention_floor_ms(batch, length, ceilings)
+        floor = attention_floor_ms(batch, length, ceilings, heads=heads, chunk=c, z_head_dim=z_dim, v_head_dim=v_dim)
         for path, call in calls.items():
             with torch.no_grad():
                 fwd = bench_ms(call)

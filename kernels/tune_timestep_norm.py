@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # a shape that fails to compile is reported, not fatal
                 print(f"T={steps} C={channels} W={warps} {batch}x{length}: FAILED {err!r}", flush=True)
                 continue
-            floor = bench.scan_floor_ms(batch, length, ceilings)
+            floor = bench.scan_floor_ms(batch, length, bench.D_MODEL, ceilings)
             results.append(dict(steps=steps, channels=channels, warps=warps, B=batch, L=length, fwd_ms=fwd_ms,
                                 fwdbwd_ms=fwdbwd_ms, fwd_x_floor=fwd_ms / floor,
                                 fwdbwd_x_floor=fwdbwd_ms / (bench.BWD_OVER_FWD_SCAN * floor)))
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"float64 check failed: {err!r}", flush=True)
         try:
             graph_ms[f"{batch}x{length}"] = ms = time_kernels_only(batch, length)
-            floor = bench.scan_floor_ms(batch, length, ceilings)
+            floor = bench.scan_floor_ms(batch, length, bench.D_MODEL, ceilings)
             print(f"  fwd+bwd from a CUDA graph (no Python launch cost): {ms:.4f} ms "
                   f"({ms / (bench.BWD_OVER_FWD_SCAN * floor):.2f}x floor)", flush=True)
         except Exception as err:  # graph capture is a help, not the result

@@ -66,9 +66,12 @@ def smoke_setting(environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
 SMOKE, SMOKE_REASON = smoke_setting()
 """True when chapters should pick tiny sizes; and why (an environment variable, or the device)."""
 
-FIGURES_DIR = Path(__file__).resolve().parent.parent / "figures"
-RESULTS_DIRS = (Path(__file__).resolve().parent.parent / "kernels" / "results",   # a checkout
-                Path(__file__).resolve().parent / "_results")                    # an installed wheel
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout this package sits in (``chapters/``, ``kernels/``, ``figures/``); for an installed
+wheel, the ``site-packages`` folder, which has none of them."""
+FIGURES_DIR = REPOSITORY_ROOT / "figures"
+RESULTS_DIRS = (REPOSITORY_ROOT / "kernels" / "results",       # a checkout
+                Path(__file__).resolve().parent / "_results")  # an installed wheel
 
 
 def recorded(name: str) -> Path:
@@ -82,6 +85,18 @@ def recorded(name: str) -> Path:
         if (directory / name).is_file():
             return directory / name
     raise FileNotFoundError(f"no recorded result {name!r} in {' or '.join(str(d) for d in RESULTS_DIRS)}")
+
+
+def recorded_files(pattern: str) -> list[Path]:
+    """Every recorded measurement whose name matches the glob ``pattern`` (``"train_compare_*.json"``),
+    sorted by name; where the checkout and the installed copy both have a name, the checkout's.
+    Empty when none matches (a run not recorded yet)."""
+    found: dict[str, Path] = {}
+    for directory in RESULTS_DIRS:
+        for path in directory.glob(pattern):
+            if path.is_file():
+                found.setdefault(path.name, path)
+    return [found[name] for name in sorted(found)]
 
 
 def pick(smoke: T, full: T) -> T:
@@ -133,16 +148,24 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
     return statistics.median(times) if reduce == "median" else min(times)
 
 
-class NoCUDAError(RuntimeError):
-    """Raised by :func:`require_cuda` without a CUDA device: stops a reader's "Run All" calmly.
+class CalmStop(RuntimeError):
+    """An expected stop of a reader's "Run All", shown in Jupyter as its one-line message.
 
     IPython shows an exception through its ``_render_traceback_`` when it has one, so in Jupyter
-    this stops the run with its one-line message and no traceback (it is an expected stop, not a
+    this stops the run with its message and no traceback (it is an expected stop, not a
     failure). Anywhere else it is an ordinary ``RuntimeError``.
     """
 
     def _render_traceback_(self) -> list[str]:
         return [str(self)]
+
+
+class NoCUDAError(CalmStop):
+    """Raised by :func:`require_cuda` without a CUDA device: stops a reader's "Run All" calmly."""
+
+
+class NeedsCloneError(CalmStop):
+    """Raised by :func:`repository_script` where the package was installed without its repository."""
 
 
 NO_CUDA_MESSAGE = ("Stopped at the GPU section: this cell and the ones after it need a CUDA GPU "
@@ -160,6 +183,25 @@ def require_cuda() -> torch.device:
     if not torch.cuda.is_available():
         raise NoCUDAError(NO_CUDA_MESSAGE)
     return torch.device("cuda")
+
+
+def repository_script(relative_path: str) -> Path:
+    """A script of the repository (``"kernels/bench.py"``), for the gpu cells that run one.
+
+    The scripts that measure on a GPU live in the repository, not in the package, so a chapter
+    copied out of an installed wheel (``megalodon-lite chapters DIR``) cannot run them.
+
+    Raises:
+        NeedsCloneError: (a ``RuntimeError``, shown in Jupyter as one line without a traceback)
+            when this package is not inside a clone of the repository that has the script.
+    """
+    path = REPOSITORY_ROOT / relative_path
+    if not path.is_file():
+        raise NeedsCloneError(
+            f"This cell runs {relative_path}, a script of the megalodon-lite repository that the installed "
+            f"package does not include (it is not in {REPOSITORY_ROOT}): run the chapter from a clone of the "
+            "repository, installed there with pip install -e .")
+    return path
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -558,3 +558,15 @@ def megalodon_state(state: object, state_type: type, config: Any, batch_size: in
             raise ValueError(f"state does not fit this model: layer {i} caches {cached} tokens of an unfinished "
                              f"chunk, this model's chunk_size is {config.chunk_size}")
     norm_fits("the final norm", state.final_norm)
+
+
+# --------------------------------------------------------------------------------------------
+# floors of the benchmarks (ops.floors, ops.attention_floor)
+
+
+def floor_inputs(ceilings: Any, ceilings_type: type, rate: str, **sizes: object) -> None:
+    """``scan_floor_ms`` and ``attention_floor_ms``: positive int sizes, and a ``Ceilings`` whose
+    ``rate`` (``copy_TBps`` or ``matmul_TFLOPs``) is a positive number."""
+    positive_ints(**sizes)
+    instance("ceilings", ceilings, ceilings_type)
+    positive_number(f"ceilings.{rate}", getattr(ceilings, rate))

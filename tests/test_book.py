@@ -184,6 +184,27 @@ def test_first_code_cell_says_what_size_runs_where(chapter):
         f"{chapter.name}: describe_run(device) must follow device = pick_device(), found {after!r}")
 
 
+# What a CPU cell would need a clone for: importing the repository's scripts, or building a path into
+# its kernels/ or figures/ (an installed wheel has neither; it carries the recorded results).
+NEEDS_A_CLONE = re.compile(r"""^\s*(from\s+kernels[.\s]|import\s+kernels\b)|/\s*["'](kernels|figures)["']"""
+                           r"""|["'](kernels|figures)/|\bFIGURES_DIR\b|\bimread\(""", re.MULTILINE)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_cpu_cells_run_without_a_clone(chapter):
+    """A chapter copied out of an installed wheel (`megalodon-lite chapters DIR`) runs every CPU cell:
+    recorded results come through notebook.recorded / recorded_files (the wheel carries them), figures
+    are drawn, not read from figures/, and nothing is imported from kernels/ (gpu cells that run a
+    script find it through notebook.repository_script, which says when a clone is needed).
+    tests/test_install.py builds some of the chapters from a wheel; this covers every chapter cheaply."""
+    import jupytext
+
+    found = [(i, match.group(0).strip()) for i, c in enumerate(jupytext.read(chapter).cells)
+             if c.cell_type == "code" and "gpu" not in c.metadata.get("tags", [])
+             for match in NEEDS_A_CLONE.finditer(c.source)]
+    assert not found, f"{chapter.name}: CPU cells that need a clone of the repository (cell, code): {found}"
+
+
 def test_manifest_records_versions_and_status(tmp_path):
     import json
 

@@ -1,7 +1,13 @@
 """A student's set-up without a clone: build the wheel, install it into a fresh virtual environment,
-copy the chapters out of it, build one chapter of the book, write the student edition.
+copy the chapters out of it, build chapters of the book from them, write the student edition.
 
-Quick (~20 s on a 2-core machine) and offline: the wheel is built without build isolation when
+The chapters built are 01 and two of those that display recorded GPU results and check the
+package's own formulas (08: the scan floor and the figure of time over floor; 10: the training
+comparison), which must find everything they read in the installed package; a gpu cell that needs
+a script of the repository says so in one line. (09 and 11 build from a wheel too, for another
+~22 s; tests/test_book.py checks statically that no chapter's CPU cells need a clone.)
+
+About 55 s on a 2-core machine, and offline: the wheel is built without build isolation when
 this environment's setuptools can (else pip fetches one), and the fresh environment borrows this
 one's dependencies (torch, Jupyter, ...) through a ``.pth`` file (and ``JUPYTER_PATH`` for their
 data files) instead of installing them. A ``.pth`` file's paths come after the environment's own
@@ -12,6 +18,7 @@ megalodon_lite cannot shadow the installed wheel; the test checks that too.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +31,7 @@ import pytest
 pytestmark = pytest.mark.install
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILT = ["01", "08", "10"]  # smoke size, CPU: about 5 s, 14 s and 14 s
 SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "megalodon_lite", "chapters", "kernels"]
 
 
@@ -81,14 +89,23 @@ def test_wheel_installs_copies_chapters_and_builds_one(tmp_path: Path) -> None:
                   tmp_path, env)
     assert Path(shipped.strip()).is_relative_to(venv) and Path(shipped.strip()).parent.name == "_results"
 
-    # 3. The student's commands: copy the chapters out, build one of them, write the student edition.
+    # ... but not the repository's scripts: a gpu cell that runs one stops with one line saying why
+    stop = subprocess.run([str(python), "-c", "from megalodon_lite.notebook import repository_script; "
+                           "repository_script('kernels/bench.py')"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert stop.returncode != 0 and "NeedsCloneError: This cell runs kernels/bench.py" in stop.stderr, stop.stderr
+    assert "run the chapter from a clone of the repository" in stop.stderr
+
+    # 3. The student's commands: copy the chapters out, build some of them, write the student edition.
     command = venv / "bin" / "megalodon-lite"
     out = run([str(command), "chapters", "my-chapters"], tmp_path, env)
     copied = sorted(p.name for p in (tmp_path / "my-chapters").iterdir())
     assert copied == sorted([p.name for p in (REPO_ROOT / "chapters").glob("[0-9][0-9]_*.py")] + ["jupytext.toml"])
     assert "jupyter lab my-chapters" in out
-    out = run([str(command), "book", "--chapters", "my-chapters", "--only", "01", "--out", "site"], tmp_path, env)
-    assert "book: 1/1 chapters built" in out
+    out = run([str(command), "book", "--chapters", "my-chapters", "--only", *BUILT, "--out", "site"], tmp_path, env)
+    assert f"book: {len(BUILT)}/{len(BUILT)} chapters built" in out, out
+    manifest = json.loads((tmp_path / "site" / "manifest.json").read_text())
+    assert [(c["chapter"][:2], c["ok"]) for c in manifest["chapters"]] == [(n, True) for n in BUILT], manifest
     page = (tmp_path / "site" / "01_ema.html").read_text(encoding="utf-8")
     assert "<math" in page and 'href="index.html"' in page
     out = run([str(command), "book", "--student", "student", "--install-source", str(wheel)], tmp_path, env)

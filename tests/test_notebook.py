@@ -82,3 +82,24 @@ def test_recorded_finds_the_checkout_results_and_names_both_places_when_missing(
     assert recorded("nvidia_h200.json") == RESULTS_DIRS[0] / "nvidia_h200.json"
     with pytest.raises(FileNotFoundError, match="no recorded result 'absent.json' in .*kernels/results or .*_results"):
         recorded("absent.json")
+
+
+def test_recorded_files_match_a_pattern_and_prefer_the_checkout(tmp_path, monkeypatch):
+    checkout, installed = tmp_path / "checkout", tmp_path / "installed"
+    for folder, names in ((checkout, ["run_b.json", "other.txt"]), (installed, ["run_a.json", "run_b.json"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text(folder.name)
+    monkeypatch.setattr(notebook, "RESULTS_DIRS", (checkout, installed))
+    assert notebook.recorded_files("run_*.json") == [installed / "run_a.json", checkout / "run_b.json"]
+    assert notebook.recorded_files("absent_*.json") == []
+
+
+def test_repository_script_is_found_in_a_clone_and_stops_calmly_without_one(tmp_path, monkeypatch):
+    assert notebook.repository_script("kernels/bench.py") == notebook.REPOSITORY_ROOT / "kernels" / "bench.py"
+    monkeypatch.setattr(notebook, "REPOSITORY_ROOT", tmp_path)  # as in site-packages of an installed wheel
+    with pytest.raises(notebook.NeedsCloneError, match="runs kernels/bench.py, a script of the megalodon-lite "
+                                                       "repository .* run the chapter from a clone") as stop:
+        notebook.repository_script("kernels/bench.py")
+    assert isinstance(stop.value, RuntimeError)
+    assert stop.value._render_traceback_() == [str(stop.value)]  # one line in Jupyter, no traceback

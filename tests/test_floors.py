@@ -1,0 +1,128 @@
+"""The benchmark floors (megalodon_lite.ops.floors, chapter 08 Part 1.1; ops.attention_floor, chapter
+09 section 1): they reproduce every floor the committed benchmark runs recorded, kernels/bench.py
+computes with them, bad input is refused, and the figure of time over floor draws a results file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from megalodon_lite.notebook import recorded_files
+from megalodon_lite.ops.attention_floor import BWD_OVER_FWD_ATTENTION, attention_floor_ms
+from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, plot_time_over_floor, scan_floor_ms
+
+ROOT = Path(__file__).resolve().parents[1]
+SCAN_OPS = ("cema", "timestep_norm")
+
+
+def load_script(name: str):
+    """kernels/<name>.py as a module (registered while it runs: its dataclasses look themselves up)."""
+    spec = importlib.util.spec_from_file_location(f"kernels_{name}", ROOT / "kernels" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench")
+
+
+def benchmark_runs() -> list[dict]:
+    """Every committed results file of kernels/bench.py's schema (a header with the ceilings, and rows)."""
+    runs = [json.loads(path.read_text()) for path in recorded_files("*.json")]
+    return [run for run in runs if isinstance(run, dict) and {"copy_TBps", "matmul_TFLOPs", "rows"} <= set(run)]
+
+
+def test_the_committed_runs_are_found():
+    ops = {row["op"] for run in benchmark_runs() for row in run["rows"]}
+    assert {*SCAN_OPS, "attention"} <= ops, ops
+
+
+@pytest.mark.parametrize("run", benchmark_runs(), ids=lambda run: run["command"])
+def test_scan_floors_reproduce_every_recorded_row(run, bench):
+    ceilings = Ceilings(copy_TBps=run["copy_TBps"], matmul_TFLOPs=run["matmul_TFLOPs"])
+    assert run["shapes"]["D"] == bench.D_MODEL
+    for row in (r for r in run["rows"] if r["op"] in SCAN_OPS):
+        floor = scan_floor_ms(row["B"], row["L"], run["shapes"]["D"], ceilings)
+        assert math.isclose(row["floor_fwd_ms"], floor, rel_tol=1e-12, abs_tol=0.0), row
+        assert math.isclose(row["floor_fwdbwd_ms"], BWD_OVER_FWD_SCAN * floor, rel_tol=1e-12, abs_tol=0.0), row
+
+
+@pytest.mark.parametrize("run", benchmark_runs(), ids=lambda run: run["command"])
+def test_attention_floors_reproduce_every_recorded_row(run, bench):
+    ceilings = Ceilings(copy_TBps=run["copy_TBps"], matmul_TFLOPs=run["matmul_TFLOPs"])
+    shapes = {"heads": bench.ATTENTION["H"], "chunk": bench.ATTENTION["c"], "z_head_dim": bench.ATTENTION["z"],
+              "v_head_dim": bench.ATTENTION["v"]}
+    for row in (r for r in run["rows"] if r["op"] == "attention"):
+        floor = attention_floor_ms(row["B"], row["L"], ceilings, **shapes)
+        assert math.isclose(row["floor_fwd_ms"], floor, rel_tol=1e-12, abs_tol=0.0), row
+        assert math.isclose(row["floor_fwdbwd_ms"], BWD_OVER_FWD_ATTENTION * floor, rel_tol=1e-12, abs_tol=0.0), row
+
+
+def test_bench_uses_the_package_floors(bench):
+    assert bench.scan_floor_ms is scan_floor_ms and bench.Ceilings is Ceilings
+    assert bench.attention_floor_ms is attention_floor_ms
+    ratios = (bench.BWD_OVER_FWD_SCAN, bench.BWD_OVER_FWD_ATTENTION)
+    assert ratios == (BWD_OVER_FWD_SCAN, BWD_OVER_FWD_ATTENTION) == (2.5, 3.5)
+
+
+def test_scan_floor_is_the_bytes_of_x_and_y_at_the_bandwidth():
+    # 1 x 1000 x 500 bf16: x and y are 2 * 1e6 bytes, at 1e12 bytes/s that is 2e-6 s = 2e-3 ms
+    assert scan_floor_ms(1, 1000, 500, Ceilings(copy_TBps=1.0, matmul_TFLOPs=1.0)) == pytest.approx(2e-3, rel=1e-15)
+    assert scan_floor_ms(1, 1000, 500, Ceilings(2.0, 1.0), bytes_per_element=4) == pytest.approx(2e-3, rel=1e-15)
+
+
+def test_attention_floor_is_the_causal_pairs_flops_at_the_matmul_rate():
+    # 2 chunks of 3 tokens: 2 * 6 pairs, each 2 (z + v) = 2 * 10 FLOPs, twice (B = 2): 480 FLOPs at 1e12/s
+    floor = attention_floor_ms(2, 6, Ceilings(1.0, 1.0), heads=1, chunk=3, z_head_dim=4, v_head_dim=6)
+    assert floor == pytest.approx(480 / 1e12 * 1e3, rel=1e-15)
+    assert attention_floor_ms(1, 6, Ceilings(1.0, 1.0), heads=2, chunk=3, z_head_dim=4, v_head_dim=6) == floor
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((0, 8, 8, Ceilings(1.0, 1.0)), ValueError, "batch must be a positive int"),
+    ((1, 8.0, 8, Ceilings(1.0, 1.0)), ValueError, "length must be a positive int"),
+    ((1, 8, 8, Ceilings(1.0, 1.0), 0), ValueError, "bytes_per_element must be a positive int"),
+    ((1, 8, 8, {"copy_TBps": 1.0}), TypeError, "ceilings must be a Ceilings, got dict"),
+    ((1, 8, 8, Ceilings(0.0, 1.0)), ValueError, "ceilings.copy_TBps must be positive"),
+])
+def test_scan_floor_refuses_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        scan_floor_ms(*args)
+
+
+def test_the_figure_of_time_over_floor_draws_a_results_file(tmp_path):
+    import matplotlib.pyplot as plt
+
+    (run,) = [r for r in benchmark_runs() if "--figure" in r["command"]]  # the run figures/08_scan_kernels.png shows
+    fig = plot_time_over_floor(run)
+    series = {(row["op"], row["path"]) for row in run["rows"]}
+    assert [len(ax.get_lines()) for ax in fig.axes] == [len(series) + 2] * 2  # a line per series, floor, target
+    plt.close(fig)
+    plot = load_script("plot")
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert plot.plot_results(tmp_path / "run.json", directory=tmp_path) == tmp_path / "08_scan_kernels.png"
+    with pytest.raises(ValueError, match="no rows"):
+        plot_time_over_floor({**run, "rows": []})
+
+
+@pytest.mark.parametrize("length, shapes, error, message", [
+    (100, {"heads": 1, "chunk": 64, "z_head_dim": 8, "v_head_dim": 8}, ValueError,
+     "chunk must be a positive int dividing length=100"),
+    (128, {"heads": 0, "chunk": 64, "z_head_dim": 8, "v_head_dim": 8}, ValueError, "heads must be a positive int"),
+])
+def test_attention_floor_refuses_bad_input(length, shapes, error, message):
+    with pytest.raises(error, match=message):
+        attention_floor_ms(1, length, Ceilings(1.0, 1.0), **shapes)
+    with pytest.raises(ValueError, match="ceilings.matmul_TFLOPs must be positive"):
+        attention_floor_ms(1, 128, Ceilings(1.0, -1.0), heads=1, chunk=64, z_head_dim=8, v_head_dim=8)
