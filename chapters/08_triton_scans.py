@@ -10,10 +10,10 @@
 # # 08 · Triton kernels for the scans: CEMA and TimestepNorm
 #
 # Chapters 04 and 05 wrote CEMA and timestep normalisation in plain PyTorch: correct against
-# float64 references, and slow. Issue 8 of this book measured on one H200 (bf16, 52M parameters,
-# 32,768 tokens per step, 2026-11-30) that the model trained at 0.16–0.22× the speed of a
-# Llama-style transformer of the same size, where the paper reports Megalodon about as fast at 4K
-# and faster at 32K. Attention is one reason (chapter 09); these two ops are the other two.
+# float64 references, and slow: the first cell below shows them on a GPU at tens to a thousand
+# times the least time the hardware allows. The paper reports Megalodon about as fast as a Llama
+# of the same size at 4K tokens of context and faster at 32K; that needs these two ops, and chapter
+# 06's attention (chapter 09), close to what the hardware allows.
 #
 # Both are *scans*: per token a little arithmetic on a state carried along the sequence. However
 # it is computed, a scan must read its input once and write its output once, so the time to move

@@ -1254,7 +1254,7 @@ else:
 # Then the whole operation, and the PyTorch path beside it:
 
 # %%
-OFFICIAL_H100_MS = {"fwd": 0.97, "fwdbwd": 2.87}  # the official CUDA kernels on one H100 (issue 9's measurement)
+OFFICIAL_H100_MS = {"fwd": 0.97, "fwdbwd": 2.87}  # the official CUDA kernels on one H100, as reported to this project
 if results:
     print(f"{results['device']}, torch {results['torch']}, triton {results['triton']}, {results['date']}; "
           f"measured ceilings {results['matmul_TFLOPs']:.0f} TFLOP/s, {results['copy_TBps']:.2f} TB/s")
@@ -1384,10 +1384,10 @@ if results:
 #   gradient, with poisoned buffers, under the Triton interpreter on a CPU.
 # - `chunk_attention` is a custom op with autograd; `unsupported_reason` is the rule for the cases
 #   left to PyTorch (float64, dropout, streaming steps with a cache).
-# - On an H200 (section 6), forward+backward runs 11-12 times faster than chapter 06's PyTorch
-#   path, at 1.85-1.87 times the compute floor: it misses the issue's targets (1.7 times the floor,
-#   and the official CUDA kernels' 2.87 ms on an H100, by 2 %), with the reasons and the next steps
-#   measured kernel by kernel.
+# - On an H200 (section 6), forward+backward runs about an order of magnitude faster than chapter
+#   06's PyTorch path and just misses both of this book's targets (1.7 times the compute floor, and
+#   the official CUDA kernels' 2.87 ms on an H100): section 6 prints by how much, with the reasons
+#   and the next steps measured kernel by kernel.
 
 # %% [markdown]
 # ## Exercises
