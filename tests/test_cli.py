@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,16 +18,6 @@ from megalodon_lite.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--context", "32", "--batch-size", "2", "--eval-windows", "2", "--sample-tokens", "0"]
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    words = ["def", "return", "self", "value", "(", ")", ":", "import", "class", "for", "in", "\n    "]
-    for i in range(24):
-        (folder / f"file_{i:02d}.py").write_text(" ".join(rng.choice(words) for _ in range(200 + 30 * i)))
-    return folder
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

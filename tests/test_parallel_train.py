@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -41,16 +40,6 @@ from megalodon_lite.train import Trainer, TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 2e-6  # see the module docstring
 STEPS = 20   # of a schedule planned for 40 (--stop-after), so that Ctrl-C lands before the end
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("text")
-    rng = random.Random(0)
-    words = ["def", "return", "self", "value", "(", ")", ":", "import", "class", "for", "in", "\n    "]
-    for i in range(24):
-        (folder / f"file_{i:02d}.py").write_text(" ".join(rng.choice(words) for _ in range(200 + 30 * i)))
-    return folder
 
 
 def options(text: Path, batch_size: int = 2) -> list[str]:
