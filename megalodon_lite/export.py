@@ -33,7 +33,8 @@ _RESERVED_MODULES = {"__init__", "__main__", "export", "book", "notebook", "chec
                      "cli", "commands", "parallel_train", "validate", "official", "chapters", "book_html",
                      "student", "exercises"}
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
-_NUMBERED = re.compile(r"^(\d+)\s*[.·]\s*(.+)$")  # "3 · The chunked form", "3. The chunked form"
+# "3 · The chunked form", "3. The chunked form", "1.3 The module" (a number, then "." or "·", or a dotted number)
+_NUMBERED = re.compile(r"^(\d+(?:\.\d+)+|\d+(?=\s*[.·]))\.?\s*(?:·\s*)?(.+)$")
 
 
 class ExportError(Exception):

@@ -213,6 +213,9 @@ C = 3
 @pytest.mark.parametrize("markdown, title", [
     ("## 3 · The chunked form", "§3 The chunked form"),
     ("## 2. Cumulative group statistics\nprose", "§2 Cumulative group statistics"),
+    ("### 1.3 The module, its tile sizes", "§1.3 The module, its tile sizes"),
+    ("### 2.1. Tiles", "§2.1 Tiles"),
+    ("## 2026 in numbers", "2026 in numbers"),
     ("## The parameterisation\n### Detail", "Detail"),
     ("no heading here", None),
 ])

@@ -125,7 +125,7 @@ def _layout(z: Tensor, num_heads: int, chunk_size: int, tiles: AttentionTiles) -
     n_chunks = triton.cdiv(length, chunk_size)
     return n_chunks, batch * num_heads * n_chunks, span, tiles
 
-# %% chapters/09_triton_attention.py cell 20 · §3 1 Normalisation, affine and RoPE in one pass: the prologue
+# %% chapters/09_triton_attention.py cell 20 · §3.1 Normalisation, affine and RoPE in one pass: the prologue
 @triton.jit
 def _normalized_rows(z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps,
                      H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
@@ -173,7 +173,7 @@ def _qk_prologue_kernel(z_ptr, gamma_ptr, beta_ptr, cos_ptr, sin_ptr, q_ptr, k_p
         else:
             tl.store(k_ptr + offs, rotated.to(k_ptr.dtype.element_ty), mask=mask)
 
-# %% chapters/09_triton_attention.py cell 22 · §3 1 Normalisation, affine and RoPE in one pass: the prologue
+# %% chapters/09_triton_attention.py cell 22 · §3.1 Normalisation, affine and RoPE in one pass: the prologue
 @functools.lru_cache(maxsize=16)
 def _rope_tables(span: int, dz: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos, sin (span, dz/2) of the angles p * base**(-2i/dz): float64, then float32 (as chapter 06)."""
@@ -189,7 +189,7 @@ def _launch_prologue(z, gamma, beta, tables, q, k, num_heads, chunk_size, eps, t
     _qk_prologue_kernel[grid](z, gamma, beta, *tables, q, k, batch * length, length, chunk_size, eps,
                               H=num_heads, DZ=dz, BLOCK_DZ=_pow2(dz, 2), BLOCK_T=tiles.prologue_tokens)
 
-# %% chapters/09_triton_attention.py cell 26 · §3 2 The softmax kernel: log-sum-exp, then $P$
+# %% chapters/09_triton_attention.py cell 26 · §3.2 The softmax kernel: log-sum-exp, then $P$
 @triton.jit
 def _chunk_of(g, length, chunk_size, n_chunks, H: tl.constexpr):
     """Head, first token (flat over B*L) and length of chunk g = (b * H + h) * n_chunks + index."""
@@ -235,7 +235,7 @@ def _softmax_kernel(q_ptr, k_ptr, p_ptr, lse_ptr, length, chunk_size, n_chunks, 
             valid = (cols[None, :] <= rows[:, None]) & (rows < chunk_len)[:, None]
             tl.store(p_rows + cols[None, :], tl.where(valid, tl.exp(s - lse[:, None]), 0.0).to(p_ptr.dtype.element_ty))
 
-# %% chapters/09_triton_attention.py cell 27 · §3 2 The softmax kernel: log-sum-exp, then $P$
+# %% chapters/09_triton_attention.py cell 27 · §3.2 The softmax kernel: log-sum-exp, then $P$
 def _launch_softmax(q, k, p, lse, num_heads, chunk_size, tiles):
     batch, length, z_dim = q.shape
     span = p.shape[1]
@@ -245,7 +245,7 @@ def _launch_softmax(q, k, p, lse, num_heads, chunk_size, tiles):
         BLOCK_N=tiles.softmax_n, PRECISION=_precision(q.dtype), num_warps=tiles.softmax_warps,
         num_stages=tiles.softmax_stages)
 
-# %% chapters/09_triton_attention.py cell 31 · §3 3 One triangular matmul for $O$, $dV$, $dQ$ and $dK$
+# %% chapters/09_triton_attention.py cell 31 · §3.3 One triangular matmul for $O$, $dV$, $dQ$ and $dK$
 @triton.jit
 def _tri_matmul_kernel(a_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, n_col_tiles,
                        H: tl.constexpr, N: tl.constexpr, TRANS_A: tl.constexpr, TILE: tl.constexpr,
@@ -284,7 +284,7 @@ def _tri_matmul_kernel(a_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, 
         tl.store(c_ptr + ((tok + rows) * H + h)[:, None] * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=(rows < chunk_len)[:, None] & (cols < N)[None, :])
 
-# %% chapters/09_triton_attention.py cell 32 · §3 3 One triangular matmul for $O$, $dV$, $dQ$ and $dK$
+# %% chapters/09_triton_attention.py cell 32 · §3.3 One triangular matmul for $O$, $dV$, $dQ$ and $dK$
 def _launch_tri_matmul(a, x, out, num_heads, chunk_size, transpose, block_n, tiles):
     """out (B, L, H*N) = A X (or A^T X) chunk by chunk, for A (G, span, span) from the scores kernels."""
     batch, length, width = x.shape
@@ -297,7 +297,7 @@ def _launch_tri_matmul(a, x, out, num_heads, chunk_size, transpose, block_n, til
         PRECISION=_precision(x.dtype), num_warps=tiles.mm_warps, num_stages=tiles.mm_stages)
     return out
 
-# %% chapters/09_triton_attention.py cell 36 · §3 4 The backward: score gradients, then back through RoPE and the norm
+# %% chapters/09_triton_attention.py cell 36 · §3.4 The backward: score gradients, then back through RoPE and the norm
 @triton.jit
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, n_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_V: tl.constexpr):
@@ -352,7 +352,7 @@ def _score_grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, p_ptr, d
         tl.store(p_ptr + out, p.to(p_ptr.dtype.element_ty))
         tl.store(ds_ptr + out, (p * (dp - delta[:, None])).to(ds_ptr.dtype.element_ty))
 
-# %% chapters/09_triton_attention.py cell 37 · §3 4 The backward: score gradients, then back through RoPE and the norm
+# %% chapters/09_triton_attention.py cell 37 · §3.4 The backward: score gradients, then back through RoPE and the norm
 def _launch_delta(o, grad_out, delta, num_heads):
     width = o.shape[-1] // num_heads
     _delta_kernel[(triton.cdiv(delta.numel(), 16),)](o, grad_out, delta, delta.numel(), DV=width, BLOCK_R=16,
@@ -368,7 +368,7 @@ def _launch_score_grad(q, k, v, do, lse, delta, p, ds, num_heads, chunk_size, ti
         BLOCK_D=min(tiles.grad_d, _pow2(dz)), BLOCK_V=min(tiles.grad_v, _pow2(dv)), PRECISION=_precision(q.dtype),
         num_warps=tiles.grad_warps, num_stages=tiles.grad_stages)
 
-# %% chapters/09_triton_attention.py cell 41 · §3 4 The backward: score gradients, then back through RoPE and the norm
+# %% chapters/09_triton_attention.py cell 41 · §3.4 The backward: score gradients, then back through RoPE and the norm
 @triton.jit
 def _affine_rope_grad(grad_ptr, zh, cos, sin, offs, mask, which, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
                       H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
@@ -403,7 +403,7 @@ def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_p
     mean_dot = tl.sum(dzh * zh, 1) / DZ  # RMSNorm backward: dz = rstd (dzh - zh mean(dzh zh))
     tl.store(dz_ptr + offs, (rstd[:, None] * (dzh - zh * mean_dot[:, None])).to(dz_ptr.dtype.element_ty), mask=mask)
 
-# %% chapters/09_triton_attention.py cell 42 · §3 4 The backward: score gradients, then back through RoPE and the norm
+# %% chapters/09_triton_attention.py cell 42 · §3.4 The backward: score gradients, then back through RoPE and the norm
 def _launch_epilogue(z, gamma, tables, dq, dk, dz, dgamma_parts, dbeta_parts, num_heads, chunk_size, eps, tiles):
     batch, length, z_dim = z.shape
     d = z_dim // num_heads
@@ -411,7 +411,7 @@ def _launch_epilogue(z, gamma, tables, dq, dk, dz, dgamma_parts, dbeta_parts, nu
         z, gamma, *tables, dq, dk, dz, dgamma_parts, dbeta_parts, batch * length, length, chunk_size, eps,
         H=num_heads, DZ=d, BLOCK_DZ=_pow2(d, 2), BLOCK_T=tiles.prologue_tokens)
 
-# %% chapters/09_triton_attention.py cell 46 · §3 5 The forward and backward launchers
+# %% chapters/09_triton_attention.py cell 46 · §3.5 The forward and backward launchers
 def chunk_attention_forward(z: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, num_heads: int, chunk_size: int,
                             eps: float = NORM_EPS, rope_base: float = 10000.0, *,
                             tiles: AttentionTiles | None = None, poison: bool = False
@@ -470,7 +470,7 @@ def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, 
                      chunk_size, eps, tiles)
     return dz, dv, dgamma.sum(0).to(gamma.dtype), dbeta.sum(0).to(gamma.dtype)
 
-# %% chapters/09_triton_attention.py cell 48 · §3 6 Autograd, a custom op, and the public function
+# %% chapters/09_triton_attention.py cell 48 · §3.6 Autograd, a custom op, and the public function
 @torch.library.custom_op("megalodon_lite::chunk_attention_fwd", mutates_args=())
 def _forward_op(z: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, num_heads: int, chunk_size: int, eps: float,
                 rope_base: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -514,7 +514,7 @@ class ChunkAttentionFunction(torch.autograd.Function):
                                                                              *ctx.args)
         return dz, dv, dgamma, dbeta, None, None, None, None
 
-# %% chapters/09_triton_attention.py cell 50 · §3 6 Autograd, a custom op, and the public function
+# %% chapters/09_triton_attention.py cell 50 · §3.6 Autograd, a custom op, and the public function
 def unsupported_reason(z: Tensor, num_heads: int, *, cached_tokens: int = 0, dropout_p: float = 0.0) -> str:
     """Why the kernels do not cover this call ("" when they do): the rule for falling back to PyTorch.
 
