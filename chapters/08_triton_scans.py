@@ -210,8 +210,10 @@ def draw_blocks(chunk: int = 8, blocks_per_segment: int = 4, segments: int = 3, 
         ax.text((s + 0.5) * blocks_per_segment * chunk, -0.45, f"segment {s}: a stream", ha="center", fontsize=8)
         ax.text((s + 1) * blocks_per_segment * chunk - 1, 0.5, f"$e_{s}$", ha="right", va="center", fontsize=9)
     ax.text(0.5 * chunk, 1.75, "H carried block to block (registers)", fontsize=8)
+    # straight down from the segment boundary, through the gap between the segment labels
     ax.annotate("start of segment s: $H \\leftarrow q^S H + p\\, e_{s-1}$", xy=(blocks_per_segment * chunk, 0),
-                xytext=(blocks_per_segment * chunk * 1.2, -1.2), fontsize=8, arrowprops=dict(arrowstyle="->", lw=0.8))
+                xytext=(blocks_per_segment * chunk, -1.25), ha="center", fontsize=8,
+                arrowprops=dict(arrowstyle="->", lw=0.8))
     ax.set(xlim=(-2, segments * blocks_per_segment * chunk + 2), ylim=(-1.6, 2.2),
            title=f"one row: segments of {blocks_per_segment} blocks of C = {chunk} tokens")
     ax.axis("off")
@@ -417,6 +419,13 @@ def _pairs_to_complex(t, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
 def _complex_to_pairs(re, im, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
     return tl.reshape(tl.join(re, im), (BD, SB, 2 * NP))
 
+# %% [markdown]
+# **Tables and states in memory.** A per-channel table is read as a $(B_D, C, 2N_P)$ matmul
+# operand (`_load_map`), or one row of per-state scalars at a time (`_load_step`, from the step
+# table of §1.5); a state is a (real, imaginary) pair of $(B_D, S_B, N_P)$ tensors, gathered from
+# and scattered to an `(index, D, N, 2)` tensor whose index is a batch row or a stream. $N_P$ is
+# the state count padded to a power of two (§1.5).
+
 # %% tags=["export:ops.cema"]
 @triton.jit
 def _load_map(ptr, d, dmask, row_shift, C: tl.constexpr, NP: tl.constexpr, D_STRIDE: tl.constexpr):
@@ -455,14 +464,6 @@ def _load_state(ptr, index, batch_row, B, D, N, d, dmask, NP: tl.constexpr):
 
 
 @triton.jit
-def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
-                FLIP: tl.constexpr):
-    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_pair(ptrs, re, im, mask):
     tl.store(ptrs, re, mask=mask)
     tl.store(ptrs + 1, im, mask=mask)
@@ -487,7 +488,14 @@ def _store_states(ptr, index, live, re, im, D, N, d, dmask, NP: tl.constexpr):
     offs, mask = _state_offsets(index, live, D, N, d, dmask, NP)
     _store_pair(ptr + offs, re, im, mask)
 
+# %% [markdown]
+# **Token blocks.** A block of every stream is a $(B_D, S_B, C)$ tile: `_block_offsets` gives its
+# element offsets and the mask of real tokens. `REVERSE` reads the row backwards in time (the
+# adjoint scan of §1.7), `FLIP` reads the block last token first (kernels 1 and 3), and `shift`
+# moves every token by that many places (the final state of §1.6 reads the last block moved
+# $C - r$ places to the right).
 
+# %% tags=["export:ops.cema"]
 @triton.jit
 def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
                    FLIP: tl.constexpr, shift=0):
@@ -507,6 +515,14 @@ def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS
     offs = row.to(tl.int64)[None, :, None] * L * D + pos.to(tl.int64)[None, :, :] * D + d[:, None, None]
     inside = (tok < L) & (row < B)[:, None] & ((cj >= 0) & (cj < C) & (blk * C + cj < SEG_TOKENS))[None, :]
     return offs, inside[None, :, :] & dmask[:, None, None]
+
+
+@triton.jit
+def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
+                FLIP: tl.constexpr):
+    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
+    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
 
 # %% [markdown]
 # ### 1.5 Per-channel tables
@@ -529,7 +545,6 @@ def _padded_states(n_states: int) -> int:
 
 
 STEP_A, STEP_AR1, STEP_AR, STEP_P, STEP_BETA, STEP_Q, STEP_QL1, STEP_ROWS = (tl.constexpr(i) for i in range(8))
-TWO_PI = tl.constexpr(2 * math.pi)
 
 
 @dataclass
@@ -550,6 +565,16 @@ class CemaTables:
     u: Tensor
     v: Tensor
     step: Tensor
+
+# %% [markdown]
+# One launch fills every table, eight channels per program; `build_tables` allocates them and
+# launches it. The same kernel builds the backward's adjoint tables (§1.7), where the input and
+# output coefficients trade places: tokens enter the state through $\beta$ ($p$ forward,
+# $q\gamma$ adjoint) and leave it through $c$ ($\gamma$ forward, $p$ adjoint), and $V$ holds
+# $c\,q^{i+1}$ forward, $c\,q^{i}$ adjoint.
+
+# %% tags=["export:ops.cema"]
+TWO_PI = tl.constexpr(2 * math.pi)
 
 
 @triton.jit

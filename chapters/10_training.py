@@ -527,9 +527,12 @@ from megalodon_lite.config import MegalodonConfig
 from megalodon_lite import validate
 from megalodon_lite.model import MegalodonLM, embedding_init_, sample_next_token
 
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# %% [markdown]
+# `LlamaConfig` holds the baseline's shapes, checked when it is built (a head must have an even
+# number of channels: RoPE rotates pairs), with `MegalodonConfig`'s `to_dict`, `from_dict`,
+# `replace` and `differences`, so that a checkpoint (chapter 07) saves and loads either model alike.
 
-
+# %% tags=["export:baseline"]
 @dataclass(frozen=True)
 class LlamaConfig:
     """Shapes of the Llama-style baseline (validated on construction).
@@ -598,6 +601,9 @@ class LlamaConfig:
 # (`causal_lower_right`) that the fused kernels understand, and a single new token needs no mask.
 
 # %% tags=["export:baseline"]
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention (scale 1/sqrt(d)), queries at the last ``Lq`` of ``Lk`` positions.
 
@@ -615,7 +621,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # %% [markdown]
 # The cache keeps preallocated buffers and writes each new piece in place: appending by
 # concatenation would copy the whole cache at every generated token, which at 128K tokens is
-# gigabytes per token. A block takes the cache and the position where its input starts.
+# gigabytes per token.
 
 # %% tags=["export:baseline"]
 @dataclass
@@ -664,7 +670,13 @@ class KVCache:
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[layer] = new
 
+# %% [markdown]
+# A block computes the two equations at the top of this section. It takes the cache and the
+# position where its input starts: the rotary embedding turns positions into angles, and with a
+# cache the block writes its new keys and values there and its queries attend to every key up
+# to their own position.
 
+# %% tags=["export:baseline"]
 class LlamaBlock(nn.Module):
     """Pre-norm block: ``h = x + Attn(RMSNorm(x))``, ``out = h + SwiGLU(RMSNorm(h))``. x (B, L, D)."""
 
@@ -901,10 +913,6 @@ for name in ("tiny", "small", "mega200M"):
 # hundreds of thousands of steps, so our default warmup is 5% of the run. Weight decay on every
 # parameter is harmless here because every norm scale — Megalodon's and the baseline's — is stored
 # as 0 and applied as $1 + w$: decay pulls it towards the plain normalisation.
-#
-# `TrainConfig` holds every setting that decides the numbers of a run, so that a resumed run can
-# check it is continuing the same one. The model is a preset of chapter 07 with the byte
-# vocabulary, or the baseline matched to it.
 
 # %% tags=["export:train"]
 """Training a byte-level language model: the official optimizer recipe scaled down, a step that
@@ -943,7 +951,12 @@ from megalodon_lite.model import MegalodonLM, sample_next_token
 
 MODEL_KINDS = ("megalodon", "llama")
 
+# %% [markdown]
+# `TrainConfig` holds every setting that decides the numbers of a run, so that a resumed run can
+# check it is continuing the same one. The model is a preset of chapter 07 with the byte
+# vocabulary, or the baseline matched to it.
 
+# %% tags=["export:train"]
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides the numbers of a training run (a resumed run must match it).

@@ -106,10 +106,9 @@ assert error < 1e-10  # float64: only the order of the sums differs
 
 # %% [markdown]
 # So a rank that receives, for every layer, the norm statistics and the CEMA state at its
-# segment's start can compute its logits without any other communication. Segments must start
-# on chunk boundaries; the *last* segment may end anywhere (inside a chunk), and segments may
-# have different numbers of chunks. `split_sequence` makes such a split, as even as whole chunks
-# allow, and `check_segments` refuses a split that would cut a chunk between two ranks.
+# segment's start can compute its logits without any other communication. The cells tagged
+# `export:parallel` below build that into `megalodon_lite/parallel.py`; its docstring is the
+# chapter in brief.
 
 # %% tags=["export:parallel"]
 """Chunk (sequence) parallelism for :class:`~megalodon_lite.model.MegalodonLM` (Megalodon §3.5).
@@ -154,11 +153,13 @@ from megalodon_lite.timestep_norm import TimestepNormState, group_moments, stati
 
 SCHEMES = ("chain", "allgather")
 
+# %% [markdown]
+# Segments must start on chunk boundaries; the *last* segment may end anywhere (inside a chunk),
+# and segments may have different numbers of chunks. `split_sequence` makes such a split, as even
+# as whole chunks allow, and `check_segments` refuses a split that would cut a chunk between two
+# ranks.
 
-class ChunkParallelError(RuntimeError):
-    """A rank could not exchange state with the others: a peer died, hung past the timeout or never joined."""
-
-
+# %% tags=["export:parallel"]
 def split_sequence(length: int, world_size: int, chunk_size: int) -> list[int]:
     """Segment lengths for ``world_size`` ranks: whole chunks, as evenly as possible.
 
@@ -232,6 +233,10 @@ except ValueError as err:
 # that error instead of a hang.
 
 # %% tags=["export:parallel"]
+class ChunkParallelError(RuntimeError):
+    """A rank could not exchange state with the others: a peer died, hung past the timeout or never joined."""
+
+
 def _failure(what: str, group: dist.ProcessGroup, err: BaseException) -> ChunkParallelError:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     return ChunkParallelError(f"chunk parallel, rank {rank} of {size}: {what} failed (a peer died, hung past the "
@@ -623,8 +628,9 @@ class AllGatherExchange:
 # `(batch, length)`, which checks the split on every rank alike (so all ranks raise the same error
 # rather than some of them waiting).
 #
-# The wrapper also broadcasts rank 0's parameters to the group when it is built, as
-# `DistributedDataParallel` does, so every rank starts from the same model.
+# A pre-hook registered `with_kwargs=True` sees the call's positional and keyword arguments and
+# may return new ones. The state is the second argument of both `timenorm(x, state)` and
+# `cema(X, h0)`, passed by position or by name, so the hooks replace it wherever it is:
 
 # %% tags=["export:parallel"]
 def _replace_argument(args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
@@ -633,7 +639,11 @@ def _replace_argument(args: tuple, kwargs: dict, name: str, value: Any) -> tuple
         return (args[0], value, *args[2:]), kwargs
     return args, {**kwargs, name: value}
 
+# %% [markdown]
+# The wrapper also broadcasts rank 0's parameters to the group when it is built, as
+# `DistributedDataParallel` does, so every rank starts from the same model.
 
+# %% tags=["export:parallel"]
 class ChunkParallelLM(nn.Module):
     """A MegalodonLM over one segment of a sequence split across the ranks of ``group``.
 
@@ -897,7 +907,13 @@ def _run_rank(fn: Callable[..., Any], rank: int, world_size: int, port: int, arg
             dist.destroy_process_group()
     results.put(outcome)
 
+# %% [markdown]
+# The parent starts the processes with the `spawn` method (a fresh interpreter each, as
+# `torchrun` gives), then collects outcomes until every rank has reported, every process has
+# exited, or the deadline has passed; whatever is still running then is terminated, and a rank
+# that left no result is reported as such.
 
+# %% tags=["export:launch"]
 def spawn_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
                 threads: int = 1) -> list[RankOutcome]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes, as torchrun would on one machine.

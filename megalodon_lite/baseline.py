@@ -28,9 +28,7 @@ from megalodon_lite.config import MegalodonConfig
 from megalodon_lite import validate
 from megalodon_lite.model import MegalodonLM, embedding_init_, sample_next_token
 
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
+# %% chapters/10_training.py cell 21 · §4 The baseline: a Llama-style decoder
 @dataclass(frozen=True)
 class LlamaConfig:
     """Shapes of the Llama-style baseline (validated on construction).
@@ -91,7 +89,10 @@ class LlamaConfig:
     def differences(self, other: LlamaConfig) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
-# %% chapters/10_training.py cell 21 · §4 The baseline: a Llama-style decoder
+# %% chapters/10_training.py cell 23 · §4 The baseline: a Llama-style decoder
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention (scale 1/sqrt(d)), queries at the last ``Lq`` of ``Lk`` positions.
 
@@ -106,7 +107,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_queries, n_keys))
 
-# %% chapters/10_training.py cell 23 · §4 The baseline: a Llama-style decoder
+# %% chapters/10_training.py cell 25 · §4 The baseline: a Llama-style decoder
 @dataclass
 class KVCache:
     """The keys (after RoPE) and values of every token read so far.
@@ -153,7 +154,7 @@ class KVCache:
                 new[:, :, :self.length] = old[:, :, :self.length]
                 buffers[layer] = new
 
-
+# %% chapters/10_training.py cell 27 · §4 The baseline: a Llama-style decoder
 class LlamaBlock(nn.Module):
     """Pre-norm block: ``h = x + Attn(RMSNorm(x))``, ``out = h + SwiGLU(RMSNorm(h))``. x (B, L, D)."""
 
@@ -190,7 +191,7 @@ class LlamaBlock(nn.Module):
         u = self.ffn_norm(h)
         return h + self.w2(F.silu(self.w1(u)) * self.w3(u)), k, v
 
-# %% chapters/10_training.py cell 25 · §4 The baseline: a Llama-style decoder
+# %% chapters/10_training.py cell 29 · §4 The baseline: a Llama-style decoder
 class LlamaLM(nn.Module):
     """Llama-style language model: embedding -> blocks -> RMSNorm -> head.
 
@@ -272,7 +273,7 @@ class LlamaLM(nn.Module):
             return prompt.new_zeros((prompt.shape[0], 0), dtype=torch.int64)
         return torch.stack(new_tokens, dim=1)
 
-# %% chapters/10_training.py cell 29 · §4 The baseline: a Llama-style decoder
+# %% chapters/10_training.py cell 33 · §4 The baseline: a Llama-style decoder
 def parameter_count(model: nn.Module) -> int:
     """Number of distinct parameters (a tied weight counts once)."""
     return sum(p.numel() for p in model.parameters())

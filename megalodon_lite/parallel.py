@@ -44,11 +44,7 @@ from megalodon_lite.timestep_norm import TimestepNormState, group_moments, stati
 
 SCHEMES = ("chain", "allgather")
 
-
-class ChunkParallelError(RuntimeError):
-    """A rank could not exchange state with the others: a peer died, hung past the timeout or never joined."""
-
-
+# %% chapters/11_chunk_parallel.py cell 10 · §1 What must cross a segment boundary
 def split_sequence(length: int, world_size: int, chunk_size: int) -> list[int]:
     """Segment lengths for ``world_size`` ranks: whole chunks, as evenly as possible.
 
@@ -88,7 +84,11 @@ def check_segments(lengths: list[int], chunk_size: int) -> None:
                 f"last must end on a chunk boundary, so that no attention chunk spans two ranks (segment lengths "
                 f"{lengths}; split_sequence makes a valid split)")
 
-# %% chapters/11_chunk_parallel.py cell 11 · §2 The official chain
+# %% chapters/11_chunk_parallel.py cell 13 · §2 The official chain
+class ChunkParallelError(RuntimeError):
+    """A rank could not exchange state with the others: a peer died, hung past the timeout or never joined."""
+
+
 def _failure(what: str, group: dist.ProcessGroup, err: BaseException) -> ChunkParallelError:
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     return ChunkParallelError(f"chunk parallel, rank {rank} of {size}: {what} failed (a peer died, hung past the "
@@ -149,7 +149,7 @@ class _SendToNext(torch.autograd.Function):
             raise _failure(f"receiving the gradient of {ctx.what} from the next rank", ctx.group, err) from err
         return grad, grad_carrier, None, None
 
-# %% chapters/11_chunk_parallel.py cell 13 · §2 The official chain
+# %% chapters/11_chunk_parallel.py cell 15 · §2 The official chain
 @dataclass
 class _Call:
     """One chunk-parallel forward: the group, this rank, every rank's segment length, and a scratch
@@ -216,7 +216,7 @@ class ChainExchange:
         message = torch.cat([norm_state.mean.to(dtype), norm_state.var.to(dtype), h.to(dtype)], dim=-1)
         return _SendToNext.apply(message, y, call.group, f"the state after {site}")
 
-# %% chapters/11_chunk_parallel.py cell 16 · §3 One all-gather per state
+# %% chapters/11_chunk_parallel.py cell 18 · §3 One all-gather per state
 def segment_moments(x: Tensor, num_groups: int) -> TimestepNormState:
     """The statistics a timestep norm started from nothing would hold after this segment.
 
@@ -259,7 +259,7 @@ def prefix_moments(means: Tensor, variances: Tensor, lengths: list[int], rank: i
     counts = torch.full(means.shape[1:2], sum(lengths[:rank]), dtype=torch.int64, device=means.device)
     return TimestepNormState(counts, mean, var)
 
-# %% chapters/11_chunk_parallel.py cell 20 · §3 One all-gather per state
+# %% chapters/11_chunk_parallel.py cell 22 · §3 One all-gather per state
 def cema_end_state(x: Tensor, p: Tensor, q: Tensor, block_size: int = 64) -> Tensor:
     """The CEMA state after a segment that started from zero: S = sum_t p q^{L-1-t} x_t (Megalodon §3.1).
 
@@ -290,7 +290,7 @@ def prefix_cema_state(end_states: Tensor, lengths: list[int], rank: int, q: Tens
                for j in range(len(lengths))]
     return torch.einsum("pdn,pbdn->bdn", torch.stack(weights), end_states)
 
-# %% chapters/11_chunk_parallel.py cell 24 · §3 One all-gather per state
+# %% chapters/11_chunk_parallel.py cell 26 · §3 One all-gather per state
 class _AllGather(torch.autograd.Function):
     """(shape) -> (P, shape), every rank's tensor in rank order. Backward: the gradient with respect to
     this rank's tensor is the sum over ranks of the gradients of its slot (an all-reduce, then the slot)."""
@@ -338,14 +338,14 @@ class AllGatherExchange:
     def after_cema(self, call: _Call, site: str, y: Tensor, h_last: Tensor) -> Tensor:
         return y
 
-# %% chapters/11_chunk_parallel.py cell 26 · §4 Attaching the exchange to the model, without changing it
+# %% chapters/11_chunk_parallel.py cell 28 · §4 Attaching the exchange to the model, without changing it
 def _replace_argument(args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
     """(args, kwargs) with the second argument (``name``) set to ``value``, positional or keyword."""
     if len(args) > 1:
         return (args[0], value, *args[2:]), kwargs
     return args, {**kwargs, name: value}
 
-
+# %% chapters/11_chunk_parallel.py cell 30 · §4 Attaching the exchange to the model, without changing it
 class ChunkParallelLM(nn.Module):
     """A MegalodonLM over one segment of a sequence split across the ranks of ``group``.
 
@@ -433,7 +433,7 @@ class ChunkParallelLM(nn.Module):
             handle.remove()
         self._hooks = []
 
-# %% chapters/11_chunk_parallel.py cell 28 · §4 Attaching the exchange to the model, without changing it
+# %% chapters/11_chunk_parallel.py cell 32 · §4 Attaching the exchange to the model, without changing it
 def chunk_parallel_cross_entropy(logits: Tensor, targets: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor]:
     """This rank's share of the whole sequence's mean token loss, and that mean loss (detached).
 
@@ -469,7 +469,7 @@ def sum_gradients(module: nn.Module, group: dist.ProcessGroup) -> None:
         grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
-# %% chapters/11_chunk_parallel.py cell 30 · §5 Process groups, timeouts, and launching
+# %% chapters/11_chunk_parallel.py cell 34 · §5 Process groups, timeouts, and launching
 @dataclass(frozen=True)
 class ParallelGroups:
     """The two process groups of a data x sequence layout (global rank = data_rank * sequence_size + sequence_rank).
@@ -520,7 +520,7 @@ def init_chunk_parallel(sequence_parallel: int, *, timeout: datetime.timedelta =
     return ParallelGroups(groups["sequence", data_rank], groups["data", sequence_rank],
                           sequence_rank, sequence_parallel, data_rank, data_parallel)
 
-# %% chapters/11_chunk_parallel.py cell 34 · §5 Process groups, timeouts, and launching
+# %% chapters/11_chunk_parallel.py cell 40 · §5 Process groups, timeouts, and launching
 def sequence_gradients(rank: int, world_size: int, config: MegalodonConfig, weights: dict[str, Tensor],
                        tokens: Tensor, targets: Tensor, lengths: list[int], schemes: tuple[str, ...] = SCHEMES,
                        timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:

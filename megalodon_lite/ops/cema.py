@@ -148,7 +148,7 @@ def _pairs_to_complex(t, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
 def _complex_to_pairs(re, im, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
     return tl.reshape(tl.join(re, im), (BD, SB, 2 * NP))
 
-# %% chapters/08_triton_scans.py cell 17 · §1.4 Complex numbers as pairs, and the precision of the products
+# %% chapters/08_triton_scans.py cell 18 · §1.4 Complex numbers as pairs, and the precision of the products
 @triton.jit
 def _load_map(ptr, d, dmask, row_shift, C: tl.constexpr, NP: tl.constexpr, D_STRIDE: tl.constexpr):
     """A per-channel (C, NP, 2) table as (BD, C, 2NP); row j reads row j + row_shift, zero outside
@@ -186,14 +186,6 @@ def _load_state(ptr, index, batch_row, B, D, N, d, dmask, NP: tl.constexpr):
 
 
 @triton.jit
-def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
-                FLIP: tl.constexpr):
-    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_pair(ptrs, re, im, mask):
     tl.store(ptrs, re, mask=mask)
     tl.store(ptrs + 1, im, mask=mask)
@@ -218,7 +210,7 @@ def _store_states(ptr, index, live, re, im, D, N, d, dmask, NP: tl.constexpr):
     offs, mask = _state_offsets(index, live, D, N, d, dmask, NP)
     _store_pair(ptr + offs, re, im, mask)
 
-
+# %% chapters/08_triton_scans.py cell 20 · §1.4 Complex numbers as pairs, and the precision of the products
 @triton.jit
 def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
                    FLIP: tl.constexpr, shift=0):
@@ -239,14 +231,21 @@ def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS
     inside = (tok < L) & (row < B)[:, None] & ((cj >= 0) & (cj < C) & (blk * C + cj < SEG_TOKENS))[None, :]
     return offs, inside[None, :, :] & dmask[:, None, None]
 
-# %% chapters/08_triton_scans.py cell 19 · §1.5 Per-channel tables
+
+@triton.jit
+def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
+                FLIP: tl.constexpr):
+    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
+    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+# %% chapters/08_triton_scans.py cell 22 · §1.5 Per-channel tables
 def _padded_states(n_states: int) -> int:
     """NP: N rounded up to a power of two, at least 8 (2NP >= 16 is tl.dot's smallest size)."""
     return max(8, triton.next_power_of_2(n_states))
 
 
 STEP_A, STEP_AR1, STEP_AR, STEP_P, STEP_BETA, STEP_Q, STEP_QL1, STEP_ROWS = (tl.constexpr(i) for i in range(8))
-TWO_PI = tl.constexpr(2 * math.pi)
 
 
 @dataclass
@@ -267,6 +266,9 @@ class CemaTables:
     u: Tensor
     v: Tensor
     step: Tensor
+
+# %% chapters/08_triton_scans.py cell 24 · §1.5 Per-channel tables
+TWO_PI = tl.constexpr(2 * math.pi)
 
 
 @triton.jit
@@ -343,7 +345,7 @@ def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int,
         d_model, n_states, last_len, seg_len, length, C=chunk, BD=8, NP=n_pad, ADJOINT=adjoint)
     return tables
 
-# %% chapters/08_triton_scans.py cell 21 · §1.6 The kernels
+# %% chapters/08_triton_scans.py cell 26 · §1.6 The kernels
 @triton.jit
 def _segment_starts(ends_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, d, dmask,
                     BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr, z_sign: tl.constexpr):
@@ -386,7 +388,7 @@ def _segment_starts(ends_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, d, dmask,
         hr, hi = pr * hr - pi * hi + br * er - bi * ei, pr * hi + pi * hr + br * ei + bi * er
     return out_r, out_i
 
-# %% chapters/08_triton_scans.py cell 23 · §1.6 The kernels
+# %% chapters/08_triton_scans.py cell 28 · §1.6 The kernels
 # Integer arguments that change with the sequence are not specialised on (one compiled kernel
 # serves every length); D is, so that loads along the channels can be vectorised.
 _LENGTH_ARGS = ["B", "L", "N", "n_seg", "seg_blocks", "last_seg", "last_blk", "last_len"]
@@ -433,7 +435,7 @@ def _cema_segment_end_kernel(
     if DERIV:
         _store_states(ends_dq_ptr, stream, row < B, fr, fi, D, N, d, dmask, NP)
 
-# %% chapters/08_triton_scans.py cell 25 · §1.6 The kernels
+# %% chapters/08_triton_scans.py cell 30 · §1.6 The kernels
 @triton.jit
 def _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
                 C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, SEG_TOKENS,
@@ -509,7 +511,7 @@ def _cema_scan_kernel(
     ur, ui = _pairs_to_complex(_dot(x, u, PRECISION), BD, SB, NP)
     _store_states(h_last_ptr, row, (row < B) & (seg == last_seg), fr + ur, sign * (fi + ui), D, N, d, dmask, NP)
 
-# %% chapters/08_triton_scans.py cell 27 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 32 · §1.7 The backward, on paper
 @triton.jit
 def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, seg_len, d, dmask,
                          BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr):
@@ -552,7 +554,7 @@ def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N,
             wr, wi, dwr, dwi = _cstep(pr, pi, spr, spi, wr, wi, dwr, dwi, zero, zero, zero, zero)
     return o_vr, o_vi, o_dvr, o_dvi, o_wr, o_wi, o_dwr, o_dwi
 
-# %% chapters/08_triton_scans.py cell 28 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 33 · §1.7 The backward, on paper
 @triton.jit
 def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
                 vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
@@ -582,7 +584,7 @@ def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
     vr, vi, dvr, dvi = _cstep(ar, ai, C * ar, C * ai, vr, vi, dvr, dvi, ur, ui, dur, dui)
     return corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
-# %% chapters/08_triton_scans.py cell 29 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 34 · §1.7 The backward, on paper
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _cema_grad_sums_kernel(
     x_ptr, g_ptr, powers_ptr, step_ptr, ends_ptr, ends_dq_ptr, z_ptr, lag_sums_ptr, sums_ptr, v_last_ptr,
@@ -668,7 +670,7 @@ def _cema_grad_sums_kernel(
     _store_pair(sums_ptr + offs + 2 * NP * 2, kzr, kzi, dmask[:, None])
     _store_pair(sums_ptr + offs + 3 * NP * 2, kdr, kdi, dmask[:, None])
 
-# %% chapters/08_triton_scans.py cell 31 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 36 · §1.7 The backward, on paper
 @triton.jit
 def _cema_grad_finish_kernel(lag_sums_ptr, sums_ptr, v_last_ptr, dh_last_ptr, z_ptr, powers_ptr, step_ptr, p_ptr,
                              gamma_ptr, dp_ptr, dq_ptr, dgamma_ptr, domega_ptr, D, N, B, G, length,
@@ -733,7 +735,7 @@ def _cema_grad_finish_kernel(lag_sums_ptr, sums_ptr, v_last_ptr, dh_last_ptr, z_
     tl.store(dq_ptr + 2 * dn + 1, dqi, mask=live)
     tl.store(domega_ptr + d, tl.sum(tl.where(l[None, :] == 0, lags, 0.0), 1), mask=dmask)
 
-# %% chapters/08_triton_scans.py cell 33 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 38 · §1.8 Launchers, autograd and the custom op
 def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """An output buffer: uninitialised, or NaN-filled under poisoned_outputs()."""
     if POISON_OUTPUTS:
@@ -810,7 +812,7 @@ def launch_grad_finish(lag_sums: Tensor, sums: Tensor, v_last: Tensor, dh_last: 
         C=tables.chunk, BD=8, NP=tables.n_pad, HAS_Z=z is not None)
     return dp, dq, dgamma, domega
 
-# %% chapters/08_triton_scans.py cell 34 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 39 · §1.8 Launchers, autograd and the custom op
 def _log_q(q: Tensor) -> Tensor:
     """(D, N, 2) float64: log|q| and arg q of the stored complex64 q (pairs in, pairs out)."""
     return torch.view_as_real(torch.log(torch.view_as_complex(q).to(torch.complex128)))
@@ -855,7 +857,7 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
     dp, dq, dgamma, domega = launch_grad_finish(lag_sums, sums, v_last, dh_last, h0, grad_tables, p, gamma, length)
     return dx, dp, dq, dgamma, domega, dh0
 
-# %% chapters/08_triton_scans.py cell 36 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 41 · §1.8 Launchers, autograd and the custom op
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
                 "min_programs", "min_segment_blocks", "prefetch")
 
@@ -910,7 +912,7 @@ def _(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq, params, tiles, prec
     return (x.new_empty(x.shape), like(p, params), like(q, params), like(gamma, params), like(omega, params),
             like(dh_last, h0 is not None))
 
-# %% chapters/08_triton_scans.py cell 37 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 42 · §1.8 Launchers, autograd and the custom op
 class CemaTritonFunction(torch.autograd.Function):
     """Autograd glue: the custom ops forward and backward, complex tensors as float32 pairs."""
 
