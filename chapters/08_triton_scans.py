@@ -289,8 +289,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon_lite.backend import interpreter_enabled
 from megalodon_lite import validate
+from megalodon_lite.backend import interpreter_enabled
 from megalodon_lite.cema import cema_chunked, cema_powers, cema_recurrence  # noqa: F401  (references)
 
 
@@ -373,7 +373,7 @@ def _dot_precision(dtype: torch.dtype, cfg: CemaKernelConfig) -> str:
 #
 # **Precision.** `tl.dot` runs on tensor cores in tf32 (10-bit mantissa) by default. For bf16 or
 # fp16 input, $x$ is exact in tf32 and the tables and states are rounded to a relative $2^{-11}$,
-# four times finer than the $2^{-9}$ with which the bf16 output is stored, and everything is
+# eight times finer than the $2^{-8}$ with which the bf16 output is stored, and everything is
 # accumulated in float32. For float32 input tf32 would lose precision the caller did not ask to
 # lose, so the kernels use `tf32x3` (three tf32 products that recover float32 accuracy) there.
 

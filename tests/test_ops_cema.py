@@ -230,7 +230,7 @@ def test_bad_inputs_are_refused_with_the_argument_named(monkeypatch):
 # ----------------------------------------------------------------------------------------- GPU
 # Bounds, as relative errors against float64 on the same (rounded) inputs:
 # * bf16 input (and bf16 dL/dy, as autograd delivers it): y and dx are stored in bf16 (unit
-#   roundoff 2^-9, an RMS relative error near 2^-9 / sqrt(3)); the tf32 products round tables and
+#   roundoff 2^-8, an RMS relative error near 2^-8 / sqrt(3)); the tf32 products round tables and
 #   states to 2^-11; bound 2^-8. The float32 outputs (h_last, parameter gradients, dh0) carry
 #   only the tf32 rounding: bound 2^-9.
 # * float32 input: tf32x3 products keep float32 accuracy; what remains is float32 rounding in

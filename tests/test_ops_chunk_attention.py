@@ -10,8 +10,8 @@ written.
 Tolerances (relative to the reference's norm): float32 1e-5 -- float32 rounding (6e-8 per
 operation) accumulated over sums of a chunk (the GPU multiplies float32 as three TF32 products,
 error ~2^-21 per product); bfloat16 / float16 1e-2 on O and 2e-2 on the gradients -- q, k, P and dS
-are each rounded once to 8 (bfloat16) or 11 (float16) significant bits, i.e. relative 2^-9 or 2^-12
-per rounding, and a few such roundings compound through the softmax and the backward.
+are each rounded once to 8 (bfloat16) or 11 (float16) significant bits, i.e. a unit roundoff of 2^-8
+or 2^-11 per rounding, and a few such roundings compound through the softmax and the backward.
 """
 
 from __future__ import annotations

@@ -270,8 +270,8 @@ def test_gpu_benchmark_shapes_against_float64(shape_name, dtype, bench_reference
     # dtypes, summed in tiles of a few steps and then over <= 8,192 tiles: a few float32 ulps
     # (6e-8) each, so float32 outputs and every float32 gradient (weight, bias, incoming state,
     # and dx in fp32) must be within 1e-5 (the H200 run recorded <= 2.4e-7). A bfloat16 output
-    # (y, and dx in bf16) is rounded to 8 significant bits: half a spacing, 2^-9 relative, on top
-    # of that; the bound is 2^-8.
+    # (y, and dx in bf16) is rounded to 8 significant bits: half a spacing, at most 2^-8 of the
+    # largest value (about 2^-9 typically), on top of that; the bound is 2^-8.
     float32_bound = 1e-5
     output_bound = 2**-8 if dtype == torch.bfloat16 else float32_bound
     rel = lambda mine, ref: ((mine.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731

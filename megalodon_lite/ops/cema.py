@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megalodon_lite.backend import interpreter_enabled
 from megalodon_lite import validate
+from megalodon_lite.backend import interpreter_enabled
 from megalodon_lite.cema import cema_chunked, cema_powers, cema_recurrence  # noqa: F401  (references)
 
 
