@@ -110,13 +110,12 @@ def attention_floor_ms(batch: int, length: int, ceilings: Ceilings, *, heads: in
 
 # %%
 def attention_results(device_slug: str = "nvidia_h200") -> dict | None:
-    """The committed benchmark with attention rows: the all-ops file, else the attention-only one."""
-    for name in (f"{device_slug}.json", f"{device_slug}_attention.json"):
-        for path in recorded_files(name):   # the checkout's or the installed copy, if recorded
-            data = json.loads(path.read_text())
-            if any(row["op"] == "attention" for row in data["rows"]):
-                return data
-    return None
+    """The newest committed benchmark run with attention rows (the all-ops file or the attention-only one)."""
+    runs = [json.loads(path.read_text())
+            for name in (f"{device_slug}.json", f"{device_slug}_attention.json")
+            for path in recorded_files(name)]   # the checkout's or the installed copy, if recorded
+    runs = [run for run in runs if any(row["op"] == "attention" for row in run["rows"])]
+    return max(runs, key=lambda run: run["date"], default=None)
 
 
 results = attention_results()
@@ -348,20 +347,21 @@ GPU_TILES_FP32 = AttentionTiles(softmax_m=16, softmax_n=32, softmax_warps=4, gra
 INTERPRETER_TILES = AttentionTiles(prologue_tokens=16, softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16,
                                    grad_d=16, mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
 TILES_ENV = "MEGALODON_ATTENTION_TILES"
-"""JSON object of AttentionTiles fields that replace the defaults, e.g. '{"grad_m": 64}' (for tuning)."""
+"""JSON object of AttentionTiles fields that replace GPU_TILES, e.g. '{"grad_m": 64}' (for tuning)."""
 
 
 def default_tiles(device: torch.device, dtype: torch.dtype) -> AttentionTiles:
-    """The tiles the launchers use when none are given (with the overrides of ``MEGALODON_ATTENTION_TILES``)."""
+    """The tiles the launchers use when none are given: 16-bit inputs on a GPU get GPU_TILES with the
+    overrides of ``MEGALODON_ATTENTION_TILES`` (what kernels/tune_attention.py tunes)."""
     if device.type != "cuda":
-        tiles = INTERPRETER_TILES
-    else:
-        tiles = GPU_TILES_FP32 if dtype == torch.float32 else GPU_TILES
+        return INTERPRETER_TILES
+    if dtype == torch.float32:
+        return GPU_TILES_FP32
     override = json.loads(os.environ.get(TILES_ENV) or "{}")
-    unknown = set(override) - set(tiles.__dataclass_fields__)
+    unknown = set(override) - set(AttentionTiles.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{TILES_ENV} names unknown fields {sorted(unknown)}")
-    return replace(tiles, **override)
+    return replace(GPU_TILES, **override)
 
 
 # %% [markdown]
@@ -405,43 +405,57 @@ def _layout(z: Tensor, num_heads: int, chunk_size: int, tiles: AttentionTiles) -
 #
 # Each program takes a block of tokens of one head and loads their $z$ rows whole (contiguous,
 # so the loads and stores are wide), normalises in float32, applies $(\gamma + 1)/\sqrt{d_z}$ and
-# $\beta$, rotates, and writes $q$ and $k$ in the input dtype. RoPE turns the pair
-# $(x_{2i}, x_{2i+1})$ by the angle $p\,\theta_i$; written per channel $j$ with its partner
-# $j \oplus 1$ (the other channel of its pair: flip the lowest bit),
+# $\beta$, rotates, and writes $q$ and $k$ in the input dtype. RoPE turns each pair of channels
+# $(x_{2i}, x_{2i+1})$ by the angle $p\,\theta_i$ of the row's position $p$ in its chunk,
 #
-# $$\mathrm{out}_j = x_j \cos(p\,\theta_{\lfloor j/2 \rfloor}) + s_j\, x_{j \oplus 1} \sin(p\,\theta_{\lfloor j/2 \rfloor}),
-#   \qquad s_j = -1 \text{ for even } j,\ +1 \text{ for odd } j,$$
+# $$\mathrm{out}_{2i} = x_{2i} \cos p\theta_i - x_{2i+1} \sin p\theta_i, \qquad
+#   \mathrm{out}_{2i+1} = x_{2i} \sin p\theta_i + x_{2i+1} \cos p\theta_i,$$
 #
-# so the kernel loads the partner row at offsets `offs ^ 1` (the same memory, served by the
-# cache) instead of splitting rows into strided halves. The cos/sin table ($c \times d_z/2$,
-# float32) is computed in float64 exactly as chapter 06's `RotaryEmbedding` does, so the angles
-# carry no float32 error even at position 2047, and is cached per (chunk span, $d_z$, base, device).
+# so each output channel needs its partner. Nothing in memory has to move for that: the kernel
+# loads whole rows, views each row of $d_z$ channels as $d_z/2$ pairs in registers (`tl.reshape`
+# to `(rows, d_z/2, 2)`, then `tl.split` into the even and odd channels), rotates the pairs, and
+# joins them back (`tl.join`) for a contiguous store. (A first version loaded the partner channels
+# again at offsets `offs ^ 1`, the lowest bit flipped: correct, but those loads are gathers of
+# single elements and ran the prologue at a quarter of the memory bandwidth.) The cos/sin table
+# ($c \times d_z/2$, float32) is computed in float64 exactly as chapter 06's `RotaryEmbedding`
+# does, so the angles carry no float32 error even at position 2047, and is cached per (chunk span,
+# $d_z$, base, device).
 
 # %% tags=["export:ops.chunk_attention"]
 @triton.jit
 def _normalized_rows(z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps,
                      H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
-    """RMSNorm(z) of BLOCK_T token rows of head program_id(1), with the partner channels (j ^ 1),
-    rstd, the RoPE cos/sin of each row's position in its chunk, the offsets and the mask."""
+    """RMSNorm(z) (BLOCK_T, BLOCK_DZ) of BLOCK_T token rows of head program_id(1), rstd, the
+    RoPE cos/sin (BLOCK_T, BLOCK_DZ / 2) of each row's position in its chunk, the offsets and the mask."""
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_DZ)
     mask = (rows < n_rows)[:, None] & (d < DZ)[None, :]
     offs = (rows.to(tl.int64) * H + h)[:, None] * DZ + d[None, :]
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z_partner = tl.load(z_ptr + (offs ^ 1), mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(z * z, 1) / DZ + eps)
-    angle = ((rows % length) % chunk_size)[:, None] * (DZ // 2) + (d // 2)[None, :]
-    cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
-    sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
-    return z * rstd[:, None], z_partner * rstd[:, None], rstd, cos, sin, offs, mask
+    pair = tl.arange(0, BLOCK_DZ // 2)
+    angle = ((rows % length) % chunk_size)[:, None] * (DZ // 2) + pair[None, :]
+    pair_mask = (rows < n_rows)[:, None] & (pair < DZ // 2)[None, :]
+    cos = tl.load(cos_ptr + angle, mask=pair_mask, other=0.0)
+    sin = tl.load(sin_ptr + angle, mask=pair_mask, other=0.0)
+    return z * rstd[:, None], rstd, cos, sin, offs, mask
 
 
 @triton.jit
-def _scale_shift(zh, which, h, gamma_ptr, beta_ptr, channels, H: tl.constexpr, DZ: tl.constexpr):
-    """zh (gamma[which, h, channels] + 1) / sqrt(dz) + beta[which, h, channels]."""
-    par = (which * H + h) * DZ + channels
-    g = tl.load(gamma_ptr + par, mask=channels < DZ, other=0.0).to(tl.float32)
-    b = tl.load(beta_ptr + par, mask=channels < DZ, other=0.0).to(tl.float32)
+def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_DZ: tl.constexpr):
+    """RoPE on rows x (BLOCK_T, BLOCK_DZ): each pair (x_2i, x_2i+1) turned by the angle of (cos, sin)
+    (BLOCK_T, BLOCK_DZ / 2). The pairs are split and joined in registers; memory stays contiguous."""
+    even, odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_DZ // 2, 2)))
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_T, BLOCK_DZ))
+
+
+@triton.jit
+def _scale_shift(zh, which, h, gamma_ptr, beta_ptr, H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
+    """zh (gamma[which, h] + 1) / sqrt(dz) + beta[which, h]."""
+    d = tl.arange(0, BLOCK_DZ)
+    par = (which * H + h) * DZ + d
+    g = tl.load(gamma_ptr + par, mask=d < DZ, other=0.0).to(tl.float32)
+    b = tl.load(beta_ptr + par, mask=d < DZ, other=0.0).to(tl.float32)
     return zh * ((g + 1.0) / tl.sqrt(DZ * 1.0))[None, :] + b[None, :]
 
 
@@ -451,19 +465,13 @@ def _qk_prologue_kernel(z_ptr, gamma_ptr, beta_ptr, cos_ptr, sin_ptr, q_ptr, k_p
                         H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
     """q, k (B*L, H, dz) = RoPE(RMSNorm(z_h) (gamma + 1) / sqrt(dz) + beta) for BLOCK_T tokens."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    zh, zh_partner, rstd, cos, sin, offs, mask = _normalized_rows(
+    zh, rstd, cos, sin, offs, mask = _normalized_rows(
         z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps, H, DZ, BLOCK_DZ)
     h = tl.program_id(1)
-    d = tl.arange(0, BLOCK_DZ)
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
-    for which in tl.static_range(2):  # 0: queries, 1: keys
-        x = _scale_shift(zh, which, h, gamma_ptr, beta_ptr, d, H, DZ)
-        x_partner = _scale_shift(zh_partner, which, h, gamma_ptr, beta_ptr, d ^ 1, H, DZ)
-        rotated = x * cos + sign * x_partner * sin
-        if which == 0:
-            tl.store(q_ptr + offs, rotated.to(q_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(k_ptr + offs, rotated.to(k_ptr.dtype.element_ty), mask=mask)
+    q = _rotate(_scale_shift(zh, 0, h, gamma_ptr, beta_ptr, H, DZ, BLOCK_DZ), cos, sin, BLOCK_T, BLOCK_DZ)
+    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    k = _rotate(_scale_shift(zh, 1, h, gamma_ptr, beta_ptr, H, DZ, BLOCK_DZ), cos, sin, BLOCK_T, BLOCK_DZ)
+    tl.store(k_ptr + offs, k.to(k_ptr.dtype.element_ty), mask=mask)
 
 
 # %% [markdown]
@@ -484,7 +492,7 @@ def _launch_prologue(z, gamma, beta, tables, q, k, num_heads, chunk_size, eps, t
     dz = z_dim // num_heads
     grid = (triton.cdiv(batch * length, tiles.prologue_tokens), num_heads)
     _qk_prologue_kernel[grid](z, gamma, beta, *tables, q, k, batch * length, length, chunk_size, eps,
-                              H=num_heads, DZ=dz, BLOCK_DZ=_pow2(dz, 2), BLOCK_T=tiles.prologue_tokens)
+                              H=num_heads, DZ=dz, BLOCK_DZ=_pow2(dz, 4), BLOCK_T=tiles.prologue_tokens)
 
 
 # %% [markdown]
@@ -736,6 +744,10 @@ for x, block_n in ((v, tiles.mm_n_v), (q, tiles.mm_n_z)):
 # only $b_m \times b_n$), $S = Q K^\top$ over the $z$ channels in steps of `BLOCK_D`, then
 # $P = \exp(S - \mathrm{lse})$ and $dS = P \circ (dP - \delta)$, both written over the same
 # triangle as the forward's $P$. Programs whose tile lies above the triangle return at once.
+# Why not sum $\delta$ inside the tiles, from the $dO$ rows each tile loads anyway? Every tile
+# of a row block would load the same rows of $O$ beside them, up to 16 times: measured on an
+# H200 that made the kernel 1.8 to 3.3 times slower, far more than the 0.14 ms pass it saves
+# (`kernels/NOTES_attention.md`, version 3).
 # (A first version gave each program a whole block of query rows and looped over the key blocks,
 # as the softmax kernel does; it ran at half the matmul rate of the others, see
 # `kernels/NOTES_attention.md`.)
@@ -851,42 +863,62 @@ assert torch.equal(p2.isnan(), p.isnan())  # the same triangle as the forward
 # $$dz = r\,\big(d\hat z - \hat z \cdot \overline{d\hat z \circ \hat z}\big).$$
 #
 # Each program writes its partial sums of $d\gamma, d\beta$; one `sum` over programs finishes them
-# (deterministic: no atomics).
+# (deterministic: no atomics). The epilogue splits its three loaded rows ($z$, $dq$, $dk$) into
+# even and odd channels once and works on the two halves until it joins them for the store: a
+# version that joined after each rotation and then mixed the joined rows with $\hat z$ made the
+# compiler shuffle registers through shared memory at every mix, and ran at a third of the
+# bandwidth (`kernels/NOTES_attention.md`, version 3).
 
 # %% tags=["export:ops.chunk_attention"]
 @triton.jit
-def _affine_rope_grad(grad_ptr, zh, cos, sin, offs, mask, which, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
-                      H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr):
-    """Back through RoPE and the affine of queries (which=0) or keys (1): stores this program's
-    partial dgamma, dbeta and returns the gradient to z_hat."""
-    d = tl.arange(0, BLOCK_DZ)
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
-    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    grad_partner = tl.load(grad_ptr + (offs ^ 1), mask=mask, other=0.0).to(tl.float32)
-    dx = grad * cos - sign * grad_partner * sin  # the transposed rotation: by minus the angle
-    g = tl.load(gamma_ptr + (which * H + h) * DZ + d, mask=d < DZ, other=0.0).to(tl.float32)
+def _pairs(x, BLOCK_T: tl.constexpr, BLOCK_DZ: tl.constexpr):
+    """The even and the odd channels (BLOCK_T, BLOCK_DZ / 2) of the rows x (BLOCK_T, BLOCK_DZ)."""
+    return tl.split(tl.reshape(x, (BLOCK_T, BLOCK_DZ // 2, 2)))
+
+
+@triton.jit
+def _affine_rope_grad(grad_ptr, zh_even, zh_odd, cos, sin, offs, mask, which, h, pid, gamma_ptr, dgamma_ptr,
+                      dbeta_ptr, H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Back through RoPE and the affine of queries (which=0) or keys (1), channel pairs apart: stores
+    this program's partial dgamma, dbeta and returns the gradient to z_hat (even, odd channels)."""
+    g_even, g_odd = _pairs(tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32), BLOCK_T, BLOCK_DZ)
+    dx_even = g_even * cos + g_odd * sin  # the transposed rotation: by minus the angle
+    dx_odd = g_odd * cos - g_even * sin
+    even = 2 * tl.arange(0, BLOCK_DZ // 2)  # channel 2i; its partner 2i + 1
+    ok = even < DZ
     inv_sqrt = 1.0 / tl.sqrt(DZ * 1.0)
-    part = ((pid * 2 + which) * H + h) * DZ + d
-    tl.store(dgamma_ptr + part, tl.sum(dx * zh, 0) * inv_sqrt, mask=d < DZ)
-    tl.store(dbeta_ptr + part, tl.sum(dx, 0), mask=d < DZ)
-    return dx * ((g + 1.0) * inv_sqrt)[None, :]
+    par = (which * H + h) * DZ + even
+    scale_even = (tl.load(gamma_ptr + par, mask=ok, other=0.0).to(tl.float32) + 1.0) * inv_sqrt
+    scale_odd = (tl.load(gamma_ptr + par + 1, mask=ok, other=0.0).to(tl.float32) + 1.0) * inv_sqrt
+    part = ((pid * 2 + which) * H + h) * DZ + even
+    tl.store(dgamma_ptr + part, tl.sum(dx_even * zh_even, 0) * inv_sqrt, mask=ok)
+    tl.store(dgamma_ptr + part + 1, tl.sum(dx_odd * zh_odd, 0) * inv_sqrt, mask=ok)
+    tl.store(dbeta_ptr + part, tl.sum(dx_even, 0), mask=ok)
+    tl.store(dbeta_ptr + part + 1, tl.sum(dx_odd, 0), mask=ok)
+    return dx_even * scale_even[None, :], dx_odd * scale_odd[None, :]
 
 
 @triton.jit
 def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_ptr, dgamma_ptr, dbeta_ptr,
                         n_rows, length, chunk_size, eps,
                         H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
-    """dz (B*L, H, dz) and this program's partial dgamma, dbeta (programs, 2, H, dz) from dq, dk."""
+    """dz (B*L, H, dz) and this program's partial dgamma, dbeta (programs, 2, H, dz) from dq, dk.
+    Everything between the loads and the store works on the even and odd channels apart."""
     pid, h = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    zh, _, rstd, cos, sin, offs, mask = _normalized_rows(
+    zh, rstd, cos, sin, offs, mask = _normalized_rows(
         z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps, H, DZ, BLOCK_DZ)
-    dzh = _affine_rope_grad(dq_ptr, zh, cos, sin, offs, mask, 0, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
-                            H, DZ, BLOCK_DZ)
-    dzh += _affine_rope_grad(dk_ptr, zh, cos, sin, offs, mask, 1, h, pid, gamma_ptr, dgamma_ptr, dbeta_ptr,
-                             H, DZ, BLOCK_DZ)
-    mean_dot = tl.sum(dzh * zh, 1) / DZ  # RMSNorm backward: dz = rstd (dzh - zh mean(dzh zh))
-    tl.store(dz_ptr + offs, (rstd[:, None] * (dzh - zh * mean_dot[:, None])).to(dz_ptr.dtype.element_ty), mask=mask)
+    zh_even, zh_odd = _pairs(zh, BLOCK_T, BLOCK_DZ)
+    dq_even, dq_odd = _affine_rope_grad(dq_ptr, zh_even, zh_odd, cos, sin, offs, mask, 0, h, pid, gamma_ptr,
+                                        dgamma_ptr, dbeta_ptr, H, DZ, BLOCK_DZ, BLOCK_T)
+    dk_even, dk_odd = _affine_rope_grad(dk_ptr, zh_even, zh_odd, cos, sin, offs, mask, 1, h, pid, gamma_ptr,
+                                        dgamma_ptr, dbeta_ptr, H, DZ, BLOCK_DZ, BLOCK_T)
+    dzh_even, dzh_odd = dq_even + dk_even, dq_odd + dk_odd
+    mean_dot = (tl.sum(dzh_even * zh_even, 1) + tl.sum(dzh_odd * zh_odd, 1)) / DZ  # RMSNorm backward:
+    dz_even = rstd[:, None] * (dzh_even - zh_even * mean_dot[:, None])         # dz = rstd (dzh - zh mean(dzh zh))
+    dz_odd = rstd[:, None] * (dzh_odd - zh_odd * mean_dot[:, None])
+    dz = tl.reshape(tl.join(dz_even, dz_odd), (BLOCK_T, BLOCK_DZ))
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 # %% tags=["export:ops.chunk_attention"]
@@ -895,7 +927,7 @@ def _launch_epilogue(z, gamma, tables, dq, dk, dz, dgamma_parts, dbeta_parts, nu
     d = z_dim // num_heads
     _qk_epilogue_kernel[(dgamma_parts.shape[0], num_heads)](
         z, gamma, *tables, dq, dk, dz, dgamma_parts, dbeta_parts, batch * length, length, chunk_size, eps,
-        H=num_heads, DZ=d, BLOCK_DZ=_pow2(d, 2), BLOCK_T=tiles.prologue_tokens)
+        H=num_heads, DZ=d, BLOCK_DZ=_pow2(d, 4), BLOCK_T=tiles.prologue_tokens)
 
 
 # %% [markdown]

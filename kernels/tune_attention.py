@@ -14,7 +14,8 @@ a triangular matmul) and the whole forward and forward+backward with the best ti
 TFLOP/s are the FLOPs each kernel executes (recomputations included) per second.
 
 kernels/results/tune_attention_nvidia_h200_v1.json came from this script at commit 99c8e3f (the first
-version of the kernels and its candidates); kernels/NOTES_attention.md compares the versions.
+version of the kernels and its candidates), tune_attention_nvidia_h200_v2.json at commit b51d741 (the
+second); kernels/NOTES_attention.md compares the versions.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ BASE = ops.GPU_TILES
 # Per kernel: candidate tiles (fields of AttentionTiles replaced on BASE; every block <= 128, so
 # the stored triangle's granularity stays BASE.tile = 128 while one kernel is tuned).
 CANDIDATES = {
-    "prologue": [dict(prologue_tokens=t) for t in (8, 16)],
-    "epilogue": [dict(prologue_tokens=t) for t in (8, 16)],
+    "prologue": [dict(prologue_tokens=t) for t in (8, 16, 32)],
+    "epilogue": [dict(prologue_tokens=t) for t in (8, 16, 32)],
     "delta": [{}],
     "softmax": [dict(softmax_m=m, softmax_n=n, softmax_warps=w, softmax_stages=s)
                 for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2))],
