@@ -44,24 +44,22 @@ FULL = {"B": 1, "L": 65_536, "H": 1, "dz": 256, "dv": 2048, "c": 2048}
 TINY = {"B": 1, "L": 300, "H": 2, "dz": 32, "dv": 96, "c": 128}
 BASE = ops.GPU_TILES
 
-# Per kernel: candidate tiles (fields of AttentionTiles replaced on BASE; every block <= 128, so
-# the stored triangle's granularity stays BASE.tile = 128 while one kernel is tuned).
+# Per kernel: candidate tiles (fields of AttentionTiles replaced on BASE).
 CANDIDATES = {
     "prologue": [dict(prologue_tokens=t) for t in (8, 16, 32)],
     "epilogue": [dict(prologue_tokens=t) for t in (8, 16, 32)],
-    "delta": [{}],
     "softmax": [dict(softmax_m=m, softmax_n=n, softmax_warps=w, softmax_stages=s)
                 for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2))],
-    "pv": [dict(mm_m=m, mm_n_v=n, mm_k=k, mm_warps=w, mm_stages=s)
+    "pv": [dict(mm_m=m, mm_n=n, mm_k=k, mm_warps=w, mm_stages=s)
            for m, n, k, w, s in ((128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4), (256, 128, 64, 8, 3),
                                  (128, 128, 64, 4, 3))],
     "grad": [dict(grad_m=m, grad_n=n, grad_v=e, grad_d=d, grad_warps=w, grad_stages=s)
              for m, n, e, d, w, s in ((128, 128, 64, 64, 8, 3), (128, 128, 64, 64, 8, 4), (128, 64, 64, 64, 4, 3),
                                       (128, 64, 64, 64, 8, 3), (64, 128, 64, 64, 4, 3), (128, 128, 32, 64, 8, 4),
                                       (64, 64, 64, 64, 4, 3))],
-    "zgrad": [dict(mm_m=m, mm_n_z=n, mm_k=k, mm_warps=w, mm_stages=s)
-              for m, n, k, w, s in ((128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4),
-                                    (256, 128, 64, 8, 3), (128, 128, 64, 4, 3))],
+    "zgrad": [dict(zmm_m=m, zmm_n=n, zmm_k=k, zmm_warps=w, zmm_stages=s)
+              for m, n, k, w, s in ((128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 4, 3),
+                                    (256, 128, 64, 8, 3), (256, 128, 32, 8, 4), (128, 128, 64, 4, 3))],
 }
 CANDIDATES["pv_t"] = CANDIDATES["pv"]  # dV = P^T dO: the same kernel through transposed pointers
 # designs (a) and (b) at their best tiles of the first tuning run (kernels/results/tune_attention_nvidia_h200_v1.json)
@@ -125,12 +123,12 @@ def make_state(shape: dict, device: str, dtype: torch.dtype) -> dict:
                                                                         shape["c"], tiles=tiles)
     _, st["G"], st["span"], _ = ops._layout(st["z"], h, shape["c"], tiles)
     st["p"] = torch.empty(st["G"], st["span"], st["span"], device=device, dtype=dtype)
-    st["ds"] = torch.empty_like(st["p"])
-    st["delta"] = torch.empty(b, length, h, device=device)
-    ops._launch_delta(st["o"], st["do"], st["delta"], h)
-    ops._launch_score_grad(st["q"], st["k"], st["v"], st["do"], st["lse"], st["delta"], st["p"], st["ds"], h,
+    st["t"] = torch.empty_like(st["p"])
+    row_sums = torch.empty(st["G"], st["span"] // tiles.grad_n, st["span"], device=device)
+    ops._launch_score_grad(st["q"], st["k"], st["v"], st["do"], st["lse"], st["p"], st["t"], row_sums, h,
                            shape["c"], tiles)
-    st["dq"], st["dk"] = torch.randn(2, *st["z"].shape, device=device, generator=None).unbind(0)
+    st["delta"] = row_sums.sum(1)
+    st["dq"], st["dk"] = torch.randn(2, *st["z"].shape, device=device).to(dtype).unbind(0)  # as the z-wide matmuls store them
     st["tables"] = ops._rope_tables(st["span"], dz, 10000.0, st["z"].device)
     st["shape"], st["dtype"] = shape, dtype
     return st
@@ -159,13 +157,15 @@ def kernel_call(st: dict, kind: str, cand: dict):
     if kind in ("pv", "pv_t"):
         x = st["v"] if kind == "pv" else st["do"]
         out = torch.empty_like(x)
-        return (lambda: ops._launch_tri_matmul(st["p"], x, out, h, c, kind == "pv_t", tiles.mm_n_v, tiles)), 2 * pairs * dv
+        return (lambda: ops._launch_tri_matmul(st["p"], x, out, h, c, kind == "pv_t", tiles)), 2 * pairs * dv
     if kind == "zgrad":
-        out = torch.empty(st["q"].shape, device=st["q"].device, dtype=torch.float32)
-        return (lambda: ops._launch_tri_matmul(st["ds"], st["k"], out, h, c, False, tiles.mm_n_z, tiles)), 2 * pairs * dz
+        out = torch.empty_like(st["q"])
+        return (lambda: ops._launch_tri_matmul(st["t"], st["k"], out, h, c, False, tiles,
+                                               (st["p"], st["delta"]))), 2 * pairs * dz
     if kind == "grad":
-        p, ds = torch.empty_like(st["p"]), torch.empty_like(st["ds"])
-        return (lambda: ops._launch_score_grad(st["q"], st["k"], st["v"], st["do"], st["lse"], st["delta"], p, ds, h,
+        p, t = torch.empty_like(st["p"]), torch.empty_like(st["t"])
+        row_sums = torch.empty(st["G"], st["span"] // tiles.grad_n, st["span"], device=st["p"].device)
+        return (lambda: ops._launch_score_grad(st["q"], st["k"], st["v"], st["do"], st["lse"], p, t, row_sums, h,
                                                c, tiles)), 2 * pairs * (dz + dv)
     n_tok = shape["B"] * shape["L"]
     if kind == "prologue":
@@ -178,9 +178,6 @@ def kernel_call(st: dict, kind: str, cand: dict):
                        torch.empty_like(st["z"]))
         return (lambda: ops._launch_epilogue(st["z"], st["gamma"], st["tables"], st["dq"], st["dk"], dzz, dg, db, h, c,
                                              1e-5, tiles)), 0
-    if kind == "delta":
-        delta = torch.empty_like(st["delta"])
-        return (lambda: ops._launch_delta(st["o"], st["do"], delta, h)), 0
     raise ValueError(kind)
 
 
@@ -229,14 +226,11 @@ def best_tiles(timings: list[dict]) -> ops.AttentionTiles:
         fields["prologue_tokens"] = min(tokens, key=lambda n: sum(t["ms"] for t in pro if t["tiles"]["prologue_tokens"] == n))
     for kind in ("softmax", "pv", "grad", "zgrad"):
         ok = [t for t in timings if t["kernel"] == kind and t["ms"] is not None]
-        if kind == "pv":  # O = P V and dV = P^T dO share mm_m, mm_k, mm_n_v: minimise their sum
+        if kind == "pv":  # O = P V and dV = P^T dO share the mm_* tiles: minimise their sum
             sums = [(t["ms"] + next(u["ms"] for u in timings if u["kernel"] == "pv_t" and u["tiles"] == t["tiles"]
                                     and u["ms"] is not None), t) for t in ok
                     if any(u["kernel"] == "pv_t" and u["tiles"] == t["tiles"] and u["ms"] is not None for u in timings)]
             fields.update(min(sums, key=lambda x: x[0])[1]["tiles"])
-        elif kind == "zgrad":  # must agree with the value-wide matmul's mm_m, mm_k, warps, stages
-            same = [t for t in ok if all(t["tiles"][f] == fields[f] for f in ("mm_m", "mm_k", "mm_warps", "mm_stages"))]
-            fields["mm_n_z"] = min(same or ok, key=lambda t: t["ms"])["tiles"]["mm_n_z"]
         else:
             fields.update(min(ok, key=lambda t: t["ms"])["tiles"])
     return dataclasses.replace(BASE, **fields)
@@ -251,7 +245,7 @@ def pipeline(st: dict, tiles: ops.AttentionTiles) -> tuple[float, float]:
 
     def fwd_bwd():
         o, q, k, lse = fwd()
-        return ops.chunk_attention_backward(st["do"], st["z"], q, k, st["v"], o, lse, st["gamma"], shape["H"], shape["c"],
+        return ops.chunk_attention_backward(st["do"], st["z"], q, k, st["v"], lse, st["gamma"], shape["H"], shape["c"],
                                             tiles=tiles)
     return bench(fwd), bench(fwd_bwd)
 

@@ -9,7 +9,9 @@ written.
 
 Tolerances (relative to the reference's norm): float32 1e-5 -- float32 rounding (6e-8 per
 operation) accumulated over sums of a chunk (the GPU multiplies float32 as three TF32 products,
-error ~2^-21 per product); bfloat16 / float16 1e-2 on O and 2e-2 on the gradients -- q, k, P and dS
+error ~2^-21 per product); 3e-5 on the gradients at the official shapes on the GPU, where sums of
+c = 2048 such products grow that error like a random walk to 2^-21 sqrt(2048) = 2e-5 (dbeta, a sum
+of every token's dq or dk whose terms largely cancel, measured 1.4e-5; dv, 5e-6); bfloat16 / float16 1e-2 on O and 2e-2 on the gradients -- q, k, P and dS
 are each rounded once to 8 (bfloat16) or 11 (float16) significant bits, i.e. a unit roundoff of 2^-8
 or 2^-11 per rounding, and a few such roundings compound through the softmax and the backward.
 """
@@ -76,7 +78,7 @@ def assert_matches(out, grads, ref_out, ref_grads, bound_out, bound_grads):
 def test_launchers_match_chapter_06_with_poisoned_buffers(batch, length, heads, dz, dv, chunk):
     z, v, gamma, beta, grad_out = make_inputs(batch, length, heads, dz, dv)
     o, q, k, lse = chunk_attention_forward(z, v, gamma, beta, heads, chunk, poison=True)
-    grads = chunk_attention_backward(grad_out, z, q, k, v, o, lse, gamma, heads, chunk, poison=True)
+    grads = chunk_attention_backward(grad_out, z, q, k, v, lse, gamma, heads, chunk, poison=True)
     for name, t in zip(("O", "q", "k", "dz", "dv", "dgamma", "dbeta"), (o, q, k, *grads)):
         assert t.isfinite().all(), f"{name} has elements the kernels never wrote"
     assert_matches(o, grads, *reference(z, v, gamma, beta, grad_out, heads, chunk), 1e-5, 1e-5)
@@ -126,7 +128,7 @@ def test_custom_ops_pass_opcheck():
     args = (1, 16, 1e-5, 10000.0)
     o, q, k, lse = torch.ops.megalodon_lite.chunk_attention_fwd(z, v, gamma, beta, *args)
     for op, inputs in ((torch.ops.megalodon_lite.chunk_attention_fwd.default, (z, v, gamma, beta, *args)),
-                       (torch.ops.megalodon_lite.chunk_attention_bwd.default, (grad_out, z, q, k, v, o, lse, gamma, *args))):
+                       (torch.ops.megalodon_lite.chunk_attention_bwd.default, (grad_out, z, q, k, v, lse, gamma, *args))):
         torch.library.opcheck(op, inputs, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -164,7 +166,7 @@ def test_bad_input_is_named():
                         torch.zeros(2, 1, 2 * MAX_Z_HEAD_DIM, device=DEVICE), 1, 16)
     with pytest.raises(ValueError, match="lse must be"):
         o, q, k, lse = chunk_attention_forward(z, v, gamma, beta, 2, 16)
-        chunk_attention_backward(o, z, q, k, v, o, lse[:, :3], gamma, 2, 16)
+        chunk_attention_backward(o, z, q, k, v, lse[:, :3], gamma, 2, 16)
 
 
 # ---------------------------------------------------------------- GPU: official shapes
@@ -172,7 +174,7 @@ def test_bad_input_is_named():
 OFFICIAL = [
     pytest.param(torch.bfloat16, 1e-2, 2e-2, id="bf16"),
     pytest.param(torch.float16, 1e-2, 2e-2, id="fp16"),
-    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float32, 1e-5, 3e-5, id="fp32"),
 ]
 
 
@@ -183,7 +185,7 @@ def test_official_shapes_against_float64(dtype, bound_out, bound_grads):
     z, v, gamma, beta, grad_out = make_inputs(1, 2 * 2048 + 333, 1, 256, 2048, dtype=torch.float32)
     z, v, grad_out = z.to(dtype), v.to(dtype), grad_out.to(dtype)  # gamma, beta stay float32 parameters
     o, q, k, lse = chunk_attention_forward(z, v, gamma, beta, 1, 2048, poison=True)
-    grads = chunk_attention_backward(grad_out, z, q, k, v, o, lse, gamma, 1, 2048, poison=True)
+    grads = chunk_attention_backward(grad_out, z, q, k, v, lse, gamma, 1, 2048, poison=True)
     assert_matches(o, grads, *reference(z, v, gamma, beta, grad_out, 1, 2048), bound_out, bound_grads)
 
 

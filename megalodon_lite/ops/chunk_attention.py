@@ -12,7 +12,8 @@ https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc0984298443
 Design (chapter 09): the normalisation, affine and RoPE run in one pass over z (the prologue);
 a softmax kernel writes the probabilities P of each chunk (block-lower-triangular, input dtype);
 one triangular-matmul kernel then computes O = P V, and in the backward dV = P^T dO, dQ = dS K,
-dK = dS^T Q from P and dS = P (dO V^T - rowsum(dO O)) written by a score-gradient kernel.
+dK = dS^T Q from P and T = P dP (dP = dO V^T) written by a score-gradient kernel, which also sums
+delta = rowsum(T) = rowsum(dO O); the z-wide products form dS = T - P delta tile by tile.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class AttentionTiles:
 
     ``softmax_*``: query rows x key columns per step of the softmax kernel; ``grad_*``: the tile of
     the score-gradient kernel, with ``grad_v`` value channels per step of its dP = dO V^T reduction
-    and ``grad_d`` z channels per step of S = Q K^T; ``mm_*``: the triangular matmuls, ``mm_m``
-    output rows, ``mm_k`` reduction step, ``mm_n_v`` / ``mm_n_z`` output columns of the value-wide
-    (O, dV) and z-wide (dQ, dK) products; ``prologue_tokens``: tokens per program of the prologue
-    and epilogue.
+    and ``grad_d`` z channels per step of S = Q K^T; ``mm_*``: the value-wide triangular matmuls
+    (O, dV), ``mm_m`` output rows x ``mm_n`` output columns, ``mm_k`` reduction step; ``zmm_*``: the
+    same for the z-wide ones (dQ, dK, which load two tiles of A per step: dS = T - P delta);
+    ``prologue_tokens``: tokens per program of the prologue and epilogue.
     """
 
     prologue_tokens: int = 8
@@ -57,30 +58,42 @@ class AttentionTiles:
     grad_warps: int = 8
     grad_stages: int = 4
     mm_m: int = 256
+    mm_n: int = 128
     mm_k: int = 64
-    mm_n_v: int = 128
-    mm_n_z: int = 128
     mm_warps: int = 8
     mm_stages: int = 4
+    zmm_m: int = 128
+    zmm_n: int = 256
+    zmm_k: int = 64
+    zmm_warps: int = 8
+    zmm_stages: int = 3
 
     @property
     def tile(self) -> int:
         """Granularity of the stored triangle of P and dS: every row/column block size divides it."""
-        return max(self.softmax_m, self.softmax_n, self.grad_m, self.grad_n, self.mm_m, self.mm_k)
+        return max(self.softmax_m, self.softmax_n, self.grad_m, self.grad_n, self.mm_m, self.mm_k, self.zmm_m,
+                   self.zmm_k)
 
     def fitted(self, span: int) -> AttentionTiles:
         """These tiles with no block larger than the chunk (rounded up to a power of two, >= 16)."""
         cap = max(16, triton.next_power_of_2(span))
-        names = ("softmax_m", "softmax_n", "grad_m", "grad_n", "mm_m", "mm_k")
+        names = ("softmax_m", "softmax_n", "grad_m", "grad_n", "mm_m", "mm_k", "zmm_m", "zmm_k")
         return replace(self, **{name: min(getattr(self, name), cap) for name in names})
+
+    def matmul(self, z_wide: bool) -> tuple[int, int, int, int, int]:
+        """(rows, columns, reduction step, warps, stages) of the value-wide or the z-wide matmuls."""
+        if z_wide:
+            return self.zmm_m, self.zmm_n, self.zmm_k, self.zmm_warps, self.zmm_stages
+        return self.mm_m, self.mm_n, self.mm_k, self.mm_warps, self.mm_stages
 
 
 GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: the best of kernels/tune_attention.py on an H200
 GPU_TILES_FP32 = AttentionTiles(softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32, grad_n=32, grad_v=32,
-                                grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_k=32, mm_n_v=64, mm_n_z=64,
-                                mm_warps=4, mm_stages=3)  # fits shared memory and registers without spilling
+                                grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_n=64, mm_k=32, mm_warps=4,
+                                mm_stages=3, zmm_m=64, zmm_n=64, zmm_k=32, zmm_warps=4,
+                                zmm_stages=3)  # fits shared memory and registers without spilling
 INTERPRETER_TILES = AttentionTiles(prologue_tokens=16, softmax_m=16, softmax_n=16, grad_m=16, grad_n=16, grad_v=16,
-                                   grad_d=16, mm_m=16, mm_k=16, mm_n_v=16, mm_n_z=16)
+                                   grad_d=16, mm_m=16, mm_n=16, mm_k=16, zmm_m=16, zmm_n=16, zmm_k=16)
 TILES_ENV = "MEGALODON_ATTENTION_TILES"
 """JSON object of AttentionTiles fields that replace GPU_TILES, e.g. '{"grad_m": 64}' (for tuning)."""
 
@@ -252,12 +265,13 @@ def _launch_softmax(q, k, p, lse, num_heads, chunk_size, tiles):
 
 # %% chapters/09_triton_attention.py cell 31 · §3.3 One triangular matmul for $O$, $dV$, $dQ$ and $dK$
 @triton.jit
-def _tri_matmul_kernel(a_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, n_col_tiles,
-                       H: tl.constexpr, N: tl.constexpr, TRANS_A: tl.constexpr, TILE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _tri_matmul_kernel(a_ptr, b_ptr, delta_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, n_col_tiles,
+                       H: tl.constexpr, N: tl.constexpr, TRANS_A: tl.constexpr, SHIFT: tl.constexpr,
+                       TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr):
     """C = A X inside every chunk (TRANS_A: C = A^T X); A (G, span, span) block-lower-triangular,
-    X and C (B*L, H, N). program_id(0) = chunk * n_col_tiles + column tile, program_id(1) = row block."""
+    X and C (B*L, H, N). SHIFT: A[t, s] - B[t, s] delta[t] in place of A, with B like A and delta
+    (G, span). program_id(0) = chunk * n_col_tiles + column tile, program_id(1) = row block."""
     g = tl.program_id(0) // n_col_tiles
     n0 = (tl.program_id(0) % n_col_tiles) * BLOCK_N
     if TRANS_A:  # row s of A^T sums over rows t >= s of A: the first row blocks are the longest
@@ -269,7 +283,7 @@ def _tri_matmul_kernel(a_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, 
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
-        a_chunk = a_ptr + g.to(tl.int64) * span * span
+        a_chunk = g.to(tl.int64) * span * span
         if TRANS_A:  # A^T[r, s] = A[s, r]: s from the start of r's tile to the end of the chunk
             lo, hi = (row0 // TILE) * TILE, tl.cdiv(chunk_len, TILE) * TILE
             a_tile = a_chunk + (lo + ks)[None, :] * span + rows[:, None]
@@ -278,10 +292,19 @@ def _tri_matmul_kernel(a_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, 
             lo, hi = 0, (row0 // TILE + 1) * TILE
             a_tile = a_chunk + rows[:, None] * span + ks[None, :]
             a_step = BLOCK_K
+        if SHIFT and not TRANS_A:
+            delta_rows = tl.load(delta_ptr + g.to(tl.int64) * span + rows)[:, None]
         x_tile = x_ptr + ((tok + lo + ks) * H + h)[:, None] * N + cols[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(lo, hi, BLOCK_K):
-            a = tl.load(a_tile)
+            a = tl.load(a_ptr + a_tile)
+            if SHIFT:  # dS = T - P delta, delta of A's rows: the output's rows, or (A^T) the reduced ones
+                if TRANS_A:
+                    shift = tl.load(delta_ptr + g.to(tl.int64) * span + k0 + ks)[None, :]
+                else:
+                    shift = delta_rows
+                b = tl.load(b_ptr + a_tile).to(tl.float32)
+                a = (a.to(tl.float32) - b * shift).to(x_ptr.dtype.element_ty)
             x = tl.load(x_tile, mask=(k0 + ks < chunk_len)[:, None] & (cols < N)[None, :], other=0.0)
             acc = tl.dot(a, x, acc, input_precision=PRECISION)
             a_tile += a_step
@@ -290,48 +313,40 @@ def _tri_matmul_kernel(a_ptr, x_ptr, c_ptr, length, chunk_size, n_chunks, span, 
                  mask=(rows < chunk_len)[:, None] & (cols < N)[None, :])
 
 # %% chapters/09_triton_attention.py cell 32 · §3.3 One triangular matmul for $O$, $dV$, $dQ$ and $dK$
-def _launch_tri_matmul(a, x, out, num_heads, chunk_size, transpose, block_n, tiles):
-    """out (B, L, H*N) = A X (or A^T X) chunk by chunk, for A (G, span, span) from the scores kernels."""
+def _launch_tri_matmul(a, x, out, num_heads, chunk_size, transpose, tiles, shift=None):
+    """out (B, L, H*N) = A X (or A^T X) chunk by chunk, for A (G, span, span) from the scores kernels;
+    shift = (B, delta): A - B delta (delta (G, span) scaling A's rows) in place of A, with the z-wide tiles."""
     batch, length, width = x.shape
     n = width // num_heads
+    block_m, block_n, block_k, warps, stages = tiles.matmul(z_wide=shift is not None)
     block_n = min(block_n, _pow2(n))
     n_col_tiles = triton.cdiv(n, block_n)
-    _tri_matmul_kernel[(a.shape[0] * n_col_tiles, a.shape[1] // tiles.mm_m)](
-        a, x, out, length, chunk_size, triton.cdiv(length, chunk_size), a.shape[1], n_col_tiles, H=num_heads,
-        N=n, TRANS_A=transpose, TILE=tiles.tile, BLOCK_M=tiles.mm_m, BLOCK_N=block_n, BLOCK_K=tiles.mm_k,
-        PRECISION=_precision(x.dtype), num_warps=tiles.mm_warps, num_stages=tiles.mm_stages)
+    b, delta = shift if shift is not None else (a, a)  # without SHIFT the kernel never reads them
+    _tri_matmul_kernel[(a.shape[0] * n_col_tiles, a.shape[1] // block_m)](
+        a, b, delta, x, out, length, chunk_size, triton.cdiv(length, chunk_size), a.shape[1], n_col_tiles,
+        H=num_heads, N=n, TRANS_A=transpose, SHIFT=shift is not None, TILE=tiles.tile, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
     return out
 
 # %% chapters/09_triton_attention.py cell 36 · §3.4 The backward: score gradients, then back through RoPE and the norm
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, n_rows, DV: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_V: tl.constexpr):
-    """delta (B*L*H,) = rowsum(dO * O) over the value channels, float32."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    e = tl.arange(0, BLOCK_V)
-    offs = rows.to(tl.int64)[:, None] * DV + e[None, :]
-    acc = tl.zeros((BLOCK_R,), tl.float32)
-    for e0 in range(0, DV, BLOCK_V):
-        mask = (rows < n_rows)[:, None] & (e0 + e < DV)[None, :]
-        acc += tl.sum(tl.load(do_ptr + offs + e0, mask=mask, other=0.0).to(tl.float32)
-                      * tl.load(o_ptr + offs + e0, mask=mask, other=0.0).to(tl.float32), 1)
-    tl.store(delta_ptr + rows, acc, mask=rows < n_rows)
-
-
-@triton.jit
-def _score_grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, p_ptr, ds_ptr,
+def _score_grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, p_ptr, t_ptr, row_sums_ptr,
                        length, chunk_size, n_chunks, span,
                        H: tl.constexpr, DZ: tl.constexpr, DV: tl.constexpr, TILE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
-    """P and dS = P (dO V^T - delta) of one BLOCK_M x BLOCK_N tile of chunk program_id(1)."""
+    """P, T = P dP (dP = dO V^T) and the row sums of T (G, span / BLOCK_N, span) of one
+    BLOCK_M x BLOCK_N tile of chunk program_id(1)."""
     g = tl.program_id(1)
     n_col_blocks = span // BLOCK_N
     row0 = (tl.program_id(0) // n_col_blocks) * BLOCK_M
     col0 = (tl.program_id(0) % n_col_blocks) * BLOCK_N
     h, tok, chunk_len = _chunk_of(g, length, chunk_size, n_chunks, H)
-    if (row0 < tl.cdiv(chunk_len, TILE) * TILE) & (col0 < (row0 // TILE + 1) * TILE):
-        rows = row0 + tl.arange(0, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_sums = row_sums_ptr + (g.to(tl.int64) * n_col_blocks + col0 // BLOCK_N) * span + rows
+    if (row0 >= tl.cdiv(chunk_len, TILE) * TILE) | (col0 >= (row0 // TILE + 1) * TILE):
+        tl.store(row_sums, tl.zeros((BLOCK_M,), tl.float32))  # a tile above the triangle: T = 0
+    else:
         cols = col0 + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < chunk_len, cols < chunk_len
         e = tl.arange(0, BLOCK_V)
@@ -351,24 +366,20 @@ def _score_grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, p_ptr, d
             kt = tl.load(k_cols + d0, mask=col_ok[None, :] & (d0 + d < DZ)[:, None], other=0.0)
             s = tl.dot(q, kt, s, input_precision=PRECISION)
         lse = tl.load(lse_ptr + g.to(tl.int64) * span + rows)
-        delta = tl.load(delta_ptr + (tok + rows) * H + h, mask=row_ok, other=0.0)
         p = tl.where((cols[None, :] <= rows[:, None]) & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        t = p * dp
         out = g.to(tl.int64) * span * span + rows[:, None] * span + cols[None, :]
         tl.store(p_ptr + out, p.to(p_ptr.dtype.element_ty))
-        tl.store(ds_ptr + out, (p * (dp - delta[:, None])).to(ds_ptr.dtype.element_ty))
+        tl.store(t_ptr + out, t.to(t_ptr.dtype.element_ty))
+        tl.store(row_sums, tl.sum(t, 1))
 
 # %% chapters/09_triton_attention.py cell 37 · §3.4 The backward: score gradients, then back through RoPE and the norm
-def _launch_delta(o, grad_out, delta, num_heads):
-    width = o.shape[-1] // num_heads
-    _delta_kernel[(triton.cdiv(delta.numel(), 16),)](o, grad_out, delta, delta.numel(), DV=width, BLOCK_R=16,
-                                                     BLOCK_V=min(256, _pow2(width)))
-
-
-def _launch_score_grad(q, k, v, do, lse, delta, p, ds, num_heads, chunk_size, tiles):
+def _launch_score_grad(q, k, v, do, lse, p, t, row_sums, num_heads, chunk_size, tiles):
+    """P, T (G, span, span) and the row sums of T (G, span / tiles.grad_n, span); delta = row_sums.sum(1)."""
     batch, length, z_dim = q.shape
     dz, dv, span = z_dim // num_heads, v.shape[-1] // num_heads, p.shape[1]
     _score_grad_kernel[((span // tiles.grad_m) * (span // tiles.grad_n), p.shape[0])](
-        q, k, v, do, lse, delta, p, ds, length, chunk_size, triton.cdiv(length, chunk_size), span, H=num_heads,
+        q, k, v, do, lse, p, t, row_sums, length, chunk_size, triton.cdiv(length, chunk_size), span, H=num_heads,
         DZ=dz, DV=dv, TILE=tiles.tile, BLOCK_M=tiles.grad_m, BLOCK_N=tiles.grad_n,
         BLOCK_D=min(tiles.grad_d, _pow2(dz)), BLOCK_V=min(tiles.grad_v, _pow2(dv)), PRECISION=_precision(q.dtype),
         num_warps=tiles.grad_warps, num_stages=tiles.grad_stages)
@@ -458,11 +469,11 @@ def chunk_attention_forward(z: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, n
     lse = _empty((n_programs, span), z, torch.float32, poison)
     p = _empty((n_programs, span, span), z, poison=poison)
     _launch_softmax(q, k, p, lse, num_heads, chunk_size, tiles)
-    o = _launch_tri_matmul(p, v, _empty(v.shape, v, poison=poison), num_heads, chunk_size, False, tiles.mm_n_v, tiles)
+    o = _launch_tri_matmul(p, v, _empty(v.shape, v, poison=poison), num_heads, chunk_size, False, tiles)
     return o, q, k, lse
 
 
-def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
                              gamma: Tensor, num_heads: int, chunk_size: int, eps: float = NORM_EPS,
                              rope_base: float = 10000.0, *, tiles: AttentionTiles | None = None,
                              poison: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -471,18 +482,18 @@ def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, 
     Returns:
         dz (B, L, H*dz) and dv (B, L, H*dv) in z's dtype; dgamma, dbeta (2, H, dz) in gamma's dtype.
     """
-    _require(grad_out.shape == o.shape == v.shape, f"grad_out must have O's shape {tuple(o.shape)}, got {tuple(grad_out.shape)}")
+    _require(grad_out.shape == v.shape, f"grad_out must have O's shape {tuple(v.shape)}, got {tuple(grad_out.shape)}")
     _require(q.shape == k.shape == z.shape, f"q, k must have z's shape {tuple(z.shape)}, got {tuple(q.shape)}, {tuple(k.shape)}")
     grad_out, z, gamma = grad_out.contiguous(), z.contiguous(), gamma.contiguous()
     n_chunks, n_programs, span, tiles = _layout(z, num_heads, chunk_size, tiles or default_tiles(z.device, z.dtype))
     _require(lse.shape == (n_programs, span), f"lse must be ({n_programs}, {span}) for these tiles, got {tuple(lse.shape)}")
-    delta = _empty((*z.shape[:2], num_heads), z, torch.float32, poison)
-    _launch_delta(o, grad_out, delta, num_heads)
-    p, ds = _empty((n_programs, span, span), z, poison=poison), _empty((n_programs, span, span), z, poison=poison)
-    _launch_score_grad(q, k, v, grad_out, lse, delta, p, ds, num_heads, chunk_size, tiles)
-    dv = _launch_tri_matmul(p, grad_out, _empty(v.shape, v, poison=poison), num_heads, chunk_size, True, tiles.mm_n_v, tiles)
-    dq = _launch_tri_matmul(ds, k, _empty(z.shape, z, torch.float32, poison), num_heads, chunk_size, False, tiles.mm_n_z, tiles)
-    dk = _launch_tri_matmul(ds, q, _empty(z.shape, z, torch.float32, poison), num_heads, chunk_size, True, tiles.mm_n_z, tiles)
+    p, t = _empty((n_programs, span, span), z, poison=poison), _empty((n_programs, span, span), z, poison=poison)
+    row_sums = _empty((n_programs, span // tiles.grad_n, span), z, torch.float32, poison)
+    _launch_score_grad(q, k, v, grad_out, lse, p, t, row_sums, num_heads, chunk_size, tiles)
+    shift = (p, row_sums.sum(1))  # dS = T - P delta, with delta = rowsum(T) (G, span)
+    dv = _launch_tri_matmul(p, grad_out, _empty(v.shape, v, poison=poison), num_heads, chunk_size, True, tiles)
+    dq = _launch_tri_matmul(t, k, _empty(z.shape, z, poison=poison), num_heads, chunk_size, False, tiles, shift)
+    dk = _launch_tri_matmul(t, q, _empty(z.shape, z, poison=poison), num_heads, chunk_size, True, tiles, shift)
     d = z.shape[-1] // num_heads
     parts = (triton.cdiv(z.shape[0] * z.shape[1], tiles.prologue_tokens), 2, num_heads, d)
     dgamma, dbeta = _empty(parts, z, torch.float32, poison), _empty(parts, z, torch.float32, poison)
@@ -506,14 +517,14 @@ def _(z, v, gamma, beta, num_heads, chunk_size, eps, rope_base):
 
 
 @torch.library.custom_op("megalodon_lite::chunk_attention_bwd", mutates_args=())
-def _backward_op(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+def _backward_op(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
                  gamma: Tensor, num_heads: int, chunk_size: int, eps: float, rope_base: float
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return chunk_attention_backward(grad_out, z, q, k, v, o, lse, gamma, num_heads, chunk_size, eps, rope_base)
+    return chunk_attention_backward(grad_out, z, q, k, v, lse, gamma, num_heads, chunk_size, eps, rope_base)
 
 
 @_backward_op.register_fake
-def _(grad_out, z, q, k, v, o, lse, gamma, num_heads, chunk_size, eps, rope_base):
+def _(grad_out, z, q, k, v, lse, gamma, num_heads, chunk_size, eps, rope_base):
     return torch.empty_like(z), torch.empty_like(v), torch.empty_like(gamma), torch.empty_like(gamma)
 
 
@@ -525,7 +536,7 @@ class ChunkAttentionFunction(torch.autograd.Function):
                 eps: float, rope_base: float) -> Tensor:
         o, q, k, lse = torch.ops.megalodon_lite.chunk_attention_fwd(z, v, gamma, beta, num_heads, chunk_size,
                                                                     eps, rope_base)
-        ctx.save_for_backward(z, q, k, v, o, lse, gamma)
+        ctx.save_for_backward(z, q, k, v, lse, gamma)  # not O: the backward sums delta from P dP
         ctx.args = (num_heads, chunk_size, eps, rope_base)
         return o
 
