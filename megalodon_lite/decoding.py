@@ -453,6 +453,8 @@ class LlamaDecoder(StaticDecoder):
         if self.cache is not None and self.graphs:
             raise RuntimeError("this decoder's graphs point at its first cache: build a new decoder per prompt")
         logits, self.cache = self.model(prompt, KVCache.empty(self.capacity))
+        for buffer in self.cache.keys + self.cache.values:
+            buffer[:, :, prompt.shape[1]:] = 0  # unwritten memory may hold NaN, and 0 x NaN is NaN even masked
         self.pos.fill_(prompt.shape[1])
         return logits[:, -1]
 
@@ -504,6 +506,24 @@ def make_decoder(model: nn.Module, batch_size: int, max_length: int, *, cuda_gra
     if isinstance(model, LlamaLM):
         return LlamaDecoder(model, batch_size, max_length, cuda_graph=cuda_graph)
     raise TypeError(f"model must be a MegalodonLM or a LlamaLM, got {type(model).__name__}")
+
+
+@torch.no_grad()
+def static_generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int | None = None, generator: torch.Generator | None = None,
+                    cuda_graph: bool | None = None) -> Tensor:
+    """``generate`` on fixed-size buffers: ``prompt`` (B, P) -> (B, max_new_tokens) int64 sampled
+    tokens, in eval mode (the previous mode restored). Graphs on CUDA unless ``cuda_graph=False``."""
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = list(decode_stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                    generator=generator, cuda_graph=cuda_graph))
+    finally:
+        model.train(was_training)
+    if not tokens:
+        return prompt.new_zeros((prompt.shape[0], 0), dtype=torch.int64)
+    return torch.stack(tokens, dim=1)
 
 
 @torch.no_grad()
