@@ -235,6 +235,18 @@ class StaticDecoder:
         self._advance()
         return logits
 
+    @torch.no_grad()
+    def prepare(self, steps: int) -> None:
+        """Capture now every graph the next ``steps`` steps will replay (for timing without captures).
+        Nothing to do eagerly."""
+        validate.non_negative_int("steps", steps)
+        if self.length == 0:
+            raise RuntimeError("call prefill(prompt) before prepare(steps)")
+        if self.cuda_graph:
+            for key in dict.fromkeys(self._graph_key(ahead) for ahead in range(steps)):
+                if key not in self.graphs:
+                    self.graphs[key] = self._capture(key)
+
     def _run(self, key: object) -> Tensor:
         with self.autocast():
             logits = self._step(key)
@@ -271,7 +283,8 @@ class StaticDecoder:
     def _mutable(self) -> list[Tensor]:
         raise NotImplementedError
 
-    def _graph_key(self) -> object:
+    def _graph_key(self, ahead: int = 0) -> object:
+        """Which graph replays the step ``ahead`` steps from now."""
         return None
 
     def _check_room(self) -> None:
@@ -467,8 +480,8 @@ class LlamaDecoder(StaticDecoder):
         if self.length >= self.capacity:
             raise ValueError(f"the decoder's cache is full: it holds max_length={self.capacity} tokens")
 
-    def _graph_key(self) -> int:
-        return attention_span(self.length + 1, self.capacity)
+    def _graph_key(self, ahead: int = 0) -> int:
+        return attention_span(min(self.length + ahead + 1, self.capacity), self.capacity)
 
     def _mutable(self) -> list[Tensor]:
         return [self.pos]  # the cache is only written at slot pos, which the captured step writes again
