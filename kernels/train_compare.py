@@ -233,8 +233,9 @@ def part_decode(s: dict, device: torch.device) -> dict:
                             if isinstance(model, MegalodonLM):
                                 decoder.prefill_piece = 16 * model.config.chunk_size
                             logits = decoder.prefill(prompt)
-                            decoder.prepare(warmup + timed)
                         prefill_peak = peak_bytes()
+                        if decoder is not None:
+                            decoder.prepare(warmup + timed)  # every capture now, none while timing
 
                         def advance(token: torch.Tensor) -> torch.Tensor:
                             nonlocal memory

@@ -18,7 +18,7 @@ import torch
 
 from megalodon_lite.baseline import KVCache, LlamaConfig, LlamaLM
 from megalodon_lite.config import preset
-from megalodon_lite.decoding import MegalodonDecoder, attention_span, make_decoder
+from megalodon_lite.decoding import MegalodonDecoder, attention_span, make_decoder, static_generate
 from megalodon_lite.model import MegalodonLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -69,19 +69,24 @@ def test_graphs_replay_the_eager_step_across_chunks_and_spans(autocast):
         assert len(decoder.graphs) == (1 if isinstance(decoder, MegalodonDecoder) else len(spans))
         for t, (a, b, c) in enumerate(zip(graphed, eager, expected)):
             assert torch.isfinite(a).all()
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{type(model).__name__} step {t}: {m}")
             if autocast:
+                assert (a - b).abs().max() <= 1e-2 * b.abs().max(), f"{type(model).__name__} step {t}"
                 assert (a - c).abs().max() <= 5e-2 * c.abs().max(), f"{type(model).__name__} step {t}"
             else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(a, c, rtol=5e-3, atol=5e-3)
 
 
-def test_generate_uses_graphs_on_cuda_and_matches_the_eager_loop():
+def test_generate_uses_graphs_on_cuda_and_matches_the_eager_step():
+    """Greedy tokens of the graphs equal those of the same step run eagerly (the chapters' loop
+    computes in another order, tf32 included, and may break a near-tie of a random model otherwise)."""
     for model in models(1):
         prompt = torch.randint(0, 256, (1, 21), device="cuda")
         graphed = model.generate(prompt, 40, temperature=0)  # cuda_graph=None: graphs on CUDA
         assert torch.equal(graphed, model.generate(prompt, 40, temperature=0, cuda_graph=True))
-        assert torch.equal(graphed, model.generate(prompt, 40, temperature=0, cuda_graph=False))
+        assert torch.equal(graphed, static_generate(model, prompt, 40, temperature=0, cuda_graph=False))
+        sampled = model.generate(prompt, 40, temperature=1.0, generator=torch.Generator("cuda").manual_seed(0))
+        assert sampled.shape == (1, 40) and sampled.max() < 256
 
 
 def test_decoder_memory_megalodon_constant_baseline_growing():
