@@ -526,6 +526,7 @@ from megalodon_lite.attention import RMSNorm, RotaryEmbedding
 from megalodon_lite.config import MegalodonConfig
 from megalodon_lite import validate
 from megalodon_lite.model import MegalodonLM, embedding_init_, sample_next_token
+from megalodon_lite.decoding import static_generate, use_cuda_graph
 
 # %% [markdown]
 # `LlamaConfig` holds the baseline's shapes, checked when it is built (a head must have an even
@@ -778,13 +779,16 @@ class LlamaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> Tensor:
         """Continue ``prompt`` (B, P) by ``max_new_tokens`` sampled tokens -> (B, max_new_tokens) int64,
-        through a KV cache. Same options as :meth:`MegalodonLM.generate`."""
+        through a KV cache. Same options as :meth:`MegalodonLM.generate`, ``cuda_graph`` included."""
         validate.tokens(prompt, self.config.vocab_size, name="prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         validate.sampling(temperature, top_k, self.config.vocab_size)
+        if use_cuda_graph(cuda_graph, self.embed.weight.device):
+            return static_generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   generator=generator)
         was_training = self.training
         self.eval()
         try:
@@ -948,6 +952,7 @@ from megalodon_lite.data import (IGNORE_INDEX, VAL_PERCENT, VOCAB_SIZE, Corpus, 
                                  WindowSampler, evaluation_windows, load_corpus)
 from megalodon_lite import validate
 from megalodon_lite.model import MegalodonLM, sample_next_token
+from megalodon_lite.decoding import decode_stream, use_cuda_graph
 
 MODEL_KINDS = ("megalodon", "llama")
 
@@ -1500,11 +1505,13 @@ def resume_training(directory: str | Path, *, expected: TrainConfig | None = Non
 # %% tags=["export:train"]
 @torch.no_grad()
 def stream_generate(model: MegalodonLM | LlamaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                    top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
+                    top_k: int | None = None, generator: torch.Generator | None = None,
+                    cuda_graph: bool | None = None) -> Iterator[int]:
     """Yield ``max_new_tokens`` token ids sampled after ``prompt`` (P,) or (1, P) int64, one at a time.
 
     Runs in eval mode (restored at the end), under bf16 autocast on CUDA. ``generator`` must live
-    on the model's device.
+    on the model's device. On CUDA (unless ``cuda_graph=False``) each step is a replayed CUDA graph
+    (:func:`~megalodon_lite.decoding.decode_stream`).
     """
     prompt = prompt.reshape(1, -1)
     validate.sampling(temperature, top_k, model.config.vocab_size)
@@ -1513,6 +1520,12 @@ def stream_generate(model: MegalodonLM | LlamaLM, prompt: Tensor, max_new_tokens
     was_training = model.training
     model.eval()
     try:
+        if use_cuda_graph(cuda_graph, device):
+            with autocast_for(device):
+                for token in decode_stream(model, prompt.to(device), max_new_tokens, temperature=temperature,
+                                           top_k=top_k, generator=generator, cuda_graph=True):
+                    yield int(token)
+            return
         with autocast_for(device):
             memory = None if isinstance(model, MegalodonLM) else KVCache.empty(prompt.shape[1] + max_new_tokens)
             for start in range(0, prompt.shape[1], piece):
@@ -1524,6 +1537,37 @@ def stream_generate(model: MegalodonLM | LlamaLM, prompt: Tensor, max_new_tokens
                     logits, memory = model(token[:, None], memory)
     finally:
         model.train(was_training)
+
+# %% [markdown]
+# **Decoding without the launch overhead.** At batch 1 one decoding step of either model is a few
+# hundred small kernels, each launched from Python; on a GPU each finishes before the next is
+# issued, so launching, not computing, sets the speed. A CUDA graph records one step's kernels
+# once and replays them with one launch, but replays fixed shapes at fixed addresses: the step
+# must read and write buffers allocated once, and whatever changes per token must be a number in
+# device memory. `megalodon_lite.decoding` (infrastructure, not an idea of the paper) writes the
+# step that way for both models: Megalodon's state in place, the unfinished chunk's keys and
+# values in `chunk_size` slots with the position inside the chunk a device integer (the new key goes
+# to that slot, later slots are masked, the position wraps to 0 when the chunk fills); the
+# transformer's cache allocated for prompt and continuation, attended over a span of it that grows
+# by quarter octaves (a graph per span). On CUDA, `generate` and `stream_generate` replay it
+# (`cuda_graph=False` keeps the loop above). The same step runs eagerly anywhere; on this CPU it
+# gives the streaming forward's logits, token by token, across a chunk boundary:
+
+# %%
+from megalodon_lite.decoding import make_decoder
+
+with torch.random.fork_rng(), torch.no_grad():  # the later cells' random numbers stay as they were
+    torch.manual_seed(0)
+    for model in (MegalodonLM(preset("tiny")).eval(), LlamaLM(matched_llama_config(preset("tiny"))).eval()):
+        prompt, fed = torch.randint(0, 256, (1, 50)), torch.randint(0, 256, (1, 30))  # crosses position 64
+        decoder = make_decoder(model, batch_size=1, max_length=80)  # fixed-size buffers, run eagerly here
+        logits, memory = model(prompt)
+        worst = (decoder.prefill(prompt) - logits[:, -1]).abs().max()
+        for t in range(fed.shape[1]):
+            logits, memory = model(fed[:, t:t + 1], memory)
+            worst = max(worst, (decoder.step(fed[:, t]) - logits[:, -1]).abs().max())
+        print(f"{type(model).__name__}: {decoder.state_nbytes:,} bytes of buffers, largest logit difference {worst:.1e}")
+        assert worst < 1e-4  # float32: the same sums in another order
 
 # %% [markdown]
 # Now the promise of exact resumption, in miniature: six steps in one go, against three steps, a
@@ -1677,6 +1721,14 @@ def rows_by(value: dict, key: str) -> dict:
     return {(r["model"], r[key]): r for r in value["rows"] if "error" not in r}
 
 
+DECODE_MODES = ("eager", "static", "graph")  # model(token, state); the fixed-buffer step; that step in CUDA graphs
+
+
+def decode_rows(value: dict) -> dict:
+    """{(model, context, mode): row} of the decode part (a run before the graphs has eager rows only)."""
+    return {(r["model"], r["context"], r.get("mode", "eager")): r for r in value["rows"] if "error" not in r}
+
+
 def report_gpu_comparison(results: dict) -> None:
     """Print the comparison, next to the paper's numbers and the issue's targets."""
     curves = gpu_part(results, "curves")
@@ -1726,12 +1778,14 @@ def report_gpu_comparison(results: dict) -> None:
                   + (f", passkey at 4x the length {longer:.1%}" if longer is not None else ""))
     decode = gpu_part(results, "decode")
     if decode:
-        rows = rows_by(decode, "context")
-        for context in sorted({c for _, c in rows}):
-            cells = [f"{kind} {rows[(kind, context)]['tokens_per_s']:,.0f} tokens/s with "
-                     f"{rows[(kind, context)]['state_bytes'] / 2**20:,.1f} MiB of state"
-                     for kind in ("megalodon", "llama") if (kind, context) in rows]
-            print(f"[decode] context {context:>7,}: " + "; ".join(cells))
+        rows = decode_rows(decode)
+        for context in sorted({c for _, c, _ in rows}):
+            for mode in DECODE_MODES:
+                cells = [f"{kind} {rows[key]['tokens_per_s']:,.0f} tokens/s with "
+                         f"{rows[key]['state_bytes'] / 2**20:,.1f} MiB of state"
+                         for kind in ("megalodon", "llama") if (key := (kind, context, mode)) in rows]
+                if cells:
+                    print(f"[decode] context {context:>7,} {mode:>6}: " + "; ".join(cells))
 
 
 def plot_gpu_comparison(results: dict) -> plt.Figure:
@@ -1768,12 +1822,19 @@ def plot_gpu_comparison(results: dict) -> plt.Figure:
         axes[4].bar(np.arange(3) + 0.4 * i, [value.get(t) or 0 for t in tasks], 0.4, color=colors[kind], label=kind)
     axes[4].set_xticks(np.arange(3) + 0.2, ["MQAR", "passkey", "passkey 4x"])
     axes[4].set(ylim=(0, 1), ylabel="accuracy", title="4. recall, equal steps")
-    decode = results["parts"].get("decode", {})
+    decode = decode_rows(results["parts"].get("decode", {"rows": []}))
+    styles = {"eager": "o:", "static": "s--", "graph": "^-"}
     for kind in colors:
-        rows = [r for r in decode.get("rows", []) if r["model"] == kind and "error" not in r]
-        axes[5].plot([r["context"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", color=colors[kind], label=kind)
-        axes[6].plot([r["context"] for r in rows], [r["state_bytes"] / 2**20 for r in rows], "o-", color=colors[kind],
-                     label=kind)
+        for mode in DECODE_MODES:
+            rows = sorted((c, r) for (k, c, m), r in decode.items() if k == kind and m == mode)
+            if not rows:
+                continue
+            contexts = [c for c, _ in rows]
+            axes[5].plot(contexts, [r["tokens_per_s"] for _, r in rows], styles[mode], color=colors[kind],
+                         label=f"{kind}, {mode}")
+            if mode != "static":  # the same buffers as the graph's
+                axes[6].plot(contexts, [r["state_bytes"] / 2**20 for _, r in rows], styles[mode], color=colors[kind],
+                             label=f"{kind}, {mode}")
     axes[5].set(xscale="log", xlabel="context", ylabel="tokens/s (batch 1)", title="5. decoding speed")
     axes[6].set(xscale="log", yscale="log", xlabel="context", ylabel="MiB per sequence", title="5. state vs KV cache")
     for ax in axes[:7]:
@@ -1805,8 +1866,10 @@ if gpu_results is not None:
 # recall probes said nothing this time: both models stayed at chance after the short budget the
 # run could give them, so the recall question stays open for a longer run. Decoding shows the
 # memory side of the story (a state of constant size against a cache that grows with the
-# context), but not yet the speed side: one Megalodon-lite decoding step launches hundreds of small
-# kernels from Python, and at batch 1 that launch time, not the GPU, sets its speed.
+# context). Its eager rows do not show the speed side: one Megalodon-lite decoding step launches
+# hundreds of small kernels from Python, and at batch 1 that launch time, not the GPU, sets its
+# speed; the graph rows, where the run has them, replay each model's step as CUDA graphs, so both
+# are timed without the launches.
 
 # %% [markdown]
 # ## Summary

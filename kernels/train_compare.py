@@ -6,7 +6,9 @@ optimizer and schedule (``megalodon_lite.train``). Parts, each selectable with `
 
     throughput  training tokens/s and peak memory at context 4K, 16K, 32K (32K tokens per step), and a
                 profile of one Megalodon step at 32K (where the time goes)
-    decode      decoding tokens/s and memory per sequence at context 1K, 8K, 32K, 128K (batch 1)
+    decode      decoding tokens/s and memory per sequence at context 1K, 8K, 32K, 128K (batch 1), each
+                model run eagerly, as the fixed-buffer step of megalodon_lite.decoding, and as
+                that step replayed in CUDA graphs
     curves      validation bits per byte while both train on the standard library at context 4K
     positions   (after curves, same call) loss per position at 32K on long validation documents
     recall      MQAR and passkey accuracy after training both on those tasks for the same budget
@@ -22,6 +24,12 @@ demo checkpoint to ``OUT/demo-checkpoint/``. Two calls of at most 10 minutes eac
     python kernels/train_compare.py --out OUT1 --parts throughput,decode,recall,demo --minutes 9
     python kernels/train_compare.py --out OUT2 --parts curves,positions --minutes 9
     python kernels/train_compare.py --merge OUT1/train_compare.json OUT2/train_compare.json \
+        --into kernels/results/train_compare_<gpu>.json
+
+One part again (here decode, about a minute on an H200), folded into the committed file:
+
+    python kernels/train_compare.py --out OUT3 --parts decode --minutes 5
+    python kernels/train_compare.py --merge kernels/results/train_compare_<gpu>.json OUT3/train_compare.json \
         --into kernels/results/train_compare_<gpu>.json
 
 ``--quick`` runs every part at toy sizes (the tiny preset, short contexts) on any device, to check
@@ -67,12 +75,12 @@ def sizes(quick: bool) -> dict:
     """Every size the parts use: full (GPU) or quick (toy, any device)."""
     if quick:
         return {"preset": "tiny", "train_contexts": (128, 256, 512), "tokens_per_step": 1024, "timed_steps": 2,
-                "decode_contexts": (64, 256, 1024), "decode_tokens": 8, "curves_context": 256, "curves_batch": 4,
+                "decode_contexts": (64, 256, 1024), "decode_tokens": 8, "decode_warmup": 2, "curves_context": 256, "curves_batch": 4,
                 "eval_windows": 4, "positions_context": 1024, "positions_windows": 4, "recall_context": 256,
                 "recall_pairs": 8, "recall_batch": 4, "recall_eval": 16, "demo_shape": {"num_layers": 1},
                 "demo_preset": "tiny", "demo_context": 256, "demo_batch": 4}
     return {"preset": "small", "train_contexts": (4096, 16384, 32768), "tokens_per_step": 32768, "timed_steps": 5,
-            "decode_contexts": (1024, 8192, 32768, 131072), "decode_tokens": 32, "curves_context": 4096,
+            "decode_contexts": (1024, 8192, 32768, 131072), "decode_tokens": 64, "decode_warmup": 8, "curves_context": 4096,
             "curves_batch": 8, "eval_windows": 16, "positions_context": 32768, "positions_windows": 16,
             "recall_context": 4096, "recall_pairs": 64, "recall_batch": 8, "recall_eval": 128,
             "demo_shape": DEMO_SHAPE, "demo_preset": "small", "demo_context": 2048, "demo_batch": 16}
@@ -177,50 +185,100 @@ def profile_step(s: dict, device: torch.device, corpus, context: int) -> dict:
     return {"context": context, "batch": batch, "device_ms_total": total, "top": events[:20]}
 
 
+DECODE_MODES = ("eager", "static", "graph")
+
+
 @torch.no_grad()
 def part_decode(s: dict, device: torch.device) -> dict:
-    """Tokens/s and memory per sequence while decoding one sequence after a prompt of each context."""
+    """Tokens/s and memory per sequence while decoding one sequence after a prompt of each context.
+
+    Three ways to run the same step, for both models: ``eager`` (``model(token, state)``, the
+    chapters' streaming forward), ``static`` (the fixed-buffer step of ``megalodon_lite.decoding``,
+    run eagerly) and ``graph`` (that step replayed as a CUDA graph; CUDA only). Each row: warm-up
+    steps (graph captures happen there, all of them: ``prepare``), then ``decode_tokens`` timed steps
+    between CUDA syncs, greedy. Memory: ``state_bytes`` (the state or cache a stream keeps: for
+    ``eager`` what is filled, for the fixed buffers all of them), the peak allocated over the
+    weights while reading the prompt and while decoding, and the decoders' bf16 copies of the linear
+    weights (``weight_copies_bytes``, counted in the decoding peak).
+    """
+    from megalodon_lite.decoding import _FP32_SCORES_FROM_HALF, make_decoder
+
     rows = []
     torch.manual_seed(0)
     models = {kind: Trainer(TrainConfig(model=kind, preset=s["preset"], steps=10), device=device,
                             batches=lambda first, rows: None).model.eval() for kind in KINDS}
+    modes = [m for m in DECODE_MODES if m != "graph" or device.type == "cuda"]
+    warmup, timed = s["decode_warmup"], s["decode_tokens"]
     for context in s["decode_contexts"]:
         prompt = torch.randint(0, 256, (1, context), device=device)
         for kind, model in models.items():
-            row = {"model": kind, "context": context}
-            try:
-                reset_peak()
-                weights = torch.cuda.memory_allocated() if device.type == "cuda" else None
-                with autocast_for(device):
-                    if isinstance(model, MegalodonLM):
-                        memory, piece = None, 16 * model.config.chunk_size
-                        for lo in range(0, context, piece):
-                            logits, memory = model(prompt[:, lo:lo + piece], memory)
+            for mode in modes:
+                row = {"model": kind, "context": context, "mode": mode}
+                decoder = memory = logits = None
+                try:
+                    reset_peak()
+                    weights = torch.cuda.memory_allocated() if device.type == "cuda" else None
+                    with autocast_for(device):
+                        if mode == "eager":
+                            if isinstance(model, MegalodonLM):
+                                piece = 16 * model.config.chunk_size
+                                for lo in range(0, context, piece):
+                                    logits, memory = model(prompt[:, lo:lo + piece], memory)
+                            else:
+                                logits, memory = model(prompt, KVCache.empty(context + warmup + timed + 8))
+                            logits = logits[:, -1]
+                        else:
+                            decoder = make_decoder(model, 1, context + warmup + timed + 8,
+                                                   cuda_graph=mode == "graph")
+                            if isinstance(model, MegalodonLM):
+                                decoder.prefill_piece = 16 * model.config.chunk_size
+                            logits = decoder.prefill(prompt)
+                        prefill_peak = peak_bytes()
+                        if decoder is not None:
+                            decoder.prepare(warmup + timed)  # every capture now, none while timing
+
+                        def advance(token: torch.Tensor) -> torch.Tensor:
+                            nonlocal memory
+                            if decoder is not None:
+                                return decoder.step(token)
+                            out, memory = model(token[:, None], memory)
+                            return out[:, -1]
+
+                        token = logits.argmax(-1)
+                        for _ in range(warmup):
+                            token = advance(token).argmax(-1)
+                        sync()
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        first = []
+                        start = time.perf_counter()
+                        for _ in range(timed):
+                            token = advance(token).argmax(-1)
+                            if len(first) < 8:
+                                first.append(token)
+                        sync()
+                    seconds = (time.perf_counter() - start) / timed
+                    if decoder is None:
+                        state = memory.nbytes if isinstance(model, MegalodonLM) else memory.used_nbytes
                     else:
-                        logits, memory = model(prompt, KVCache.empty(context + s["decode_tokens"] + 8))
-                    token = logits[:, -1].argmax(-1, keepdim=True)
-                    for _ in range(4):  # warm-up
-                        logits, memory = model(token, memory)
-                    sync()
-                    start = time.perf_counter()
-                    for _ in range(s["decode_tokens"]):
-                        logits, memory = model(token, memory)
-                        token = logits[:, -1].argmax(-1, keepdim=True)
-                    sync()
-                seconds = (time.perf_counter() - start) / s["decode_tokens"]
-                state = memory.nbytes if isinstance(model, MegalodonLM) else memory.used_nbytes
-                row.update(tokens_per_s=1.0 / seconds, state_bytes=state,
-                           peak_over_weights_bytes=None if weights is None else peak_bytes() - weights)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not is_oom(err):
-                    raise
-                row["error"] = "out of memory"
-            memory = logits = None
-            rows.append(row)
-            print(f"  decode {kind:>9} context {context:>7}: "
-                  + (f"{row['tokens_per_s']:,.1f} tokens/s, state {row['state_bytes']:,} bytes"
-                     if "tokens_per_s" in row else row["error"]), flush=True)
-    return {"rows": rows, "batch": 1}
+                        state = decoder.state_nbytes
+                        row.update(weight_copies_bytes=decoder.extra_weight_bytes, graphs=len(decoder.graphs))
+                    row.update(tokens_per_s=1.0 / seconds, seconds_per_token=seconds, state_bytes=state,
+                               peak_prefill_over_weights_bytes=None if weights is None else prefill_peak - weights,
+                               peak_decode_over_weights_bytes=None if weights is None else peak_bytes() - weights,
+                               first_tokens=[int(t) for t in first])
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not is_oom(err):
+                        raise
+                    row["error"] = "out of memory"
+                decoder = memory = logits = None
+                rows.append(row)
+                print(f"  decode {kind:>9} {mode:>6} context {context:>7}: "
+                      + (f"{row['tokens_per_s']:,.1f} tokens/s, state {row['state_bytes']:,} bytes"
+                         if "tokens_per_s" in row else row["error"]), flush=True)
+    scores = {str(d): v for d, v in _FP32_SCORES_FROM_HALF.items()}
+    return {"rows": rows, "batch": 1, "modes": modes, "warmup_tokens": warmup, "timed_tokens": timed,
+            "bf16_scores_in_float32_by_bmm": scores}
 
 
 def calibrated_steps(make_trainer, budget_seconds: float, evals: int, eval_seconds_guess: float = 0.0) -> dict:
@@ -415,10 +473,17 @@ def write_json(path: Path, results: dict) -> None:
 
 def merge(paths: list[str], into: str) -> dict:
     """One results file from several calls: every part with the index of the call that measured it
-    (``calls`` keeps each call's header: command, date, versions); a part measured twice keeps the later."""
+    (``calls`` keeps each call's header: command, date, versions); a part measured twice keeps the later.
+    A merged file may be merged again (to replace one part by a new call's)."""
     calls, parts = [], {}
     for path in paths:
         data = json.loads(Path(path).read_text())
+        if "calls" in data:  # an earlier merge: its calls, and its parts with their own call indices
+            offset = len(calls)
+            calls += data["calls"]
+            for name, value in data["parts"].items():
+                parts[name] = {**value, "call": value["call"] + offset}
+            continue
         calls.append(data["header"])
         for name, value in data["parts"].items():
             parts[name] = {**value, "call": len(calls) - 1}

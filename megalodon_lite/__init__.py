@@ -14,7 +14,8 @@ student edition and the exercises' checks), ``checkpoint`` (atomic, verified sav
 ``validate`` (the argument checks every public boundary calls), ``official`` (state dicts and
 configs of the official code, both ways), ``backend`` (Triton or PyTorch), ``cli`` with ``commands`` (the
 ``megalodon-lite`` command), ``parallel_train`` (the ``train`` command's trainer over several
-processes under torchrun) and ``notebook`` (what every chapter uses: smoke mode, device, seeding,
+processes under torchrun), ``decoding`` (the decoding step on fixed-size buffers, replayed as a
+CUDA graph) and ``notebook`` (what every chapter uses: smoke mode, device, seeding,
 timing, figure saving).
 
 Names are imported lazily (PEP 562), so ``import megalodon_lite`` is cheap and the exporter keeps

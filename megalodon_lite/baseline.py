@@ -27,6 +27,7 @@ from megalodon_lite.attention import RMSNorm, RotaryEmbedding
 from megalodon_lite.config import MegalodonConfig
 from megalodon_lite import validate
 from megalodon_lite.model import MegalodonLM, embedding_init_, sample_next_token
+from megalodon_lite.decoding import static_generate, use_cuda_graph
 
 # %% chapters/10_training.py cell 21 · §4 The baseline: a Llama-style decoder
 @dataclass(frozen=True)
@@ -250,13 +251,16 @@ class LlamaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> Tensor:
         """Continue ``prompt`` (B, P) by ``max_new_tokens`` sampled tokens -> (B, max_new_tokens) int64,
-        through a KV cache. Same options as :meth:`MegalodonLM.generate`."""
+        through a KV cache. Same options as :meth:`MegalodonLM.generate`, ``cuda_graph`` included."""
         validate.tokens(prompt, self.config.vocab_size, name="prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         validate.sampling(temperature, top_k, self.config.vocab_size)
+        if use_cuda_graph(cuda_graph, self.embed.weight.device):
+            return static_generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   generator=generator)
         was_training = self.training
         self.eval()
         try:

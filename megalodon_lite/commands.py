@@ -475,9 +475,13 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling [0]")
     parser.add_argument("--device", help="cpu, cuda, ... [cuda if available]")
     parser.add_argument("--threads", type=_int_at_least(1), help="CPU threads [1 for models under 5M parameters]")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="on CUDA, launch each decoding step's kernels one by one instead of replaying a "
+                             "CUDA graph (slower; no effect on a CPU)")
 
 
-def _print_sample(model, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> None:
+def _print_sample(model, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int,
+                  cuda_graph: bool = True) -> None:
     from megalodon_lite.data import EOD, encode
     from megalodon_lite.train import stream_generate
 
@@ -486,7 +490,9 @@ def _print_sample(model, prompt: str, tokens: int, temperature: float, top_k: in
     generator = torch.Generator(device=device).manual_seed(seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(prompt)
-    for token in stream_generate(model, ids, tokens, temperature=temperature, top_k=top_k, generator=generator):
+    on_cuda_graphs = None if cuda_graph else False  # None: graphs where the model is on CUDA
+    for token in stream_generate(model, ids, tokens, temperature=temperature, top_k=top_k, generator=generator,
+                                 cuda_graph=on_cuda_graphs):
         sys.stdout.write(decoder.decode(b"", final=True) + "\n<|eod|>\n" if token == EOD else decoder.decode(bytes([token])))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True))
@@ -511,7 +517,7 @@ def run_sample(args: argparse.Namespace) -> int:
         _set_cpu_threads(model, device, args.threads)
         if args.top_k > model.config.vocab_size:
             raise CommandError(f"--top-k must be at most the vocabulary size {model.config.vocab_size}", EXIT_USAGE)
-        _print_sample(model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed)
+        _print_sample(model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, args.cuda_graph)
         print()
         return EXIT_OK
     except CommandError as err:

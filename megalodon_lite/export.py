@@ -31,7 +31,7 @@ _CHAPTER_NAME = re.compile(r"^\d\d_[a-z0-9_]+\.py$")
 _MODULE_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")
 _RESERVED_MODULES = {"__init__", "__main__", "export", "book", "notebook", "checkpoint", "backend",
                      "cli", "commands", "parallel_train", "validate", "official", "chapters", "book_html",
-                     "student", "exercises"}
+                     "student", "exercises", "decoding"}
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
 # "3 · The chunked form", "3. The chunked form", "1.3 The module" (a number, then "." or "·", or a dotted number)
 _NUMBERED = re.compile(r"^(\d+(?:\.\d+)+|\d+(?=\s*[.·]))\.?\s*(?:·\s*)?(.+)$")

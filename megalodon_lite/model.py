@@ -443,17 +443,23 @@ class MegalodonLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> Tensor:
         """Continue ``prompt`` (B, P) by ``max_new_tokens`` sampled tokens -> (B, max_new_tokens) int64.
 
         The prompt is read one chunk (``chunk_size`` tokens) per call, then each sampled token is
         fed back alone, always through the streaming state: memory does not grow with the length
         of the prompt or of the continuation. Runs in eval mode (no dropout) and restores the
-        previous mode. See :func:`sample_next_token` for the sampling options.
+        previous mode. See :func:`sample_next_token` for the sampling options. On a CUDA device
+        (``cuda_graph`` None or True) each step is one replayed CUDA graph over the same state in
+        fixed-size buffers (:mod:`megalodon_lite.decoding`); ``cuda_graph=False`` runs the loop below.
         """
         validate.tokens(prompt, self.config.vocab_size, name="prompt")
         validate.non_negative_int("max_new_tokens", max_new_tokens)
         validate.sampling(temperature, top_k, self.config.vocab_size)
+        from megalodon_lite.decoding import static_generate, use_cuda_graph  # imports this module
+        if use_cuda_graph(cuda_graph, self.embed.weight.device):
+            return static_generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   generator=generator)
         was_training = self.training
         self.eval()
         try:

@@ -35,6 +35,7 @@ from megalodon_lite.data import (IGNORE_INDEX, VAL_PERCENT, VOCAB_SIZE, Corpus, 
                                  WindowSampler, evaluation_windows, load_corpus)
 from megalodon_lite import validate
 from megalodon_lite.model import MegalodonLM, sample_next_token
+from megalodon_lite.decoding import decode_stream, use_cuda_graph
 
 MODEL_KINDS = ("megalodon", "llama")
 
@@ -501,11 +502,13 @@ def resume_training(directory: str | Path, *, expected: TrainConfig | None = Non
 # %% chapters/10_training.py cell 54 · §5 The training loop
 @torch.no_grad()
 def stream_generate(model: MegalodonLM | LlamaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                    top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
+                    top_k: int | None = None, generator: torch.Generator | None = None,
+                    cuda_graph: bool | None = None) -> Iterator[int]:
     """Yield ``max_new_tokens`` token ids sampled after ``prompt`` (P,) or (1, P) int64, one at a time.
 
     Runs in eval mode (restored at the end), under bf16 autocast on CUDA. ``generator`` must live
-    on the model's device.
+    on the model's device. On CUDA (unless ``cuda_graph=False``) each step is a replayed CUDA graph
+    (:func:`~megalodon_lite.decoding.decode_stream`).
     """
     prompt = prompt.reshape(1, -1)
     validate.sampling(temperature, top_k, model.config.vocab_size)
@@ -514,6 +517,12 @@ def stream_generate(model: MegalodonLM | LlamaLM, prompt: Tensor, max_new_tokens
     was_training = model.training
     model.eval()
     try:
+        if use_cuda_graph(cuda_graph, device):
+            with autocast_for(device):
+                for token in decode_stream(model, prompt.to(device), max_new_tokens, temperature=temperature,
+                                           top_k=top_k, generator=generator, cuda_graph=True):
+                    yield int(token)
+            return
         with autocast_for(device):
             memory = None if isinstance(model, MegalodonLM) else KVCache.empty(prompt.shape[1] + max_new_tokens)
             for start in range(0, prompt.shape[1], piece):

@@ -29,13 +29,20 @@ def test_quick_decode_part_writes_results_with_their_provenance(compare, tmp_pat
     assert "needs the curves part" in results["parts"]["positions"]["skipped"]
     rows = results["parts"]["decode"]["rows"]
     assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("megalodon", "llama") for c in (64, 256, 1024)}
-    megalodon = [r["state_bytes"] for r in rows if r["model"] == "megalodon"]
-    llama = [r["state_bytes"] for r in rows if r["model"] == "llama"]
-    assert len(set(megalodon)) == 1 and llama == sorted(llama) and llama[0] < llama[-1]  # constant vs growing
+    assert {r["mode"] for r in rows} == {"eager", "static"}  # "graph" needs CUDA
+    for mode in ("eager", "static"):
+        megalodon = [r["state_bytes"] for r in rows if r["model"] == "megalodon" and r["mode"] == mode]
+        llama = [r["state_bytes"] for r in rows if r["model"] == "llama" and r["mode"] == mode]
+        assert len(set(megalodon)) == 1 and llama == sorted(llama) and llama[0] < llama[-1]  # constant vs growing
+    for model in ("megalodon", "llama"):  # greedy decoding: the fixed-buffer step picks the eager step's tokens
+        picked = {r["mode"]: r["first_tokens"] for r in rows if r["model"] == model and r["context"] == 256}
+        assert len(picked["eager"]) == 8 and picked["eager"] == picked["static"]
     assert code == 0
     merged = compare.merge([str(out / "train_compare.json"), str(out / "train_compare.json")],
                            str(tmp_path / "merged.json"))
     assert len(merged["calls"]) == 2 and merged["parts"]["decode"]["call"] == 1
+    again = compare.merge([str(tmp_path / "merged.json"), str(out / "train_compare.json")], str(tmp_path / "again.json"))
+    assert len(again["calls"]) == 3 and again["parts"]["decode"]["call"] == 2 and again["calls"][:2] == merged["calls"]
 
 
 def test_unknown_part_and_full_size_on_a_cpu_are_refused(compare, tmp_path):
