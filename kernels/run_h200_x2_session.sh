@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One call of the device tool on two H200s (kind nvidia-h200-x2, <= 10 min). Parts, in this order,
 # each writing into OUT; a failure in one does not stop the next:
-#   attention  chapter 09's tuning run, then the attention GPU tests and benchmark at the tuned tiles
+#   attention  chapter 09's tuning run, then the attention GPU tests, benchmark and profile at the tuned tiles
 #   sp-bench   chapter 11's two-GPU run (kernels/sequence_parallel_bench.py)
+#   decode     the CUDA-graph decoding GPU tests, then chapter 10's throughput and decoding parts
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
-#   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention sp-bench sp-train
+#   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode sp-bench sp-train
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -35,6 +36,9 @@ if wants attention; then
         > "$OUT/bench_attention.log" 2>&1
     tail -8 "$OUT/bench_attention.log"
     mv "$OUT/bench/nvidia_h200.json" "$OUT/nvidia_h200_attention.json" 2>/dev/null
+
+    step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps (tuned tiles)"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
 fi
 
 if wants sp-bench; then
@@ -42,6 +46,19 @@ if wants sp-bench; then
     timeout 200 torchrun --standalone --nproc-per-node 2 kernels/sequence_parallel_bench.py --out "$OUT" \
         > "$OUT/sequence_parallel.log" 2>&1
     tail -12 "$OUT/sequence_parallel.log"
+fi
+
+if wants decode; then
+    step "GPU tests: decoding on fixed-size buffers, replayed as CUDA graphs"
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 120 python3 -m pytest -q -rP --noconftest -o addopts="" \
+        -p no:cacheprovider tests/test_decoding_gpu.py > "$OUT/gpu_tests_decoding.log" 2>&1
+    tail -3 "$OUT/gpu_tests_decoding.log"
+
+    step "chapter 10: training throughput and decoding (kernels/train_compare.py --parts throughput,decode)"
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 kernels/train_compare.py --out "$OUT/tc" --parts throughput,decode \
+        --minutes 4 > "$OUT/train_compare.log" 2>&1
+    tail -30 "$OUT/train_compare.log"
+    mv "$OUT/tc/train_compare.json" "$OUT/train_compare.json" 2>/dev/null
 fi
 
 if wants sp-train; then

@@ -46,17 +46,17 @@ BASE = ops.GPU_TILES
 
 # Per kernel: candidate tiles (fields of AttentionTiles replaced on BASE).
 CANDIDATES = {
-    "prologue": [dict(prologue_tokens=t) for t in (8, 16, 32)],
-    "epilogue": [dict(prologue_tokens=t) for t in (8, 16, 32)],
+    "prologue": [dict(prologue_tokens=t, prologue_warps=w) for t, w in ((8, 4), (16, 4), (16, 2), (32, 4), (32, 2), (64, 4))],
+    "epilogue": [dict(prologue_tokens=t, prologue_warps=w) for t, w in ((8, 4), (16, 4), (16, 2), (32, 4), (32, 2), (64, 4))],
     "softmax": [dict(softmax_m=m, softmax_n=n, softmax_warps=w, softmax_stages=s)
-                for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2))],
+                for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 4), (128, 32, 4, 3))],
     "pv": [dict(mm_m=m, mm_n=n, mm_k=k, mm_warps=w, mm_stages=s)
            for m, n, k, w, s in ((128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 4), (256, 128, 64, 8, 3),
-                                 (128, 128, 64, 4, 3))],
+                                 (128, 128, 64, 4, 3), (256, 128, 32, 8, 6))],
     "grad": [dict(grad_m=m, grad_n=n, grad_v=e, grad_d=d, grad_warps=w, grad_stages=s)
              for m, n, e, d, w, s in ((128, 128, 64, 64, 8, 3), (128, 128, 64, 64, 8, 4), (128, 64, 64, 64, 4, 3),
                                       (128, 64, 64, 64, 8, 3), (64, 128, 64, 64, 4, 3), (128, 128, 32, 64, 8, 4),
-                                      (64, 64, 64, 64, 4, 3))],
+                                      (64, 64, 64, 64, 4, 3), (128, 128, 64, 64, 8, 5), (128, 128, 128, 64, 8, 3))],
     "zgrad": [dict(zmm_m=m, zmm_n=n, zmm_k=k, zmm_warps=w, zmm_stages=s)
               for m, n, k, w, s in ((128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 4, 3),
                                     (256, 128, 64, 8, 3), (256, 128, 32, 8, 4), (128, 128, 64, 4, 3))],
@@ -173,10 +173,9 @@ def kernel_call(st: dict, kind: str, cand: dict):
         return (lambda: ops._launch_prologue(st["z"], st["gamma"], st["beta"], st["tables"], q, k, h, c, 1e-5,
                                              tiles)), 0
     if kind == "epilogue":
-        parts = (triton.cdiv(n_tok, tiles.prologue_tokens), 2, h, dz)
-        dg, db, dzz = (torch.empty(parts, device=st["z"].device), torch.empty(parts, device=st["z"].device),
-                       torch.empty_like(st["z"]))
-        return (lambda: ops._launch_epilogue(st["z"], st["gamma"], st["tables"], st["dq"], st["dk"], dzz, dg, db, h, c,
+        parts = torch.empty(triton.cdiv(n_tok, tiles.prologue_tokens), 2, 2, h, dz, device=st["z"].device)
+        dzz = torch.empty_like(st["z"])
+        return (lambda: ops._launch_epilogue(st["z"], st["gamma"], st["tables"], st["dq"], st["dk"], dzz, parts, h, c,
                                              1e-5, tiles)), 0
     raise ValueError(kind)
 
@@ -221,9 +220,10 @@ def bench(fn) -> float:
 def best_tiles(timings: list[dict]) -> ops.AttentionTiles:
     fields = {}
     pro = [t for t in timings if t["kernel"] in ("prologue", "epilogue") and t["ms"] is not None]
-    if pro:
-        tokens = {t["tiles"]["prologue_tokens"] for t in pro}
-        fields["prologue_tokens"] = min(tokens, key=lambda n: sum(t["ms"] for t in pro if t["tiles"]["prologue_tokens"] == n))
+    if pro:  # one setting for both kernels: the least sum
+        settings = {json.dumps(t["tiles"], sort_keys=True) for t in pro}
+        fields.update(json.loads(min(settings, key=lambda key: sum(t["ms"] for t in pro
+                                                                   if json.dumps(t["tiles"], sort_keys=True) == key))))
     for kind in ("softmax", "pv", "grad", "zgrad"):
         ok = [t for t in timings if t["kernel"] == kind and t["ms"] is not None]
         if kind == "pv":  # O = P V and dV = P^T dO share the mm_* tiles: minimise their sum

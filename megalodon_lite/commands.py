@@ -385,7 +385,8 @@ def _train(args: argparse.Namespace, stop: dict, job) -> int:
     where = f"{device}{_set_cpu_threads(trainer.model, device, args.threads)}"
     if job is not None:
         data = job.groups.data_size
-        where = (f"{job.world_size} processes ({where} each): "
+        each = "one GPU each, cuda:LOCAL_RANK" if device.type == "cuda" else f"{where} each"
+        where = (f"{job.world_size} processes ({each}): "
                  f"{_split(job.groups.sequence_size, args.sequence_parallel_scheme)}, {data} data-parallel "
                  f"rank{'s' if data > 1 else ''}")
     say(f"{'resuming' if args.resume else 'training'} {config.model} ({config.preset} preset, {parameters:,} "

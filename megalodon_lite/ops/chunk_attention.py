@@ -43,10 +43,11 @@ class AttentionTiles:
     and ``grad_d`` z channels per step of S = Q K^T; ``mm_*``: the value-wide triangular matmuls
     (O, dV), ``mm_m`` output rows x ``mm_n`` output columns, ``mm_k`` reduction step; ``zmm_*``: the
     same for the z-wide ones (dQ, dK, which load two tiles of A per step: dS = T - P delta);
-    ``prologue_tokens``: tokens per program of the prologue and epilogue.
+    ``prologue_tokens``, ``prologue_warps``: tokens and warps per program of the prologue and epilogue.
     """
 
-    prologue_tokens: int = 8
+    prologue_tokens: int = 16
+    prologue_warps: int = 2
     softmax_m: int = 128
     softmax_n: int = 64
     softmax_warps: int = 8
@@ -59,9 +60,9 @@ class AttentionTiles:
     grad_stages: int = 4
     mm_m: int = 256
     mm_n: int = 128
-    mm_k: int = 64
+    mm_k: int = 32
     mm_warps: int = 8
-    mm_stages: int = 4
+    mm_stages: int = 6
     zmm_m: int = 128
     zmm_n: int = 256
     zmm_k: int = 64
@@ -88,7 +89,7 @@ class AttentionTiles:
 
 
 GPU_TILES = AttentionTiles()  # 16-bit inputs on a GPU: the best of kernels/tune_attention.py on an H200
-GPU_TILES_FP32 = AttentionTiles(softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32, grad_n=32, grad_v=32,
+GPU_TILES_FP32 = AttentionTiles(prologue_tokens=8, prologue_warps=4, softmax_m=16, softmax_n=32, softmax_warps=4, grad_m=32, grad_n=32, grad_v=32,
                                 grad_d=32, grad_warps=4, grad_stages=2, mm_m=64, mm_n=64, mm_k=32, mm_warps=4,
                                 mm_stages=3, zmm_m=64, zmm_n=64, zmm_k=32, zmm_warps=4,
                                 zmm_stages=3)  # fits shared memory and registers without spilling
@@ -105,16 +106,22 @@ def default_tiles(device: torch.device, dtype: torch.dtype) -> AttentionTiles:
         return INTERPRETER_TILES
     if dtype == torch.float32:
         return GPU_TILES_FP32
-    override = json.loads(os.environ.get(TILES_ENV) or "{}")
+    return _overridden_gpu_tiles(os.environ.get(TILES_ENV) or "{}")
+
+
+@functools.lru_cache(maxsize=8)
+def _overridden_gpu_tiles(override_json: str) -> AttentionTiles:
+    override = json.loads(override_json)
     unknown = set(override) - set(AttentionTiles.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{TILES_ENV} names unknown fields {sorted(unknown)}")
     return replace(GPU_TILES, **override)
 
 # %% chapters/09_triton_attention.py cell 18 · §3 The kernels
-def _require(ok: bool, message: str) -> None:
+def _require(ok: bool, message: str, *values: object) -> None:
+    """Raise ValueError(message.format(*values)) unless ok (formatted only then: launchers are on the hot path)."""
     if not ok:
-        raise ValueError(message)
+        raise ValueError(message.format(*values))
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -134,10 +141,14 @@ def _empty(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = Non
 def _layout(z: Tensor, num_heads: int, chunk_size: int, tiles: AttentionTiles) -> tuple[int, int, int, AttentionTiles]:
     """Chunks per sequence, chunk programs G = B * H * chunks, the padded span of P, the fitted tiles."""
     batch, length, _ = z.shape
-    tiles = tiles.fitted(min(chunk_size, length))
-    span = triton.cdiv(min(chunk_size, length), tiles.tile) * tiles.tile
-    n_chunks = triton.cdiv(length, chunk_size)
+    n_chunks, span, tiles = _chunk_layout(length, chunk_size, tiles)
     return n_chunks, batch * num_heads * n_chunks, span, tiles
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_layout(length: int, chunk_size: int, tiles: AttentionTiles) -> tuple[int, int, AttentionTiles]:
+    tiles = tiles.fitted(min(chunk_size, length))
+    return triton.cdiv(length, chunk_size), triton.cdiv(min(chunk_size, length), tiles.tile) * tiles.tile, tiles
 
 # %% chapters/09_triton_attention.py cell 20 · §3.1 Normalisation, affine and RoPE in one pass: the prologue
 @triton.jit
@@ -205,7 +216,8 @@ def _launch_prologue(z, gamma, beta, tables, q, k, num_heads, chunk_size, eps, t
     dz = z_dim // num_heads
     grid = (triton.cdiv(batch * length, tiles.prologue_tokens), num_heads)
     _qk_prologue_kernel[grid](z, gamma, beta, *tables, q, k, batch * length, length, chunk_size, eps,
-                              H=num_heads, DZ=dz, BLOCK_DZ=_pow2(dz, 4), BLOCK_T=tiles.prologue_tokens)
+                              H=num_heads, DZ=dz, BLOCK_DZ=_pow2(dz, 4), BLOCK_T=tiles.prologue_tokens,
+                              num_warps=tiles.prologue_warps)
 
 # %% chapters/09_triton_attention.py cell 26 · §3.2 The softmax kernel: log-sum-exp, then $P$
 @triton.jit
@@ -392,10 +404,11 @@ def _pairs(x, BLOCK_T: tl.constexpr, BLOCK_DZ: tl.constexpr):
 
 
 @triton.jit
-def _affine_rope_grad(grad_ptr, zh_even, zh_odd, cos, sin, offs, mask, which, h, pid, gamma_ptr, dgamma_ptr,
-                      dbeta_ptr, H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
+def _affine_rope_grad(grad_ptr, zh_even, zh_odd, cos, sin, offs, mask, which, h, pid, gamma_ptr, parts_ptr,
+                      H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
     """Back through RoPE and the affine of queries (which=0) or keys (1), channel pairs apart: stores
-    this program's partial dgamma, dbeta and returns the gradient to z_hat (even, odd channels)."""
+    this program's partial dgamma, dbeta (parts[pid, 0 or 1, which, h]) and returns the gradient to
+    z_hat (even, odd channels)."""
     g_even, g_odd = _pairs(tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32), BLOCK_T, BLOCK_DZ)
     dx_even = g_even * cos + g_odd * sin  # the transposed rotation: by minus the angle
     dx_odd = g_odd * cos - g_even * sin
@@ -405,19 +418,20 @@ def _affine_rope_grad(grad_ptr, zh_even, zh_odd, cos, sin, offs, mask, which, h,
     par = (which * H + h) * DZ + even
     scale_even = (tl.load(gamma_ptr + par, mask=ok, other=0.0).to(tl.float32) + 1.0) * inv_sqrt
     scale_odd = (tl.load(gamma_ptr + par + 1, mask=ok, other=0.0).to(tl.float32) + 1.0) * inv_sqrt
-    part = ((pid * 2 + which) * H + h) * DZ + even
-    tl.store(dgamma_ptr + part, tl.sum(dx_even * zh_even, 0) * inv_sqrt, mask=ok)
-    tl.store(dgamma_ptr + part + 1, tl.sum(dx_odd * zh_odd, 0) * inv_sqrt, mask=ok)
-    tl.store(dbeta_ptr + part, tl.sum(dx_even, 0), mask=ok)
-    tl.store(dbeta_ptr + part + 1, tl.sum(dx_odd, 0), mask=ok)
+    dgamma = parts_ptr + ((pid * 4 + which) * H + h) * DZ + even  # parts (programs, 2, 2, H, dz)
+    dbeta = dgamma + 2 * H * DZ
+    tl.store(dgamma, tl.sum(dx_even * zh_even, 0) * inv_sqrt, mask=ok)
+    tl.store(dgamma + 1, tl.sum(dx_odd * zh_odd, 0) * inv_sqrt, mask=ok)
+    tl.store(dbeta, tl.sum(dx_even, 0), mask=ok)
+    tl.store(dbeta + 1, tl.sum(dx_odd, 0), mask=ok)
     return dx_even * scale_even[None, :], dx_odd * scale_odd[None, :]
 
 
 @triton.jit
-def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_ptr, dgamma_ptr, dbeta_ptr,
+def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_ptr, parts_ptr,
                         n_rows, length, chunk_size, eps,
                         H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
-    """dz (B*L, H, dz) and this program's partial dgamma, dbeta (programs, 2, H, dz) from dq, dk.
+    """dz (B*L, H, dz) and this program's partial dgamma, dbeta (parts: programs, 2, 2, H, dz) from dq, dk.
     Everything between the loads and the store works on the even and odd channels apart."""
     pid, h = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -425,9 +439,9 @@ def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_p
         z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, eps, H, DZ, BLOCK_DZ)
     zh_even, zh_odd = _pairs(zh, BLOCK_T, BLOCK_DZ)
     dq_even, dq_odd = _affine_rope_grad(dq_ptr, zh_even, zh_odd, cos, sin, offs, mask, 0, h, pid, gamma_ptr,
-                                        dgamma_ptr, dbeta_ptr, H, DZ, BLOCK_DZ, BLOCK_T)
+                                        parts_ptr, H, DZ, BLOCK_DZ, BLOCK_T)
     dk_even, dk_odd = _affine_rope_grad(dk_ptr, zh_even, zh_odd, cos, sin, offs, mask, 1, h, pid, gamma_ptr,
-                                        dgamma_ptr, dbeta_ptr, H, DZ, BLOCK_DZ, BLOCK_T)
+                                        parts_ptr, H, DZ, BLOCK_DZ, BLOCK_T)
     dzh_even, dzh_odd = dq_even + dk_even, dq_odd + dk_odd
     mean_dot = (tl.sum(dzh_even * zh_even, 1) + tl.sum(dzh_odd * zh_odd, 1)) / DZ  # RMSNorm backward:
     dz_even = rstd[:, None] * (dzh_even - zh_even * mean_dot[:, None])         # dz = rstd (dzh - zh mean(dzh zh))
@@ -436,12 +450,13 @@ def _qk_epilogue_kernel(z_ptr, gamma_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr, dz_p
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 # %% chapters/09_triton_attention.py cell 42 · §3.4 The backward: score gradients, then back through RoPE and the norm
-def _launch_epilogue(z, gamma, tables, dq, dk, dz, dgamma_parts, dbeta_parts, num_heads, chunk_size, eps, tiles):
+def _launch_epilogue(z, gamma, tables, dq, dk, dz, parts, num_heads, chunk_size, eps, tiles):
+    """dz, and the partial dgamma, dbeta of every program: parts (programs, 2, 2, H, dz), summed by the caller."""
     batch, length, z_dim = z.shape
     d = z_dim // num_heads
-    _qk_epilogue_kernel[(dgamma_parts.shape[0], num_heads)](
-        z, gamma, *tables, dq, dk, dz, dgamma_parts, dbeta_parts, batch * length, length, chunk_size, eps,
-        H=num_heads, DZ=d, BLOCK_DZ=_pow2(d, 4), BLOCK_T=tiles.prologue_tokens)
+    _qk_epilogue_kernel[(parts.shape[0], num_heads)](
+        z, gamma, *tables, dq, dk, dz, parts, batch * length, length, chunk_size, eps,
+        H=num_heads, DZ=d, BLOCK_DZ=_pow2(d, 4), BLOCK_T=tiles.prologue_tokens, num_warps=tiles.prologue_warps)
 
 # %% chapters/09_triton_attention.py cell 46 · §3.5 The forward and backward launchers
 def chunk_attention_forward(z: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, num_heads: int, chunk_size: int,
@@ -458,18 +473,18 @@ def chunk_attention_forward(z: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, n
         O (B, L, H*dv) in z's dtype, and for the backward q, k (B, L, H*dz) and the row
         log-sum-exp (G, span) in float32, G = B * H * ceil(L / chunk_size).
     """
-    _require(z.dim() == 3 and v.dim() == 3 and z.shape[:2] == v.shape[:2], f"z, v must be (B, L, *) alike, got {tuple(z.shape)}, {tuple(v.shape)}")
-    _require(z.shape[-1] % num_heads == 0 and v.shape[-1] % num_heads == 0, f"num_heads={num_heads} must divide {z.shape[-1]} and {v.shape[-1]}")
-    _require(gamma.shape == beta.shape == (2, num_heads, z.shape[-1] // num_heads), f"gamma, beta must be (2, H, dz), got {tuple(gamma.shape)}, {tuple(beta.shape)}")
+    _require(z.dim() == 3 and v.dim() == 3 and z.shape[:2] == v.shape[:2], "z, v must be (B, L, *) alike, got {}, {}", tuple(z.shape), tuple(v.shape))
+    _require(z.shape[-1] % num_heads == 0 and v.shape[-1] % num_heads == 0, "num_heads={} must divide {} and {}", num_heads, z.shape[-1], v.shape[-1])
+    _require(gamma.shape == beta.shape == (2, num_heads, z.shape[-1] // num_heads), "gamma, beta must be (2, H, dz), got {}, {}", tuple(gamma.shape), tuple(beta.shape))
     z, v, gamma, beta = z.contiguous(), v.contiguous(), gamma.contiguous(), beta.contiguous()
     n_chunks, n_programs, span, tiles = _layout(z, num_heads, chunk_size, tiles or default_tiles(z.device, z.dtype))
     tables = _rope_tables(span, z.shape[-1] // num_heads, rope_base, z.device)
-    q, k = _empty(z.shape, z, poison=poison), _empty(z.shape, z, poison=poison)
+    q, k, o = _empty(z.shape, z, poison=poison), _empty(z.shape, z, poison=poison), _empty(v.shape, v, poison=poison)
+    lse, p = _empty((n_programs, span), z, torch.float32, poison), _empty((n_programs, span, span), z, poison=poison)
+    # the launches back to back, nothing between the short prologue and the next kernel to keep the GPU waiting
     _launch_prologue(z, gamma, beta, tables, q, k, num_heads, chunk_size, eps, tiles)
-    lse = _empty((n_programs, span), z, torch.float32, poison)
-    p = _empty((n_programs, span, span), z, poison=poison)
     _launch_softmax(q, k, p, lse, num_heads, chunk_size, tiles)
-    o = _launch_tri_matmul(p, v, _empty(v.shape, v, poison=poison), num_heads, chunk_size, False, tiles)
+    _launch_tri_matmul(p, v, o, num_heads, chunk_size, False, tiles)
     return o, q, k, lse
 
 
@@ -482,11 +497,11 @@ def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, 
     Returns:
         dz (B, L, H*dz) and dv (B, L, H*dv) in z's dtype; dgamma, dbeta (2, H, dz) in gamma's dtype.
     """
-    _require(grad_out.shape == v.shape, f"grad_out must have O's shape {tuple(v.shape)}, got {tuple(grad_out.shape)}")
-    _require(q.shape == k.shape == z.shape, f"q, k must have z's shape {tuple(z.shape)}, got {tuple(q.shape)}, {tuple(k.shape)}")
+    _require(grad_out.shape == v.shape, "grad_out must have O's shape {}, got {}", tuple(v.shape), tuple(grad_out.shape))
+    _require(q.shape == k.shape == z.shape, "q, k must have z's shape {}, got {}, {}", tuple(z.shape), tuple(q.shape), tuple(k.shape))
     grad_out, z, gamma = grad_out.contiguous(), z.contiguous(), gamma.contiguous()
     n_chunks, n_programs, span, tiles = _layout(z, num_heads, chunk_size, tiles or default_tiles(z.device, z.dtype))
-    _require(lse.shape == (n_programs, span), f"lse must be ({n_programs}, {span}) for these tiles, got {tuple(lse.shape)}")
+    _require(lse.shape == (n_programs, span), "lse must be ({}, {}) for these tiles, got {}", n_programs, span, tuple(lse.shape))
     p, t = _empty((n_programs, span, span), z, poison=poison), _empty((n_programs, span, span), z, poison=poison)
     row_sums = _empty((n_programs, span // tiles.grad_n, span), z, torch.float32, poison)
     _launch_score_grad(q, k, v, grad_out, lse, p, t, row_sums, num_heads, chunk_size, tiles)
@@ -495,12 +510,13 @@ def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, 
     dq = _launch_tri_matmul(t, k, _empty(z.shape, z, poison=poison), num_heads, chunk_size, False, tiles, shift)
     dk = _launch_tri_matmul(t, q, _empty(z.shape, z, poison=poison), num_heads, chunk_size, True, tiles, shift)
     d = z.shape[-1] // num_heads
-    parts = (triton.cdiv(z.shape[0] * z.shape[1], tiles.prologue_tokens), 2, num_heads, d)
-    dgamma, dbeta = _empty(parts, z, torch.float32, poison), _empty(parts, z, torch.float32, poison)
+    parts = _empty((triton.cdiv(z.shape[0] * z.shape[1], tiles.prologue_tokens), 2, 2, num_heads, d), z,
+                   torch.float32, poison)
     dz = _empty(z.shape, z, poison=poison)
-    _launch_epilogue(z, gamma, _rope_tables(span, d, rope_base, z.device), dq, dk, dz, dgamma, dbeta, num_heads,
+    _launch_epilogue(z, gamma, _rope_tables(span, d, rope_base, z.device), dq, dk, dz, parts, num_heads,
                      chunk_size, eps, tiles)
-    return dz, dv, dgamma.sum(0).to(gamma.dtype), dbeta.sum(0).to(gamma.dtype)
+    dgamma, dbeta = parts.sum(0).to(gamma.dtype)  # one reduction over the programs' partial sums
+    return dz, dv, dgamma, dbeta.clone()  # a custom op's outputs may not be views of one tensor
 
 # %% chapters/09_triton_attention.py cell 48 · §3.6 Autograd, a custom op, and the public function
 @torch.library.custom_op("megalodon_lite::chunk_attention_fwd", mutates_args=())
