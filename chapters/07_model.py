@@ -483,6 +483,37 @@ class MegalodonState:
 
 
 # %% [markdown]
+# One line of the layer, $O \odot \mathrm{SiLU}(mx\,W_r + b_r)$, written as two PyTorch operations
+# keeps three wide tensors for the backward: the SiLU's input, its output $r$ and the attention
+# output $O$, each $v$ values per token ($v = 2048$ in the `small` preset, 128 MiB per layer at
+# 32K tokens in bfloat16). The backward needs only two of them: $r$ is one SiLU away from its
+# input. `silu_gate` saves $O$ and the SiLU's input and recomputes $r$ in the backward: the same
+# numbers, a third less memory for that line.
+
+# %% tags=["export:model"]
+class _SiluGate(torch.autograd.Function):
+    """out = o * silu(r_pre), saving o and r_pre only (silu is recomputed in the backward)."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor, r_pre: Tensor) -> Tensor:
+        ctx.save_for_backward(o, r_pre)
+        return o * F.silu(r_pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        o, r_pre = ctx.saved_tensors
+        sigmoid = torch.sigmoid(r_pre)
+        r = r_pre * sigmoid
+        d_silu = sigmoid * (1 + r_pre * (1 - sigmoid))  # d silu(x)/dx = sigma(x) (1 + x (1 - sigma(x)))
+        return grad * r, grad * o * d_silu
+
+
+def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
+    """o * SiLU(r_pre) (shapes alike), keeping o and r_pre, not SiLU(r_pre), for the backward."""
+    return _SiluGate.apply(o, r_pre)
+
+
+# %% [markdown]
 # The layer itself, in the order of the list above: each line of `forward` is one line of the
 # official forward.
 
@@ -541,9 +572,8 @@ class MegalodonLayer(nn.Module):
         ema, h_last = self.cema(X, h0)
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v = F.silu(self.wv(X))
-        r = F.silu(self.wr(mx))
         attn, kv = self.attention(self.wz(mx), v, kv)
-        attn = F.dropout(attn * r, self.hidden_dropout, self.training)
+        attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
         h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)
 

@@ -215,6 +215,28 @@ class MegalodonState:
         return MegalodonState(layers, own_norm(self.final_norm))
 
 # %% chapters/07_model.py cell 17 · §3 One Megalodon layer and the two-hop block
+class _SiluGate(torch.autograd.Function):
+    """out = o * silu(r_pre), saving o and r_pre only (silu is recomputed in the backward)."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor, r_pre: Tensor) -> Tensor:
+        ctx.save_for_backward(o, r_pre)
+        return o * F.silu(r_pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        o, r_pre = ctx.saved_tensors
+        sigmoid = torch.sigmoid(r_pre)
+        r = r_pre * sigmoid
+        d_silu = sigmoid * (1 + r_pre * (1 - sigmoid))  # d silu(x)/dx = sigma(x) (1 + x (1 - sigma(x)))
+        return grad * r, grad * o * d_silu
+
+
+def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
+    """o * SiLU(r_pre) (shapes alike), keeping o and r_pre, not SiLU(r_pre), for the backward."""
+    return _SiluGate.apply(o, r_pre)
+
+# %% chapters/07_model.py cell 19 · §3 One Megalodon layer and the two-hop block
 class MegalodonLayer(nn.Module):
     """The moving-average gated attention layer of Megalodon (official name
     ``MovingAverageGatedAttention``), residual included.
@@ -269,13 +291,12 @@ class MegalodonLayer(nn.Module):
         ema, h_last = self.cema(X, h0)
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v = F.silu(self.wv(X))
-        r = F.silu(self.wr(mx))
         attn, kv = self.attention(self.wz(mx), v, kv)
-        attn = F.dropout(attn * r, self.hidden_dropout, self.training)
+        attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
         h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)
 
-# %% chapters/07_model.py cell 19 · §3 One Megalodon layer and the two-hop block
+# %% chapters/07_model.py cell 21 · §3 One Megalodon layer and the two-hop block
 class MegalodonBlock(nn.Module):
     """Megalodon layer plus normalised FFN with the two-hop residual (Megalodon §3.4):
 
@@ -302,7 +323,7 @@ class MegalodonBlock(nn.Module):
         y, state = self.mega(x, state)
         return self.ffn(y, residual=x), state
 
-# %% chapters/07_model.py cell 21 · Checking the block against the equations
+# %% chapters/07_model.py cell 23 · Checking the block against the equations
 def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     """One Megalodon block in float64, written from the equations (Megalodon §3 as the official code
     implements it); slow, for checking.
@@ -364,7 +385,7 @@ def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     out = hidden @ P["ffn.fc2.weight"].T
     return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
 
-# %% chapters/07_model.py cell 24 · §4 The language model, and where its parameters are
+# %% chapters/07_model.py cell 26 · §4 The language model, and where its parameters are
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row from logits (B, V) -> (B,) int64.
@@ -384,7 +405,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
-# %% chapters/07_model.py cell 26 · §4 The language model, and where its parameters are
+# %% chapters/07_model.py cell 28 · §4 The language model, and where its parameters are
 class MegalodonLM(nn.Module):
     """Megalodon language model: embedding -> blocks -> final TimestepNorm -> head.
 

@@ -395,3 +395,27 @@ def test_a_state_of_another_precision_is_refused_at_the_model():
     _, state = MegalodonLM(cfg)(torch.randint(0, cfg.vocab_size, (1, 5)))
     with pytest.raises(TypeError, match="CEMA state is torch.complex64, a torch.float64 model keeps torch.complex128"):
         MegalodonLM(cfg).double()(torch.randint(0, cfg.vocab_size, (1, 3)), state)
+
+
+@settings(max_examples=10, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_silu_gate_equals_o_times_silu_and_saves_two_tensors(shape, seed):
+    """The layer's memory-lean gate: the value and both gradients of o * silu(r_pre) in float64
+    (rounding only: ~1e-16), and only o and r_pre kept for the backward (not silu(r_pre))."""
+    from megalodon_lite.model import silu_gate
+
+    gen = torch.Generator().manual_seed(seed)
+    o, r_pre, grad = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    saved = []
+    leaves = [t.clone().requires_grad_() for t in (o, r_pre)]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = silu_gate(*leaves)
+    got = torch.autograd.grad(out, leaves, grad)
+    plain = [t.clone().requires_grad_() for t in (o, r_pre)]
+    ref = plain[0] * torch.nn.functional.silu(plain[1])
+    want = torch.autograd.grad(ref, plain, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {leaves[0].data_ptr(), leaves[1].data_ptr()}
+
