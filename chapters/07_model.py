@@ -248,6 +248,7 @@ where it differs from the paper (commit cff8ba5 of github.com/XuezheMax/megalodo
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -514,6 +515,50 @@ def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
 
 
 # %% [markdown]
+# The values $v = \mathrm{SiLU}(X W_v + b_v)$ are the same story one step further: the SiLU keeps
+# its input for its own backward, and the attention keeps $v$ for its backward ($dP = dO\,V^\top$),
+# two tensors of $v$ values per token where one determines the other. `recomputed_on_backward` is
+# a context for the attention call: a tensor that autograd would save inside it and that lives in
+# $v$'s memory is stored as a recipe instead — a weak reference to the SiLU's input, which the
+# SiLU keeps anyway until after the attention's backward, and the view to take — and recomputed
+# when the backward unpacks it. It works for either attention path, PyTorch's or the Triton
+# kernel's, because it sits in autograd's own saved-tensor hooks
+# (`torch.autograd.graph.saved_tensors_hooks`). Every other tensor saved inside the context is
+# kept as its data alone (`detach`), and the SiLU's input by a weak reference: an operation that
+# saves its own output (the norm's `rsqrt` does) would otherwise hold that output with its
+# `grad_fn`, a reference cycle, and the operations that build the streaming cache, which no
+# backward ever runs, would never let go of it.
+
+# %% tags=["export:model"]
+class recomputed_on_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 - used as a context
+    """Inside ``with recomputed_on_backward(v, source, fn):`` a tensor saved for the backward that lives in
+    ``v``'s memory is not kept: the backward gets ``fn(source)`` (equal to ``v``, contiguous) viewed as the
+    saved tensor was. ``source`` must stay alive until then (autograd keeps it when ``fn`` saves its input,
+    as SiLU does); only a weak reference to it is held."""
+
+    def __init__(self, v: Tensor, source: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+        if not v.is_contiguous():
+            raise ValueError("recomputed_on_backward needs a contiguous tensor")
+        pointer, start, source_ref = v.untyped_storage().data_ptr(), v.storage_offset(), weakref.ref(source)
+
+        def pack(t: Tensor):
+            if t.untyped_storage().data_ptr() != pointer:
+                return t.detach()  # the data only: a saved output kept with its grad_fn would be a cycle
+            return source_ref, fn, t.size(), t.stride(), t.storage_offset() - start
+
+        def unpack(saved):
+            if isinstance(saved, Tensor):
+                return saved
+            ref, make, size, stride, offset = saved
+            if ref() is None:
+                raise RuntimeError("recomputed_on_backward: the source tensor was freed before the backward")
+            with torch.no_grad():
+                return make(ref()).as_strided(size, stride, offset)
+
+        super().__init__(pack, unpack)
+
+
+# %% [markdown]
 # The layer itself, in the order of the list above: each line of `forward` is one line of the
 # official forward.
 
@@ -571,8 +616,10 @@ class MegalodonLayer(nn.Module):
         X, norm_state = self.timenorm(x, norm_state)
         ema, h_last = self.cema(X, h0)
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
-        v = F.silu(self.wv(X))
-        attn, kv = self.attention(self.wz(mx), v, kv)
+        v_pre = self.wv(X)
+        v = F.silu(v_pre)
+        with recomputed_on_backward(v, v_pre, F.silu):  # keep v_pre (SiLU does anyway), not v
+            attn, kv = self.attention(self.wz(mx), v, kv)
         attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
         h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)

@@ -11,6 +11,10 @@ steps, then one step with
   (``torch.autograd.graph.saved_tensors_hooks``), attributed to the innermost module running when
   it was saved (forward hooks on every module), summed by module class and by module path;
 - the memory allocated before the step, at the end of the model's forward, and the step's peak.
+
+Saved-tensor hooks do not nest: inside a model's own hooks (chapter 07's ``recomputed_on_backward``
+around the attention) only the model's apply, so what the attention saves there is not counted in
+the by-module sums. The memory marks count everything.
 """
 
 from __future__ import annotations

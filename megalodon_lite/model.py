@@ -17,6 +17,7 @@ where it differs from the paper (commit cff8ba5 of github.com/XuezheMax/megalodo
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -237,6 +238,34 @@ def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
     return _SiluGate.apply(o, r_pre)
 
 # %% chapters/07_model.py cell 19 · §3 One Megalodon layer and the two-hop block
+class recomputed_on_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 - used as a context
+    """Inside ``with recomputed_on_backward(v, source, fn):`` a tensor saved for the backward that lives in
+    ``v``'s memory is not kept: the backward gets ``fn(source)`` (equal to ``v``, contiguous) viewed as the
+    saved tensor was. ``source`` must stay alive until then (autograd keeps it when ``fn`` saves its input,
+    as SiLU does); only a weak reference to it is held."""
+
+    def __init__(self, v: Tensor, source: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+        if not v.is_contiguous():
+            raise ValueError("recomputed_on_backward needs a contiguous tensor")
+        pointer, start, source_ref = v.untyped_storage().data_ptr(), v.storage_offset(), weakref.ref(source)
+
+        def pack(t: Tensor):
+            if t.untyped_storage().data_ptr() != pointer:
+                return t.detach()  # the data only: a saved output kept with its grad_fn would be a cycle
+            return source_ref, fn, t.size(), t.stride(), t.storage_offset() - start
+
+        def unpack(saved):
+            if isinstance(saved, Tensor):
+                return saved
+            ref, make, size, stride, offset = saved
+            if ref() is None:
+                raise RuntimeError("recomputed_on_backward: the source tensor was freed before the backward")
+            with torch.no_grad():
+                return make(ref()).as_strided(size, stride, offset)
+
+        super().__init__(pack, unpack)
+
+# %% chapters/07_model.py cell 21 · §3 One Megalodon layer and the two-hop block
 class MegalodonLayer(nn.Module):
     """The moving-average gated attention layer of Megalodon (official name
     ``MovingAverageGatedAttention``), residual included.
@@ -290,13 +319,15 @@ class MegalodonLayer(nn.Module):
         X, norm_state = self.timenorm(x, norm_state)
         ema, h_last = self.cema(X, h0)
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
-        v = F.silu(self.wv(X))
-        attn, kv = self.attention(self.wz(mx), v, kv)
+        v_pre = self.wv(X)
+        v = F.silu(v_pre)
+        with recomputed_on_backward(v, v_pre, F.silu):  # keep v_pre (SiLU does anyway), not v
+            attn, kv = self.attention(self.wz(mx), v, kv)
         attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
         h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)
 
-# %% chapters/07_model.py cell 21 · §3 One Megalodon layer and the two-hop block
+# %% chapters/07_model.py cell 23 · §3 One Megalodon layer and the two-hop block
 class MegalodonBlock(nn.Module):
     """Megalodon layer plus normalised FFN with the two-hop residual (Megalodon §3.4):
 
@@ -323,7 +354,7 @@ class MegalodonBlock(nn.Module):
         y, state = self.mega(x, state)
         return self.ffn(y, residual=x), state
 
-# %% chapters/07_model.py cell 23 · Checking the block against the equations
+# %% chapters/07_model.py cell 25 · Checking the block against the equations
 def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     """One Megalodon block in float64, written from the equations (Megalodon §3 as the official code
     implements it); slow, for checking.
@@ -385,7 +416,7 @@ def megalodon_block_reference(block: MegalodonBlock, x: Tensor) -> Tensor:
     out = hidden @ P["ffn.fc2.weight"].T
     return (out * P["ffn.alpha"] if "ffn.alpha" in P else out) + x
 
-# %% chapters/07_model.py cell 26 · §4 The language model, and where its parameters are
+# %% chapters/07_model.py cell 28 · §4 The language model, and where its parameters are
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                       generator: torch.Generator | None = None) -> Tensor:
     """Draw one token per row from logits (B, V) -> (B,) int64.
@@ -405,7 +436,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
-# %% chapters/07_model.py cell 28 · §4 The language model, and where its parameters are
+# %% chapters/07_model.py cell 30 · §4 The language model, and where its parameters are
 class MegalodonLM(nn.Module):
     """Megalodon language model: embedding -> blocks -> final TimestepNorm -> head.
 
