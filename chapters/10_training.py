@@ -1170,12 +1170,17 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None
     """Recompute each block's activations during the backward pass instead of storing them.
 
     Wraps every block's ``forward`` in ``torch.utils.checkpoint.checkpoint`` (non-reentrant); the
-    parameters and the state dict are unchanged. ``enabled=False`` removes the wrapping.
+    parameters and the state dict are unchanged. ``enabled=False`` removes the wrapping. A Megalodon
+    layer's own saved-tensor hooks (chapter 07's ``recompute_values``) would take precedence over the
+    checkpoint's inside the attention, so they are switched off while the blocks are checkpointed.
     """
     for block in model.blocks:
         block.__dict__.pop("forward", None)
         if enabled:
             block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+        for module in block.modules():
+            if hasattr(module, "recompute_values"):
+                module.recompute_values = not enabled
 
 # %% [markdown]
 # **Evaluation.** The validation loss is measured on fixed windows of held-out files, the same at

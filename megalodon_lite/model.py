@@ -16,6 +16,7 @@ where it differs from the paper (commit cff8ba5 of github.com/XuezheMax/megalodo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable
@@ -295,6 +296,7 @@ class MegalodonLayer(nn.Module):
                                         rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout,
                                         backend=cfg.backend)
         self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
+        self.recompute_values = True  # the attention's saved v rebuilt from SiLU's input (below)
         self._init_projections()  # the sub-modules initialised themselves when built
 
     def _init_projections(self) -> None:
@@ -321,7 +323,8 @@ class MegalodonLayer(nn.Module):
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v_pre = self.wv(X)
         v = F.silu(v_pre)
-        with recomputed_on_backward(v, v_pre, F.silu):  # keep v_pre (SiLU does anyway), not v
+        hooks = recomputed_on_backward(v, v_pre, F.silu) if self.recompute_values else contextlib.nullcontext()
+        with hooks:  # keep v_pre (SiLU does anyway), not v
             attn, kv = self.attention(self.wz(mx), v, kv)
         attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
         h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)

@@ -112,12 +112,16 @@ def test_activation_checkpointing_changes_no_number(kind):
         logits.logsumexp(-1).mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
+    def layer_hooks_on() -> list[bool]:  # Megalodon's own saved-tensor hooks yield to the checkpoint's
+        return [m.recompute_values for m in model.modules() if hasattr(m, "recompute_values")]
+
     plain = gradients()
+    assert all(layer_hooks_on()) and (kind == "llama") == (not layer_hooks_on())
     set_activation_checkpointing(model, True)
-    assert "forward" in model.blocks[0].__dict__
+    assert "forward" in model.blocks[0].__dict__ and not any(layer_hooks_on())
     checkpointed = gradients()
     set_activation_checkpointing(model, False)
-    assert "forward" not in model.blocks[0].__dict__
+    assert "forward" not in model.blocks[0].__dict__ and all(layer_hooks_on())
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(plain, checkpointed))
 
 
