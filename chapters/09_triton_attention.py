@@ -1688,8 +1688,8 @@ with tempfile.TemporaryDirectory() as out_dir:
 
 # %% [markdown]
 # The official shapes in bfloat16 against float64: two chunks and a partial one. bfloat16 keeps 8
-# significant bits; $q$, $k$, $P$ and $dS$ are each rounded once to bfloat16 on the way, so the
-# output and the gradients carry relative errors of a few $2^{-8} \approx 4 \cdot 10^{-3}$
+# significant bits; $q$, $k$, $P$, $T$ and $dq$, $dk$ are each rounded once to bfloat16 on the
+# way, so the output and the gradients carry relative errors of a few $2^{-8} \approx 4 \cdot 10^{-3}$
 # (bounds: $10^{-2}$ for $O$, $2 \cdot 10^{-2}$ for the gradients, as in the tests).
 
 # %% tags=["gpu"]

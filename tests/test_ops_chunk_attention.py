@@ -7,13 +7,14 @@ dv=2048) are added in bfloat16, float16 and float32. Every launcher call in thes
 outputs and scratch buffers with NaN first, so a result without NaN proves every element read was
 written.
 
-Tolerances (relative to the reference's norm): float32 1e-5 -- float32 rounding (6e-8 per
-operation) accumulated over sums of a chunk (the GPU multiplies float32 as three TF32 products,
-error ~2^-21 per product); 3e-5 on the gradients at the official shapes on the GPU, where sums of
-c = 2048 such products grow that error like a random walk to 2^-21 sqrt(2048) = 2e-5 (dbeta, a sum
-of every token's dq or dk whose terms largely cancel, measured 1.4e-5; dv, 5e-6); bfloat16 / float16 1e-2 on O and 2e-2 on the gradients -- q, k, P and dS
-are each rounded once to 8 (bfloat16) or 11 (float16) significant bits, i.e. a unit roundoff of 2^-8
-or 2^-11 per rounding, and a few such roundings compound through the softmax and the backward.
+Tolerances (relative to the reference's norm): float32 1e-5 -- float32 rounding (6e-8 per operation)
+accumulated over sums of a chunk (the GPU multiplies float32 as three TF32 products, error ~2^-21
+per product); 3e-5 on the gradients at the official shapes on the GPU, where sums of c = 2048 such
+products grow that error like a random walk to 2^-21 sqrt(2048) = 2e-5 (dbeta, a sum of every
+token's dq or dk whose terms largely cancel, measured 1.4e-5; dv, 5e-6); bfloat16 / float16 1e-2 on
+O and 2e-2 on the gradients -- q, k, P, T (= P dP) and dq, dk are each rounded once to 8 (bfloat16)
+or 11 (float16) significant bits, i.e. a unit roundoff of 2^-8 or 2^-11 per rounding, and a few such
+roundings compound through the softmax and the backward.
 """
 
 from __future__ import annotations
