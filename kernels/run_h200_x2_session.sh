@@ -4,8 +4,9 @@
 #   attention  chapter 09's tuning run, then the attention GPU tests, benchmark and profile at the tuned tiles
 #   sp-bench   chapter 11's two-GPU run (kernels/sequence_parallel_bench.py)
 #   decode     the CUDA-graph decoding GPU tests, then chapter 10's throughput and decoding parts
+#   memory     kernels/memory_profile.py, then chapter 10's throughput part (speed and peak memory)
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
-#   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode sp-bench sp-train
+#   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode memory sp-bench sp-train
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -39,6 +40,17 @@ if wants attention; then
 
     step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps (tuned tiles)"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
+fi
+
+if wants memory; then
+    step "kernels/memory_profile.py: what each model saves for the backward, and its peak, at 32K"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/memory_profile.py --out "$OUT" 2>&1 | grep -v Warning
+
+    step "chapter 10: training throughput and peak memory (kernels/train_compare.py --parts throughput)"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 kernels/train_compare.py --out "$OUT/tcm" --parts throughput \
+        --minutes 3 > "$OUT/train_compare_memory.log" 2>&1
+    grep throughput "$OUT/train_compare_memory.log"
+    mv "$OUT/tcm/train_compare.json" "$OUT/train_compare_throughput.json" 2>/dev/null
 fi
 
 if wants sp-bench; then
