@@ -50,3 +50,22 @@ def test_unknown_part_and_full_size_on_a_cpu_are_refused(compare, tmp_path):
         compare.main(["--out", str(tmp_path), "--parts", "everything", "--quick"])
     with pytest.raises(SystemExit):
         compare.main(["--out", str(tmp_path), "--parts", "decode", "--device", "cpu"])
+
+
+def test_quick_recall_part_records_its_setting_and_chance(compare, tmp_path):
+    """The recall part trains both models with the same setting and records it, with what guessing scores."""
+    out = tmp_path / "call"
+    assert compare.main(["--quick", "--out", str(out), "--parts", "recall", "--minutes", "0.5"]) == 0
+    recall = json.loads((out / "train_compare.json").read_text())["parts"]["recall"]
+    s = compare.sizes(quick=True)
+    assert recall["context"] == s["recall_context"] and recall["mqar_pairs"] == s["recall_pairs"]
+    assert recall["chance"]["mqar_value_in_sequence"] == 1 / s["recall_pairs"]
+    assert recall["chance"]["passkey_number"] == 1 / 90_000  # five digits, the first not 0
+    configs = {kind: value["config"] for kind, value in recall["models"].items()}
+    assert set(configs) == {"megalodon", "llama"}
+    for kind, config in configs.items():
+        assert (config["model"], config["steps"], config["lr"]) == (kind, recall["steps"], s["recall_lr"])
+        for key in ("mqar_accuracy", "passkey_accuracy", "passkey_digit_accuracy"):
+            assert 0.0 <= recall["models"][kind][key] <= 1.0
+    full = compare.sizes(quick=False)  # the GPU setting: context a multiple of the shape's chunk, so answers cross chunks
+    assert full["recall_context"] >= 2 * full["recall_shape"]["chunk_size"]
