@@ -1824,6 +1824,8 @@ def plot_gpu_comparison(results: dict) -> plt.Figure:
             axes[2].plot(contexts, [r["peak_memory_bytes"] / 2**30 for r in rows], "o-", color=colors[kind], label=kind)
     axes[1].set(xscale="log", xlabel="context", ylabel="thousand tokens/s", title="2. training speed")
     axes[2].set(xscale="log", xlabel="context", ylabel="GiB", title="2. training peak memory")
+    axes[2].set_ylim(0, 1.35 * axes[2].get_ylim()[1])  # from zero (a few per cent apart should look like it),
+                                                       # with room above the lines for the legend
     positions = results["parts"].get("positions", {})
     for kind, value in positions.get("models", {}).items():
         if "loss_per_position" in value:
