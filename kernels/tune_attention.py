@@ -254,7 +254,7 @@ def check_on_cpu() -> None:
     """Every code path at tiny size under the interpreter; the flash designs against design (c)."""
     st = make_state(TINY, "cpu", torch.float32)
     for kind, cands in CANDIDATES.items():
-        kernel_call(st, kind, {k: min(v, 32) if k.endswith(("_m", "_n", "_k", "_v", "_d", "_n_v", "_n_z")) else v
+        kernel_call(st, kind, {k: min(v, 32) if k.endswith(("_m", "_n", "_k", "_v", "_d")) else v
                                for k, v in cands[0].items()})[0]()
     for cand in FLASH[:1] + FLASH[-1:]:
         out = kernel_call(st, "flash", {**cand, "m": 32, "n": 32, "bv": 32})[0]()
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         for cands in list(CANDIDATES.values()) + [FLASH]:
             for cand in cands:
                 cand.update({k: min(v, 32) for k, v in cand.items() if k in ("m", "n", "bv") or k.endswith(
-                    ("_m", "_n", "_k", "_v", "_d", "_n_v", "_n_z"))})
+                    ("_m", "_n", "_k", "_v", "_d"))})
     device = torch.cuda.get_device_name() if not args.dry_run else "cpu dry run"
     errors = precompile(args.workers) if not args.dry_run else []
     st = make_state(FULL, "cuda" if not args.dry_run else "cpu", torch.bfloat16 if not args.dry_run else torch.float32)
