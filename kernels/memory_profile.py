@@ -10,7 +10,8 @@ steps, then one step with
 - every tensor that autograd saves for the backward recorded once per storage
   (``torch.autograd.graph.saved_tensors_hooks``), attributed to the innermost module running when
   it was saved (forward hooks on every module), summed by module class and by module path;
-- the memory allocated before the step, at the end of the model's forward, and the step's peak.
+- the memory allocated before the step, at the end of the model's forward, and the step's peak;
+- the memory allocated after each of three more steps (it must not grow: a leak would).
 
 Saved-tensor hooks do not nest: inside a model's own hooks (chapter 07's ``recomputed_on_backward``
 around the attention) only the model's apply, so what the attention saves there is not counted in
@@ -81,6 +82,13 @@ def profile_model(kind: str, preset: str, context: int, device: torch.device, co
         marks["peak"] = torch.cuda.max_memory_allocated(device)
     for handle in handles:
         handle.remove()
+    # A leak (say a reference cycle that keeps a step's graph alive) shows as growth from step to step.
+    after_steps = []
+    for _ in range(3 if cuda else 0):
+        trainer.train_step()
+        torch.cuda.synchronize(device)
+        after_steps.append(torch.cuda.memory_allocated(device))
+    marks["after_each_of_3_more_steps"] = after_steps
     by_class, by_path = defaultdict(int), defaultdict(int)
     for where, cls, nbytes in saved.values():
         by_class[cls] += nbytes
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
               "rows": rows}
     for row in rows:
-        marks = {k: f"{v / 2**30:.2f} GiB" for k, v in row["memory_bytes"].items()}
+        marks = {k: (f"{v / 2**30:.3f} GiB" if isinstance(v, int) else [f"{x / 2**30:.3f}" for x in v])
+                 for k, v in row["memory_bytes"].items()}
         print(f"{row['model']}: {marks}; saved for the backward {row['saved_bytes_total'] / 2**30:.2f} GiB")
         for cls, nbytes in row["saved_bytes_by_module_class"].items():
             print(f"  {nbytes / 2**20:9.1f} MiB  {cls}")

@@ -5,6 +5,7 @@
 #   sp-bench   chapter 11's two-GPU run (kernels/sequence_parallel_bench.py)
 #   decode     the CUDA-graph decoding GPU tests, then chapter 10's throughput and decoding parts
 #   memory     kernels/memory_profile.py, then chapter 10's throughput part (speed and peak memory)
+#   recall     chapter 10's recall part (MQAR and passkey), 3.5 minutes
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
 #   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode memory sp-bench sp-train
 set -u
@@ -51,6 +52,14 @@ if wants memory; then
         --minutes 3 > "$OUT/train_compare_memory.log" 2>&1
     grep throughput "$OUT/train_compare_memory.log"
     mv "$OUT/tcm/train_compare.json" "$OUT/train_compare_throughput.json" 2>/dev/null
+fi
+
+if wants recall; then
+    step "chapter 10: MQAR and passkey recall after the same budget (kernels/train_compare.py --parts recall)"
+    CUDA_VISIBLE_DEVICES=0 timeout 260 python3 kernels/train_compare.py --out "$OUT/tcr" --parts recall \
+        --minutes 3.5 > "$OUT/train_compare_recall.log" 2>&1
+    tail -12 "$OUT/train_compare_recall.log"
+    mv "$OUT/tcr/train_compare.json" "$OUT/train_compare_recall.json" 2>/dev/null
 fi
 
 if wants sp-bench; then
