@@ -4,6 +4,7 @@
 #   attention  chapter 09's tuning run, then the attention GPU tests, benchmark and profile at the tuned tiles
 #   sp-bench   chapter 11's two-GPU run (kernels/sequence_parallel_bench.py)
 #   decode     the CUDA-graph decoding GPU tests, then chapter 10's throughput and decoding parts
+#   attention-check  the attention GPU tests, kernels/bench.py for every op (--figure), the profile
 #   memory     kernels/memory_profile.py, then chapter 10's throughput part (speed and peak memory)
 #   recall     chapter 10's recall part (MQAR and passkey), 3.5 minutes
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
@@ -41,6 +42,22 @@ if wants attention; then
 
     step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps (tuned tiles)"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
+fi
+
+if wants attention-check; then
+    step "GPU tests: attention kernels, dispatch, one training step with kernels vs PyTorch (package tiles)"
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 150 python3 -m pytest -q -rP --noconftest -o addopts="" \
+        -p no:cacheprovider tests/test_ops_chunk_attention.py tests/test_backend.py tests/test_model_kernels_gpu.py \
+        > "$OUT/gpu_tests_attention.log" 2>&1
+    tail -3 "$OUT/gpu_tests_attention.log"
+
+    step "kernels/bench.py, every op, with the figure (package tiles)"
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
+    tail -20 "$OUT/bench.log"
+    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
+
+    step "kernels/profile_attention.py (package tiles)"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning | head -8
 fi
 
 if wants memory; then

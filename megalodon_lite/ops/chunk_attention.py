@@ -58,11 +58,11 @@ class AttentionTiles:
     grad_d: int = 64
     grad_warps: int = 8
     grad_stages: int = 4
-    mm_m: int = 256
-    mm_n: int = 128
-    mm_k: int = 32
+    mm_m: int = 128
+    mm_n: int = 256
+    mm_k: int = 64
     mm_warps: int = 8
-    mm_stages: int = 6
+    mm_stages: int = 4
     zmm_m: int = 128
     zmm_n: int = 256
     zmm_k: int = 64
@@ -233,9 +233,10 @@ def _chunk_of(g, length, chunk_size, n_chunks, H: tl.constexpr):
 def _softmax_kernel(q_ptr, k_ptr, p_ptr, lse_ptr, length, chunk_size, n_chunks, span,
                     H: tl.constexpr, DZ: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """lse (G, span) and P (G, span, span) of BLOCK_M query rows of chunk program_id(0)."""
-    g = tl.program_id(0)
-    row0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # the longest rows first
+    """lse (G, span) and P (G, span, span) of BLOCK_M query rows; program_id(0) = i * G + chunk."""
+    n_programs = tl.num_programs(0) // (span // BLOCK_M)  # G
+    g = tl.program_id(0) % n_programs
+    row0 = (span // BLOCK_M - 1 - tl.program_id(0) // n_programs) * BLOCK_M  # the longest rows first
     h, tok, chunk_len = _chunk_of(g, length, chunk_size, n_chunks, H)
     if row0 < tl.cdiv(chunk_len, TILE) * TILE:
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -269,7 +270,7 @@ def _softmax_kernel(q_ptr, k_ptr, p_ptr, lse_ptr, length, chunk_size, n_chunks, 
 def _launch_softmax(q, k, p, lse, num_heads, chunk_size, tiles):
     batch, length, z_dim = q.shape
     span = p.shape[1]
-    _softmax_kernel[(p.shape[0], span // tiles.softmax_m)](
+    _softmax_kernel[(p.shape[0] * (span // tiles.softmax_m),)](
         q, k, p, lse, length, chunk_size, triton.cdiv(length, chunk_size), span, H=num_heads,
         DZ=z_dim // num_heads, BLOCK_D=_pow2(z_dim // num_heads), TILE=tiles.tile, BLOCK_M=tiles.softmax_m,
         BLOCK_N=tiles.softmax_n, PRECISION=_precision(q.dtype), num_warps=tiles.softmax_warps,
@@ -283,13 +284,16 @@ def _tri_matmul_kernel(a_ptr, b_ptr, delta_ptr, x_ptr, c_ptr, length, chunk_size
                        PRECISION: tl.constexpr):
     """C = A X inside every chunk (TRANS_A: C = A^T X); A (G, span, span) block-lower-triangular,
     X and C (B*L, H, N). SHIFT: A[t, s] - B[t, s] delta[t] in place of A, with B like A and delta
-    (G, span). program_id(0) = chunk * n_col_tiles + column tile, program_id(1) = row block."""
-    g = tl.program_id(0) // n_col_tiles
+    (G, span). program_id(0) = (chunk * row blocks + row block) * n_col_tiles + column tile: chunk by
+    chunk, so that the programs running together share their chunk's rows of A and columns of X in L2."""
+    n_row_blocks = span // BLOCK_M
+    g = tl.program_id(0) // (n_row_blocks * n_col_tiles)
+    block = (tl.program_id(0) // n_col_tiles) % n_row_blocks
     n0 = (tl.program_id(0) % n_col_tiles) * BLOCK_N
     if TRANS_A:  # row s of A^T sums over rows t >= s of A: the first row blocks are the longest
-        row0 = tl.program_id(1) * BLOCK_M
+        row0 = block * BLOCK_M
     else:
-        row0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        row0 = (n_row_blocks - 1 - block) * BLOCK_M
     h, tok, chunk_len = _chunk_of(g, length, chunk_size, n_chunks, H)
     if row0 < chunk_len:
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -334,7 +338,7 @@ def _launch_tri_matmul(a, x, out, num_heads, chunk_size, transpose, tiles, shift
     block_n = min(block_n, _pow2(n))
     n_col_tiles = triton.cdiv(n, block_n)
     b, delta = shift if shift is not None else (a, a)  # without SHIFT the kernel never reads them
-    _tri_matmul_kernel[(a.shape[0] * n_col_tiles, a.shape[1] // block_m)](
+    _tri_matmul_kernel[(a.shape[0] * (a.shape[1] // block_m) * n_col_tiles,)](
         a, b, delta, x, out, length, chunk_size, triton.cdiv(length, chunk_size), a.shape[1], n_col_tiles,
         H=num_heads, N=n, TRANS_A=transpose, SHIFT=shift is not None, TILE=tiles.tile, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
@@ -348,10 +352,10 @@ def _score_grad_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, p_ptr, t_ptr, row_s
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
     """P, T = P dP (dP = dO V^T) and the row sums of T (G, span / BLOCK_N, span) of one
-    BLOCK_M x BLOCK_N tile of chunk program_id(1)."""
-    g = tl.program_id(1)
+    BLOCK_M x BLOCK_N tile; program_id(0) = (chunk * row blocks + row block) * column blocks + column block."""
     n_col_blocks = span // BLOCK_N
-    row0 = (tl.program_id(0) // n_col_blocks) * BLOCK_M
+    g = tl.program_id(0) // ((span // BLOCK_M) * n_col_blocks)
+    row0 = (tl.program_id(0) // n_col_blocks) % (span // BLOCK_M) * BLOCK_M
     col0 = (tl.program_id(0) % n_col_blocks) * BLOCK_N
     h, tok, chunk_len = _chunk_of(g, length, chunk_size, n_chunks, H)
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -390,7 +394,7 @@ def _launch_score_grad(q, k, v, do, lse, p, t, row_sums, num_heads, chunk_size, 
     """P, T (G, span, span) and the row sums of T (G, span / tiles.grad_n, span); delta = row_sums.sum(1)."""
     batch, length, z_dim = q.shape
     dz, dv, span = z_dim // num_heads, v.shape[-1] // num_heads, p.shape[1]
-    _score_grad_kernel[((span // tiles.grad_m) * (span // tiles.grad_n), p.shape[0])](
+    _score_grad_kernel[(p.shape[0] * (span // tiles.grad_m) * (span // tiles.grad_n),)](
         q, k, v, do, lse, p, t, row_sums, length, chunk_size, triton.cdiv(length, chunk_size), span, H=num_heads,
         DZ=dz, DV=dv, TILE=tiles.tile, BLOCK_M=tiles.grad_m, BLOCK_N=tiles.grad_n,
         BLOCK_D=min(tiles.grad_d, _pow2(dz)), BLOCK_V=min(tiles.grad_v, _pow2(dv)), PRECISION=_precision(q.dtype),
