@@ -1321,10 +1321,10 @@ assert per_element > 3 * fused
 # ## 6. Measured on a GPU
 #
 # `kernels/tune_attention.py` timed each kernel's tile candidates and the designs of section 1 on
-# an H200, twice (`kernels/NOTES_attention.md` keeps each version with its prediction and
-# outcome); `kernels/bench.py --ops attention` then measured the chosen kernels, through the
-# autograd function, against chapter 06's PyTorch path: 65,536 tokens per call, bfloat16,
-# official shapes. Everything below is read from the committed results in `kernels/results/`.
+# an H200, once per version of the kernels (`kernels/NOTES_attention.md` keeps each version with
+# its prediction and outcome); `kernels/bench.py` then measured the chosen kernels, through the
+# public function (custom ops inside autograd), against chapter 06's PyTorch path: 65,536 tokens
+# per call, bfloat16, official shapes. Everything below is read from the committed results in `kernels/results/`.
 # First the three designs, forward only: (c) is the fastest by about a factor of two, a little
 # more than its FLOP count alone predicted (section 1): the recomputing designs also carry a
 # $b_m \times 256$ accumulator and the scores in registers at once.
@@ -1373,10 +1373,10 @@ else:
     print("no committed benchmark results")
 
 # %% [markdown]
-# Forward+backward runs 12 to 13 times faster than chapter 06's PyTorch path and a little faster
-# than the official kernels on an H100 (an H200 has the H100's matmul rate and more memory
-# bandwidth, so that comparison favours us), and ends just above 1.7 times the compute floor of
-# this run (the ratios are printed above). Where the time goes, kernel by kernel, each at its best
+# Forward+backward runs about 13 times faster than chapter 06's PyTorch path, faster than the
+# official kernels on an H100 (an H200 has the H100's matmul rate and more memory bandwidth, so
+# that comparison favours us), and within 1.7 times the compute floor of this run (the ratios
+# are printed above). Where the time goes, kernel by kernel, each at its best
 # tiles, against its own floor (FLOPs at the matmul rate for the matmul kernels, bytes at the copy
 # bandwidth for the two memory-bound ones):
 
@@ -1411,8 +1411,10 @@ if tune_v1:
 # %% [markdown]
 # Reading that table:
 #
-# - **The triangular matmuls** ($O$, $dV$) are half of the time and reach about 60 % of cuBLAS's
-#   rate on the full square: a causal row block reduces only over the keys up to its diagonal (half
+# - **The triangular matmuls** ($O$, $dV$) are the largest share. Numbering their programs chunk
+#   by chunk (section 3.3) took them from 0.60 to about 0.50 ms; counting the upper half of each
+#   diagonal tile they compute, that is about three quarters of cuBLAS's rate on the full square.
+#   The rest is the causal shape: a row block reduces only over the keys up to its diagonal (half
 #   the chunk on average, a single tile at the start), so the software pipeline spends a larger
 #   share of each program filling and draining, and the loads are plain `cp.async` rather than the
 #   Hopper tensor-memory-accelerator copies cuBLAS uses.
@@ -1426,8 +1428,8 @@ if tune_v1:
 #   the epilogue, with its three row loads and partial sums, is still over twice its floor, a few
 #   hundredths of a millisecond. The pass for $\delta$ is gone.
 #
-# The kernels themselves add up to less than 1.7 times the floor; the rest of the benchmark's time
-# is the GPU waiting for Python. A profile of one call (`kernels/profile_attention.py`) says how much:
+# The benchmark measures a little more than the kernels add up to. A profile of one call
+# (`kernels/profile_attention.py`) compares three ways of calling the same kernels:
 
 # %%
 profile = read_result("profile_attention_nvidia_h200.json")
@@ -1443,14 +1445,15 @@ else:
     print("no committed profile")
 
 # %% [markdown]
-# The three ways of calling the same kernels cost the same on the GPU clock, so the custom ops and
-# autograd add nothing there; what every path pays is the start: the clock runs while Python
-# checks the arguments and launches the first kernel, and the short prologue (0.03 ms) finishes
-# before the softmax kernel is launched (each Triton launch costs tens of microseconds of CPU).
-# Inside a training step this hides behind the work already queued; in a benchmark of one call it
-# does not. What would close the rest, none of it done here: a persistent schedule with
-# tensor-descriptor (TMA) loads for the triangular matmuls, $dQ$ and $dK$ in one launch, and
-# launching the prologue from the previous layer's kernel (or capturing the step in a CUDA graph).
+# The three ways of calling the same kernels cost about the same on the GPU clock, so the custom
+# ops and autograd add little there, and each enqueues a call in less CPU time than the GPU takes
+# to run it: in the benchmark's loop Python keeps ahead and the GPU does not wait for it. (The
+# profiled call started from an idle GPU, and there it did wait: the short prologue finished
+# before the softmax kernel was launched.) The few per cent between the kernels' sum and the
+# benchmark are the GPU's own, not measured apart here: the benchmark empties the L2 cache before
+# every repeat and the profiled call did not. What would take the kernels further, none of it
+# done here: a persistent schedule with tensor-descriptor (TMA) loads for the triangular matmuls,
+# $dQ$ and $dK$ in one launch, and a softmax kernel nearer its floor.
 
 # %%
 def plot_attention_results(data: dict) -> plt.Figure:
@@ -1502,9 +1505,8 @@ if results:
 # - `chunk_attention` is a custom op with autograd; `unsupported_reason` is the rule for the cases
 #   left to PyTorch (float64, dropout, streaming steps with a cache).
 # - On an H200 (section 6), forward+backward runs about an order of magnitude faster than chapter
-#   06's PyTorch path and faster than the official CUDA kernels on an H100; its kernels add up to
-#   less than 1.7 times the compute floor, and the call as a whole, with Python's launches, to a
-#   little more: section 6 prints by how much, kernel by kernel, with the next steps.
+#   06's PyTorch path and faster than the official CUDA kernels on an H100, within 1.7 times the
+#   compute floor; section 6 prints by how much, kernel by kernel, with the next steps.
 
 # %% [markdown]
 # ## Exercises
