@@ -466,10 +466,16 @@ def _normalized_rows(z_ptr, cos_ptr, sin_ptr, rows, n_rows, length, chunk_size, 
 
 
 @triton.jit
+def _pairs(x, BLOCK_T: tl.constexpr, BLOCK_DZ: tl.constexpr):
+    """The even and the odd channels (BLOCK_T, BLOCK_DZ / 2) of the rows x (BLOCK_T, BLOCK_DZ)."""
+    return tl.split(tl.reshape(x, (BLOCK_T, BLOCK_DZ // 2, 2)))
+
+
+@triton.jit
 def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_DZ: tl.constexpr):
     """RoPE on rows x (BLOCK_T, BLOCK_DZ): each pair (x_2i, x_2i+1) turned by the angle of (cos, sin)
     (BLOCK_T, BLOCK_DZ / 2). The pairs are split and joined in registers; memory stays contiguous."""
-    even, odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_DZ // 2, 2)))
+    even, odd = _pairs(x, BLOCK_T, BLOCK_DZ)
     return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (BLOCK_T, BLOCK_DZ))
 
 
@@ -930,12 +936,6 @@ assert not row_sums.isnan().any()                        # every tile wrote its 
 # bandwidth (`kernels/NOTES_attention.md`, version 3).
 
 # %% tags=["export:ops.chunk_attention"]
-@triton.jit
-def _pairs(x, BLOCK_T: tl.constexpr, BLOCK_DZ: tl.constexpr):
-    """The even and the odd channels (BLOCK_T, BLOCK_DZ / 2) of the rows x (BLOCK_T, BLOCK_DZ)."""
-    return tl.split(tl.reshape(x, (BLOCK_T, BLOCK_DZ // 2, 2)))
-
-
 @triton.jit
 def _affine_rope_grad(grad_ptr, zh_even, zh_odd, cos, sin, offs, mask, which, h, pid, gamma_ptr, parts_ptr,
                       H: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, BLOCK_T: tl.constexpr):
