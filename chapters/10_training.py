@@ -933,6 +933,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -964,7 +965,7 @@ MODEL_KINDS = ("megalodon", "llama")
 # %% tags=["export:train"]
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides the numbers of a training run (a resumed run must match it).
+    """Everything that decides the numbers of a training run (a resumed run must match it), and how it runs.
 
     Attributes:
         model: ``"megalodon"``, or ``"llama"`` for the baseline matched to the preset.
@@ -983,6 +984,10 @@ class TrainConfig:
         data: None for the standard library, else a text file or folder.
         val_percent: share of the files held out for validation.
         overrides: fields of the preset to change, e.g. ``{"num_layers": 6}`` (not the vocabulary).
+        compile: run each micro-batch's forward and loss through ``torch.compile`` (see
+            :func:`compiled_loss`). A run setting (:data:`RUN_SETTINGS`): it changes how fast a step
+            runs and its numbers only to float rounding, so a checkpoint records it but a resumed run
+            may change it (:func:`resume_training`).
     """
 
     model: str = "megalodon"
@@ -1004,6 +1009,7 @@ class TrainConfig:
     data: str | None = None
     val_percent: int = VAL_PERCENT
     overrides: dict[str, Any] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
@@ -1023,6 +1029,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be an int in [0, steps={self.steps}), got {self.warmup!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name in ("lr", "eps", "clip"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -1043,6 +1051,11 @@ class TrainConfig:
 
     def differences(self, other: TrainConfig) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+# Fields of TrainConfig that say how a run executes, not what it computes (beyond float rounding):
+# recorded in a checkpoint, but a resumed run may change them.
+RUN_SETTINGS = ("compile",)
 
 # %% [markdown]
 # From a config, the three pieces of the recipe: the learning rate at each step, the model, and
@@ -1113,6 +1126,17 @@ plt.show()
 # **Activation checkpointing** trades time for memory: each block's forward runs once without
 # keeping its intermediate tensors, and again during the backward pass to rebuild them. It changes
 # no number, only where the memory goes.
+#
+# **Compiling the step** (`TrainConfig(compile=True)`, `megalodon-lite train --compile`) trades a
+# slow first step for faster later ones: `torch.compile` traces each micro-batch's forward and loss
+# into graphs, and its default backend, Inductor, fuses their elementwise work — the norms, SwiGLU,
+# RoPE, the loss — into generated kernels, for the backward pass too. The trainer compiles only the
+# loss function; the model it evaluates, samples from and saves stays the plain module. Where the
+# tracer cannot follow Python (a check that reads a tensor's values, a saved-tensor hook that
+# compares storage addresses) it breaks the graph and runs that piece as it is; the Triton kernels
+# of chapters 08 and 09 are opaque custom ops that the graphs call unchanged. A compiled step adds
+# its sums in another order, so its losses equal the eager ones to float rounding, not bit for bit:
+# that is why a resumed run may switch compilation on or off, while every other setting must stay.
 
 # %% tags=["export:train"]
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -1181,6 +1205,48 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None
         for module in block.modules():
             if hasattr(module, "recompute_values"):
                 module.recompute_values = not enabled
+
+# %% tags=["export:train"]
+COMPILE_BACKEND_ENV = "MEGALODON_COMPILE_BACKEND"  # the torch.compile backend of compiled training [inductor]
+
+
+class CompileError(RuntimeError):
+    """``torch.compile`` could not compile a training step (``TrainConfig.compile``)."""
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean compilation failed (tracing or code generation); an out-of-memory
+    error while a compiled step runs is not one of them."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
+def compiled_loss(loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss,
+                  backend: str | Callable | None = None) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """``loss_fn(model, inputs, targets)`` run through ``torch.compile``: forward, loss and (through
+    AOTAutograd) backward as compiled graphs, for static shapes (a training run has one shape).
+
+    ``backend``: default ``$MEGALODON_COMPILE_BACKEND``, else ``"inductor"`` (generated kernels; on a
+    CPU it needs a C++ compiler); ``"aot_eager"`` traces the same graphs and runs them op by op — it
+    tells a tracing problem from a code-generation one, and compiles in seconds (the tests use it).
+    Compilation happens at the first call (and again for a new shape); errors then are
+    ``torch._dynamo`` exceptions (see :class:`Trainer`'s ``train_step``).
+
+    Where the graphs break (``torch._dynamo.explain``, torch 2.13, with the PyTorch ops and with the Triton kernels): both
+    models at the token check that opens their forward (``validate.tokens`` reads the ids' range,
+    ``Tensor.item``); Megalodon-lite also at chapter 07's ``recomputed_on_backward`` (its saved-tensor
+    hook compares storage pointers, ``data_ptr``), which lies in the loop over blocks — so that loop
+    runs eagerly and each block's pieces are compiled on their own — and in ``MegalodonState.detach``
+    (storage sizes). Its Triton kernels are ``torch.library`` custom ops, opaque: the graphs call them.
+    """
+    if backend is None:
+        backend = os.environ.get(COMPILE_BACKEND_ENV, "").strip() or "inductor"
+    try:
+        return torch.compile(loss_fn, backend=backend, dynamic=False)
+    except compile_errors() as err:  # e.g. a backend name torch does not know
+        raise CompileError(f"compile=True (the train command's --compile): {err} (the backend comes from "
+                           f"{COMPILE_BACKEND_ENV}, default inductor)") from err
 
 # %% [markdown]
 # **Evaluation.** The validation loss is measured on fixed windows of held-out files, the same at
@@ -1342,16 +1408,22 @@ class Trainer:
             data or sequence parallelism).
         loss_fn: ``loss_fn(model, inputs, targets)`` -> scalar loss of a micro-batch (default
             :func:`lm_loss`; a sequence-parallel run passes one that handles its part of the sequence).
+        compile_backend: the ``torch.compile`` backend when ``config.compile`` (see :func:`compiled_loss`).
+
+    With ``config.compile`` the steps call ``training_loss``, ``loss_fn`` compiled; ``model`` stays the
+    plain module, which evaluation, sampling and checkpoints use (its parameter names unchanged).
     """
 
     def __init__(self, config: TrainConfig, *, device: str | torch.device | None = None,
                  corpus: tuple[Corpus, Corpus] | None = None,
                  batches: Callable[[int, int], ProbeBatch] | None = None, activation_checkpointing: bool = False,
                  reduce_gradients: Callable[[nn.Module], None] | None = None,
-                 loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss) -> None:
+                 loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss,
+                 compile_backend: str | Callable | None = None) -> None:
         self.config = config
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batches, self.reduce_gradients, self.loss_fn = batches, reduce_gradients, loss_fn
+        self.training_loss = compiled_loss(loss_fn, compile_backend) if config.compile else loss_fn
         self.train_corpus = self.val_corpus = self.sampler = None
         self._fingerprint = None
         self._val_windows: dict[int, Tensor] = {}
@@ -1397,10 +1469,22 @@ class Trainer:
                 for i in range(0, self.rows_per_step, size)]
 
     def train_step(self) -> StepResult:
-        """Take the next optimizer step."""
-        result = train_step(self.model, self.optimizer, self.micro_batches(self.step),
-                            lr=learning_rate(self.step, self.config), clip=self.config.clip,
-                            reduce_gradients=self.reduce_gradients, loss_fn=self.loss_fn)
+        """Take the next optimizer step.
+
+        Raises:
+            CompileError: ``config.compile`` is on and ``torch.compile`` failed on this step.
+        """
+        failures = compile_errors() if self.config.compile else ()  # () catches nothing
+        try:
+            result = train_step(self.model, self.optimizer, self.micro_batches(self.step),
+                                lr=learning_rate(self.step, self.config), clip=self.config.clip,
+                                reduce_gradients=self.reduce_gradients, loss_fn=self.training_loss)
+        except failures as err:
+            cause = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2])[:300]
+            raise CompileError(f"compile=True (the train command's --compile): torch.compile could not compile the "
+                               f"training step of {self.config.model} ({type(err).__name__}: {cause}). Train without "
+                               f"it, or set {COMPILE_BACKEND_ENV}=aot_eager to see whether tracing (fails there too) "
+                               "or code generation (does not) is the problem") from err
         self.step += 1
         return result
 
@@ -1468,9 +1552,14 @@ def save_training(trainer: Trainer, directory: str | Path) -> Path:
     return save_checkpoint(trainer.model, directory, training=state, training_tensors=tensors)
 
 
-def resume_training(directory: str | Path, *, expected: TrainConfig | None = None,
+def resume_training(directory: str | Path, *, expected: TrainConfig | None = None, compile: bool | None = None,
                     trainer_class: type[Trainer] = Trainer, **kwargs: Any) -> Trainer:
     """Rebuild the trainer saved in ``directory``; ``kwargs`` as for the :class:`Trainer` constructor.
+
+    ``expected``: the config the caller means to continue; every field must match the checkpoint's
+    but the run settings (:data:`RUN_SETTINGS`), which are not compared. ``compile``: None keeps the
+    saved run's setting, True or False changes it (the run then continues to float rounding, not bit
+    for bit: a compiled step adds in another order).
 
     Raises:
         CheckpointError: no training state, damaged files, a config other than ``expected``, or
@@ -1483,10 +1572,13 @@ def resume_training(directory: str | Path, *, expected: TrainConfig | None = Non
         config = TrainConfig.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{directory}: bad training config: {err}") from None
-    if expected is not None and config.differences(expected):
+    changed = [] if expected is None else [n for n in config.differences(expected) if n not in RUN_SETTINGS]
+    if changed:
         details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, asked {getattr(expected, name)!r})"
-                            for name in config.differences(expected))
+                            for name in changed)
         raise CheckpointError(f"{directory} was trained with other settings: {details}")
+    if compile is not None:
+        config = config.replace(compile=compile)
     trainer = trainer_class(config, **kwargs)
     saved_data = state.get("data")
     if saved_data is not None and trainer.train_corpus is not None and saved_data["sha256"] != trainer.data_fingerprint():
@@ -1741,6 +1833,30 @@ def decode_rows(value: dict) -> dict:
     return {(r["model"], r["context"], r.get("mode", "eager")): r for r in value["rows"] if "error" not in r}
 
 
+def report_compiled_throughput(value: dict) -> None:
+    """The throughput-compiled part: each model compiled against its eager step of the same call, and the
+    two models each on its fastest path (compiled or eager, whichever was faster)."""
+    rows = {(r["model"], r["context"], r["mode"]): r for r in value["rows"]}
+    print(f"[throughput-compiled] torch.compile, backend {value['backend']}; eager measured in the same call")
+    for context in sorted({c for _, c, _ in rows}):
+        best, cells = {}, []
+        for kind in ("megalodon", "llama"):
+            eager, compiled = rows.get((kind, context, "eager"), {}), rows.get((kind, context, "compiled"), {})
+            speeds = [r["tokens_per_s"] for r in (eager, compiled) if "tokens_per_s" in r]
+            if speeds:
+                best[kind] = max(speeds)
+            if "tokens_per_s" not in compiled:
+                cells.append(f"{kind} compiled: {compiled.get('error') or compiled.get('skipped') or 'not measured'}")
+                continue
+            memory = compiled.get("peak_memory_bytes")
+            cells.append(f"{kind} {compiled['tokens_per_s']:,.0f} tokens/s"
+                         + (f" ({compiled['tokens_per_s'] / eager['tokens_per_s']:.2f}x eager)" if "tokens_per_s" in eager else "")
+                         + (f", peak {memory / 2**30:.1f} GiB" if memory else "")
+                         + f", compiled in {compiled['compile_seconds']:.0f} s ({compiled['graph_breaks']} graph breaks)")
+        fastest = (f"; fastest paths: ratio {best['megalodon'] / best['llama']:.2f}" if len(best) == 2 else "")
+        print(f"    context {context:>6,}: " + "; ".join(cells) + fastest)
+
+
 def report_gpu_comparison(results: dict) -> None:
     """Print the comparison, next to the paper's numbers and the issue's targets."""
     curves = gpu_part(results, "curves")
@@ -1771,6 +1887,10 @@ def report_gpu_comparison(results: dict) -> None:
                   "device time, the largest kernels:")
             for event in profile["top"][:6]:
                 print(f"    {event['self_device_ms'] / profile['device_ms_total']:6.1%}  {event['name'][:90]}")
+    if "throughput-compiled" in results["parts"]:  # measured by a later call: shown when recorded
+        compiled = gpu_part(results, "throughput-compiled")
+        if compiled:
+            report_compiled_throughput(compiled)
     positions = gpu_part(results, "positions")
     if positions:
         train_context = curves["models"]["megalodon"]["config"]["context"] if curves else None

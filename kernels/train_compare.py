@@ -6,6 +6,19 @@ optimizer and schedule (``megalodon_lite.train``). Parts, each selectable with `
 
     throughput  training tokens/s and peak memory at context 4K, 16K, 32K (32K tokens per step), and a
                 profile of one Megalodon step at 32K (where the time goes)
+    throughput-compiled
+                the same steps with the training forward and loss compiled (``TrainConfig.compile``:
+                ``torch.compile``, Inductor unless ``$MEGALODON_COMPILE_BACKEND`` says otherwise, static
+                shapes, graph breaks allowed), each next to an eager row measured in the same call.
+                Contexts in the order 4K, 32K, 16K (the targets' first), each both models, baseline
+                first. A compiled row records ``compile_seconds`` (its first steps, until one compiles
+                nothing new: tracing, code generation, autotuning; ``compile_steps`` of them) and
+                ``warmup_seconds`` (one more unmeasured step) apart from its timed steps, the graphs and
+                graph breaks torch.compile reported, and peak memory (of the timed steps).
+                It is skipped (``skipped``: why) when the time left cannot hold a compile as long as the
+                longest so far (90 s before the first); a row that fails records ``error`` and the
+                others go on. A part of its own, so that one call can measure it and ``--merge`` can add
+                it to a results file beside the eager part
     decode      decoding tokens/s and memory per sequence at context 1K, 8K, 32K, 128K (batch 1), each
                 model run eagerly, as the fixed-buffer step of megalodon_lite.decoding, and as
                 that step replayed in CUDA graphs
@@ -31,6 +44,10 @@ One part again (here decode, about a minute on an H200), folded into the committ
     python kernels/train_compare.py --out OUT3 --parts decode --minutes 5
     python kernels/train_compare.py --merge kernels/results/train_compare_<gpu>.json OUT3/train_compare.json \
         --into kernels/results/train_compare_<gpu>.json
+
+The compiled comparison (one call of at most 8 minutes; Inductor takes 30-90 s per model and context):
+
+    python kernels/train_compare.py --out OUT4 --parts throughput-compiled --minutes 7.5
 
 ``--quick`` runs every part at toy sizes (the tiny preset, short contexts) on any device, to check
 the script end to end; chapter 10 reads and plots the results.
@@ -64,7 +81,7 @@ from megalodon_lite.model import MegalodonLM  # noqa: E402
 from megalodon_lite.train import (Trainer, TrainConfig, autocast_for, evaluate, model_config,  # noqa: E402
                                   probe_accuracy)
 
-PARTS = ("throughput", "decode", "curves", "positions", "recall", "demo")
+PARTS = ("throughput", "throughput-compiled", "decode", "curves", "positions", "recall", "demo")
 TRAINING_WEIGHTS = {"curves": 5.0, "recall": 3.0, "demo": 1.5}   # shares of the training time
 KINDS = ("megalodon", "llama")
 DEMO_SHAPE = {"model_dim": 256, "z_dim": 64, "value_dim": 512, "ffn_hidden_dim": 640, "num_layers": 4,
@@ -80,12 +97,14 @@ def sizes(quick: bool) -> dict:
     """Every size the parts use: full (GPU) or quick (toy, any device)."""
     if quick:
         return {"preset": "tiny", "train_contexts": (128, 256, 512), "tokens_per_step": 1024, "timed_steps": 2,
+                "compile_guess_seconds": 5.0, "compile_row_seconds": 1.0, "compile_reserve_seconds": 2.0,
                 "decode_contexts": (64, 256, 1024), "decode_tokens": 8, "decode_warmup": 2, "curves_context": 256, "curves_batch": 4,
                 "eval_windows": 4, "positions_context": 1024, "positions_windows": 4, "recall_preset": "tiny",
                 "recall_shape": None, "recall_context": 256, "recall_pairs": 8, "recall_batch": 4, "recall_lr": 3e-3,
                 "recall_eval": 16, "demo_shape": {"num_layers": 1},
                 "demo_preset": "tiny", "demo_context": 256, "demo_batch": 4}
     return {"preset": "small", "train_contexts": (4096, 16384, 32768), "tokens_per_step": 32768, "timed_steps": 5,
+            "compile_guess_seconds": 90.0, "compile_row_seconds": 10.0, "compile_reserve_seconds": 20.0,
             "decode_contexts": (1024, 8192, 32768, 131072), "decode_tokens": 64, "decode_warmup": 8, "curves_context": 4096,
             "curves_batch": 8, "eval_windows": 16, "positions_context": 32768, "positions_windows": 16,
             "recall_preset": "small", "recall_shape": RECALL_SHAPE, "recall_context": 1024, "recall_pairs": 8,
@@ -167,6 +186,109 @@ def part_throughput(s: dict, device: torch.device, corpus, budget: Budget) -> di
     if device.type == "cuda":
         out["profile_megalodon"] = profile_step(s, device, corpus, s["train_contexts"][-1])
     return out
+
+
+def compile_counters() -> dict:
+    """torch.compile's running totals: graphs compiled and graph breaks met (for differences)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+MAX_COMPILE_STEPS = 12
+
+
+def measure_steps(trainer: Trainer, timed_steps: int, row: dict) -> None:
+    """Into ``row``: unmeasured steps, then the mean of ``timed_steps`` more, tokens/s and their peak memory.
+
+    Compiled: steps until one compiles no new graph (``compile_steps``, at most MAX_COMPILE_STEPS;
+    Megalodon-lite's saved-tensor hook guards on a storage address and recompiles for a few steps,
+    until torch.compile's recompile limit runs those pieces eagerly), their wall seconds as
+    ``compile_seconds``, then one more as ``warmup_seconds``. Eager: two steps, ``warmup_seconds``."""
+    sync()
+    start = time.perf_counter()
+    if trainer.config.compile:
+        row["compile_steps"] = 0
+        while row["compile_steps"] < MAX_COMPILE_STEPS:
+            graphs = compile_counters()["graphs"]
+            trainer.train_step()
+            row["compile_steps"] += 1
+            if compile_counters()["graphs"] == graphs:
+                break
+        sync()
+        row["compile_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+    else:
+        trainer.train_step()
+    trainer.train_step()
+    sync()
+    row["warmup_seconds"] = time.perf_counter() - start
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    losses = [trainer.train_step().loss for _ in range(timed_steps)]
+    sync()
+    seconds = (time.perf_counter() - start) / timed_steps
+    row.update(seconds_per_step=seconds, tokens_per_s=row["tokens_per_step"] / seconds,
+               peak_memory_bytes=peak_bytes(), finite=all(math.isfinite(x) for x in losses))
+
+
+def part_throughput_compiled(s: dict, device: torch.device, corpus, budget: Budget) -> dict:
+    """Training tokens/s and peak memory with the forward and loss compiled, beside eager in the same call."""
+    import torch._dynamo
+
+    from megalodon_lite.train import COMPILE_BACKEND_ENV
+
+    first, *rest = s["train_contexts"]
+    contexts = [first, *rest[::-1]]  # 4K, 32K, 16K: the targets' contexts first
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "").strip() or "inductor"
+    reserve = s["compile_reserve_seconds"]  # for writing the results; parts after this one (best: none) get the rest
+    compile_times: list[float] = []
+    rows = []
+    for context in contexts:
+        batch = max(1, s["tokens_per_step"] // context)
+        for kind in ("llama", "megalodon"):
+            for compiled in (False, True):
+                row = {"model": kind, "context": context, "batch": batch, "tokens_per_step": batch * context,
+                       "mode": "compiled" if compiled else "eager"}
+                rows.append(row)
+                longest = max(compile_times, default=s["compile_guess_seconds"])
+                needed = (1.3 * longest if compiled else 0.0) + s["compile_row_seconds"] + reserve
+                if budget.left() < needed:
+                    basis = (f"a compile took up to {longest:.0f} s so far" if compile_times
+                             else f"a compile is guessed at {longest:.0f} s")
+                    row["skipped"] = (f"time budget: {budget.left():.0f} s left, a row needs about {needed:.0f} s "
+                                      f"({basis})")
+                    print(f"  throughput-compiled {kind:>9} {row['mode']:>8} context {context:>6}: skipped", flush=True)
+                    continue
+                trainer = None
+                try:
+                    torch._dynamo.reset()  # each compiled row compiles from nothing: its own compile time
+                    before = compile_counters()
+                    config = TrainConfig(model=kind, preset=s["preset"], context=context, batch_size=batch,
+                                         steps=10_000, compile=compiled)
+                    trainer = Trainer(config, device=device, corpus=corpus)
+                    row["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+                    measure_steps(trainer, s["timed_steps"], row)
+                    if compiled:
+                        after = compile_counters()
+                        row.update(backend=backend, graphs=after["graphs"] - before["graphs"],
+                                   graph_breaks=after["graph_breaks"] - before["graph_breaks"])
+                        compile_times.append(row["compile_seconds"])
+                except Exception as err:  # record and go on: one failure must not lose the other rows
+                    row["error"] = "out of memory" if is_oom(err) else f"{type(err).__name__}: {str(err)[:500]}"
+                    traceback.print_exc()
+                print(f"  throughput-compiled {kind:>9} {row['mode']:>8} context {context:>6}: "
+                      + (f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_bytes'] or 0:,} bytes"
+                         + (f", compiled in {row['compile_seconds']:.1f} s ({row['compile_steps']} steps, "
+                            f"{row['graphs']} graphs, {row['graph_breaks']} breaks)" if compiled else "")
+                         if "tokens_per_s" in row else row["error"]),
+                      flush=True)
+                trainer = None
+                reset_peak()
+    torch._dynamo.reset()
+    return {"rows": rows, "backend": backend, "dynamic": False, "mode": "default", "contexts_order": contexts,
+            "timed_steps": s["timed_steps"]}
 
 
 def profile_step(s: dict, device: torch.device, corpus, context: int) -> dict:
@@ -554,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if part == "throughput":
                 value = part_throughput(s, device, corpus, budget)
+            elif part == "throughput-compiled":
+                value = part_throughput_compiled(s, device, corpus, budget)
             elif part == "decode":
                 value = part_decode(s, device)
             elif part == "curves":

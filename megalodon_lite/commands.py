@@ -157,6 +157,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--log-every", type=_int_at_least(1), default=10, help="steps between training records in the log [10]")
     run.add_argument("--activation-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, more time)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the training forward and loss through torch.compile (a slow first step, faster "
+                          "later ones; recorded in the checkpoint, and a resumed run may switch it) "
+                          "[off; a resumed run: as saved]")
     run.add_argument("--device", help="cpu, cuda, cuda:1, ... [cuda if available]")
     run.add_argument("--threads", type=_int_at_least(1), help="CPU threads [1 for models under 5M parameters, "
                                                                "else PyTorch's default]")
@@ -279,7 +283,7 @@ def _train_config(args: argparse.Namespace):
         except CheckpointError as err:
             raise CommandError(f"--resume {folder}: {err}") from None
     try:
-        config = TrainConfig(**{**TRAIN_DEFAULTS, **explicit})
+        config = TrainConfig(**{**TRAIN_DEFAULTS, **explicit}, compile=bool(args.compile))
     except ValueError as err:
         raise CommandError(str(err), EXIT_USAGE) from None
     folder = Path(args.out) if args.out is not None else _free_run_folder(config.model, config.preset)
@@ -344,7 +348,7 @@ def _build_trainer(args: argparse.Namespace, config, folder: Path, device: torch
     from megalodon_lite.checkpoint import CheckpointError, read_manifest
     from megalodon_lite.data import DataError
     from megalodon_lite.parallel_train import ChunkParallelTrainer, check_data_parallel, saved_layout
-    from megalodon_lite.train import Trainer
+    from megalodon_lite.train import CompileError, Trainer
 
     kwargs = {"device": device, "activation_checkpointing": args.activation_checkpointing}
     trainer_class = Trainer
@@ -363,12 +367,18 @@ def _build_trainer(args: argparse.Namespace, config, folder: Path, device: torch
         if before != now:
             say(f"note: {folder} was trained on {before}, this run on {now}: it adds its sums in another order, "
                 "so it continues the run to float rounding, not bit for bit")
-        return trainer_class.resume(folder, **kwargs)
-    except (DataError, CheckpointError) as err:
+        if args.compile is not None and args.compile != config.compile:
+            say(f"note: {folder} was trained {'with' if config.compile else 'without'} --compile, this run "
+                f"{'with' if args.compile else 'without'}: a compiled step adds its sums in another order, so it "
+                "continues the run to float rounding, not bit for bit")
+        return trainer_class.resume(folder, compile=args.compile, **kwargs)
+    except (DataError, CheckpointError, CompileError) as err:
         raise CommandError(str(err)) from None
 
 
 def _train(args: argparse.Namespace, stop: dict, job) -> int:
+    from megalodon_lite.train import CompileError
+
     device = _device(args.device) if job is None else job.device
     main = job is None or job.is_main
     say = print if main else (lambda *a, **k: None)
@@ -398,8 +408,12 @@ def _train(args: argparse.Namespace, stop: dict, job) -> int:
         f"checkpoint and log in {folder}", flush=True)
     first_step, began = trainer.step, time.perf_counter()
     should_stop = (lambda: stop["asked"]) if job is None else (lambda: job.any(stop["asked"]))
+    if trainer.config.compile:
+        say("compiling the training step with torch.compile: the first step takes longer", flush=True)
     try:
         finished = _train_loop(trainer, args, folder, until, should_stop, main)
+    except CompileError as err:
+        raise CommandError(f"{err} (nothing was saved at this step)") from None
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise

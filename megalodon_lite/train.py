@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,7 @@ MODEL_KINDS = ("megalodon", "llama")
 # %% chapters/10_training.py cell 38 · §5 The training loop
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides the numbers of a training run (a resumed run must match it).
+    """Everything that decides the numbers of a training run (a resumed run must match it), and how it runs.
 
     Attributes:
         model: ``"megalodon"``, or ``"llama"`` for the baseline matched to the preset.
@@ -61,6 +62,10 @@ class TrainConfig:
         data: None for the standard library, else a text file or folder.
         val_percent: share of the files held out for validation.
         overrides: fields of the preset to change, e.g. ``{"num_layers": 6}`` (not the vocabulary).
+        compile: run each micro-batch's forward and loss through ``torch.compile`` (see
+            :func:`compiled_loss`). A run setting (:data:`RUN_SETTINGS`): it changes how fast a step
+            runs and its numbers only to float rounding, so a checkpoint records it but a resumed run
+            may change it (:func:`resume_training`).
     """
 
     model: str = "megalodon"
@@ -82,6 +87,7 @@ class TrainConfig:
     data: str | None = None
     val_percent: int = VAL_PERCENT
     overrides: dict[str, Any] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
@@ -101,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be an int in [0, steps={self.steps}), got {self.warmup!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name in ("lr", "eps", "clip"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -121,6 +129,11 @@ class TrainConfig:
 
     def differences(self, other: TrainConfig) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+# Fields of TrainConfig that say how a run executes, not what it computes (beyond float rounding):
+# recorded in a checkpoint, but a resumed run may change them.
+RUN_SETTINGS = ("compile",)
 
 # %% chapters/10_training.py cell 40 · §5 The training loop
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -220,7 +233,49 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> None
             if hasattr(module, "recompute_values"):
                 module.recompute_values = not enabled
 
-# %% chapters/10_training.py cell 46 · §5 The training loop
+# %% chapters/10_training.py cell 45 · §5 The training loop
+COMPILE_BACKEND_ENV = "MEGALODON_COMPILE_BACKEND"  # the torch.compile backend of compiled training [inductor]
+
+
+class CompileError(RuntimeError):
+    """``torch.compile`` could not compile a training step (``TrainConfig.compile``)."""
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean compilation failed (tracing or code generation); an out-of-memory
+    error while a compiled step runs is not one of them."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
+def compiled_loss(loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss,
+                  backend: str | Callable | None = None) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """``loss_fn(model, inputs, targets)`` run through ``torch.compile``: forward, loss and (through
+    AOTAutograd) backward as compiled graphs, for static shapes (a training run has one shape).
+
+    ``backend``: default ``$MEGALODON_COMPILE_BACKEND``, else ``"inductor"`` (generated kernels; on a
+    CPU it needs a C++ compiler); ``"aot_eager"`` traces the same graphs and runs them op by op — it
+    tells a tracing problem from a code-generation one, and compiles in seconds (the tests use it).
+    Compilation happens at the first call (and again for a new shape); errors then are
+    ``torch._dynamo`` exceptions (see :class:`Trainer`'s ``train_step``).
+
+    Where the graphs break (``torch._dynamo.explain``, torch 2.13, with the PyTorch ops and with the Triton kernels): both
+    models at the token check that opens their forward (``validate.tokens`` reads the ids' range,
+    ``Tensor.item``); Megalodon-lite also at chapter 07's ``recomputed_on_backward`` (its saved-tensor
+    hook compares storage pointers, ``data_ptr``), which lies in the loop over blocks — so that loop
+    runs eagerly and each block's pieces are compiled on their own — and in ``MegalodonState.detach``
+    (storage sizes). Its Triton kernels are ``torch.library`` custom ops, opaque: the graphs call them.
+    """
+    if backend is None:
+        backend = os.environ.get(COMPILE_BACKEND_ENV, "").strip() or "inductor"
+    try:
+        return torch.compile(loss_fn, backend=backend, dynamic=False)
+    except compile_errors() as err:  # e.g. a backend name torch does not know
+        raise CompileError(f"compile=True (the train command's --compile): {err} (the backend comes from "
+                           f"{COMPILE_BACKEND_ENV}, default inductor)") from err
+
+# %% chapters/10_training.py cell 47 · §5 The training loop
 @dataclass
 class EvalResult:
     """A validation measurement."""
@@ -278,7 +333,7 @@ def probe_accuracy(model: nn.Module, batch: ProbeBatch, *, batch_size: int, whol
         return int((right == asked).sum()) / len(right)
     return int(right.sum()) / int(asked.sum())
 
-# %% chapters/10_training.py cell 48 · §5 The training loop
+# %% chapters/10_training.py cell 49 · §5 The training loop
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     """The optimizer's per-parameter state as tensors named ``optimizer/<parameter>/<key>``, and its
     hyperparameters as JSON (for the record: a resumed trainer rebuilds them from its config)."""
@@ -333,7 +388,7 @@ def set_rng_state(state: dict, tensors: dict[str, Tensor]) -> None:
     if cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 
-# %% chapters/10_training.py cell 50 · §5 The training loop
+# %% chapters/10_training.py cell 51 · §5 The training loop
 class Trainer:
     """One training run: model, optimizer, data order and step counter, saved and resumed whole.
 
@@ -349,16 +404,22 @@ class Trainer:
             data or sequence parallelism).
         loss_fn: ``loss_fn(model, inputs, targets)`` -> scalar loss of a micro-batch (default
             :func:`lm_loss`; a sequence-parallel run passes one that handles its part of the sequence).
+        compile_backend: the ``torch.compile`` backend when ``config.compile`` (see :func:`compiled_loss`).
+
+    With ``config.compile`` the steps call ``training_loss``, ``loss_fn`` compiled; ``model`` stays the
+    plain module, which evaluation, sampling and checkpoints use (its parameter names unchanged).
     """
 
     def __init__(self, config: TrainConfig, *, device: str | torch.device | None = None,
                  corpus: tuple[Corpus, Corpus] | None = None,
                  batches: Callable[[int, int], ProbeBatch] | None = None, activation_checkpointing: bool = False,
                  reduce_gradients: Callable[[nn.Module], None] | None = None,
-                 loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss) -> None:
+                 loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = lm_loss,
+                 compile_backend: str | Callable | None = None) -> None:
         self.config = config
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batches, self.reduce_gradients, self.loss_fn = batches, reduce_gradients, loss_fn
+        self.training_loss = compiled_loss(loss_fn, compile_backend) if config.compile else loss_fn
         self.train_corpus = self.val_corpus = self.sampler = None
         self._fingerprint = None
         self._val_windows: dict[int, Tensor] = {}
@@ -404,10 +465,22 @@ class Trainer:
                 for i in range(0, self.rows_per_step, size)]
 
     def train_step(self) -> StepResult:
-        """Take the next optimizer step."""
-        result = train_step(self.model, self.optimizer, self.micro_batches(self.step),
-                            lr=learning_rate(self.step, self.config), clip=self.config.clip,
-                            reduce_gradients=self.reduce_gradients, loss_fn=self.loss_fn)
+        """Take the next optimizer step.
+
+        Raises:
+            CompileError: ``config.compile`` is on and ``torch.compile`` failed on this step.
+        """
+        failures = compile_errors() if self.config.compile else ()  # () catches nothing
+        try:
+            result = train_step(self.model, self.optimizer, self.micro_batches(self.step),
+                                lr=learning_rate(self.step, self.config), clip=self.config.clip,
+                                reduce_gradients=self.reduce_gradients, loss_fn=self.training_loss)
+        except failures as err:
+            cause = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2])[:300]
+            raise CompileError(f"compile=True (the train command's --compile): torch.compile could not compile the "
+                               f"training step of {self.config.model} ({type(err).__name__}: {cause}). Train without "
+                               f"it, or set {COMPILE_BACKEND_ENV}=aot_eager to see whether tracing (fails there too) "
+                               "or code generation (does not) is the problem") from err
         self.step += 1
         return result
 
@@ -448,7 +521,7 @@ class Trainer:
         """The trainer saved in ``directory``: see :func:`resume_training`."""
         return resume_training(directory, expected=expected, trainer_class=cls, **kwargs)
 
-# %% chapters/10_training.py cell 52 · §5 The training loop
+# %% chapters/10_training.py cell 53 · §5 The training loop
 def training_state(trainer: Trainer) -> tuple[dict, dict[str, Tensor]]:
     """Everything but the weights that a resumed run needs: (JSON, tensors)."""
     opt_json, opt_tensors = optimizer_state(trainer.optimizer, trainer.model)
@@ -470,9 +543,14 @@ def save_training(trainer: Trainer, directory: str | Path) -> Path:
     return save_checkpoint(trainer.model, directory, training=state, training_tensors=tensors)
 
 
-def resume_training(directory: str | Path, *, expected: TrainConfig | None = None,
+def resume_training(directory: str | Path, *, expected: TrainConfig | None = None, compile: bool | None = None,
                     trainer_class: type[Trainer] = Trainer, **kwargs: Any) -> Trainer:
     """Rebuild the trainer saved in ``directory``; ``kwargs`` as for the :class:`Trainer` constructor.
+
+    ``expected``: the config the caller means to continue; every field must match the checkpoint's
+    but the run settings (:data:`RUN_SETTINGS`), which are not compared. ``compile``: None keeps the
+    saved run's setting, True or False changes it (the run then continues to float rounding, not bit
+    for bit: a compiled step adds in another order).
 
     Raises:
         CheckpointError: no training state, damaged files, a config other than ``expected``, or
@@ -485,10 +563,13 @@ def resume_training(directory: str | Path, *, expected: TrainConfig | None = Non
         config = TrainConfig.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{directory}: bad training config: {err}") from None
-    if expected is not None and config.differences(expected):
+    changed = [] if expected is None else [n for n in config.differences(expected) if n not in RUN_SETTINGS]
+    if changed:
         details = ", ".join(f"{name} (checkpoint {getattr(config, name)!r}, asked {getattr(expected, name)!r})"
-                            for name in config.differences(expected))
+                            for name in changed)
         raise CheckpointError(f"{directory} was trained with other settings: {details}")
+    if compile is not None:
+        config = config.replace(compile=compile)
     trainer = trainer_class(config, **kwargs)
     saved_data = state.get("data")
     if saved_data is not None and trainer.train_corpus is not None and saved_data["sha256"] != trainer.data_fingerprint():
@@ -504,7 +585,7 @@ def resume_training(directory: str | Path, *, expected: TrainConfig | None = Non
     trainer.step = int(state["step"])
     return trainer
 
-# %% chapters/10_training.py cell 54 · §5 The training loop
+# %% chapters/10_training.py cell 55 · §5 The training loop
 @torch.no_grad()
 def stream_generate(model: MegalodonLM | LlamaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, generator: torch.Generator | None = None,
