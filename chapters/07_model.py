@@ -530,7 +530,10 @@ def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
 # `grad_fn`, a reference cycle, and the operations that build the streaming cache, which no
 # backward ever runs, would never let go of it. Hooks do not nest (the innermost ones apply), so a
 # layer whose blocks are checkpointed (chapter 10's activation checkpointing) turns this off with
-# `recompute_values = False`, leaving the attention's tensors to the checkpoint.
+# `recompute_values = False`, leaving the attention's tensors to the checkpoint. Under
+# `torch.compile` the layer leaves the hooks out too: the compiler chooses itself what to keep and
+# what to recompute for the backward, and hooks that look at storage addresses would make it
+# recompile at every step.
 
 # %% tags=["export:model"]
 class recomputed_on_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 - used as a context
@@ -622,7 +625,8 @@ class MegalodonLayer(nn.Module):
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v_pre = self.wv(X)
         v = F.silu(v_pre)
-        hooks = recomputed_on_backward(v, v_pre, F.silu) if self.recompute_values else contextlib.nullcontext()
+        recompute = self.recompute_values and not torch.compiler.is_compiling()  # compiled: the compiler decides
+        hooks = recomputed_on_backward(v, v_pre, F.silu) if recompute else contextlib.nullcontext()
         with hooks:  # keep v_pre (SiLU does anyway), not v
             attn, kv = self.attention(self.wz(mx), v, kv)
         attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)

@@ -323,7 +323,8 @@ class MegalodonLayer(nn.Module):
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v_pre = self.wv(X)
         v = F.silu(v_pre)
-        hooks = recomputed_on_backward(v, v_pre, F.silu) if self.recompute_values else contextlib.nullcontext()
+        recompute = self.recompute_values and not torch.compiler.is_compiling()  # compiled: the compiler decides
+        hooks = recomputed_on_backward(v, v_pre, F.silu) if recompute else contextlib.nullcontext()
         with hooks:  # keep v_pre (SiLU does anyway), not v
             attn, kv = self.attention(self.wz(mx), v, kv)
         attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
