@@ -230,6 +230,8 @@ def chunk_causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkKVCache,
 
     if n_cached + length < chunk_size:  # the chunk is still unfinished: keep all of it
         new_cache = ChunkKVCache(k_head, v_head) if head else ChunkKVCache(k.contiguous(), v.contiguous())
+    elif (n_cached + length) % chunk_size == 0:  # ends on a boundary: empty, not tied to k and v in autograd
+        new_cache = ChunkKVCache(k.new_zeros(*k.shape[:2], 0, k.shape[3]), v.new_zeros(*v.shape[:2], 0, v.shape[3]))
     else:  # keep the tokens after the last boundary (copied, so the rest can be freed)
         tail = (n_cached + length) % chunk_size
         new_cache = ChunkKVCache(k[:, :, length - tail:].clone(memory_format=torch.contiguous_format),
@@ -341,8 +343,11 @@ def kernel_forward(module: ChunkAttention, z: Tensor, v: Tensor) -> tuple[Tensor
     from megalodon_lite.ops.chunk_attention import chunk_attention
     o = chunk_attention(z, v, module.gamma, module.beta, module.num_heads, module.chunk_size, module.z_norm.eps,
                         module.rope.base)
-    length, heads = z.shape[1], module.num_heads
+    (batch, length, _), heads = z.shape, module.num_heads
     tail = length % module.chunk_size
+    if not tail:  # ends on a chunk boundary: an empty cache, not tied to z and v in the autograd graph
+        return o, ChunkKVCache(z.new_zeros(batch, heads, 0, module.z_head_dim),
+                               v.new_zeros(batch, heads, 0, module.v_head_dim))
     z_tail = z[:, length - tail:].unflatten(-1, (heads, module.z_head_dim))
     _, k_tail = normalized_qk(module.z_norm(z_tail), module.gamma, module.beta)
     k_tail = module.rope(k_tail.transpose(1, 2), torch.arange(tail, device=z.device))

@@ -503,7 +503,7 @@ def chunk_attention_backward(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, 
     """
     _require(grad_out.shape == v.shape, "grad_out must have O's shape {}, got {}", tuple(v.shape), tuple(grad_out.shape))
     _require(q.shape == k.shape == z.shape, "q, k must have z's shape {}, got {}, {}", tuple(z.shape), tuple(q.shape), tuple(k.shape))
-    grad_out, z, gamma = grad_out.contiguous(), z.contiguous(), gamma.contiguous()
+    grad_out, z, q, k, v, gamma = (t.contiguous() for t in (grad_out, z, q, k, v, gamma))  # no copy when they are
     n_chunks, n_programs, span, tiles = _layout(z, num_heads, chunk_size, tiles or default_tiles(z.device, z.dtype))
     _require(lse.shape == (n_programs, span), "lse must be ({}, {}) for these tiles, got {}", n_programs, span, tuple(lse.shape))
     p, t = _empty((n_programs, span, span), z, poison=poison), _empty((n_programs, span, span), z, poison=poison)
@@ -532,7 +532,7 @@ def _forward_op(z: Tensor, v: Tensor, gamma: Tensor, beta: Tensor, num_heads: in
 @_forward_op.register_fake
 def _(z, v, gamma, beta, num_heads, chunk_size, eps, rope_base):
     _, n_programs, span, _ = _layout(z, num_heads, chunk_size, default_tiles(z.device, z.dtype))
-    return (torch.empty_like(v), torch.empty_like(z), torch.empty_like(z),
+    return (v.new_empty(v.shape), z.new_empty(z.shape), z.new_empty(z.shape),  # contiguous, as the launchers'
             z.new_empty((n_programs, span), dtype=torch.float32))
 
 
@@ -545,7 +545,7 @@ def _backward_op(grad_out: Tensor, z: Tensor, q: Tensor, k: Tensor, v: Tensor, l
 
 @_backward_op.register_fake
 def _(grad_out, z, q, k, v, lse, gamma, num_heads, chunk_size, eps, rope_base):
-    return torch.empty_like(z), torch.empty_like(v), torch.empty_like(gamma), torch.empty_like(gamma)
+    return z.new_empty(z.shape), v.new_empty(v.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
 
 
 class ChunkAttentionFunction(torch.autograd.Function):

@@ -478,7 +478,7 @@ def _(x, weight, bias, count, mean, var, padding_mask, num_groups, eps):
     block_t = launch_config(channels, num_groups).block_t
     n_tiles = (length + block_t - 1) // block_t
     stats = lambda *shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return (torch.empty_like(x), count.new_empty(batch), stats(batch, num_groups), stats(batch, num_groups),
+    return (x.new_empty(x.shape), count.new_empty(batch), stats(batch, num_groups), stats(batch, num_groups),
             count.new_empty(batch, n_tiles + 1), stats(batch, n_tiles + 1, num_groups),
             stats(batch, n_tiles + 1, num_groups))
 
@@ -496,7 +496,7 @@ def _timestep_norm_bwd_op(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, we
 def _(dy, dmean, dvar, x, weight, padding_mask, prefix_count, prefix_mean, prefix_var, num_groups, eps):
     batch, _, channels = x.shape
     stats = lambda *shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return torch.empty_like(x), stats(2, channels), stats(batch, num_groups), stats(batch, num_groups)
+    return x.new_empty(x.shape), stats(2, channels), stats(batch, num_groups), stats(batch, num_groups)
 
 # %% chapters/08_triton_scans.py cell 84 · An op that `torch.compile` treats as opaque
 class TimestepNormFunction(torch.autograd.Function):
