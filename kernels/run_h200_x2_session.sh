@@ -17,6 +17,19 @@ mkdir -p "$OUT"
 step() { printf '\n=== %s (%ds)\n' "$*" "$SECONDS"; }
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 PARTS=" $* "
+attention_tests() {  # $1: which tiles the call runs with, for the log
+    step "GPU tests: attention kernels, dispatch, one training step with kernels vs PyTorch ($1)"
+    # --noconftest -o addopts="": the device image has no nbformat/nbval, which the root conftest and
+    # pyproject's addopts need for the chapters; these test files need neither.
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 150 python3 -m pytest -q -rP --noconftest -o addopts="" \
+        -p no:cacheprovider tests/test_ops_chunk_attention.py tests/test_backend.py tests/test_model_kernels_gpu.py \
+        > "$OUT/gpu_tests_attention.log" 2>&1
+    tail -3 "$OUT/gpu_tests_attention.log"
+}
+attention_profile() {  # $1: as above
+    step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps ($1)"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
+}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 if wants attention; then
@@ -26,13 +39,7 @@ if wants attention; then
     export MEGALODON_ATTENTION_TILES=$(cat "$OUT/best_overrides.json" 2>/dev/null || echo '{}')
     echo "MEGALODON_ATTENTION_TILES=$MEGALODON_ATTENTION_TILES"
 
-    step "GPU tests: attention kernels, dispatch, one training step with kernels vs PyTorch (tuned tiles)"
-    # --noconftest -o addopts="": the device image has no nbformat/nbval, which the root conftest and
-    # pyproject's addopts need for the chapters; these test files need neither.
-    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 150 python3 -m pytest -q -rP --noconftest -o addopts="" \
-        -p no:cacheprovider tests/test_ops_chunk_attention.py tests/test_backend.py tests/test_model_kernels_gpu.py \
-        > "$OUT/gpu_tests_attention.log" 2>&1
-    tail -3 "$OUT/gpu_tests_attention.log"
+    attention_tests "tuned tiles"
 
     step "kernels/bench.py --ops attention (tuned tiles)"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/bench.py --ops attention --out "$OUT/bench" \
@@ -40,24 +47,18 @@ if wants attention; then
     tail -8 "$OUT/bench_attention.log"
     mv "$OUT/bench/nvidia_h200.json" "$OUT/nvidia_h200_attention.json" 2>/dev/null
 
-    step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps (tuned tiles)"
-    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
+    attention_profile "tuned tiles"
 fi
 
 if wants attention-check; then
-    step "GPU tests: attention kernels, dispatch, one training step with kernels vs PyTorch (package tiles)"
-    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 150 python3 -m pytest -q -rP --noconftest -o addopts="" \
-        -p no:cacheprovider tests/test_ops_chunk_attention.py tests/test_backend.py tests/test_model_kernels_gpu.py \
-        > "$OUT/gpu_tests_attention.log" 2>&1
-    tail -3 "$OUT/gpu_tests_attention.log"
+    attention_tests "package tiles"
 
     step "kernels/bench.py, every op, with the figure (package tiles)"
     CUDA_VISIBLE_DEVICES=0 timeout 240 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
     tail -20 "$OUT/bench.log"
     cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
 
-    step "kernels/profile_attention.py (package tiles)"
-    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning | head -8
+    attention_profile "package tiles"
 fi
 
 if wants memory; then

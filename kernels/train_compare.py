@@ -151,43 +151,6 @@ def is_oom(err: BaseException) -> bool:
 
 # --------------------------------------------------------------------------------------------- parts
 
-def part_throughput(s: dict, device: torch.device, corpus, budget: Budget) -> dict:
-    """Training tokens/s and peak memory per context; one profiled Megalodon step at the longest."""
-    rows = []
-    for context in s["train_contexts"]:
-        batch = max(1, s["tokens_per_step"] // context)
-        for kind in KINDS:
-            config = TrainConfig(model=kind, preset=s["preset"], context=context, batch_size=batch, steps=10_000)
-            row = {"model": kind, "context": context, "batch": batch, "tokens_per_step": batch * context}
-            try:
-                trainer = Trainer(config, device=device, corpus=corpus)
-                row["parameters"] = sum(p.numel() for p in trainer.model.parameters())
-                for _ in range(2):  # warm-up: allocator, kernel selection, Triton autotuning
-                    trainer.train_step()
-                reset_peak()
-                sync()
-                start = time.perf_counter()
-                losses = [trainer.train_step().loss for _ in range(s["timed_steps"])]
-                sync()
-                seconds = (time.perf_counter() - start) / s["timed_steps"]
-                row.update(seconds_per_step=seconds, tokens_per_s=batch * context / seconds,
-                           peak_memory_bytes=peak_bytes(), finite=all(math.isfinite(x) for x in losses))
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not is_oom(err):
-                    raise
-                row["error"] = "out of memory"
-            rows.append(row)
-            print(f"  throughput {kind:>9} context {context:>6}: "
-                  + (f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_bytes'] or 0:,} bytes"
-                     if "tokens_per_s" in row else row["error"]), flush=True)
-            trainer = None
-            reset_peak()
-    out = {"rows": rows}
-    if device.type == "cuda":
-        out["profile_megalodon"] = profile_step(s, device, corpus, s["train_contexts"][-1])
-    return out
-
-
 def compile_counters() -> dict:
     """torch.compile's running totals: graphs compiled and graph breaks met (for differences)."""
     from torch._dynamo.utils import counters
@@ -201,10 +164,9 @@ MAX_COMPILE_STEPS = 12
 def measure_steps(trainer: Trainer, timed_steps: int, row: dict) -> None:
     """Into ``row``: unmeasured steps, then the mean of ``timed_steps`` more, tokens/s and their peak memory.
 
-    Compiled: steps until one compiles no new graph (``compile_steps``, at most MAX_COMPILE_STEPS;
-    Megalodon-lite's saved-tensor hook guards on a storage address and recompiles for a few steps,
-    until torch.compile's recompile limit runs those pieces eagerly), their wall seconds as
-    ``compile_seconds``, then one more as ``warmup_seconds``. Eager: two steps, ``warmup_seconds``."""
+    Compiled: steps until one compiles no new graph (``compile_steps``, at most MAX_COMPILE_STEPS; both
+    models settle after 2 on an H200), their wall seconds as ``compile_seconds``, then one more as
+    ``warmup_seconds``. Eager: two steps (allocator, kernel selection, Triton autotuning), ``warmup_seconds``."""
     sync()
     start = time.perf_counter()
     if trainer.config.compile:
@@ -231,6 +193,34 @@ def measure_steps(trainer: Trainer, timed_steps: int, row: dict) -> None:
     seconds = (time.perf_counter() - start) / timed_steps
     row.update(seconds_per_step=seconds, tokens_per_s=row["tokens_per_step"] / seconds,
                peak_memory_bytes=peak_bytes(), finite=all(math.isfinite(x) for x in losses))
+
+
+def part_throughput(s: dict, device: torch.device, corpus, budget: Budget) -> dict:
+    """Training tokens/s and peak memory per context; one profiled Megalodon step at the longest."""
+    rows = []
+    for context in s["train_contexts"]:
+        batch = max(1, s["tokens_per_step"] // context)
+        for kind in KINDS:
+            config = TrainConfig(model=kind, preset=s["preset"], context=context, batch_size=batch, steps=10_000)
+            row = {"model": kind, "context": context, "batch": batch, "tokens_per_step": batch * context}
+            try:
+                trainer = Trainer(config, device=device, corpus=corpus)
+                row["parameters"] = sum(p.numel() for p in trainer.model.parameters())
+                measure_steps(trainer, s["timed_steps"], row)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not is_oom(err):
+                    raise
+                row["error"] = "out of memory"
+            rows.append(row)
+            print(f"  throughput {kind:>9} context {context:>6}: "
+                  + (f"{row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_bytes'] or 0:,} bytes"
+                     if "tokens_per_s" in row else row["error"]), flush=True)
+            trainer = None
+            reset_peak()
+    out = {"rows": rows}
+    if device.type == "cuda":
+        out["profile_megalodon"] = profile_step(s, device, corpus, s["train_contexts"][-1])
+    return out
 
 
 def part_throughput_compiled(s: dict, device: torch.device, corpus, budget: Budget) -> dict:
