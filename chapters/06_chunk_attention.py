@@ -56,6 +56,21 @@ describe_run(device)
 # [affine norm after CEMA and for the per-head norm of $z$ without affine](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/modules/moving_average_gated_attention.py#L192-L193), and so do we. As in the official code,
 # the statistics are taken in float32 even for bfloat16 inputs (bfloat16 keeps 8 significant bits)
 # and only the result is rounded back.
+#
+# **What the backward keeps.** Written as PyTorch operations, the formula makes autograd keep
+# float32 copies of both $x$ and the result for the backward: 8 bytes per channel and token, for
+# every norm of the model. Under bf16 autocast the matrix products that read the result each cast
+# it to bf16 again and keep their own copy. Yet the gradient needs only $x$ and one number per
+# row, $\rho = (\tfrac1d\sum_i x_i^2 + \varepsilon)^{-1/2}$. With $\hat x = \rho x$,
+# $y = \hat x \odot (w+1)$ and the incoming gradient $g = \partial\ell/\partial y \odot (w + 1)$:
+#
+# $$\frac{\partial \ell}{\partial x} = \rho\,\big(g - \hat x \cdot \tfrac1d \textstyle\sum_i g_i \hat x_i\big),
+# \qquad \frac{\partial \ell}{\partial w} = \sum_{\text{rows}} \frac{\partial\ell}{\partial y} \odot \hat x .$$
+#
+# (Differentiate $\hat x_i = x_i \rho$: $\partial \hat x_i / \partial x_j = \rho\,\delta_{ij} - \rho\,\hat x_i \hat x_j / d$.)
+# So `rms_norm` below is a `torch.autograd.Function` that keeps $x$ as it came and $\rho$ in
+# float32, and recomputes $\hat x$ in the backward. Under autocast it returns the autocast dtype
+# directly, the dtype the matrix products would cast to anyway, so one copy serves all of them.
 
 # %% tags=["export:attention"]
 """Normalized chunk-wise attention: RMSNorm, rotary embeddings, and the chunk KV cache."""
@@ -83,12 +98,59 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def activation_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a norm returns for ``x``: the autocast dtype when autocast is on for x's device and
+    x is not float64 (what the matrix products reading the norm would cast to), else x's dtype."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``x * rho * scale``, rho = (mean(x**2) + eps)**-0.5 per row; keeps x and rho for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+        xc = x.to(_compute_dtype(x.dtype))
+        rho = torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)
+        y = xc * rho if scale is None else xc * rho * scale.to(xc.dtype)
+        ctx.save_for_backward(x, rho, scale)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, rho, scale = ctx.saved_tensors
+        x_hat = x.to(rho.dtype) * rho
+        g = dy.to(rho.dtype)
+        d_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[1]:
+                d_scale = (g * x_hat).reshape(-1, x.shape[-1]).sum(0).to(scale.dtype)
+            g = g * scale.to(g.dtype)
+        dx = rho * (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+        return dx.to(x.dtype), d_scale, None, None
+
+
+def rms_norm(x: Tensor, scale: Tensor | None, eps: float = NORM_EPS) -> Tensor:
+    """``x / sqrt(mean(x**2) + eps) * scale`` over the last dimension, with a hand-written backward.
+
+    x (..., d); scale (d,) or None. Statistics in float32 for half-precision x; the result in
+    :func:`activation_dtype` (x). For the backward it keeps x and one float per row, not float32
+    copies of x and y: ``dx = rho (g - x_hat mean(g x_hat))`` with ``g = dy * scale``.
+    """
+    return _RMSNorm.apply(x, scale, eps, activation_dtype(x))
+
+
+# %% tags=["export:attention"]
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension.
 
     ``y = x / sqrt(mean(x**2) + eps) * (weight + 1)``; ``weight`` (dim,) is stored as 0 and applied
     as ``weight + 1`` (the official convention for every norm scale). Statistics are computed in
-    float32 for float16/bfloat16 inputs (float64 stays float64); the output has the input's dtype.
+    float32 for float16/bfloat16 inputs (float64 stays float64); the output has the input's dtype,
+    or the autocast dtype under autocast (:func:`activation_dtype`). The backward keeps only x and
+    one float per row (:func:`rms_norm`).
 
     Args:
         dim: size of the normalised (last) dimension.
@@ -109,13 +171,9 @@ class RMSNorm(nn.Module):
             self.register_parameter("weight", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., dim) -> (..., dim), same dtype."""
+        """x (..., dim) -> (..., dim) in :func:`activation_dtype` (x's dtype outside autocast)."""
         validate.last_dim("x", x, self.dim)
-        xc = x.to(_compute_dtype(x.dtype))
-        y = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * (self.weight.to(y.dtype) + 1.0)
-        return y.to(x.dtype)
+        return rms_norm(x, None if self.weight is None else self.weight + 1.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, affine={self.affine}"
@@ -150,6 +208,42 @@ assert err32 < 1e-5 and err16 <= 2**-8 + 1e-5
 fresh = RMSNorm(48).to(device)
 assert torch.equal(fresh.weight, torch.zeros(48, device=device))
 assert torch.allclose(fresh(x), RMSNorm(48, affine=False).to(device)(x))
+
+# %% [markdown]
+# The hand-written backward against autograd of the float64 reference, for $x$ and the weight,
+# and what each keeps for the backward (every tensor saved, counted once per storage): for a
+# bfloat16 input the formula keeps 8 bytes per channel and token, `rms_norm` 2 plus one float per row.
+
+# %%
+def saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of fn(*args)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
+x64 = x.double().requires_grad_()
+norm64 = RMSNorm(48).double().to(device)
+norm64.load_state_dict(norm.state_dict())
+dy = torch.randn_like(x64)
+grads = torch.autograd.grad(norm64(x64), (x64, norm64.weight), dy)
+ref_grads = torch.autograd.grad(rmsnorm_reference(x64, norm64.weight, norm64.eps), (x64, norm64.weight), dy)
+grad_err = max((a - b).abs().max().item() for a, b in zip(grads, ref_grads))
+print(f"float64 gradient max abs error {grad_err:.1e}")
+assert grad_err < 1e-12
+
+xb = x.bfloat16().requires_grad_()
+formula = saved_bytes(lambda t: (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+                                 * (norm.weight + 1)).bfloat16(), xb)
+ours = saved_bytes(norm, xb)
+print(f"saved for the backward, {x.numel()} bf16 values: formula {formula} bytes, rms_norm {ours} bytes")
+assert ours < formula / 3
 
 # %% [markdown]
 # ## 2. Normalized attention: why no $1/\sqrt{d_h}$

@@ -258,7 +258,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon_lite import validate
-from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm
+from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm, activation_dtype
 from megalodon_lite.cema import CEMA
 from megalodon_lite.config import INIT_MODES, MegalodonConfig
 from megalodon_lite.timestep_norm import TimestepNorm, TimestepNormState
@@ -288,6 +288,49 @@ def embedding_init_(weight: Tensor) -> Tensor:
 # residual as a second argument: that is how the [official code](https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/model/mega.py#L86-L87) wires the two-hop residual, and it
 # lets us build the ordinary pre-norm block from the same parts in section 5.
 
+# %% [markdown]
+# Written as PyTorch operations, $\mathrm{SiLU}(u W_1)\,W_2$ keeps two wide tensors for the
+# backward: the SiLU's input and its output, which the matrix product reads (with SwiGLU four:
+# also $u W_3$ and the product $\mathrm{SiLU}(u W_1) \odot u W_3$). The backward needs only the
+# SiLU's input (and $u W_3$): the rest is one SiLU and one multiplication away. `gated_projection`
+# keeps those and recomputes the rest in the backward: the same numbers, half the memory of that
+# line. The layer of section 3 ends with the same shape of term, its attention output gated by
+# $\mathrm{SiLU}(mx\,W_r + b_r)$ before $W_{h2}$, and uses the same function. (With hidden dropout
+# before the last matrix product, which none of the presets uses, the line is written out plainly:
+# dropout's mask would have to be kept too.)
+
+# %% tags=["export:model"]
+class _GatedProjection(torch.autograd.Function):
+    """(SiLU(gate_pre) [* x]) @ weight.T, keeping gate_pre (and x) only: the gate and the product are
+    recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate_pre: Tensor, weight: Tensor, x: Tensor | None) -> Tensor:
+        ctx.save_for_backward(gate_pre, weight, x)
+        gated = F.silu(gate_pre) if x is None else x * F.silu(gate_pre)
+        return F.linear(gated, weight)  # under autocast, in the autocast dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        gate_pre, weight, x = ctx.saved_tensors
+        gate = F.silu(gate_pre)
+        gated = (gate if x is None else x * gate).to(grad.dtype)  # the forward's product, bit for bit
+        d_weight = grad.reshape(-1, grad.shape[-1]).T @ gated.reshape(-1, gated.shape[-1])
+        d_gated = grad @ weight.to(grad.dtype)
+        # SiLU's own backward, d silu(a)/da = sigma(a) (1 + a (1 - sigma(a))), in float32 inside, as autograd runs it
+        d_gate_pre = torch.ops.aten.silu_backward(d_gated if x is None else d_gated * x, gate_pre)
+        return d_gate_pre, d_weight.to(weight.dtype), None if x is None else d_gated * gate
+
+
+def gated_projection(gate_pre: Tensor, weight: Tensor, x: Tensor | None = None) -> Tensor:
+    """``(SiLU(gate_pre) * x) @ weight.T``, or ``SiLU(gate_pre) @ weight.T`` without x.
+
+    gate_pre, x (..., v), weight (D, v) -> (..., D). For the backward it keeps gate_pre and x, not
+    SiLU(gate_pre) nor the product the matrix product reads.
+    """
+    return _GatedProjection.apply(gate_pre, weight, x)
+
+
 # %% tags=["export:model"]
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with the scale stored as 0 and applied as (1 + weight).
@@ -303,7 +346,9 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, (self.dim,), self.weight + 1.0, self.bias, self.eps)
+        """x (B, L, D) -> (B, L, D) in :func:`~megalodon_lite.attention.activation_dtype` (x's dtype
+        outside autocast: under autocast one cast copy then serves both of the FFN's products)."""
+        return F.layer_norm(x, (self.dim,), self.weight + 1.0, self.bias, self.eps).to(activation_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -345,11 +390,13 @@ class NormalizedFFN(nn.Module):
     def forward(self, y: Tensor, residual: Tensor) -> Tensor:
         """y, residual: (B, L, D) -> (B, L, D)."""
         u = self.norm(y)
-        hidden = F.silu(self.fc1(u))
-        if self.fc3 is not None:
-            hidden = hidden * self.fc3(u)
-        hidden = F.dropout(hidden, self.hidden_dropout, self.training)
-        out = F.dropout(self.fc2(hidden), self.dropout, self.training)
+        multiplier = None if self.fc3 is None else self.fc3(u)
+        if self.hidden_dropout and self.training:  # dropout before fc2: written out
+            hidden = F.silu(self.fc1(u)) if multiplier is None else F.silu(self.fc1(u)) * multiplier
+            out = self.fc2(F.dropout(hidden, self.hidden_dropout, True))
+        else:
+            out = gated_projection(self.fc1(u), self.fc2.weight, multiplier)  # keeps fc1's and fc3's outputs only
+        out = F.dropout(out, self.dropout, self.training)
         if self.alpha is not None:
             out = out * self.alpha
         return out + residual
@@ -485,39 +532,10 @@ class MegalodonState:
 
 
 # %% [markdown]
-# One line of the layer, $O \odot \mathrm{SiLU}(mx\,W_r + b_r)$, written as two PyTorch operations
-# keeps three wide tensors for the backward: the SiLU's input, its output $r$ and the attention
-# output $O$, each $v$ values per token ($v = 2048$ in the `small` preset, 128 MiB per layer at
-# 32K tokens in bfloat16). The backward needs only two of them: $r$ is one SiLU away from its
-# input. `silu_gate` saves $O$ and the SiLU's input and recomputes $r$ in the backward: the same
-# numbers, a third less memory for that line.
-
-# %% tags=["export:model"]
-class _SiluGate(torch.autograd.Function):
-    """out = o * silu(r_pre), saving o and r_pre only (silu is recomputed in the backward)."""
-
-    @staticmethod
-    def forward(ctx, o: Tensor, r_pre: Tensor) -> Tensor:
-        ctx.save_for_backward(o, r_pre)
-        return o * F.silu(r_pre)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        o, r_pre = ctx.saved_tensors
-        sigmoid = torch.sigmoid(r_pre)
-        r = r_pre * sigmoid
-        d_silu = sigmoid * (1 + r_pre * (1 - sigmoid))  # d silu(x)/dx = sigma(x) (1 + x (1 - sigma(x)))
-        return grad * r, grad * o * d_silu
-
-
-def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
-    """o * SiLU(r_pre) (shapes alike), keeping o and r_pre, not SiLU(r_pre), for the backward."""
-    return _SiluGate.apply(o, r_pre)
-
-
-# %% [markdown]
-# The values $v = \mathrm{SiLU}(X W_v + b_v)$ are the same story one step further: the SiLU keeps
-# its input for its own backward, and the attention keeps $v$ for its backward ($dP = dO\,V^\top$),
+# The layer's last term, $(O \odot \mathrm{SiLU}(mx\,W_r + b_r))\,W_{h2}$, is section 2's
+# `gated_projection` with $O$ as the multiplier. The values $v = \mathrm{SiLU}(X W_v + b_v)$ are the
+# same story one step further: the SiLU keeps its input for its own backward, and the attention
+# keeps $v$ for its backward ($dP = dO\,V^\top$),
 # two tensors of $v$ values per token where one determines the other. `recomputed_on_backward` is
 # a context for the attention call: a tensor that autograd would save inside it and that lives in
 # $v$'s memory is stored as a recipe instead — a weak reference to the SiLU's input, which the
@@ -534,6 +552,12 @@ def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
 # `torch.compile` the layer leaves the hooks out too: the compiler chooses itself what to keep and
 # what to recompute for the backward, and hooks that look at storage addresses would make it
 # recompile at every step.
+#
+# The same context serves the gate once more: `gated_projection` keeps the gate's input
+# $r_{pre} = mx\,W_r + b_r$, $v$ values per token, while $mx$, $D$ values per token, is kept anyway
+# (by $W_r$'s own backward, for its weight gradient). Around the gated projection the layer stores
+# $r_{pre}$ as the recipe "$mx\,W_r + b_r$ again": one more matrix product in the backward for
+# $v$ values per token less.
 
 # %% tags=["export:model"]
 class recomputed_on_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 - used as a context
@@ -566,7 +590,11 @@ class recomputed_on_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa:
 
 # %% [markdown]
 # The layer itself, in the order of the list above: each line of `forward` is one line of the
-# official forward.
+# official forward. One line more concerns memory under bf16 autocast (chapter 10 trains that way):
+# the residual stream stays float32, so the timestep norm's output $X$ is float32, and the CEMA and
+# $W_v$ would each keep their own copy of it for the backward (float32 for the CEMA, a bf16 cast
+# for the matrix product). The layer casts $X$ once to the autocast dtype
+# (`activation_dtype`, chapter 06) and both read that copy; the CEMA accumulates in float32 anyway.
 
 # %% tags=["export:model"]
 class MegalodonLayer(nn.Module):
@@ -598,7 +626,7 @@ class MegalodonLayer(nn.Module):
                                         rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout,
                                         backend=cfg.backend)
         self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
-        self.recompute_values = True  # the attention's saved v rebuilt from SiLU's input (below)
+        self.recompute_values = True  # the saved v and gate input rebuilt in the backward (below)
         self._init_projections()  # the sub-modules initialised themselves when built
 
     def _init_projections(self) -> None:
@@ -621,6 +649,7 @@ class MegalodonLayer(nn.Module):
         """x: (B, L, D); state: what the previous call returned, or None at the start of a stream."""
         norm_state, h0, kv = (None, None, None) if state is None else (state.norm, state.cema, state.attention)
         X, norm_state = self.timenorm(x, norm_state)
+        X = X.to(activation_dtype(X))  # under autocast one bf16 copy, read by the CEMA and by W_v
         ema, h_last = self.cema(X, h0)
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v_pre = self.wv(X)
@@ -629,9 +658,19 @@ class MegalodonLayer(nn.Module):
         hooks = recomputed_on_backward(v, v_pre, F.silu) if recompute else contextlib.nullcontext()
         with hooks:  # keep v_pre (SiLU does anyway), not v
             attn, kv = self.attention(self.wz(mx), v, kv)
-        attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
-        h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
+        r_pre = self.wr(mx)
+        if self.hidden_dropout and self.training:  # dropout between the gate and W_h2: written out
+            gated = self.wh2(F.dropout(attn * F.silu(r_pre), self.hidden_dropout, True))
+        else:
+            hooks = recomputed_on_backward(r_pre, mx, self._gate_input) if recompute else contextlib.nullcontext()
+            with hooks:  # keep mx (W_r's own backward does anyway), not r_pre
+                gated = gated_projection(r_pre, self.wh2.weight, attn)  # (attn * SiLU(r)) W_h2
+        h = F.dropout(self.wh1(mx) + gated, self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)
+
+    def _gate_input(self, mx: Tensor) -> Tensor:
+        """mx W_r + b_r in mx's dtype: the forward's r_pre again, also under autocast (whose bf16 product it is)."""
+        return F.linear(mx, self.wr.weight.to(mx.dtype), self.wr.bias.to(mx.dtype))
 
 
 # %% [markdown]

@@ -491,7 +491,9 @@ print(f"passkey {key}:", repr(text[:60]), "...", repr(text[-60:]))
 #
 # It reuses the `RMSNorm` (scale stored as 0, applied as $1+w$, so the official optimizer's weight
 # decay on every parameter pulls it towards 1) and the `RotaryEmbedding` of chapter 06, and the
-# embedding initialisation and sampling of chapter 07. Linear layers start from
+# embedding initialisation, sampling and `gated_projection` (the SwiGLU line, keeping only what its
+# backward needs) of chapter 07: the memory savings of Megalodon-lite's norms and feed-forward
+# network serve the baseline alike. Linear layers start from
 # $\mathcal N(0, 0.02^2)$, the two that write into the residual stream ($W_o$, $W_2$) scaled down by
 # $1/\sqrt{2\,n_\text{layers}}$ as in GPT-2.
 #
@@ -525,7 +527,7 @@ from torch.nn.attention.bias import causal_lower_right
 from megalodon_lite.attention import RMSNorm, RotaryEmbedding
 from megalodon_lite.config import MegalodonConfig
 from megalodon_lite import validate
-from megalodon_lite.model import MegalodonLM, embedding_init_, sample_next_token
+from megalodon_lite.model import MegalodonLM, embedding_init_, gated_projection, sample_next_token
 from megalodon_lite.decoding import static_generate, use_cuda_graph
 
 # %% [markdown]
@@ -712,7 +714,7 @@ class LlamaBlock(nn.Module):
             o = causal_attention(q, cache.keys[layer][:, :, :start + L], cache.values[layer][:, :, :start + L])
         h = x + self.wo(o.transpose(1, 2).reshape(B, L, -1))
         u = self.ffn_norm(h)
-        return h + self.w2(F.silu(self.w1(u)) * self.w3(u)), k, v
+        return h + gated_projection(self.w1(u), self.w2.weight, self.w3(u)), k, v  # w2 (SiLU(w1 u) * w3 u)
 
 # %% [markdown]
 # The language model: embedding, blocks, a final RMSNorm and the head. Without a cache, `forward`

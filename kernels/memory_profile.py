@@ -14,8 +14,8 @@ steps, then one step with
 - the memory allocated after each of three more steps (it must not grow: a leak would).
 
 Saved-tensor hooks do not nest: inside a model's own hooks (chapter 07's ``recomputed_on_backward``
-around the attention) only the model's apply, so what the attention saves there is not counted in
-the by-module sums. The memory marks count everything.
+around the attention and the gated projection) only the model's apply, so what is saved there is not
+counted in the by-module sums. The memory marks count everything.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
 #   decode     the CUDA-graph decoding GPU tests, then chapter 10's throughput and decoding parts
 #   attention-check  the attention GPU tests, kernels/bench.py for every op (--figure), the profile
 #   memory     kernels/memory_profile.py, then chapter 10's throughput part (speed and peak memory)
+#   model-tests  the GPU tests of the model with kernels (one training step vs PyTorch) and of decoding
+#   memory-compiled  kernels/memory_profile.py, then chapter 10's throughput-compiled part (eager and compiled)
 #   recall     chapter 10's recall part (MQAR and passkey), 3.5 minutes
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
 #   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode memory sp-bench sp-train
@@ -70,6 +72,25 @@ if wants memory; then
         --minutes 3 > "$OUT/train_compare_memory.log" 2>&1
     grep throughput "$OUT/train_compare_memory.log"
     mv "$OUT/tcm/train_compare.json" "$OUT/train_compare_throughput.json" 2>/dev/null
+fi
+
+if wants model-tests; then
+    step "GPU tests: one training step with kernels vs PyTorch, dispatch, CUDA-graph decoding"
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 200 python3 -m pytest -q -rP --noconftest -o addopts="" \
+        -p no:cacheprovider tests/test_model_kernels_gpu.py tests/test_backend.py tests/test_decoding_gpu.py \
+        > "$OUT/gpu_tests_model.log" 2>&1
+    tail -3 "$OUT/gpu_tests_model.log"
+fi
+
+if wants memory-compiled; then
+    step "kernels/memory_profile.py: what each model saves for the backward, and its peak, at 32K"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/memory_profile.py --out "$OUT" 2>&1 | grep -v Warning
+
+    step "chapter 10: eager and compiled throughput and peak memory (kernels/train_compare.py --parts throughput-compiled)"
+    CUDA_VISIBLE_DEVICES=0 timeout 280 python3 kernels/train_compare.py --out "$OUT/tcc" --parts throughput-compiled \
+        --minutes 4.6 > "$OUT/train_compare_compiled.log" 2>&1
+    grep -E "throughput|tok/s|GiB" "$OUT/train_compare_compiled.log" | tail -20
+    mv "$OUT/tcc/train_compare.json" "$OUT/train_compare_throughput_compiled.json" 2>/dev/null
 fi
 
 if wants recall; then

@@ -27,12 +27,58 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def activation_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a norm returns for ``x``: the autocast dtype when autocast is on for x's device and
+    x is not float64 (what the matrix products reading the norm would cast to), else x's dtype."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``x * rho * scale``, rho = (mean(x**2) + eps)**-0.5 per row; keeps x and rho for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor | None, eps: float, out_dtype: torch.dtype) -> Tensor:
+        xc = x.to(_compute_dtype(x.dtype))
+        rho = torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)
+        y = xc * rho if scale is None else xc * rho * scale.to(xc.dtype)
+        ctx.save_for_backward(x, rho, scale)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, rho, scale = ctx.saved_tensors
+        x_hat = x.to(rho.dtype) * rho
+        g = dy.to(rho.dtype)
+        d_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[1]:
+                d_scale = (g * x_hat).reshape(-1, x.shape[-1]).sum(0).to(scale.dtype)
+            g = g * scale.to(g.dtype)
+        dx = rho * (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+        return dx.to(x.dtype), d_scale, None, None
+
+
+def rms_norm(x: Tensor, scale: Tensor | None, eps: float = NORM_EPS) -> Tensor:
+    """``x / sqrt(mean(x**2) + eps) * scale`` over the last dimension, with a hand-written backward.
+
+    x (..., d); scale (d,) or None. Statistics in float32 for half-precision x; the result in
+    :func:`activation_dtype` (x). For the backward it keeps x and one float per row, not float32
+    copies of x and y: ``dx = rho (g - x_hat mean(g x_hat))`` with ``g = dy * scale``.
+    """
+    return _RMSNorm.apply(x, scale, eps, activation_dtype(x))
+
+# %% chapters/06_chunk_attention.py cell 5 · §1 RMSNorm, stored as 0 and applied as +1
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension.
 
     ``y = x / sqrt(mean(x**2) + eps) * (weight + 1)``; ``weight`` (dim,) is stored as 0 and applied
     as ``weight + 1`` (the official convention for every norm scale). Statistics are computed in
-    float32 for float16/bfloat16 inputs (float64 stays float64); the output has the input's dtype.
+    float32 for float16/bfloat16 inputs (float64 stays float64); the output has the input's dtype,
+    or the autocast dtype under autocast (:func:`activation_dtype`). The backward keeps only x and
+    one float per row (:func:`rms_norm`).
 
     Args:
         dim: size of the normalised (last) dimension.
@@ -53,18 +99,14 @@ class RMSNorm(nn.Module):
             self.register_parameter("weight", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., dim) -> (..., dim), same dtype."""
+        """x (..., dim) -> (..., dim) in :func:`activation_dtype` (x's dtype outside autocast)."""
         validate.last_dim("x", x, self.dim)
-        xc = x.to(_compute_dtype(x.dtype))
-        y = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * (self.weight.to(y.dtype) + 1.0)
-        return y.to(x.dtype)
+        return rms_norm(x, None if self.weight is None else self.weight + 1.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, affine={self.affine}"
 
-# %% chapters/06_chunk_attention.py cell 8 · §2 Normalized attention: why no $1/\sqrt{d_h}$
+# %% chapters/06_chunk_attention.py cell 11 · §2 Normalized attention: why no $1/\sqrt{d_h}$
 def normalized_qk(z_hat: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """Queries and keys of normalized attention from the RMS-normalised shared representation.
 
@@ -83,7 +125,7 @@ def normalized_qk(z_hat: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, T
     qk = z_hat.unsqueeze(-3) * scale + beta.to(z_hat.dtype)  # (B, L, 2, H, dz)
     return qk[..., 0, :, :], qk[..., 1, :, :]
 
-# %% chapters/06_chunk_attention.py cell 12 · §3 Rotary positions, restarting in every chunk
+# %% chapters/06_chunk_attention.py cell 15 · §3 Rotary positions, restarting in every chunk
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding on adjacent channel pairs, at explicit integer positions.
 
@@ -117,7 +159,7 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}"
 
-# %% chapters/06_chunk_attention.py cell 16 · §4 Attention inside chunks
+# %% chapters/06_chunk_attention.py cell 19 · §4 Attention inside chunks
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0,
                      use_sdpa: bool = True) -> Tensor:
     """Causal softmax attention with scale 1, where the queries are the last ``Lq`` of ``Lk`` positions.
@@ -172,7 +214,7 @@ def _chunks_from_start(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, **kwarg
         out.append(causal_attention(q[:, :, full:], k[:, :, full:], v[:, :, full:], **kwargs))
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
-# %% chapters/06_chunk_attention.py cell 18 · §4 Attention inside chunks
+# %% chapters/06_chunk_attention.py cell 21 · §4 Attention inside chunks
 @dataclass
 class ChunkKVCache:
     """Keys and values of the current, unfinished chunk (streaming state of `ChunkAttention`).
@@ -203,7 +245,7 @@ class ChunkKVCache:
         return cls(torch.zeros(batch, num_heads, 0, z_head_dim, dtype=dtype, device=device),
                    torch.zeros(batch, num_heads, 0, v_head_dim, dtype=dtype, device=device))
 
-# %% chapters/06_chunk_attention.py cell 20 · §4 Attention inside chunks
+# %% chapters/06_chunk_attention.py cell 23 · §4 Attention inside chunks
 def chunk_causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkKVCache, chunk_size: int,
                            **kwargs) -> tuple[Tensor, ChunkKVCache]:
     """Causal attention inside chunks of ``chunk_size`` for tokens that continue a cached chunk.
@@ -238,7 +280,7 @@ def chunk_causal_attention(q: Tensor, k: Tensor, v: Tensor, cache: ChunkKVCache,
                                  v[:, :, length - tail:].clone(memory_format=torch.contiguous_format))
     return o, new_cache
 
-# %% chapters/06_chunk_attention.py cell 22 · §4 Attention inside chunks
+# %% chapters/06_chunk_attention.py cell 25 · §4 Attention inside chunks
 class ChunkAttention(nn.Module):
     """Megalodon's normalized attention inside chunks, with a KV cache for streaming.
 
@@ -326,7 +368,7 @@ class ChunkAttention(nn.Module):
         return (f"z_dim={self.z_dim}, value_dim={self.value_dim}, heads={self.num_heads}, chunk={self.chunk_size}, "
                 f"dropout={self.attention_dropout}, backend={self.backend}")
 
-# %% chapters/06_chunk_attention.py cell 24 · §4 Attention inside chunks
+# %% chapters/06_chunk_attention.py cell 27 · §4 Attention inside chunks
 def kernels_cover(module: ChunkAttention, z: Tensor, dropout_p: float) -> bool:
     """Whether chapter 09's kernels run this call of ``module`` (a piece starting at a chunk boundary)."""
     choice = requested_backend(module.backend)

@@ -26,7 +26,7 @@ from torch.nn.attention.bias import causal_lower_right
 from megalodon_lite.attention import RMSNorm, RotaryEmbedding
 from megalodon_lite.config import MegalodonConfig
 from megalodon_lite import validate
-from megalodon_lite.model import MegalodonLM, embedding_init_, sample_next_token
+from megalodon_lite.model import MegalodonLM, embedding_init_, gated_projection, sample_next_token
 from megalodon_lite.decoding import static_generate, use_cuda_graph
 
 # %% chapters/10_training.py cell 21 · §4 The baseline: a Llama-style decoder
@@ -190,7 +190,7 @@ class LlamaBlock(nn.Module):
             o = causal_attention(q, cache.keys[layer][:, :, :start + L], cache.values[layer][:, :, :start + L])
         h = x + self.wo(o.transpose(1, 2).reshape(B, L, -1))
         u = self.ffn_norm(h)
-        return h + self.w2(F.silu(self.w1(u)) * self.w3(u)), k, v
+        return h + gated_projection(self.w1(u), self.w2.weight, self.w3(u)), k, v  # w2 (SiLU(w1 u) * w3 u)
 
 # %% chapters/10_training.py cell 29 · §4 The baseline: a Llama-style decoder
 class LlamaLM(nn.Module):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon_lite import validate
-from megalodon_lite.attention import normalized_qk
+from megalodon_lite.attention import activation_dtype, normalized_qk
 from megalodon_lite.cema import cema_recurrence
 from megalodon_lite.timestep_norm import TimestepNormState, timestep_norm
 
@@ -412,6 +412,7 @@ class MegalodonDecoder(StaticDecoder):
         for block, buffers, (p, q, gamma) in zip(model.blocks, self.layers, self.cema_coefficients):
             layer = block.mega
             X = self._norm_step(layer.timenorm, buffers.norm, x)
+            X = X.to(activation_dtype(X))  # as MegalodonLayer.forward
             ema, h = cema_recurrence(X, p, q, gamma, layer.cema.omega, buffers.cema)
             buffers.cema.copy_(h)
             mx = layer.rmsnorm(ema)

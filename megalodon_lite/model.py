@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megalodon_lite import validate
-from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm
+from megalodon_lite.attention import ChunkAttention, ChunkKVCache, RMSNorm, activation_dtype
 from megalodon_lite.cema import CEMA
 from megalodon_lite.config import INIT_MODES, MegalodonConfig
 from megalodon_lite.timestep_norm import TimestepNorm, TimestepNormState
@@ -49,7 +49,38 @@ def embedding_init_(weight: Tensor) -> Tensor:
     std = 1.0 / math.sqrt(weight.shape[-1])
     return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
-# %% chapters/07_model.py cell 12 · §2 Initialisation, and the feed-forward network with its own norm
+# %% chapters/07_model.py cell 13 · §2 Initialisation, and the feed-forward network with its own norm
+class _GatedProjection(torch.autograd.Function):
+    """(SiLU(gate_pre) [* x]) @ weight.T, keeping gate_pre (and x) only: the gate and the product are
+    recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate_pre: Tensor, weight: Tensor, x: Tensor | None) -> Tensor:
+        ctx.save_for_backward(gate_pre, weight, x)
+        gated = F.silu(gate_pre) if x is None else x * F.silu(gate_pre)
+        return F.linear(gated, weight)  # under autocast, in the autocast dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        gate_pre, weight, x = ctx.saved_tensors
+        gate = F.silu(gate_pre)
+        gated = (gate if x is None else x * gate).to(grad.dtype)  # the forward's product, bit for bit
+        d_weight = grad.reshape(-1, grad.shape[-1]).T @ gated.reshape(-1, gated.shape[-1])
+        d_gated = grad @ weight.to(grad.dtype)
+        # SiLU's own backward, d silu(a)/da = sigma(a) (1 + a (1 - sigma(a))), in float32 inside, as autograd runs it
+        d_gate_pre = torch.ops.aten.silu_backward(d_gated if x is None else d_gated * x, gate_pre)
+        return d_gate_pre, d_weight.to(weight.dtype), None if x is None else d_gated * gate
+
+
+def gated_projection(gate_pre: Tensor, weight: Tensor, x: Tensor | None = None) -> Tensor:
+    """``(SiLU(gate_pre) * x) @ weight.T``, or ``SiLU(gate_pre) @ weight.T`` without x.
+
+    gate_pre, x (..., v), weight (D, v) -> (..., D). For the backward it keeps gate_pre and x, not
+    SiLU(gate_pre) nor the product the matrix product reads.
+    """
+    return _GatedProjection.apply(gate_pre, weight, x)
+
+# %% chapters/07_model.py cell 14 · §2 Initialisation, and the feed-forward network with its own norm
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with the scale stored as 0 and applied as (1 + weight).
 
@@ -64,7 +95,9 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, (self.dim,), self.weight + 1.0, self.bias, self.eps)
+        """x (B, L, D) -> (B, L, D) in :func:`~megalodon_lite.attention.activation_dtype` (x's dtype
+        outside autocast: under autocast one cast copy then serves both of the FFN's products)."""
+        return F.layer_norm(x, (self.dim,), self.weight + 1.0, self.bias, self.eps).to(activation_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -106,16 +139,18 @@ class NormalizedFFN(nn.Module):
     def forward(self, y: Tensor, residual: Tensor) -> Tensor:
         """y, residual: (B, L, D) -> (B, L, D)."""
         u = self.norm(y)
-        hidden = F.silu(self.fc1(u))
-        if self.fc3 is not None:
-            hidden = hidden * self.fc3(u)
-        hidden = F.dropout(hidden, self.hidden_dropout, self.training)
-        out = F.dropout(self.fc2(hidden), self.dropout, self.training)
+        multiplier = None if self.fc3 is None else self.fc3(u)
+        if self.hidden_dropout and self.training:  # dropout before fc2: written out
+            hidden = F.silu(self.fc1(u)) if multiplier is None else F.silu(self.fc1(u)) * multiplier
+            out = self.fc2(F.dropout(hidden, self.hidden_dropout, True))
+        else:
+            out = gated_projection(self.fc1(u), self.fc2.weight, multiplier)  # keeps fc1's and fc3's outputs only
+        out = F.dropout(out, self.dropout, self.training)
         if self.alpha is not None:
             out = out * self.alpha
         return out + residual
 
-# %% chapters/07_model.py cell 14 · §3 One Megalodon layer and the two-hop block
+# %% chapters/07_model.py cell 16 · §3 One Megalodon layer and the two-hop block
 @dataclass
 class LayerState:
     """What one Megalodon layer carries from one call to the next.
@@ -159,7 +194,7 @@ def _tokens_seen(count: Tensor) -> str:
     low, high = int(count.min()), int(count.max())
     return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
-# %% chapters/07_model.py cell 15 · §3 One Megalodon layer and the two-hop block
+# %% chapters/07_model.py cell 17 · §3 One Megalodon layer and the two-hop block
 @dataclass
 class MegalodonState:
     """The whole model's memory of the stream (the official ``cache``: one (attention, norm, CEMA)
@@ -215,28 +250,6 @@ class MegalodonState:
         layers = [LayerState(own_norm(s.norm), own(s.cema), ChunkKVCache(own(s.attention.k), own(s.attention.v)))
                   for s in self.layers]
         return MegalodonState(layers, own_norm(self.final_norm))
-
-# %% chapters/07_model.py cell 17 · §3 One Megalodon layer and the two-hop block
-class _SiluGate(torch.autograd.Function):
-    """out = o * silu(r_pre), saving o and r_pre only (silu is recomputed in the backward)."""
-
-    @staticmethod
-    def forward(ctx, o: Tensor, r_pre: Tensor) -> Tensor:
-        ctx.save_for_backward(o, r_pre)
-        return o * F.silu(r_pre)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        o, r_pre = ctx.saved_tensors
-        sigmoid = torch.sigmoid(r_pre)
-        r = r_pre * sigmoid
-        d_silu = sigmoid * (1 + r_pre * (1 - sigmoid))  # d silu(x)/dx = sigma(x) (1 + x (1 - sigma(x)))
-        return grad * r, grad * o * d_silu
-
-
-def silu_gate(o: Tensor, r_pre: Tensor) -> Tensor:
-    """o * SiLU(r_pre) (shapes alike), keeping o and r_pre, not SiLU(r_pre), for the backward."""
-    return _SiluGate.apply(o, r_pre)
 
 # %% chapters/07_model.py cell 19 · §3 One Megalodon layer and the two-hop block
 class recomputed_on_backward(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 - used as a context
@@ -296,7 +309,7 @@ class MegalodonLayer(nn.Module):
                                         rope_base=cfg.rope_base, attention_dropout=cfg.attention_dropout,
                                         backend=cfg.backend)
         self.attention.z_norm.eps = cfg.norm_eps  # the official znorm uses norm_eps like every other norm
-        self.recompute_values = True  # the attention's saved v rebuilt from SiLU's input (below)
+        self.recompute_values = True  # the saved v and gate input rebuilt in the backward (below)
         self._init_projections()  # the sub-modules initialised themselves when built
 
     def _init_projections(self) -> None:
@@ -319,6 +332,7 @@ class MegalodonLayer(nn.Module):
         """x: (B, L, D); state: what the previous call returned, or None at the start of a stream."""
         norm_state, h0, kv = (None, None, None) if state is None else (state.norm, state.cema, state.attention)
         X, norm_state = self.timenorm(x, norm_state)
+        X = X.to(activation_dtype(X))  # under autocast one bf16 copy, read by the CEMA and by W_v
         ema, h_last = self.cema(X, h0)
         mx = F.dropout(self.rmsnorm(ema), self.hidden_dropout, self.training)
         v_pre = self.wv(X)
@@ -327,9 +341,19 @@ class MegalodonLayer(nn.Module):
         hooks = recomputed_on_backward(v, v_pre, F.silu) if recompute else contextlib.nullcontext()
         with hooks:  # keep v_pre (SiLU does anyway), not v
             attn, kv = self.attention(self.wz(mx), v, kv)
-        attn = F.dropout(silu_gate(attn, self.wr(mx)), self.hidden_dropout, self.training)  # attn * SiLU(r)
-        h = F.dropout(self.wh1(mx) + self.wh2(attn), self.dropout, self.training)
+        r_pre = self.wr(mx)
+        if self.hidden_dropout and self.training:  # dropout between the gate and W_h2: written out
+            gated = self.wh2(F.dropout(attn * F.silu(r_pre), self.hidden_dropout, True))
+        else:
+            hooks = recomputed_on_backward(r_pre, mx, self._gate_input) if recompute else contextlib.nullcontext()
+            with hooks:  # keep mx (W_r's own backward does anyway), not r_pre
+                gated = gated_projection(r_pre, self.wh2.weight, attn)  # (attn * SiLU(r)) W_h2
+        h = F.dropout(self.wh1(mx) + gated, self.dropout, self.training)
         return h + x, LayerState(norm_state, h_last, kv)
+
+    def _gate_input(self, mx: Tensor) -> Tensor:
+        """mx W_r + b_r in mx's dtype: the forward's r_pre again, also under autocast (whose bf16 product it is)."""
+        return F.linear(mx, self.wr.weight.to(mx.dtype), self.wr.bias.to(mx.dtype))
 
 # %% chapters/07_model.py cell 23 · §3 One Megalodon layer and the two-hop block
 class MegalodonBlock(nn.Module):

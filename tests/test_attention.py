@@ -113,6 +113,40 @@ def test_rmsnorm_low_precision_uses_float32_statistics():
     assert ((out.to(F64) - ref).abs() <= ref.abs() * (2**-8 + 1e-6) + 1e-6).all()
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_rmsnorm_under_autocast_returns_the_autocast_dtype_and_keeps_x_and_one_float_per_row(affine):
+    """Under bf16 autocast (CPU) the norm of a float32 x is the float32 result rounded once to bf16 (what a
+    following linear layer would cast it to); its gradients equal float64 autograd of the formula to float32
+    rounding (the backward runs in float32 on the bf16 incoming gradient); for the backward it keeps x, one
+    float per row and the (dim,) scale only."""
+    torch.manual_seed(1)
+    norm = RMSNorm(64, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(0, 0.5)
+    x = (torch.randn(3, 9, 64) * 2 + 0.5).requires_grad_()
+    saved = {}  # storage pointer -> bytes, each storage once
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, norm(x).bfloat16())
+    assert sum(saved.values()) == x.numel() * 4 + 3 * 9 * 4 + (64 * 4 if affine else 0)
+    dy = torch.randn(out.shape).bfloat16()
+    params = [x] + ([norm.weight] if affine else [])
+    got = torch.autograd.grad(out, params, dy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_() if affine else None
+    want = torch.autograd.grad(rmsnorm_ref(x64, w64), [x64] + ([w64] if affine else []), dy.double())
+    for g, w in zip(got, want):  # float32 arithmetic on float32 x and bf16-exact dy: ~1e-6 relative
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
 def test_rmsnorm_plus_one_convention_and_official_eps():
     norm = RMSNorm(12)
     assert norm.eps == 1e-5 == NORM_EPS

@@ -397,28 +397,61 @@ def test_a_state_of_another_precision_is_refused_at_the_model():
         MegalodonLM(cfg).double()(torch.randint(0, cfg.vocab_size, (1, 3)), state)
 
 
-@settings(max_examples=10, deadline=None)
-@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3), seed=st.integers(0, 2**16))
-def test_silu_gate_equals_o_times_silu_and_saves_two_tensors(shape, seed):
-    """The layer's memory-lean gate: the value and both gradients of o * silu(r_pre) in float64
-    (rounding only: ~1e-16), and only o and r_pre kept for the backward (not silu(r_pre))."""
-    from megalodon_lite.model import silu_gate
+@settings(max_examples=12, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3), out_dim=st.integers(1, 5),
+       with_multiplier=st.booleans(), seed=st.integers(0, 2**16))
+def test_gated_projection_equals_the_formula_and_saves_its_inputs_only(shape, out_dim, with_multiplier, seed):
+    """The memory-lean gated projection: the value and every gradient of (SiLU(a) [* x]) @ W.T in float64
+    (rounding only: ~1e-16), and only a, W (and x) kept for the backward: not SiLU(a), nor the product."""
+    from megalodon_lite.model import gated_projection
 
     gen = torch.Generator().manual_seed(seed)
-    o, r_pre, grad = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    a, x = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    weight = torch.randn(out_dim, shape[-1], generator=gen, dtype=torch.float64)
+    grad = torch.randn(*shape[:-1], out_dim, generator=gen, dtype=torch.float64)
+    inputs = (a, weight, x) if with_multiplier else (a, weight)
     saved = []
-    leaves = [t.clone().requires_grad_() for t in (o, r_pre)]
+    leaves = [t.clone().requires_grad_() for t in inputs]
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = silu_gate(*leaves)
+        out = gated_projection(*leaves)
     got = torch.autograd.grad(out, leaves, grad)
-    plain = [t.clone().requires_grad_() for t in (o, r_pre)]
-    ref = plain[0] * torch.nn.functional.silu(plain[1])
+    plain = [t.clone().requires_grad_() for t in inputs]
+    gated = torch.nn.functional.silu(plain[0]) * (plain[2] if with_multiplier else 1)
+    ref = gated @ plain[1].T
     want = torch.autograd.grad(ref, plain, grad)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {leaves[0].data_ptr(), leaves[1].data_ptr()}
+    kept = {t.data_ptr() for t in saved if t is not None}
+    assert kept == {t.data_ptr() for t in leaves}
 
+
+@pytest.mark.parametrize("with_multiplier", [True, False])
+def test_gated_projection_under_autocast_matches_the_autocast_formula(with_multiplier):
+    """Under bf16 autocast (CPU) the value and gradients equal those of the plain formula under the
+    same autocast bit for bit: the backward recomputes the forward's bf16 product and runs the same
+    bf16 products and SiLU backward as autograd does for autocast's linear."""
+    from megalodon_lite.model import gated_projection
+
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(3)
+    a, x = (torch.randn(2, 7, 16, generator=gen).bfloat16() for _ in range(2))
+    weight = torch.randn(5, 16, generator=gen)
+    grad = torch.randn(2, 7, 5, generator=gen).bfloat16()
+    inputs = (a, weight, x) if with_multiplier else (a, weight)
+
+    def plain(a, w, x=None):
+        return F.linear(F.silu(a) if x is None else F.silu(a) * x, w)
+
+    results = []
+    for fn in (gated_projection, plain):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_recomputed_on_backward_gives_the_same_gradients_without_keeping_v():
@@ -502,3 +535,24 @@ def test_training_steps_through_the_kernels_leave_nothing_alive():
     step(reference)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_layer_recomputation_in_the_backward_changes_no_gradient(swiglu):
+    """The layer's saved v and gate input rebuilt in the backward (``recompute_values``) and the
+    memory-lean gated projections give bit-identical gradients to keeping everything (float32)."""
+    gen = torch.Generator().manual_seed(7)
+    model = MegalodonLM(tiny(swiglu=swiglu))
+    perturb_zero_initialised(model, gen)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 21), generator=gen)
+    weights = torch.randn(2, 21, model.config.vocab_size, generator=gen)
+    grads = []
+    for recompute in (True, False):
+        for block in model.blocks:
+            block.mega.recompute_values = recompute
+        model.zero_grad()
+        (model(tokens)[0] * weights).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
