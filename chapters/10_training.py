@@ -2020,9 +2020,8 @@ if gpu_results is not None:
 # step of each model at 32K tokens (batch 1, bf16 autocast, as above), the memory allocated at the
 # end of the forward and at the step's peak, and the memory allocated after each of three more
 # steps, which would grow if a step's graph outlived it (its JSON also sums the tensors autograd
-# saves by module). The runs from before chapter 07's two memory changes (`silu_gate`, then
-# `recomputed_on_backward`) and before the empty attention cache at chunk boundaries (chapter 06)
-# are kept beside the latest; each run measures both models.
+# saves by module). The runs from before each memory change (named in the file names, described
+# below the results) are kept beside the latest; each run measures both models.
 
 # %%
 def describe_memory_profiles(paths: list[Path]) -> None:
@@ -2056,28 +2055,31 @@ else:
 # transformer's falls with it, so the ratio grows with the context, as in the paper; at these small
 # widths the quadratic attention costs the transformer more than at 7B, which is why Megalodon-lite
 # is ahead already at 4K. The transformer above runs eagerly; compiled (`torch.compile`, the
-# throughput-compiled rows) it is 1.19 to 1.34 times faster, its norms, rotary embedding and
-# SwiGLU fused into a few generated kernels. Megalodon-lite stays ahead of it: eagerly at 1.09 times its
-# speed at 4K and 2.56 times at 32K, and compiled as well (its Triton kernels are opaque custom ops
-# inside the compiled graphs) at 1.49 and 3.64 times. The book's speed targets (0.9 at 4K, 2 at
-# 32K) hold against the compiled transformer too.
+# throughput-compiled rows) it is 1.12 to 1.36 times faster, its norms, rotary embedding and
+# SwiGLU fused into a few generated kernels. Megalodon-lite stays ahead of it: eagerly at 0.92 times its
+# speed at 4K and 2.24 times at 32K, and compiled as well (its Triton kernels are opaque custom ops
+# inside the compiled graphs) at 1.22 and 3.32 times. The book's speed targets (0.9 at 4K, 2 at
+# 32K) hold against the compiled transformer too, at 4K narrowly. (The eager throughput rows above
+# come from an earlier call, before the memory changes below; the throughput-compiled rows ran
+# after them.)
 #
-# Memory is where the compiled transformer changes the answer. Against the eager transformer,
-# Megalodon-lite's peak at 32K is now the lower one: 8.485 against 8.878 GiB in the latest memory
-# profile (the eager rows of the throughput-compiled call agree). The throughput part above ran
-# before the last of the changes that brought it down, and shows 8.870 against 8.874. The steps
-# down, profile by profile: 9.482 GiB, then 8.985 with chapter 07's `silu_gate`, 8.869 with its
-# `recomputed_on_backward`, and 8.485 once a piece ending on a chunk boundary stopped building its
+# Memory at 32K: Megalodon-lite's peak is the lower one against both forms of the transformer,
+# 5.285 GiB against 6.029 for the eager transformer in the latest memory profile, and 5.29 against
+# 6.02 eager and 6.00 compiled in the throughput-compiled call. It came down profile by profile:
+# 9.482 GiB; 8.985 with chapter 07's gated output (then `silu_gate`); 8.869 with its
+# `recomputed_on_backward`; 8.485 once a piece ending on a chunk boundary stopped building its
 # empty attention cache from slices of $z$ and $v$ (chapter 06's `kernel_forward`; why an empty
-# cache held 0.38 GiB was not traced further). Nothing outlives a step: the memory allocated after
-# each of three more steps stays at what it was before. But compiled, the transformer peaks at
-# 6.00 GiB at 32K and Megalodon-lite at 7.95: eagerly, under bf16 autocast, every RMS norm keeps
-# float32 copies of its input and of its normalised output for the backward (8 bytes per channel
-# per token, where the input itself is 2) and every layer norm a float32 copy of its input, and
-# the transformer has more norms. So the target of a peak
-# no higher than the baseline's holds against the eager baseline and not against the compiled
-# one; a norm that keeps only its input and one float per row would move both models, and the
-# transformer more.
+# cache held 0.38 GiB was not traced further); 6.219 with chapter 06's `rms_norm`, which keeps its
+# input and one float per row instead of float32 copies of input and output, and with norms that
+# hand the autocast dtype to the matrix products after them (one bf16 copy for all of them); and
+# 5.285 with chapter 07's `gated_projection` in the feed-forward network and the gate's input
+# rebuilt in the backward. The transformer shares the norms and `gated_projection` (its SwiGLU
+# line): they brought it from 8.878 to 7.058 and then 6.029 GiB, which is also where its compiled
+# form ends (6.00). Nothing outlives a step: the memory allocated after each of three more steps
+# stays at what it was before. Compiled, Megalodon-lite peaks higher than eagerly, at 7.21 GiB:
+# under `torch.compile` the layer leaves its recomputation hooks out and the compiler keeps what it
+# chooses (it cannot recompute the opaque kernels), so `train --compile` buys its speed with about
+# 1.9 GiB more at this size.
 #
 # Past the 4K training context the transformer's loss climbs (its positions were never trained),
 # while Megalodon-lite's keeps falling or stays level: its chunks and its recurrent state do not
