@@ -1941,13 +1941,21 @@ def plot_gpu_comparison(results: dict) -> plt.Figure:
     for kind, value in curves.get("models", {}).items():
         axes[0].plot(np.array(value["eval_tokens"]) / 1e6, value["val_bits_per_byte"], "o-", color=colors[kind], label=kind)
     axes[0].set(xlabel="training tokens (millions)", ylabel="validation bits per byte", title="1. loss, equal tokens")
-    speed = results["parts"].get("throughput", {})
+    # speed and memory: the throughput-compiled call (eager and compiled, one call) when recorded
+    compiled = "throughput-compiled" in results["parts"]
+    speed = results["parts"].get("throughput-compiled" if compiled else "throughput", {})
     for kind in colors:
-        rows = [r for r in speed.get("rows", []) if r["model"] == kind and "error" not in r]
-        contexts = [r["context"] for r in rows]
-        axes[1].plot(contexts, [r["tokens_per_s"] / 1e3 for r in rows], "o-", color=colors[kind], label=kind)
-        if rows and rows[0].get("peak_memory_bytes"):
-            axes[2].plot(contexts, [r["peak_memory_bytes"] / 2**30 for r in rows], "o-", color=colors[kind], label=kind)
+        for mode, style in (("eager", "o-"), ("compiled", "s--")):
+            rows = sorted((r for r in speed.get("rows", []) if r["model"] == kind and "error" not in r
+                           and r.get("mode", "eager") == mode and r.get("tokens_per_s")), key=lambda r: r["context"])
+            if not rows:
+                continue
+            label = f"{kind} {mode}" if compiled else kind
+            contexts = [r["context"] for r in rows]
+            axes[1].plot(contexts, [r["tokens_per_s"] / 1e3 for r in rows], style, color=colors[kind], label=label)
+            if rows[0].get("peak_memory_bytes"):
+                axes[2].plot(contexts, [r["peak_memory_bytes"] / 2**30 for r in rows], style, color=colors[kind],
+                             label=label)
     axes[1].set(xscale="log", xlabel="context", ylabel="thousand tokens/s", title="2. training speed")
     axes[2].set(xscale="log", xlabel="context", ylabel="GiB", title="2. training peak memory")
     axes[2].set_ylim(0, 1.35 * axes[2].get_ylim()[1])  # from zero (a few per cent apart should look like it),
