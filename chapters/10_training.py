@@ -2069,9 +2069,9 @@ else:
 # inside the compiled graphs) at 1.22 and 3.32 times. The book's speed targets (0.9 at 4K, 2 at
 # 32K) hold against the compiled transformer too, at 4K narrowly. (The eager throughput rows above
 # come from an earlier call, before the memory changes below; the throughput-compiled rows ran
-# after them. So did the loss curves, the loss by position, the recall probes and decoding: the
-# memory changes keep every gradient, but under autocast Megalodon-lite now rounds its timestep
-# norm's output to bf16 once, before the CEMA, which those earlier runs did not.)
+# after them. The loss curves, the loss by position, the recall probes and decoding also come from
+# calls before those changes, which keep every gradient but make Megalodon-lite round its timestep
+# norm's output to bf16 once under autocast, before the CEMA.)
 #
 # Memory at 32K: Megalodon-lite's peak is the lower one against both forms of the transformer,
 # 5.285 GiB against 6.029 for the eager transformer in the latest memory profile, and 5.29 against
