@@ -33,17 +33,17 @@ from kernels import bench  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
 # v3 (one launch each way, decoupled look-back; kernels/NOTES_timestep_norm.md). Registers per
-# thread compiled for sm_90 on a CPU box (triton 3.9): 8 steps x 8 groups on one warp, forward
-# 144 (window 16) to 177 (window 32), backward 255 with a few spilled words; 8 steps x 4 groups:
-# forward 80-107, backward 223-239.
+# thread compiled for sm_90 on a CPU box (triton 3.9), forward / backward: 8 steps x 8 groups on one
+# warp 137 (window 16) or 167 (window 32) / 255 with 80-96 spilled bytes; 8 x 4 groups 91 / 204;
+# 16 x 8 on two warps 142 / 255; 32 x 8 on four warps 128 / 255 (16 bytes spilled).
 VARIANTS = {
+    "T8 G4 w1 win32 pps8": ops.LaunchConfig(8, 4, 1, window=32, programs_per_sm=8),
+    "T8 G4 w1 win32 pps10": ops.LaunchConfig(8, 4, 1, window=32, programs_per_sm=10),
+    "T8 G4 w1 win16 pps10": ops.LaunchConfig(8, 4, 1, window=16, programs_per_sm=10),
     "T8 G8 w1 win16 pps8": ops.LaunchConfig(8, 8, 1, window=16, programs_per_sm=8),
-    "T8 G8 w1 win32 pps16": ops.LaunchConfig(8, 8, 1, window=32, programs_per_sm=16),
-    "T8 G4 w1 win16 pps16": ops.LaunchConfig(8, 4, 1, window=16, programs_per_sm=16),
-    "T8 G4 w1 win16 pps8": ops.LaunchConfig(8, 4, 1, window=16, programs_per_sm=8),
-    "T8 G8 w2 win16 pps4": ops.LaunchConfig(8, 8, 2, window=16, programs_per_sm=4),
-    "T16 G8 w2 win16 pps4": ops.LaunchConfig(16, 8, 2, window=16, programs_per_sm=4),
-    "T4 G8 w1 win16 pps8": ops.LaunchConfig(4, 8, 1, window=16, programs_per_sm=8),
+    "T8 G8 w1 win32 pps8": ops.LaunchConfig(8, 8, 1, window=32, programs_per_sm=8),
+    "T16 G8 w2 win32 pps4": ops.LaunchConfig(16, 8, 2, window=32, programs_per_sm=4),
+    "T32 G8 w4 win64 pps2": ops.LaunchConfig(32, 8, 4, window=64, programs_per_sm=2),
 }
 
 

@@ -18,7 +18,8 @@ holds. The backward, :func:`_backward_kernel`, is the same scan in reverse with 
 chapter 08 derives: per tile the sums of three gradient terms, a look-back over the later tiles
 (:func:`_look_back_sums`), dx from reverse cumulative sums inside the tile; its programs stay
 resident and take tile after tile, so the gradients to weight and bias add up in registers.
-x is read once forward, x and dy once backward; no per-step statistic is stored.
+x is read once forward, x and dy once backward from memory (each tile a second time from cache,
+after its look-back, rather than held in registers through it); no per-step statistic is stored.
 The launchers are registered as the custom ops ``megalodon_lite::timestep_norm_fwd`` and
 ``megalodon_lite::timestep_norm_bwd``, which ``torch.compile`` treats as opaque.
 """
@@ -131,14 +132,29 @@ def _chan_merge(n_a, mean_a, q_a, n_b, mean_b, q_b):
 
 # %% chapters/08_triton_scans.py cell 64 · One pass: a decoupled look-back
 @triton.jit
-def _look_back_state(flag_ptr, agg_ptr, count_ptr, mean_ptr, var_ptr, row, chain, tile, B, n_tiles,
-                     groups, G, WINDOW: tl.constexpr):
-    """The running state (count, mean [BG], var [BG]) before ``tile`` > 0: merge the aggregates of
-    the tiles before it (flag 1) back to the nearest tile whose state after it is published (flag 2)."""
+def _publish(words_ptr, offsets, values, mask):
+    """Store float32 ``values`` as their bits, never the bits of EMPTY (a NaN with every payload bit
+    set is stored as the usual NaN), so that a reader can tell a written word from an empty one."""
+    bits = values.to(tl.int32, bitcast=True)
+    tl.store(words_ptr + offsets, tl.where(bits == -1, 0x7FC00000, bits), mask=mask)
+
+
+@triton.jit
+def _all_written(words, axis: tl.constexpr):
+    """Whether no word along ``axis`` is still EMPTY (-1)."""
+    return tl.min((words != -1).to(tl.int32), axis) == 1
+
+
+@triton.jit
+def _look_back_state(words_ptr, row, tile, B, n_tiles, groups, G, count0, WINDOW: tl.constexpr):
+    """Real steps (int32) before ``tile`` > 0 in this call, and the running mean and var [BG] there:
+    merge the aggregates of the tiles before it back to the nearest whose running state is written.
+    words: k, steps (B, n_tiles) int32, then mu, Q, mean, var (B, n_tiles, G) as float32 bits."""
     group_ok = groups < G
     slots_ahead = tl.arange(0, WINDOW)
-    plane = B * n_tiles * G                                   # agg: (k, mu, Q) x (B, n_tiles, G)
-    count = tile.to(tl.int64) * 0                             # exact, beside the float merges
+    plane = B * n_tiles * G
+    floats = 2 * B * n_tiles
+    steps = tile * 0                                          # exact, beside the float merges
     zero = groups.to(tl.float32) * 0.0
     acc_n, acc_mean, acc_q, base_mean, base_var = zero, zero, zero, zero, zero
     hi = tile
@@ -146,59 +162,55 @@ def _look_back_state(flag_ptr, agg_ptr, count_ptr, mean_ptr, var_ptr, row, chain
     while searching:
         slots = hi - 1 - slots_ahead                          # the window, nearest first
         valid = slots >= 0
-        status = tl.atomic_add(flag_ptr + chain * n_tiles + slots, 0, mask=valid, sem="acquire", scope="gpu")
-        status = tl.where(valid, status, 0)
-        nearest = tl.max(tl.where(status == 2, slots, -1), 0)
-        waiting = tl.sum((valid & (slots > nearest) & (status == 0)).to(tl.int32), 0)
+        at = row * n_tiles + slots
+        index = at[:, None] * G + groups[None, :]
+        both = valid[:, None] & group_ok[None, :]
+        k = tl.load(words_ptr + at, mask=valid, other=-1, volatile=True)
+        k_before = tl.load(words_ptr + B * n_tiles + at, mask=valid, other=-1, volatile=True)
+        mu = tl.load(words_ptr + floats + index, mask=both, other=0, volatile=True)
+        q = tl.load(words_ptr + floats + plane + index, mask=both, other=0, volatile=True)
+        mean = tl.load(words_ptr + floats + 2 * plane + index, mask=both, other=0, volatile=True)
+        var = tl.load(words_ptr + floats + 3 * plane + index, mask=both, other=0, volatile=True)
+        aggregate_ready = (k != -1) & _all_written(mu, 1) & _all_written(q, 1)
+        state_ready = (k_before != -1) & _all_written(mean, 1) & _all_written(var, 1)
+        nearest = tl.max(tl.where(state_ready, slots, -1), 0)
+        waiting = tl.sum((valid & (slots > nearest) & ~aggregate_ready).to(tl.int32), 0)
         if waiting == 0:
-            tl.debug_barrier()                                # every thread reads after the flags
             later = valid & (slots > nearest)
             found = valid & (slots == nearest)
-            index = (row * n_tiles + slots)[:, None] * G + groups[None, :]
-            use = later[:, None] & group_ok[None, :]
-            k = tl.load(agg_ptr + index, mask=use, other=0.0, cache_modifier=".cg")
-            mu = tl.load(agg_ptr + plane + index, mask=use, other=0.0, cache_modifier=".cg")
-            q = tl.load(agg_ptr + 2 * plane + index, mask=use, other=0.0, cache_modifier=".cg")
-            entry = row * (n_tiles + 1) + slots + 1
-            at = found[:, None] & group_ok[None, :]
-            c_found = tl.load(count_ptr + entry, mask=found, other=0, cache_modifier=".cg")
-            m_found = tl.load(mean_ptr + entry[:, None] * G + groups[None, :], mask=at, other=0.0,
-                              cache_modifier=".cg")
-            v_found = tl.load(var_ptr + entry[:, None] * G + groups[None, :], mask=at, other=0.0,
-                              cache_modifier=".cg")
-            count += tl.sum(tl.max(k, 1).to(tl.int64), 0) + tl.sum(c_found, 0)
-            c_float = c_found.to(tl.float32)[:, None]
-            k = k + c_float
-            mu = tl.where(found[:, None], m_found, mu)
-            q = tl.where(found[:, None], c_float * v_found, q)
-            n_window = tl.sum(k, 0)
-            shift = tl.sum(k * mu, 0) / tl.maximum(n_window, 1.0)
-            mean_window = shift + tl.sum(k * (mu - shift[None, :]), 0) / tl.maximum(n_window, 1.0)
-            q_window = tl.sum(q + k * (mu - mean_window[None, :]) * (mu - mean_window[None, :]), 0)
+            steps += tl.sum(tl.where(later, k, 0), 0) + tl.sum(tl.where(found, k_before, 0), 0)
+            n_e = tl.where(later, k.to(tl.float32), 0.0)[:, None] + tl.where(
+                found, k_before.to(tl.float32) + count0.to(tl.float32), 0.0)[:, None]
+            mean_f, var_f = mean.to(tl.float32, bitcast=True), var.to(tl.float32, bitcast=True)
+            mu_e = tl.where(found[:, None], mean_f, tl.where(later[:, None], mu.to(tl.float32, bitcast=True), 0.0))
+            q_e = tl.where(found[:, None], n_e * var_f, tl.where(later[:, None], q.to(tl.float32, bitcast=True), 0.0))
+            n_window = tl.sum(n_e, 0)
+            shift = tl.sum(n_e * mu_e, 0) / tl.maximum(n_window, 1.0)
+            mean_window = shift + tl.sum(n_e * (mu_e - shift[None, :]), 0) / tl.maximum(n_window, 1.0)
+            q_window = tl.sum(q_e + n_e * (mu_e - mean_window[None, :]) * (mu_e - mean_window[None, :]), 0)
             acc_n, acc_mean, acc_q = _chan_merge(n_window, mean_window, q_window, acc_n, acc_mean, acc_q)
-            if nearest >= 0:                                  # a published state: done
-                base_mean = tl.sum(tl.where(at, m_found, 0.0), 0)
-                base_var = tl.sum(tl.where(at, v_found, 0.0), 0)
+            if nearest >= 0:                                  # a written running state: done
+                base_mean = tl.sum(tl.where(found[:, None], mean_f, 0.0), 0)
+                base_var = tl.sum(tl.where(found[:, None], var_f, 0.0), 0)
                 searching = nearest < 0
             hi = hi - WINDOW
     mean = tl.where(acc_n > 0, acc_mean, base_mean)           # no real step yet: the state passes on
     var = tl.where(acc_n > 0, acc_q / tl.maximum(acc_n, 1.0), base_var)
-    return count, mean, var
+    return steps, mean, var
 
 # %% chapters/08_triton_scans.py cell 66 · One pass: a decoupled look-back
 @triton.jit(do_not_specialize=["B", "L", "n_tiles"])
-def _forward_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count0_ptr, mean0_ptr, var0_ptr,
-                    flag_ptr, agg_ptr, count_ptr, mean_ptr, var_ptr, y_ptr, count_out_ptr, mean_out_ptr,
-                    var_out_ptr, B, L, D, G, H, n_tiles, eps,
+def _forward_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count0_ptr, mean0_ptr, var0_ptr, words_ptr,
+                    count_ptr, mean_ptr, var_ptr, y_ptr, count_out_ptr, mean_out_ptr, var_out_ptr,
+                    B, L, D, G, H, n_tiles, eps,
                     HAS_MASK: tl.constexpr, EVEN_GROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, WINDOW: tl.constexpr, INCLUSIVE_EVERY: tl.constexpr):
+                    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, WINDOW: tl.constexpr,
+                    INCLUSIVE_EVERY: tl.constexpr):
     """y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias (0 on padded steps) for one tile, and
-    the running state after it; tiles taken in start order from the counter after the flags."""
-    group_blocks = tl.cdiv(G, BLOCK_G)
-    n_chains = B * group_blocks                               # one look-back chain per (row, group block)
-    order = tl.atomic_add(flag_ptr + n_chains * n_tiles, 1)
-    tile, chain = order // n_chains, order % n_chains
-    row, pid_g = chain // group_blocks, chain % group_blocks
+    the running state after it; tiles taken in start order from a counter per group block."""
+    pid_g = tl.program_id(1)
+    order = tl.atomic_add(words_ptr + 2 * B * n_tiles + 4 * B * n_tiles * G + pid_g, 1) + 1   # from -1
+    tile, row = order // B, order % B
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     group_ok = groups < G
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
@@ -206,50 +218,50 @@ def _forward_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count0_ptr, mean0_ptr
     keep = exists & real[:, None, None]
     x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     m, v, k, mu, q = _tile_summary(x, keep, real, H)
+    count_in = tl.load(count0_ptr + row)
     if tile == 0:
-        count0 = tl.load(count0_ptr + row)
+        steps = tile * 0
         mean0 = tl.load(mean0_ptr + row * G + groups, mask=group_ok, other=0.0)
         var0 = tl.load(var0_ptr + row * G + groups, mask=group_ok, other=1.0)
-        tl.store(count_ptr + row * (n_tiles + 1), count0)     # every group block: the same value
+        tl.store(count_ptr + row * (n_tiles + 1), count_in)   # every group block: the same value
         tl.store(mean_ptr + row * (n_tiles + 1) * G + groups, mean0, mask=group_ok)
         tl.store(var_ptr + row * (n_tiles + 1) * G + groups, var0, mask=group_ok)
     else:
-        agg = (row * n_tiles + tile) * G + groups
-        tl.store(agg_ptr + agg, k + 0.0 * mu, mask=group_ok)
-        tl.store(agg_ptr + B * n_tiles * G + agg, mu, mask=group_ok)
-        tl.store(agg_ptr + 2 * B * n_tiles * G + agg, q, mask=group_ok)
-        tl.debug_barrier()
-        tl.atomic_xchg(flag_ptr + chain * n_tiles + tile, 1, sem="release", scope="gpu")
-        count0, mean0, var0 = _look_back_state(flag_ptr, agg_ptr, count_ptr, mean_ptr, var_ptr, row, chain, tile,
-                                               B, n_tiles, groups, G, WINDOW)
+        at = row * n_tiles + tile
+        tl.store(words_ptr + at, k.to(tl.int32))
+        _publish(words_ptr + 2 * B * n_tiles, at * G + groups, mu, group_ok)
+        _publish(words_ptr + 2 * B * n_tiles + B * n_tiles * G, at * G + groups, q, group_ok)
+        steps, mean0, var0 = _look_back_state(words_ptr, row, tile, B, n_tiles, groups, G, count_in, WINDOW)
+    count0 = count_in + steps
     c0 = count0.to(tl.float32)
     n1, mean1, q1 = _chan_merge(c0, mean0, c0 * var0, k, mu, q)
-    count1 = count0 + k.to(tl.int64)
     mean1 = tl.where(n1 > 0, mean1, mean0)
     var1 = tl.where(n1 > 0, q1 / tl.maximum(n1, 1.0), var0)
     entry = row * (n_tiles + 1) + tile + 1
-    tl.store(count_ptr + entry, count1)
+    tl.store(count_ptr + entry, count0 + k.to(tl.int64))
     tl.store(mean_ptr + entry * G + groups, mean1, mask=group_ok)
     tl.store(var_ptr + entry * G + groups, var1, mask=group_ok)
-    tl.debug_barrier()
     if tile % INCLUSIVE_EVERY == 0:
-        tl.atomic_xchg(flag_ptr + chain * n_tiles + tile, 2, sem="release", scope="gpu")
+        at = row * n_tiles + tile
+        _publish(words_ptr + 2 * B * n_tiles + 2 * B * n_tiles * G, at * G + groups, mean1, group_ok)
+        _publish(words_ptr + 2 * B * n_tiles + 3 * B * n_tiles * G, at * G + groups, var1, group_ok)
+        tl.store(words_ptr + B * n_tiles + at, steps + k.to(tl.int32))
     if tile == n_tiles - 1:
-        tl.store(count_out_ptr + row, count1, mask=pid_g == 0)
+        tl.store(count_out_ptr + row, count0 + k.to(tl.int64), mask=pid_g == 0)
         tl.store(mean_out_ptr + row * G + groups, mean1, mask=group_ok)
         tl.store(var_out_ptr + row * G + groups, var1, mask=group_ok)
     _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
     rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     shift = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)   # again: see below
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)   # again, from cache (see above)
     y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
     tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
 
 # %% chapters/08_triton_scans.py cell 68 · Launching
 class LaunchConfig(NamedTuple):
     """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
-    (``num_warps`` warps); look-backs read ``window`` flags at a time; the backward keeps
+    (``num_warps`` warps); look-backs read ``window`` tiles' slots at a time; the backward keeps
     ``programs_per_sm`` programs per multiprocessor resident. ``inclusive_every`` > 1 (tests only)
     publishes the running state of only every so many tiles, so look-backs cross many aggregates."""
 
@@ -269,6 +281,7 @@ TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D /
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EMPTY = -1               # a look-back word not yet written (as float32 bits: a NaN no kernel writes)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
 
@@ -336,17 +349,17 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     _expect(padding_mask is None or padding_mask.shape == (batch, length), "padding_mask: (B, L)")
     cfg = config or launch_config(channels, num_groups)
     group_size, n_tiles, device = channels // num_groups, _cdiv(length, cfg.block_t), x.device
-    n_chains = batch * _cdiv(num_groups, cfg.block_g)
-    flags = torch.zeros(n_chains * n_tiles + 1, dtype=torch.int32, device=device)   # + the tile counter
-    aggregates = _empty((3, batch, n_tiles, num_groups), torch.float32, device)
+    group_blocks, tile_words = _cdiv(num_groups, cfg.block_g), batch * n_tiles
+    words = torch.full((2 * tile_words * (1 + 2 * num_groups) + group_blocks,), EMPTY, dtype=torch.int32,
+                       device=device)                         # the look-back's words, then the tile counters
     prefix_count = _empty((batch, n_tiles + 1), torch.int64, device)
     prefix_mean, prefix_var = (_empty((batch, n_tiles + 1, num_groups), torch.float32, device) for _ in range(2))
     y = _empty(x.shape, x.dtype, device)
     count_out = _empty((batch,), torch.int64, device)
     mean_out, var_out = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)  # x: unused placeholder
-    _forward_kernel[(n_chains * n_tiles,)](
-        x, mask, weight, bias, count, mean, var, flags, aggregates, prefix_count, prefix_mean, prefix_var, y,
+    _forward_kernel[(tile_words, group_blocks)](
+        x, mask, weight, bias, count, mean, var, words, prefix_count, prefix_mean, prefix_var, y,
         count_out, mean_out, var_out, batch, length, channels, num_groups, group_size, n_tiles, eps,
         HAS_MASK=padding_mask is not None, EVEN_GROUPS=_even_groups(group_size, num_groups, cfg), BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
         BLOCK_H=_next_pow2(group_size), WINDOW=cfg.window, INCLUSIVE_EVERY=cfg.inclusive_every,
@@ -378,11 +391,10 @@ def _gradient_terms(x, dy_ptr, base, offsets, keep, real, weight_ptr, channels, 
 
 # %% chapters/08_triton_scans.py cell 77 · The backward in closed form
 @triton.jit
-def _look_back_sums(flag_ptr, sums_ptr, mean_ptr, row, chain, tile, shift, B, n_tiles, groups, G,
-                    WINDOW: tl.constexpr):
+def _look_back_sums(words_ptr, mean_ptr, row, tile, shift, B, n_tiles, groups, G, WINDOW: tl.constexpr):
     """Sums of a, b and c [BG] over every step after ``tile`` < n_tiles - 1, c at the tile's shift:
-    the per-tile sums of the later tiles (flag 1) up to the nearest that published its sums from its
-    first step on (flag 2). sums: (a, b, c per tile; a, b, c from the tile on) x (B, n_tiles, G)."""
+    the per-tile sums of the later tiles up to the nearest whose sums from its first step on are
+    written. words: a, b, c per tile, then a, b, c from the tile on, (B, n_tiles, G) float32 bits."""
     group_ok = groups < G
     slots_ahead = tl.arange(0, WINDOW)
     plane = B * n_tiles * G
@@ -392,47 +404,53 @@ def _look_back_sums(flag_ptr, sums_ptr, mean_ptr, row, chain, tile, shift, B, n_
     while searching:
         slots = lo + 1 + slots_ahead                          # the window, nearest first
         valid = slots < n_tiles
-        status = tl.atomic_add(flag_ptr + chain * n_tiles + slots, 0, mask=valid, sem="acquire", scope="gpu")
-        status = tl.where(valid, status, 0)
-        nearest = tl.min(tl.where(status == 2, slots, n_tiles), 0)
-        waiting = tl.sum((valid & (slots < nearest) & (status == 0)).to(tl.int32), 0)
+        index = (row * n_tiles + slots)[:, None] * G + groups[None, :]
+        both = valid[:, None] & group_ok[None, :]
+        a = tl.load(words_ptr + index, mask=both, other=0, volatile=True)
+        b = tl.load(words_ptr + plane + index, mask=both, other=0, volatile=True)
+        c = tl.load(words_ptr + 2 * plane + index, mask=both, other=0, volatile=True)
+        from_a = tl.load(words_ptr + 3 * plane + index, mask=both, other=0, volatile=True)
+        from_b = tl.load(words_ptr + 4 * plane + index, mask=both, other=0, volatile=True)
+        from_c = tl.load(words_ptr + 5 * plane + index, mask=both, other=0, volatile=True)
+        aggregate_ready = _all_written(a, 1) & _all_written(b, 1) & _all_written(c, 1)
+        sums_ready = valid & _all_written(from_a, 1) & _all_written(from_b, 1) & _all_written(from_c, 1)
+        nearest = tl.min(tl.where(sums_ready, slots, n_tiles), 0)
+        waiting = tl.sum((valid & (slots < nearest) & ~aggregate_ready).to(tl.int32), 0)
         if waiting == 0:
-            tl.debug_barrier()                                # every thread reads after the flags
-            found = valid & (slots == nearest)
-            use = ((valid & (slots < nearest)) | found)[:, None] & group_ok[None, :]
-            index = tl.where(found, 3 * plane, 0)[:, None] + (row * n_tiles + slots)[:, None] * G + groups[None, :]
-            a = tl.load(sums_ptr + index, mask=use, other=0.0, cache_modifier=".cg")
-            b = tl.load(sums_ptr + plane + index, mask=use, other=0.0, cache_modifier=".cg")
-            c = tl.load(sums_ptr + 2 * plane + index, mask=use, other=0.0, cache_modifier=".cg")
+            later = (valid & (slots < nearest))[:, None]
+            found = (slots == nearest)[:, None]
+            a_e = tl.where(found, from_a, tl.where(later, a, 0)).to(tl.float32, bitcast=True)
+            b_e = tl.where(found, from_b, tl.where(later, b, 0)).to(tl.float32, bitcast=True)
+            c_e = tl.where(found, from_c, tl.where(later, c, 0)).to(tl.float32, bitcast=True)
             their_shift = tl.load(mean_ptr + (row * (n_tiles + 1) + slots + 1)[:, None] * G + groups[None, :],
-                                  mask=use, other=0.0)
-            sum_a += tl.sum(a, 0)
-            sum_b += tl.sum(b, 0)
-            sum_c += tl.sum(c + (their_shift - shift[None, :]) * b, 0)
-            searching = nearest == n_tiles                    # no published tile in this window: go on
+                                  mask=both, other=0.0)       # K_e: a forward output, long written
+            sum_a += tl.sum(a_e, 0)
+            sum_b += tl.sum(b_e, 0)
+            sum_c += tl.sum(c_e + (their_shift - shift[None, :]) * b_e, 0)
+            searching = nearest == n_tiles                    # none written in this window: go on
             lo = lo + WINDOW
     return sum_a, sum_b, sum_c
 
 # %% chapters/08_triton_scans.py cell 79 · The backward in closed form
 @triton.jit(do_not_specialize=["B", "L", "n_tiles"])
 def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, dmean_ptr, dvar_ptr,
-                     flag_ptr, sums_ptr, dx_ptr, dparams_ptr, dmean0_ptr, dvar0_ptr, B, L, D, G, H, n_tiles, eps,
+                     words_ptr, dx_ptr, dparams_ptr, dmean0_ptr, dvar0_ptr, B, L, D, G, H, n_tiles, eps,
                      HAS_MASK: tl.constexpr, EVEN_GROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, WINDOW: tl.constexpr, INCLUSIVE_EVERY: tl.constexpr):
+                     BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, WINDOW: tl.constexpr,
+                     INCLUSIVE_EVERY: tl.constexpr):
     """With A_i, B_i, C_i the sums of a, b, c over steps t >= i,
     dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps;
     dweight, dbias summed into dparams (2, D); dmean0, dvar0 from the sums over the whole row."""
-    pid_g, group_blocks = tl.program_id(1), tl.cdiv(G, BLOCK_G)
+    pid_g = tl.program_id(1)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     group_ok = groups < G
     plane = B * n_tiles * G
-    counter = flag_ptr + B * group_blocks * n_tiles + pid_g
+    counter = words_ptr + 6 * plane + pid_g
     dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
-    order = tl.atomic_add(counter, 1)
+    order = tl.atomic_add(counter, 1) + 1                     # counters start at -1
     while order < B * n_tiles:
         row, tile = order % B, n_tiles - 1 - order // B
-        chain = row * group_blocks + pid_g
         base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                           HAS_MASK, EVEN_GROUPS, BLOCK_T, BLOCK_H)
         keep = exists & real[:, None, None]
@@ -442,7 +460,7 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
             row, tile, n_tiles, groups, G, H, eps)
         dweight += dweight_tile
         dbias += dbias_tile
-        sums = (row * n_tiles + tile) * G + groups
+        at = (row * n_tiles + tile) * G + groups
         n_final = tl.load(count_ptr + row * (n_tiles + 1) + n_tiles).to(tl.float32)
         if tile == n_tiles - 1:                               # the final state's gradient, at its mean
             inv_final = tl.where(n_final > 0, 1.0 / tl.maximum(n_final, 1.0), 0.0)
@@ -450,21 +468,17 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
             after_b = tl.load(dvar_ptr + row * G + groups, mask=group_ok, other=0.0) * inv_final
             after_c = shift * 0.0
         else:
-            tl.store(sums_ptr + sums, tl.sum(a, 0), mask=group_ok)
-            tl.store(sums_ptr + plane + sums, tl.sum(b, 0), mask=group_ok)
-            tl.store(sums_ptr + 2 * plane + sums, tl.sum(c, 0), mask=group_ok)
-            tl.debug_barrier()
-            tl.atomic_xchg(flag_ptr + chain * n_tiles + tile, 1, sem="release", scope="gpu")
-            after_a, after_b, after_c = _look_back_sums(flag_ptr, sums_ptr, mean_ptr, row, chain, tile, shift,
-                                                        B, n_tiles, groups, G, WINDOW)
+            _publish(words_ptr, at, tl.sum(a, 0), group_ok)
+            _publish(words_ptr + plane, at, tl.sum(b, 0), group_ok)
+            _publish(words_ptr + 2 * plane, at, tl.sum(c, 0), group_ok)
+            after_a, after_b, after_c = _look_back_sums(words_ptr, mean_ptr, row, tile, shift, B, n_tiles, groups,
+                                                        G, WINDOW)
         from_a, from_b = after_a + tl.sum(a, 0), after_b + tl.sum(b, 0)
         from_c = after_c + tl.sum(c, 0)
-        tl.store(sums_ptr + 3 * plane + sums, from_a, mask=group_ok)
-        tl.store(sums_ptr + 4 * plane + sums, from_b, mask=group_ok)
-        tl.store(sums_ptr + 5 * plane + sums, from_c, mask=group_ok)
-        tl.debug_barrier()
         if (n_tiles - 1 - tile) % INCLUSIVE_EVERY == 0:
-            tl.atomic_xchg(flag_ptr + chain * n_tiles + tile, 2, sem="release", scope="gpu")
+            _publish(words_ptr + 3 * plane, at, from_a, group_ok)
+            _publish(words_ptr + 4 * plane, at, from_b, group_ok)
+            _publish(words_ptr + 5 * plane, at, from_c, group_ok)
         if tile == 0:                                         # the incoming state's gradient
             count0, mean0, _ = _load_state(count_ptr, mean_ptr, var_ptr, row, 0, n_tiles, groups, G)
             c_at_mean0 = from_c + (shift - mean0) * from_b
@@ -474,7 +488,7 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
             tl.store(dmean0_ptr + row * G + groups,
                      tl.where(n_final > 0, c0 * (from_a - 2.0 * c_at_mean0), dmean_final), mask=group_ok)
             tl.store(dvar0_ptr + row * G + groups, tl.where(n_final > 0, c0 * from_b, dvar_final), mask=group_ok)
-        x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)     # again: see above
+        x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)     # again, from cache (the forward's note)
         dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
         scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
         sum_a = tl.cumsum(a, 0, reverse=True) + after_a[None, :]
@@ -484,7 +498,7 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
                          - 2.0 * sum_c[:, :, None]) / H
         dx = tl.where(keep, dy * scale[None, :, :] * rstd[:, :, None] + through_stats, 0.0)
         tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
-        order = tl.atomic_add(counter, 1)
+        order = tl.atomic_add(counter, 1) + 1
     _, _, _, _, channels, channel_ok = _tile_offsets(mask_ptr, 0, 0, L, D, G, H, groups, False, EVEN_GROUPS,
                                                      BLOCK_T, BLOCK_H)
     tl.atomic_add(dparams_ptr + channels, dweight, mask=channel_ok)
@@ -512,15 +526,14 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     _expect(prefix_mean.shape == prefix_var.shape == (batch, n_tiles + 1, num_groups), "prefix: (B, tiles + 1, G)")
     dy, dmean, dvar = dy.contiguous(), dmean.float().contiguous(), dvar.float().contiguous()
     group_blocks = _cdiv(num_groups, cfg.block_g)
-    zeroed = torch.zeros(2 * channels + batch * group_blocks * n_tiles + group_blocks, dtype=torch.int32, device=device)
-    dparams, flags = zeroed[:2 * channels].view(torch.float32).view(2, channels), zeroed[2 * channels:]
-    sums = _empty((6, batch, n_tiles, num_groups), torch.float32, device)
+    words = torch.full((6 * batch * n_tiles * num_groups + group_blocks,), EMPTY, dtype=torch.int32, device=device)
+    dparams = torch.zeros((2, channels), dtype=torch.float32, device=device)   # atomic adds start from 0
     dx = _empty(x.shape, x.dtype, device)
     dmean0, dvar0 = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     programs = max(1, min(batch * n_tiles, cfg.programs_per_sm * _multiprocessors(device) // group_blocks))
     _backward_kernel[(programs, group_blocks)](
-        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, dmean, dvar, flags, sums, dx, dparams,
+        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, dmean, dvar, words, dx, dparams,
         dmean0, dvar0, batch, length, channels, num_groups, group_size, n_tiles, eps,
         HAS_MASK=padding_mask is not None, EVEN_GROUPS=_even_groups(group_size, num_groups, cfg), BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
         BLOCK_H=_next_pow2(group_size), WINDOW=cfg.window, INCLUSIVE_EVERY=cfg.inclusive_every,
