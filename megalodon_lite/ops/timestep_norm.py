@@ -10,23 +10,23 @@ are imported here as the references to test against. The official CUDA kernel it
 https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu
 
 Each row is cut into tiles of ``block_t`` steps; one program owns one tile of one row and
-``block_g`` groups, and the forward is one launch, :func:`_forward_kernel`: a program reads its
-tile once, publishes the tile's summary (count, mean, sum of squared deviations), learns the
-running state before its tile from the tiles before it by a decoupled look-back
-(:func:`_look_back_state`), publishes the state after its tile, and writes y from the x it still
-holds. The backward, :func:`_backward_kernel`, is the same scan in reverse with the closed form
-chapter 08 derives: per tile the sums of three gradient terms, a look-back over the later tiles
-(:func:`_look_back_sums`), dx from reverse cumulative sums inside the tile; its programs stay
-resident and take tile after tile, so the gradients to weight and bias add up in registers.
-x is read once forward, x and dy once backward from memory (each tile a second time from cache,
-after its look-back, rather than held in registers through it); no per-step statistic is stored.
+``block_g`` groups. Forward, three launches:
+
+1. :func:`_tile_summary_kernel`: each tile's (count, mean, sum of squared deviations) per group;
+2. :func:`_tile_prefix_kernel`: the exclusive prefix of those summaries by the Chan merge,
+   starting from the incoming state: the running state *before* every tile, and the final state;
+3. :func:`_normalize_kernel`: inside each tile the running statistics of every step (shifted
+   cumulative sums from the state before the tile), then y.
+
+Backward, the same three passes in reverse: per-tile sums of the gradient terms, a reverse prefix
+over tiles, then dx from reverse cumulative sums inside each tile (the closed form chapter 08
+derives). x is read twice forward, x and dy twice backward; no per-step statistic is stored.
 The launchers are registered as the custom ops ``megalodon_lite::timestep_norm_fwd`` and
 ``megalodon_lite::timestep_norm_bwd``, which ``torch.compile`` treats as opaque.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -47,17 +47,13 @@ __all__ = ["LaunchConfig", "TimestepNormFunction", "launch_config", "timestep_no
 
 # %% chapters/08_triton_scans.py cell 56 · The kernels, forward
 @triton.jit
-def _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK: tl.constexpr,
-                  EVEN_GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                  HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """Where one tile [T, BG, BH] lives: a scalar int64 base (its first step's row of x) plus
-    int32 offsets inside the tile; which elements exist, and which steps are real [T].
-    EVEN_GROUPS (BLOCK_H = H and full group blocks): masks along the steps only, [T, 1, 1]."""
+    int32 offsets inside the tile; which elements exist, and which steps are real [T]."""
     steps = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]                     # [BG, BH]
-    if EVEN_GROUPS:
-        channel_ok = tl.full([1, 1], 1, tl.int1)
-    else:
-        channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
+    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
     exists = (steps < L)[:, None, None] & channel_ok[None, :, :]
     real = steps < L
     if HAS_MASK:
@@ -109,168 +105,115 @@ def _running_stats(m, v, real, count0, mean0, var0):
     return n, mean, var
 
 # %% chapters/08_triton_scans.py cell 60 · The kernels, forward
-@triton.jit
-def _tile_summary(x, keep, real, H):
-    """The per-step moments m, v [T, BG] of a tile and its summary per group [BG]: real steps k
-    (a scalar), their mean mu and Q = sum_t (v_t + (m_t - mu)^2)."""
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _tile_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                         L, D, G, H, n_tiles,
+                         HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    """Pass 1: per (row, tile, group) the tile's real steps k, their mean mu and
+    Q = sum_t (v_t + (m_t - mu)^2), the sum of squared deviations divided by the group size."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                HAS_MASK, BLOCK_T, BLOCK_H)
+    keep = exists & real[:, None, None]
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     m, v = _step_moments(x, keep, H)
     r = real.to(tl.float32)
     k = tl.sum(r, 0)
     mu = tl.sum(r[:, None] * m, 0) / tl.maximum(k, 1.0)
     q = tl.sum(r[:, None] * (v + (m - mu[None, :]) * (m - mu[None, :])), 0)
-    return m, v, k, mu, q
+    out = (row * n_tiles + tile) * G + groups
+    tl.store(tile_mean_ptr + out, mu, mask=groups < G)
+    tl.store(tile_m2_ptr + out, q, mask=groups < G)
+    tl.store(tile_count_ptr + row * n_tiles + tile, k.to(tl.int32), mask=pid_g == 0)
 
-
-@triton.jit
-def _chan_merge(n_a, mean_a, q_a, n_b, mean_b, q_b):
-    """Merge summaries (count, mean, Q) of stretch a and the stretch b right after it:
-    n = n_a + n_b, M = M_a + n_b / n (M_b - M_a), Q = Q_a + Q_b + n_a n_b / n (M_b - M_a)^2."""
-    n = n_a + n_b
-    w = n_b / tl.maximum(n, 1.0)
-    gap = mean_b - mean_a
-    return n, tl.where(n_a > 0, mean_a + w * gap, mean_b), q_a + q_b + n_a * w * gap * gap
-
-# %% chapters/08_triton_scans.py cell 64 · One pass: a decoupled look-back
-@triton.jit
-def _publish(words_ptr, offsets, values, mask):
-    """Store float32 ``values`` as their bits, never the bits of EMPTY (a NaN with every payload bit
-    set is stored as the usual NaN), so that a reader can tell a written word from an empty one."""
-    bits = values.to(tl.int32, bitcast=True)
-    tl.store(words_ptr + offsets, tl.where(bits == -1, 0x7FC00000, bits), mask=mask)
-
-
-@triton.jit
-def _all_written(words, axis: tl.constexpr):
-    """Whether no word along ``axis`` is still EMPTY (-1)."""
-    return tl.min((words != -1).to(tl.int32), axis) == 1
-
-
-@triton.jit
-def _look_back_state(words_ptr, row, tile, B, n_tiles, groups, G, count0, WINDOW: tl.constexpr):
-    """Real steps (int32) before ``tile`` > 0 in this call, and the running mean and var [BG] there:
-    merge the aggregates of the tiles before it back to the nearest whose running state is written.
-    words: k, steps (B, n_tiles) int32, then mu, Q, mean, var (B, n_tiles, G) as float32 bits."""
-    group_ok = groups < G
-    slots_ahead = tl.arange(0, WINDOW)
-    plane = B * n_tiles * G
-    floats = 2 * B * n_tiles
-    steps = tile * 0                                          # exact, beside the float merges
-    zero = groups.to(tl.float32) * 0.0
-    acc_n, acc_mean, acc_q, base_mean, base_var = zero, zero, zero, zero, zero
-    hi = tile
-    searching = tile > 0
-    while searching:
-        slots = hi - 1 - slots_ahead                          # the window, nearest first
-        valid = slots >= 0
-        at = row * n_tiles + slots
-        index = at[:, None] * G + groups[None, :]
-        both = valid[:, None] & group_ok[None, :]
-        k = tl.load(words_ptr + at, mask=valid, other=-1, volatile=True)
-        k_before = tl.load(words_ptr + B * n_tiles + at, mask=valid, other=-1, volatile=True)
-        mu = tl.load(words_ptr + floats + index, mask=both, other=0, volatile=True)
-        q = tl.load(words_ptr + floats + plane + index, mask=both, other=0, volatile=True)
-        mean = tl.load(words_ptr + floats + 2 * plane + index, mask=both, other=0, volatile=True)
-        var = tl.load(words_ptr + floats + 3 * plane + index, mask=both, other=0, volatile=True)
-        aggregate_ready = (k != -1) & _all_written(mu, 1) & _all_written(q, 1)
-        state_ready = (k_before != -1) & _all_written(mean, 1) & _all_written(var, 1)
-        nearest = tl.max(tl.where(state_ready, slots, -1), 0)
-        waiting = tl.sum((valid & (slots > nearest) & ~aggregate_ready).to(tl.int32), 0)
-        if waiting == 0:
-            later = valid & (slots > nearest)
-            found = valid & (slots == nearest)
-            steps += tl.sum(tl.where(later, k, 0), 0) + tl.sum(tl.where(found, k_before, 0), 0)
-            n_e = tl.where(later, k.to(tl.float32), 0.0)[:, None] + tl.where(
-                found, k_before.to(tl.float32) + count0.to(tl.float32), 0.0)[:, None]
-            mean_f, var_f = mean.to(tl.float32, bitcast=True), var.to(tl.float32, bitcast=True)
-            mu_e = tl.where(found[:, None], mean_f, tl.where(later[:, None], mu.to(tl.float32, bitcast=True), 0.0))
-            q_e = tl.where(found[:, None], n_e * var_f, tl.where(later[:, None], q.to(tl.float32, bitcast=True), 0.0))
-            n_window = tl.sum(n_e, 0)
-            shift = tl.sum(n_e * mu_e, 0) / tl.maximum(n_window, 1.0)
-            mean_window = shift + tl.sum(n_e * (mu_e - shift[None, :]), 0) / tl.maximum(n_window, 1.0)
-            q_window = tl.sum(q_e + n_e * (mu_e - mean_window[None, :]) * (mu_e - mean_window[None, :]), 0)
-            acc_n, acc_mean, acc_q = _chan_merge(n_window, mean_window, q_window, acc_n, acc_mean, acc_q)
-            if nearest >= 0:                                  # a written running state: done
-                base_mean = tl.sum(tl.where(found[:, None], mean_f, 0.0), 0)
-                base_var = tl.sum(tl.where(found[:, None], var_f, 0.0), 0)
-                searching = nearest < 0
-            hi = hi - WINDOW
-    mean = tl.where(acc_n > 0, acc_mean, base_mean)           # no real step yet: the state passes on
-    var = tl.where(acc_n > 0, acc_q / tl.maximum(acc_n, 1.0), base_var)
-    return steps, mean, var
-
-# %% chapters/08_triton_scans.py cell 66 · One pass: a decoupled look-back
-@triton.jit(do_not_specialize=["B", "L", "n_tiles"])
-def _forward_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count0_ptr, mean0_ptr, var0_ptr, words_ptr,
-                    count_ptr, mean_ptr, var_ptr, y_ptr, count_out_ptr, mean_out_ptr, var_out_ptr,
-                    B, L, D, G, H, n_tiles, eps,
-                    HAS_MASK: tl.constexpr, EVEN_GROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, WINDOW: tl.constexpr,
-                    INCLUSIVE_EVERY: tl.constexpr):
-    """y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias (0 on padded steps) for one tile, and
-    the running state after it; tiles taken in start order from a counter per group block."""
-    pid_g = tl.program_id(1)
-    order = tl.atomic_add(words_ptr + 2 * B * n_tiles + 4 * B * n_tiles * G + pid_g, 1) + 1   # from -1
-    tile, row = order // B, order % B
+# %% chapters/08_triton_scans.py cell 62 · The kernels, forward
+@triton.jit(do_not_specialize=["n_tiles"])
+def _tile_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                        count_ptr, mean_ptr, var_ptr, final_count_ptr, final_mean_ptr, final_var_ptr,
+                        n_tiles, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Pass 2: the running state before every tile, merge(incoming state, tiles < j) by Chan's rule
+    n = n_a + n_b, M = M_a + n_b / n (M_b - M_a), Q = Q_a + Q_b + n_a n_b / n (M_b - M_a)^2,
+    written at [row, j]; the state after the last tile at [row, n_tiles] and as the final state."""
+    pid_g, row = tl.program_id(0), tl.program_id(1)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     group_ok = groups < G
+    count = tl.load(count0_ptr + row)                                   # int64, carried
+    mean = tl.load(mean0_ptr + row * G + groups, mask=group_ok, other=0.0)
+    var0 = tl.load(var0_ptr + row * G + groups, mask=group_ok, other=1.0)
+    sum_sq = count.to(tl.float32) * var0                                # Q = N S, carried
+    for start in range(0, n_tiles, BLOCK_N):
+        tiles = start + tl.arange(0, BLOCK_N)
+        both = (tiles < n_tiles)[:, None] & group_ok[None, :]
+        k = tl.load(tile_count_ptr + row * n_tiles + tiles, mask=tiles < n_tiles, other=0).to(tl.int64)
+        index = (row * n_tiles + tiles)[:, None] * G + groups[None, :]
+        mu = tl.load(tile_mean_ptr + index, mask=both, other=0.0)
+        q = tl.load(tile_m2_ptr + index, mask=both, other=0.0)
+        n_before = count + tl.cumsum(k, 0) - k
+        kf, nb = k.to(tl.float32), n_before.to(tl.float32)
+        c = count.to(tl.float32)
+        block_mean = tl.sum(kf[:, None] * mu, 0) / tl.maximum(tl.sum(kf, 0), 1.0)
+        shift = tl.where(count > 0, mean, block_mean)                   # K near the data
+        step = kf[:, None] * (mu - shift[None, :])
+        total_before = tl.cumsum(step, 0) - step + (c * (mean - shift))[None, :]
+        mean_before = shift[None, :] + total_before / tl.maximum(nb, 1.0)[:, None]
+        mean_before = tl.where(nb[:, None] > 0, mean_before, mean[None, :])
+        gap = mu - mean_before
+        merge = q + (kf * nb / tl.maximum(nb + kf, 1.0))[:, None] * gap * gap   # >= 0
+        sq_before = tl.cumsum(merge, 0) - merge + sum_sq[None, :]
+        var_before = tl.where(nb[:, None] > 0, sq_before / tl.maximum(nb, 1.0)[:, None], var0[None, :])
+        out = row * (n_tiles + 1) + tiles
+        tl.store(count_ptr + out, n_before, mask=tiles < tl.where(pid_g == 0, n_tiles, 0))  # counts: once per row
+        tl.store(mean_ptr + out[:, None] * G + groups[None, :], mean_before, mask=both)
+        tl.store(var_ptr + out[:, None] * G + groups[None, :], var_before, mask=both)
+        new_count = count + tl.sum(k, 0)
+        new_mean = shift + (c * (mean - shift) + tl.sum(step, 0)) / tl.maximum(new_count.to(tl.float32), 1.0)
+        mean = tl.where(new_count > 0, new_mean, mean)
+        sum_sq = sum_sq + tl.sum(merge, 0)
+        count = new_count
+    var = tl.where(count > 0, sum_sq / tl.maximum(count.to(tl.float32), 1.0), var0)
+    end = row * (n_tiles + 1) + n_tiles
+    tl.store(count_ptr + end, count, mask=pid_g == 0)
+    tl.store(mean_ptr + end * G + groups, mean, mask=group_ok)
+    tl.store(var_ptr + end * G + groups, var, mask=group_ok)
+    tl.store(final_count_ptr + row, count, mask=pid_g == 0)
+    tl.store(final_mean_ptr + row * G + groups, mean, mask=group_ok)
+    tl.store(final_var_ptr + row * G + groups, var, mask=group_ok)
+
+# %% chapters/08_triton_scans.py cell 64 · The kernels, forward
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count_ptr, mean_ptr, var_ptr, y_ptr,
+                      L, D, G, H, n_tiles, eps,
+                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
+    """Pass 3: y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                      HAS_MASK, EVEN_GROUPS, BLOCK_T, BLOCK_H)
+                                                                HAS_MASK, BLOCK_T, BLOCK_H)
     keep = exists & real[:, None, None]
     x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    m, v, k, mu, q = _tile_summary(x, keep, real, H)
-    count_in = tl.load(count0_ptr + row)
-    if tile == 0:
-        steps = tile * 0
-        mean0 = tl.load(mean0_ptr + row * G + groups, mask=group_ok, other=0.0)
-        var0 = tl.load(var0_ptr + row * G + groups, mask=group_ok, other=1.0)
-        tl.store(count_ptr + row * (n_tiles + 1), count_in)   # every group block: the same value
-        tl.store(mean_ptr + row * (n_tiles + 1) * G + groups, mean0, mask=group_ok)
-        tl.store(var_ptr + row * (n_tiles + 1) * G + groups, var0, mask=group_ok)
-    else:
-        at = row * n_tiles + tile
-        tl.store(words_ptr + at, k.to(tl.int32))
-        _publish(words_ptr + 2 * B * n_tiles, at * G + groups, mu, group_ok)
-        _publish(words_ptr + 2 * B * n_tiles + B * n_tiles * G, at * G + groups, q, group_ok)
-        steps, mean0, var0 = _look_back_state(words_ptr, row, tile, B, n_tiles, groups, G, count_in, WINDOW)
-    count0 = count_in + steps
-    c0 = count0.to(tl.float32)
-    n1, mean1, q1 = _chan_merge(c0, mean0, c0 * var0, k, mu, q)
-    mean1 = tl.where(n1 > 0, mean1, mean0)
-    var1 = tl.where(n1 > 0, q1 / tl.maximum(n1, 1.0), var0)
-    entry = row * (n_tiles + 1) + tile + 1
-    tl.store(count_ptr + entry, count0 + k.to(tl.int64))
-    tl.store(mean_ptr + entry * G + groups, mean1, mask=group_ok)
-    tl.store(var_ptr + entry * G + groups, var1, mask=group_ok)
-    if tile % INCLUSIVE_EVERY == 0:
-        at = row * n_tiles + tile
-        _publish(words_ptr + 2 * B * n_tiles + 2 * B * n_tiles * G, at * G + groups, mean1, group_ok)
-        _publish(words_ptr + 2 * B * n_tiles + 3 * B * n_tiles * G, at * G + groups, var1, group_ok)
-        tl.store(words_ptr + B * n_tiles + at, steps + k.to(tl.int32))
-    if tile == n_tiles - 1:
-        tl.store(count_out_ptr + row, count0 + k.to(tl.int64), mask=pid_g == 0)
-        tl.store(mean_out_ptr + row * G + groups, mean1, mask=group_ok)
-        tl.store(var_out_ptr + row * G + groups, var1, mask=group_ok)
+    m, v = _step_moments(x, keep, H)
+    count0, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G)
     _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
     rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     shift = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)   # again, from cache (see above)
     y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
     tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
 
-# %% chapters/08_triton_scans.py cell 68 · Launching
+# %% chapters/08_triton_scans.py cell 66 · Launching
 class LaunchConfig(NamedTuple):
     """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
-    (``num_warps`` warps); look-backs read ``window`` tiles' slots at a time; the backward keeps
-    ``programs_per_sm`` programs per multiprocessor resident. ``inclusive_every`` > 1 (tests only)
-    publishes the running state of only every so many tiles, so look-backs cross many aggregates."""
+    (``num_warps`` warps); the prefix passes take ``prefix_block_n`` tiles x ``prefix_block_g``
+    groups per loop step."""
 
     block_t: int
     block_g: int
     num_warps: int = 1
-    window: int = 32
-    programs_per_sm: int = 16
-    inclusive_every: int = 1
+    prefix_block_n: int = 1024
+    prefix_block_g: int = 1
 
 
 # Measured on an H200 (kernels/NOTES_timestep_norm.md): short tiles, one warp per 256 channels, so
@@ -281,7 +224,6 @@ TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D /
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-EMPTY = -1               # a look-back word not yet written (as float32 bits: a NaN no kernel writes)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
 
@@ -302,17 +244,6 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)))
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """How many programs run side by side per 'programs_per_sm' (the interpreter: 1)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def _even_groups(group_size: int, num_groups: int, cfg: LaunchConfig) -> bool:
-    """Whether every program's channels all exist (masks along the steps only)."""
-    return group_size == _next_pow2(group_size) and num_groups % cfg.block_g == 0
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """An output buffer: uninitialised, or poisoned when POISON_OUTPUTS is set (tests)."""
     if not POISON_OUTPUTS:
@@ -325,11 +256,11 @@ def _expect(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
-# %% chapters/08_triton_scans.py cell 69 · Launching
+# %% chapters/08_triton_scans.py cell 67 · Launching
 def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, mean: Tensor, var: Tensor,
                       padding_mask: Tensor | None, num_groups: int, eps: float,
                       config: LaunchConfig | None = None) -> tuple[Tensor, ...]:
-    """Launch the forward: one program per tile, summary, look-back and normalisation in one.
+    """Launch the forward: summaries, prefix, normalise.
 
     Args:
         x: (B, L, D) contiguous, float16/bfloat16/float32. weight, bias: (D,).
@@ -349,31 +280,33 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     _expect(padding_mask is None or padding_mask.shape == (batch, length), "padding_mask: (B, L)")
     cfg = config or launch_config(channels, num_groups)
     group_size, n_tiles, device = channels // num_groups, _cdiv(length, cfg.block_t), x.device
-    group_blocks, tile_words = _cdiv(num_groups, cfg.block_g), batch * n_tiles
-    words = torch.full((2 * tile_words * (1 + 2 * num_groups) + group_blocks,), EMPTY, dtype=torch.int32,
-                       device=device)                         # the look-back's words, then the tile counters
+    tile_count = _empty((batch, n_tiles), torch.int32, device)
+    tile_mean, tile_m2 = _empty((2, batch, n_tiles, num_groups), torch.float32, device)
     prefix_count = _empty((batch, n_tiles + 1), torch.int64, device)
     prefix_mean, prefix_var = (_empty((batch, n_tiles + 1, num_groups), torch.float32, device) for _ in range(2))
     y = _empty(x.shape, x.dtype, device)
     count_out = _empty((batch,), torch.int64, device)
     mean_out, var_out = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)  # x: unused placeholder
-    _forward_kernel[(tile_words, group_blocks)](
-        x, mask, weight, bias, count, mean, var, words, prefix_count, prefix_mean, prefix_var, y,
-        count_out, mean_out, var_out, batch, length, channels, num_groups, group_size, n_tiles, eps,
-        HAS_MASK=padding_mask is not None, EVEN_GROUPS=_even_groups(group_size, num_groups, cfg), BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-        BLOCK_H=_next_pow2(group_size), WINDOW=cfg.window, INCLUSIVE_EVERY=cfg.inclusive_every,
-        num_warps=cfg.num_warps)
+    tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
+                 BLOCK_H=_next_pow2(group_size), num_warps=cfg.num_warps)
+    grid = (n_tiles, _cdiv(num_groups, cfg.block_g), batch)
+    _tile_summary_kernel[grid](x, mask, tile_count, tile_mean, tile_m2,
+                               length, channels, num_groups, group_size, n_tiles, **tiles)
+    _tile_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
+        count, mean, var, tile_count, tile_mean, tile_m2, prefix_count, prefix_mean, prefix_var,
+        count_out, mean_out, var_out, n_tiles, num_groups, BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
+    _normalize_kernel[grid](x, mask, weight, bias, prefix_count, prefix_mean, prefix_var, y,
+                            length, channels, num_groups, group_size, n_tiles, eps, **tiles)
     return y, count_out, mean_out, var_out, prefix_count, prefix_mean, prefix_var
 
-# %% chapters/08_triton_scans.py cell 75 · The backward in closed form
+# %% chapters/08_triton_scans.py cell 73 · The backward in closed form
 @triton.jit
-def _gradient_terms(x, dy_ptr, base, offsets, keep, real, weight_ptr, channels, channel_ok, count_ptr, mean_ptr,
-                    var_ptr, row, tile, n_tiles, groups, G, H, eps):
+def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_ptr, mean_ptr, var_ptr,
+                    row, tile, n_tiles, groups, G, H, eps):
     """Recompute a tile's running statistics, then the per-step terms of the backward [T, BG]:
     a_t = gM_t / N_t, b_t = gS_t / N_t, c_t = gS_t (M_t - K) / N_t, where gM_t = dL/dM_t and
-    gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile;
-    with the tile's shares of dweight and dbias [BG, BH], rsqrt(S_t + eps) [T, BG] and K [BG]."""
+    gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile."""
     m, v = _step_moments(x, keep, H)
     count0, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G)
     n, mean, var = _running_stats(m, v, real, count0, mean0, var0)
@@ -381,135 +314,122 @@ def _gradient_terms(x, dy_ptr, base, offsets, keep, real, weight_ptr, channels, 
     rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     x_hat = tl.where(keep, (x - mean[:, :, None]) * rstd[:, :, None], 0.0)
-    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)  # only now: fewer live registers
-    dy_x_hat = dy * x_hat                                               # dy is 0 off the real steps
-    g_mean = -rstd * tl.sum(dy * scale[None, :, :], axis=2)
-    g_var = -0.5 * rstd * rstd * tl.sum(dy_x_hat * scale[None, :, :], axis=2)
+    dy_scaled = dy * scale[None, :, :]                                  # dy is 0 off the real steps
+    g_mean = -rstd * tl.sum(dy_scaled, axis=2)
+    g_var = -0.5 * rstd * rstd * tl.sum(dy_scaled * x_hat, axis=2)
     inv_n = tl.where(real & (n > 0), 1.0 / tl.maximum(n, 1.0), 0.0)[:, None]
     b = g_var * inv_n
-    return tl.sum(dy_x_hat, 0), tl.sum(dy, 0), rstd, shift, g_mean * inv_n, b, b * (mean - shift[None, :])
+    return x_hat, dy_scaled * rstd[:, :, None], shift, g_mean * inv_n, b, b * (mean - shift[None, :])
 
-# %% chapters/08_triton_scans.py cell 77 · The backward in closed form
-@triton.jit
-def _look_back_sums(words_ptr, mean_ptr, row, tile, shift, B, n_tiles, groups, G, WINDOW: tl.constexpr):
-    """Sums of a, b and c [BG] over every step after ``tile`` < n_tiles - 1, c at the tile's shift:
-    the per-tile sums of the later tiles up to the nearest whose sums from its first step on are
-    written. words: a, b, c per tile, then a, b, c from the tile on, (B, n_tiles, G) float32 bits."""
-    group_ok = groups < G
-    slots_ahead = tl.arange(0, WINDOW)
-    plane = B * n_tiles * G
-    sum_a, sum_b, sum_c = shift * 0.0, shift * 0.0, shift * 0.0
-    lo = tile
-    searching = tile < n_tiles - 1
-    while searching:
-        slots = lo + 1 + slots_ahead                          # the window, nearest first
-        valid = slots < n_tiles
-        index = (row * n_tiles + slots)[:, None] * G + groups[None, :]
-        both = valid[:, None] & group_ok[None, :]
-        a = tl.load(words_ptr + index, mask=both, other=0, volatile=True)
-        b = tl.load(words_ptr + plane + index, mask=both, other=0, volatile=True)
-        c = tl.load(words_ptr + 2 * plane + index, mask=both, other=0, volatile=True)
-        from_a = tl.load(words_ptr + 3 * plane + index, mask=both, other=0, volatile=True)
-        from_b = tl.load(words_ptr + 4 * plane + index, mask=both, other=0, volatile=True)
-        from_c = tl.load(words_ptr + 5 * plane + index, mask=both, other=0, volatile=True)
-        aggregate_ready = _all_written(a, 1) & _all_written(b, 1) & _all_written(c, 1)
-        sums_ready = valid & _all_written(from_a, 1) & _all_written(from_b, 1) & _all_written(from_c, 1)
-        nearest = tl.min(tl.where(sums_ready, slots, n_tiles), 0)
-        waiting = tl.sum((valid & (slots < nearest) & ~aggregate_ready).to(tl.int32), 0)
-        if waiting == 0:
-            later = (valid & (slots < nearest))[:, None]
-            found = (slots == nearest)[:, None]
-            a_e = tl.where(found, from_a, tl.where(later, a, 0)).to(tl.float32, bitcast=True)
-            b_e = tl.where(found, from_b, tl.where(later, b, 0)).to(tl.float32, bitcast=True)
-            c_e = tl.where(found, from_c, tl.where(later, c, 0)).to(tl.float32, bitcast=True)
-            their_shift = tl.load(mean_ptr + (row * (n_tiles + 1) + slots + 1)[:, None] * G + groups[None, :],
-                                  mask=both, other=0.0)       # K_e: a forward output, long written
-            sum_a += tl.sum(a_e, 0)
-            sum_b += tl.sum(b_e, 0)
-            sum_c += tl.sum(c_e + (their_shift - shift[None, :]) * b_e, 0)
-            searching = nearest == n_tiles                    # none written in this window: go on
-            lo = lo + WINDOW
-    return sum_a, sum_b, sum_c
+# %% chapters/08_triton_scans.py cell 74 · The backward in closed form
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
+                         tile_a_ptr, tile_b_ptr, tile_c_ptr, dweight_ptr, dbias_ptr,
+                         L, D, G, H, n_tiles, eps,
+                         HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_H: tl.constexpr):
+    """Backward pass 1: per (row, tile, group) the sums over the tile of a_t, b_t and c_t; per
+    (row, tile, channel) the tile's share of dweight (sum dy x_hat) and dbias (sum dy)."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                HAS_MASK, BLOCK_T, BLOCK_H)
+    keep = exists & real[:, None, None]
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    x_hat, _, _, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_ptr,
+                                           mean_ptr, var_ptr, row, tile, n_tiles, groups, G, H, eps)
+    out = (row * n_tiles + tile) * G + groups
+    tl.store(tile_a_ptr + out, tl.sum(a, 0), mask=groups < G)
+    tl.store(tile_b_ptr + out, tl.sum(b, 0), mask=groups < G)
+    tl.store(tile_c_ptr + out, tl.sum(c, 0), mask=groups < G)
+    part = (row * n_tiles + tile) * D + channels
+    tl.store(dweight_ptr + part, tl.sum(dy * x_hat, 0), mask=channel_ok)
+    tl.store(dbias_ptr + part, tl.sum(dy, 0), mask=channel_ok)
 
-# %% chapters/08_triton_scans.py cell 79 · The backward in closed form
-@triton.jit(do_not_specialize=["B", "L", "n_tiles"])
-def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, dmean_ptr, dvar_ptr,
-                     words_ptr, dx_ptr, dparams_ptr, dmean0_ptr, dvar0_ptr, B, L, D, G, H, n_tiles, eps,
-                     HAS_MASK: tl.constexpr, EVEN_GROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, WINDOW: tl.constexpr,
-                     INCLUSIVE_EVERY: tl.constexpr):
-    """With A_i, B_i, C_i the sums of a, b, c over steps t >= i,
-    dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps;
-    dweight, dbias summed into dparams (2, D); dmean0, dvar0 from the sums over the whole row."""
-    pid_g = tl.program_id(1)
+# %% chapters/08_triton_scans.py cell 75 · The backward in closed form
+@triton.jit(do_not_specialize=["n_tiles"])
+def _grad_prefix_kernel(tile_a_ptr, tile_b_ptr, tile_c_ptr, count_ptr, mean_ptr, dmean_ptr, dvar_ptr,
+                        after_a_ptr, after_b_ptr, after_c_ptr, dmean0_ptr, dvar0_ptr,
+                        n_tiles, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Backward pass 2: for every tile the sums of a, b, c over all later steps (c moved to the
+    tile's own shift K_j: c^{K'} = c^{K} + (K - K') b), seeded by the gradient to the final state;
+    at the end, the gradient to the incoming mean and variance."""
+    pid_g, row = tl.program_id(0), tl.program_id(1)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     group_ok = groups < G
-    plane = B * n_tiles * G
-    counter = words_ptr + 6 * plane + pid_g
-    dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
-    dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
-    order = tl.atomic_add(counter, 1) + 1                     # counters start at -1
-    while order < B * n_tiles:
-        row, tile = order % B, n_tiles - 1 - order // B
-        base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                          HAS_MASK, EVEN_GROUPS, BLOCK_T, BLOCK_H)
-        keep = exists & real[:, None, None]
-        x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-        dweight_tile, dbias_tile, rstd, shift, a, b, c = _gradient_terms(
-            x, dy_ptr, base, offsets, keep, real, weight_ptr, channels, channel_ok, count_ptr, mean_ptr, var_ptr,
-            row, tile, n_tiles, groups, G, H, eps)
-        dweight += dweight_tile
-        dbias += dbias_tile
-        at = (row * n_tiles + tile) * G + groups
-        n_final = tl.load(count_ptr + row * (n_tiles + 1) + n_tiles).to(tl.float32)
-        if tile == n_tiles - 1:                               # the final state's gradient, at its mean
-            inv_final = tl.where(n_final > 0, 1.0 / tl.maximum(n_final, 1.0), 0.0)
-            after_a = tl.load(dmean_ptr + row * G + groups, mask=group_ok, other=0.0) * inv_final
-            after_b = tl.load(dvar_ptr + row * G + groups, mask=group_ok, other=0.0) * inv_final
-            after_c = shift * 0.0
-        else:
-            _publish(words_ptr, at, tl.sum(a, 0), group_ok)
-            _publish(words_ptr + plane, at, tl.sum(b, 0), group_ok)
-            _publish(words_ptr + 2 * plane, at, tl.sum(c, 0), group_ok)
-            after_a, after_b, after_c = _look_back_sums(words_ptr, mean_ptr, row, tile, shift, B, n_tiles, groups,
-                                                        G, WINDOW)
-        from_a, from_b = after_a + tl.sum(a, 0), after_b + tl.sum(b, 0)
-        from_c = after_c + tl.sum(c, 0)
-        if (n_tiles - 1 - tile) % INCLUSIVE_EVERY == 0:
-            _publish(words_ptr + 3 * plane, at, from_a, group_ok)
-            _publish(words_ptr + 4 * plane, at, from_b, group_ok)
-            _publish(words_ptr + 5 * plane, at, from_c, group_ok)
-        if tile == 0:                                         # the incoming state's gradient
-            count0, mean0, _ = _load_state(count_ptr, mean_ptr, var_ptr, row, 0, n_tiles, groups, G)
-            c_at_mean0 = from_c + (shift - mean0) * from_b
-            c0 = count0.to(tl.float32)
-            dmean_final = tl.load(dmean_ptr + row * G + groups, mask=group_ok, other=0.0)
-            dvar_final = tl.load(dvar_ptr + row * G + groups, mask=group_ok, other=0.0)
-            tl.store(dmean0_ptr + row * G + groups,
-                     tl.where(n_final > 0, c0 * (from_a - 2.0 * c_at_mean0), dmean_final), mask=group_ok)
-            tl.store(dvar0_ptr + row * G + groups, tl.where(n_final > 0, c0 * from_b, dvar_final), mask=group_ok)
-        x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)     # again, from cache (the forward's note)
-        dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-        scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
-        sum_a = tl.cumsum(a, 0, reverse=True) + after_a[None, :]
-        sum_b = tl.cumsum(b, 0, reverse=True) + after_b[None, :]
-        sum_c = tl.cumsum(c, 0, reverse=True) + after_c[None, :]
-        through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
-                         - 2.0 * sum_c[:, :, None]) / H
-        dx = tl.where(keep, dy * scale[None, :, :] * rstd[:, :, None] + through_stats, 0.0)
-        tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
-        order = tl.atomic_add(counter, 1) + 1
-    _, _, _, _, channels, channel_ok = _tile_offsets(mask_ptr, 0, 0, L, D, G, H, groups, False, EVEN_GROUPS,
-                                                     BLOCK_T, BLOCK_H)
-    tl.atomic_add(dparams_ptr + channels, dweight, mask=channel_ok)
-    tl.atomic_add(dparams_ptr + D + channels, dbias, mask=channel_ok)
+    base = row * (n_tiles + 1)
+    n_final = tl.load(count_ptr + base + n_tiles).to(tl.float32)
+    inv_final = tl.where(n_final > 0, 1.0 / tl.maximum(n_final, 1.0), 0.0)
+    dmean_final = tl.load(dmean_ptr + row * G + groups, mask=group_ok, other=0.0)
+    dvar_final = tl.load(dvar_ptr + row * G + groups, mask=group_ok, other=0.0)
+    sum_a = dmean_final * inv_final                                     # the final state's step terms
+    sum_b = dvar_final * inv_final
+    sum_c = tl.zeros([BLOCK_G], dtype=tl.float32)                       # at shift = the final mean
+    shift = tl.load(mean_ptr + (base + n_tiles) * G + groups, mask=group_ok, other=0.0)
+    for done in range(0, n_tiles, BLOCK_N):
+        tiles = n_tiles - 1 - done - tl.arange(0, BLOCK_N)              # last tile first
+        both = (tiles >= 0)[:, None] & group_ok[None, :]
+        index = (row * n_tiles + tiles)[:, None] * G + groups[None, :]
+        a = tl.load(tile_a_ptr + index, mask=both, other=0.0)
+        b = tl.load(tile_b_ptr + index, mask=both, other=0.0)
+        tile_shift = tl.load(mean_ptr + (base + tiles + 1)[:, None] * G + groups[None, :], mask=both, other=0.0)
+        c = tl.load(tile_c_ptr + index, mask=both, other=0.0) + (tile_shift - shift[None, :]) * b
+        after_a = tl.cumsum(a, 0) - a + sum_a[None, :]
+        after_b = tl.cumsum(b, 0) - b + sum_b[None, :]
+        after_c = tl.cumsum(c, 0) - c + sum_c[None, :] + (shift[None, :] - tile_shift) * after_b
+        tl.store(after_a_ptr + index, after_a, mask=both)
+        tl.store(after_b_ptr + index, after_b, mask=both)
+        tl.store(after_c_ptr + index, after_c, mask=both)
+        sum_a += tl.sum(a, 0)
+        sum_b += tl.sum(b, 0)
+        sum_c += tl.sum(c, 0)
+        lowest = tl.maximum(n_tiles - done - BLOCK_N, 0)                # re-centre on the next block
+        new_shift = tl.load(mean_ptr + (base + lowest + 1) * G + groups, mask=group_ok, other=0.0)
+        sum_c += (shift - new_shift) * sum_b
+        shift = new_shift
+    count0 = tl.load(count_ptr + base).to(tl.float32)
+    mean0 = tl.load(mean_ptr + base * G + groups, mask=group_ok, other=0.0)
+    sum_c_at_mean0 = sum_c + (shift - mean0) * sum_b
+    dmean0 = tl.where(n_final > 0, count0 * (sum_a - 2.0 * sum_c_at_mean0), dmean_final)
+    dvar0 = tl.where(n_final > 0, count0 * sum_b, dvar_final)
+    tl.store(dmean0_ptr + row * G + groups, dmean0, mask=group_ok)
+    tl.store(dvar0_ptr + row * G + groups, dvar0, mask=group_ok)
 
-# %% chapters/08_triton_scans.py cell 81 · The backward in closed form
+# %% chapters/08_triton_scans.py cell 76 · The backward in closed form
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
+                     after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
+                     L, D, G, H, n_tiles, eps,
+                     HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """Backward pass 3: with A_i, B_i, C_i the sums of a, b, c over steps t >= i,
+    dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                HAS_MASK, BLOCK_T, BLOCK_H)
+    keep = exists & real[:, None, None]
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    _, dx_direct, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
+                                                   count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups,
+                                                   G, H, eps)
+    index = (row * n_tiles + tile) * G + groups
+    sum_a = tl.cumsum(a, 0, reverse=True) + tl.load(after_a_ptr + index, mask=groups < G, other=0.0)[None, :]
+    sum_b = tl.cumsum(b, 0, reverse=True) + tl.load(after_b_ptr + index, mask=groups < G, other=0.0)[None, :]
+    sum_c = tl.cumsum(c, 0, reverse=True) + tl.load(after_c_ptr + index, mask=groups < G, other=0.0)[None, :]
+    through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
+                     - 2.0 * sum_c[:, :, None]) / H
+    dx = tl.where(keep, dx_direct + through_stats, 0.0)
+    tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
+
+# %% chapters/08_triton_scans.py cell 78 · The backward in closed form
 def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight: Tensor,
                       padding_mask: Tensor | None, prefix_count: Tensor, prefix_mean: Tensor,
                       prefix_var: Tensor, num_groups: int, eps: float,
                       config: LaunchConfig | None = None) -> tuple[Tensor, ...]:
-    """Launch the backward: resident programs, each taking tiles from the last until none is left.
+    """Launch the backward: per-tile sums, reverse prefix, dx.
 
     Args:
         dy: (B, L, D) gradient of y; dmean, dvar: (B, G) gradients of the final mean and var.
@@ -525,22 +445,26 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     _expect(dy.shape == x.shape and dmean.shape == dvar.shape == (batch, num_groups), "dy (B,L,D), dmean/dvar (B,G)")
     _expect(prefix_mean.shape == prefix_var.shape == (batch, n_tiles + 1, num_groups), "prefix: (B, tiles + 1, G)")
     dy, dmean, dvar = dy.contiguous(), dmean.float().contiguous(), dvar.float().contiguous()
-    group_blocks = _cdiv(num_groups, cfg.block_g)
-    words = torch.full((6 * batch * n_tiles * num_groups + group_blocks,), EMPTY, dtype=torch.int32, device=device)
-    dparams = torch.zeros((2, channels), dtype=torch.float32, device=device)   # atomic adds start from 0
+    tile_a, tile_b, tile_c, after_a, after_b, after_c = _empty((6, batch, n_tiles, num_groups), torch.float32, device)
+    partial = _empty((2, batch * n_tiles, channels), torch.float32, device)
     dx = _empty(x.shape, x.dtype, device)
     dmean0, dvar0 = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
-    programs = max(1, min(batch * n_tiles, cfg.programs_per_sm * _multiprocessors(device) // group_blocks))
-    _backward_kernel[(programs, group_blocks)](
-        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, dmean, dvar, words, dx, dparams,
-        dmean0, dvar0, batch, length, channels, num_groups, group_size, n_tiles, eps,
-        HAS_MASK=padding_mask is not None, EVEN_GROUPS=_even_groups(group_size, num_groups, cfg), BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-        BLOCK_H=_next_pow2(group_size), WINDOW=cfg.window, INCLUSIVE_EVERY=cfg.inclusive_every,
-        num_warps=cfg.num_warps)
-    return dx, dparams, dmean0, dvar0
+    tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
+                 BLOCK_H=_next_pow2(group_size), num_warps=cfg.num_warps)
+    grid = (n_tiles, _cdiv(num_groups, cfg.block_g), batch)
+    _grad_summary_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var,
+                               tile_a, tile_b, tile_c, partial[0], partial[1],
+                               length, channels, num_groups, group_size, n_tiles, eps, **tiles)
+    _grad_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
+        tile_a, tile_b, tile_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
+        dmean0, dvar0, n_tiles, num_groups, BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
+    _backward_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var,
+                           after_a, after_b, after_c, dx,
+                           length, channels, num_groups, group_size, n_tiles, eps, **tiles)
+    return dx, partial.sum(dim=1), dmean0, dvar0
 
-# %% chapters/08_triton_scans.py cell 85 · An op that `torch.compile` treats as opaque
+# %% chapters/08_triton_scans.py cell 82 · An op that `torch.compile` treats as opaque
 @torch.library.custom_op("megalodon_lite::timestep_norm_fwd", mutates_args=())
 def _timestep_norm_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, mean: Tensor, var: Tensor,
                           padding_mask: Tensor | None, num_groups: int, eps: float
@@ -574,7 +498,7 @@ def _(dy, dmean, dvar, x, weight, padding_mask, prefix_count, prefix_mean, prefi
     stats = lambda *shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return x.new_empty(x.shape), stats(2, channels), stats(batch, num_groups), stats(batch, num_groups)
 
-# %% chapters/08_triton_scans.py cell 87 · An op that `torch.compile` treats as opaque
+# %% chapters/08_triton_scans.py cell 84 · An op that `torch.compile` treats as opaque
 class TimestepNormFunction(torch.autograd.Function):
     """Autograd for the kernels: y and the final (count, mean, var) from x, weight, bias and the
     incoming state; gradients to x, weight, bias and the incoming mean and var.
