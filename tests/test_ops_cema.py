@@ -118,6 +118,13 @@ def test_forward_and_every_gradient_match_float64_reference(case):
     check_case(case, through_parameters=False)
 
 
+def test_int64_offsets_match_too(monkeypatch):
+    """Tensors of 2^31 elements or more take int64 offsets (WIDE): the same results, forced small."""
+    monkeypatch.setattr(ops, "INT32_OFFSETS_BELOW", 0)
+    assert ops._tile_flags(torch.empty(1, 1, 4), ops.DEFAULT_CONFIG)["WIDE"]
+    check_case(CASES[8], through_parameters=False)      # segments, h0, prefetch past the segment end
+
+
 @pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[CASES[3][0], CASES[4][0]])
 def test_gradients_reach_the_layer_parameters(case):
     """The same through cema_coefficients: alpha, delta, theta, gamma, omega."""

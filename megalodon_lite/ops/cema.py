@@ -139,24 +139,34 @@ def _operand(t, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _pairs_to_complex(t, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
-    """(BD, SB, 2NP) with columns (re, im) per state -> re, im, each (BD, SB, NP)."""
-    return tl.split(tl.reshape(t, (BD, SB, NP, 2)))
+def _cdot(a, m, PRECISION: tl.constexpr):
+    """a @ m for a complex table m = (re, im): two real products, each landing as it is used."""
+    return _dot(a, m[0], PRECISION), _dot(a, m[1], PRECISION)
 
 
 @triton.jit
-def _complex_to_pairs(re, im, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
-    return tl.reshape(tl.join(re, im), (BD, SB, 2 * NP))
+def _operands(m, PRECISION: tl.constexpr):
+    return _operand(m[0], PRECISION), _operand(m[1], PRECISION)
 
 # %% chapters/08_triton_scans.py cell 18 · §1.4 Complex numbers as pairs, and the precision of the products
 @triton.jit
-def _load_map(ptr, d, dmask, row_shift, C: tl.constexpr, NP: tl.constexpr, D_STRIDE: tl.constexpr):
-    """A per-channel (C, NP, 2) table as (BD, C, 2NP); row j reads row j + row_shift, zero outside
-    0..C-1 (the last, shorter block uses the full table shifted)."""
-    j = tl.arange(0, C) + row_shift
-    k = tl.arange(0, 2 * NP)
-    offs = d[:, None, None] * D_STRIDE + j[None, :, None] * (2 * NP) + k[None, None, :]
-    return tl.load(ptr + offs, mask=dmask[:, None, None] & ((j >= 0) & (j < C))[None, :, None], other=0.0)
+def _load_map(ptr, d, dmask, C: tl.constexpr, NP: tl.constexpr):
+    """A per-channel complex (C, NP, 2) table as the pair (re, im) of (BD, C, NP) operands."""
+    j = tl.arange(0, C)
+    n = tl.arange(0, NP)
+    offs = d[:, None, None] * (C * NP * 2) + j[None, :, None] * (NP * 2) + n[None, None, :] * 2
+    mask = dmask[:, None, None]
+    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + 1, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_out_map(ptr, d, dmask, C: tl.constexpr, NP: tl.constexpr):
+    """A per-channel (NP, 2, C) table of rows (Re, -Im) as the pair of (BD, NP, C) operands."""
+    n = tl.arange(0, NP)
+    i = tl.arange(0, C)
+    offs = d[:, None, None] * (NP * 2 * C) + n[None, :, None] * (2 * C) + i[None, None, :]
+    mask = dmask[:, None, None]
+    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + C, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -233,11 +243,43 @@ def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS
 
 
 @triton.jit
-def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
-                FLIP: tl.constexpr):
-    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+def _stream_tiles(row, seg, B, L, D, d, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr, FLIP: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """What a loop over blocks needs, computed once before it: the offsets (BD, SB, C) of block 0
+    of every stream, the step from one block's offsets to the next, each token's place in its
+    block (1, 1, C) and each stream's count of real tokens (1, SB, 1) (0 for rows past B). Block
+    blk is then offs + blk * step, its real tokens those with blk * C + place < count: one integer
+    add and one compare per element and step. WIDE: int64 offsets (2^31 elements or more)."""
+    place = tl.arange(0, C)
+    if FLIP:
+        place = C - 1 - place
+    first = seg * SEG_TOKENS
+    count = tl.where(row < B, tl.minimum(L - first, SEG_TOKENS), 0)
+    step = C * D
+    if WIDE:
+        row, first, step = row.to(tl.int64), first.to(tl.int64), step.to(tl.int64)
+    if REVERSE:
+        offs = ((row * L + L - 1 - first) * D)[None, :, None] - place[None, None, :] * D + d[:, None, None]
+        step = -step
+    else:
+        offs = ((row * L + first) * D)[None, :, None] + place[None, None, :] * D + d[:, None, None]
+    return offs, step, place[None, None, :], count[None, :, None]
+
+
+@triton.jit
+def _tile_mask(blk, place, count, dmask, C: tl.constexpr, EVEN_D: tl.constexpr):
+    """The real tokens of block blk (see _stream_tiles); EVEN_D: every channel of the tile is real."""
+    inside = blk * C + place < count
+    if EVEN_D:
+        return inside
+    else:
+        return inside & dmask[:, None, None]
+
+
+@triton.jit
+def _load_tile(ptr, offs, step, place, count, blk, dmask, C: tl.constexpr, EVEN_D: tl.constexpr):
+    """Block blk of every stream, (BD, SB, C) in the input's dtype (zeros outside the tokens)."""
+    return tl.load(ptr + offs + blk * step, mask=_tile_mask(blk, place, count, dmask, C, EVEN_D), other=0.0)
 
 # %% chapters/08_triton_scans.py cell 22 · §1.5 Per-channel tables
 def _padded_states(n_states: int) -> int:
@@ -331,6 +373,9 @@ def _store_step_power(ptrs, log_r, theta, t, live, dmask):
     _store_pair(ptrs, tl.where(live, re, 0.0), tl.where(live, im, 0.0), dmask[:, None])
 
 
+TABLE_CHANNELS = 2   # channels per program of the tables kernel: 512 programs at D = 1024 (float64 latency)
+
+
 def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int, length: int, seg_len: int, *,
                  adjoint: bool) -> CemaTables:
     """Launch _cema_tables_kernel. log_q: (D, N, 2) float64 (log|q|, arg q); q, gamma: (D, N, 2) float32 pairs."""
@@ -340,9 +385,9 @@ def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int,
     tables = CemaTables(chunk, n_states, n_pad, new(d_model, chunk, n_pad, 2), new(d_model, chunk), new(d_model, chunk, n_pad, 2),
                         new(d_model, n_pad, 2, chunk), new(d_model, STEP_ROWS, n_pad, 2))
     last_len = length - (triton.cdiv(length, chunk) - 1) * chunk
-    _cema_tables_kernel[(triton.cdiv(d_model, 8),)](
+    _cema_tables_kernel[(triton.cdiv(d_model, TABLE_CHANNELS),)](
         log_q, q, p, gamma, tables.powers, tables.kern, tables.u, tables.v, tables.step,
-        d_model, n_states, last_len, seg_len, length, C=chunk, BD=8, NP=n_pad, ADJOINT=adjoint)
+        d_model, n_states, last_len, seg_len, length, C=chunk, BD=TABLE_CHANNELS, NP=n_pad, ADJOINT=adjoint)
     return tables
 
 # %% chapters/08_triton_scans.py cell 26 · §1.6 The kernels
@@ -400,6 +445,7 @@ def _cema_segment_end_kernel(
     B, L, D, N, n_seg, seg_blocks,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, DERIV: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Kernel 1. Every segment's end state from a zero start with unit input,
     e = sum_t q^(S-1-t) x_t, and with DERIV also E = q de/dq. Grid: (channel tiles, groups).
@@ -412,21 +458,22 @@ def _cema_segment_end_kernel(
     stream = pid_g * SB + tl.arange(0, SB)
     row = stream // n_seg
     seg = stream - row * n_seg
-    powers = _operand(_load_map(powers_ptr, d, dmask, 0, C, NP, C * 2 * NP), PRECISION)
+    powers = _operands(_load_map(powers_ptr, d, dmask, C, NP), PRECISION)
     ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     er = tl.zeros((BD, SB, NP), tl.float32)
     ei, fr, fi = er, er, er
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
-    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
+    offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, True, WIDE)
+    x_next = _load_tile(x_ptr, offs, step, place, count, 0, dmask, C, EVEN_D)
     for blk in range(0, seg_blocks):
         if PREFETCH:
             x = x_next.to(tl.float32)
-            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
+            x_next = _load_tile(x_ptr, offs, step, place, count, blk + 1, dmask, C, EVEN_D)
         else:
-            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True).to(tl.float32)
-        ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
+            x = _load_tile(x_ptr, offs, step, place, count, blk, dmask, C, EVEN_D).to(tl.float32)
+        ur, ui = _cdot(x, powers, PRECISION)
         if DERIV:
-            dur, dui = _pairs_to_complex(_dot(x * j, powers, PRECISION), BD, SB, NP)
+            dur, dui = _cdot(x * j, powers, PRECISION)
             er, ei, fr, fi = _cstep(ar, ai, C * ar, C * ai, er, ei, fr, fi, ur, ui, dur, dui)
         else:
             er, ei = _cmul(ar, ai, er, ei)
@@ -437,17 +484,22 @@ def _cema_segment_end_kernel(
 
 # %% chapters/08_triton_scans.py cell 30 · §1.6 The kernels
 @triton.jit
-def _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
-                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, SEG_TOKENS,
-                REVERSE: tl.constexpr, PRECISION: tl.constexpr):
-    """One block X (loaded) of every stream: y = X T + H_pairs V + omega X, then H <- A H + X U."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, False)
+def _scan_block(x_ptr, y_ptr, x_next, blk, offs, step, place, count, dmask, hr, hi, toeplitz, u, v, ar, ai,
+                C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
+    """Block blk of every stream: y = X (T + omega I) + Re(H) V_re + Im(H) V_im, then
+    H <- A H + X U; every product lands in the layout its next use reads. With PREFETCH, X is
+    x_next (loaded one step earlier) and the next block's load is issued first."""
+    if PREFETCH:            # issue the next block's load now, so it flies while this one computes
+        x = x_next
+        x_next = _load_tile(x_ptr, offs, step, place, count, blk + 1, dmask, C, EVEN_D)
+    else:
+        x = _load_tile(x_ptr, offs, step, place, count, blk, dmask, C, EVEN_D)
     x = x.to(tl.float32)
-    h = _complex_to_pairs(hr, hi, BD, SB, NP)
-    y = _dot(x, toeplitz, PRECISION) + _dot(h, v, PRECISION) + omega * x
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    ur, ui = _pairs_to_complex(_dot(x, u, PRECISION), BD, SB, NP)
-    return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui
+    y = _dot(x, toeplitz, PRECISION) + _dot(hr, v[0], PRECISION) + _dot(hi, v[1], PRECISION)
+    tl.store(y_ptr + offs + blk * step, y.to(y_ptr.dtype.element_ty),
+             mask=_tile_mask(blk, place, count, dmask, C, EVEN_D))
+    ur, ui = _cdot(x, u, PRECISION)
+    return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui, x_next
 
 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -456,7 +508,7 @@ def _cema_scan_kernel(
     B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Kernel 2. Per block of C tokens of every stream, with the block-start state H in registers:
         y = X T + H_pairs V + omega X,     H <- q^C H + X U
@@ -473,13 +525,11 @@ def _cema_scan_kernel(
     cj = tl.arange(0, C)
     lag = cj[None, None, :] - cj[None, :, None]                             # (1, C_j, C_i): i - j
     toeplitz = tl.load(kern_ptr + d[:, None, None] * C + lag, mask=dmask[:, None, None] & (lag >= 0), other=0.0)
-    u = _load_map(u_ptr, d, dmask, 0, C, NP, C * 2 * NP)
-    k = tl.arange(0, 2 * NP)
-    v = tl.load(v_ptr + d[:, None, None] * (2 * NP * C) + k[None, :, None] * C + cj[None, None, :],
-                mask=dmask[:, None, None], other=0.0)
-    toeplitz, u, v = _operand(toeplitz, PRECISION), _operand(u, PRECISION), _operand(v, PRECISION)
-    ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     omega = tl.load(omega_ptr + d, mask=dmask, other=0.0)[:, None, None]
+    toeplitz = _operand(tl.where(lag == 0, toeplitz + omega, toeplitz), PRECISION)   # omega x: on the diagonal
+    u = _operands(_load_map(u_ptr, d, dmask, C, NP), PRECISION)
+    v = _operands(_load_out_map(v_ptr, d, dmask, C, NP), PRECISION)
+    ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     sign: tl.constexpr = -1.0 if REVERSE else 1.0     # the adjoint run starts at conj(z), ends conjugated
     if SEGMENTED:
         hr, hi = _segment_starts(ends_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, d, dmask, BD, SB, NP, HAS_Z, sign)
@@ -489,26 +539,22 @@ def _cema_scan_kernel(
     else:
         hr = tl.zeros((BD, SB, NP), tl.float32)
         hi = tl.zeros((BD, SB, NP), tl.float32)
-    rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)
-    fr = tl.zeros((BD, SB, NP), tl.float32)
-    fi = tl.zeros((BD, SB, NP), tl.float32)
-    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
-    for blk in range(0, seg_blocks):
-        if PREFETCH:            # issue the next block's load now, so it flies while this one computes
-            x = x_next
-            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
-        else:
-            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
-        at_last = blk == last_blk          # keep q^r H of the last block's start state
-        fr, fi = tl.where(at_last, rr * hr - ri * hi, fr), tl.where(at_last, rr * hi + ri * hr, fi)
-        hr, hi = _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
-                             C, BD, NP, SB, seg_blocks * C, REVERSE, PRECISION)
+    offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, False, WIDE)
+    x_next = _load_tile(x_ptr, offs, step, place, count, 0, dmask, C, EVEN_D)
+    for blk in range(0, last_blk):
+        hr, hi, x_next = _scan_block(x_ptr, y_ptr, x_next, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
+                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
+    rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)     # q^r H, H: the last token's block's start state
+    fr, fi = rr * hr - ri * hi, rr * hi + ri * hr
+    for blk in range(last_blk, seg_blocks):   # the same loop on: split only to take q^r H between the two
+        hr, hi, x_next = _scan_block(x_ptr, y_ptr, x_next, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
+                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
     # the final state q^r H + sum_j x_j beta q^(r-1-j) (r = last_len tokens in the last block): the
     # block moved C - r places right, times U. After the loops, so that they hold no registers for it.
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False,
                                 last_len - C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ur, ui = _pairs_to_complex(_dot(x, u, PRECISION), BD, SB, NP)
+    ur, ui = _cdot(x, u, PRECISION)
     _store_states(h_last_ptr, row, (row < B) & (seg == last_seg), fr + ur, sign * (fi + ui), D, N, d, dmask, NP)
 
 # %% chapters/08_triton_scans.py cell 32 · §1.7 The backward, on paper
@@ -565,8 +611,8 @@ def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
     x, g = x.to(tl.float32), g.to(tl.float32)
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
     corr += _dot(tl.permute(x, (0, 2, 1)), g, PRECISION)          # corr[j', i] = sum over streams x_(C-1-j') g_i
-    gr, gi = _pairs_to_complex(_dot(g, powers, PRECISION), BD, SB, NP)                 # gq = sum_i g_i q^i
-    hr, hi = _pairs_to_complex(_dot(g * (j + 1.0), powers, PRECISION), BD, SB, NP)     # sum_i (i+1) g_i q^i
+    gr, gi = _cdot(g, powers, PRECISION)                                  # gq = sum_i g_i q^i
+    hr, hi = _cdot(g * (j + 1.0), powers, PRECISION)                      # sum_i (i+1) g_i q^i
     sr, si = _cmul(qr, qi, gr, gi)                                                     # sum_i g_i q^(i+1)
     zero = tl.zeros((BD, SB, NP), tl.float32)
     t1r, t1i = _cmul(sr, si, vr, vi)
@@ -579,10 +625,29 @@ def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
         t1r, t1i, t2r, t2i = _cstep(gr, gi, hr, hi, wr, wi, dwr, dwi, zero, zero, zero, zero)
         kdr, kdi = kdr + tl.sum(t2r, 1), kdi + tl.sum(t2i, 1)
         wr, wi, dwr, dwi = _cstep(ar, ai, C * ar, C * ai, wr, wi, dwr, dwi, zero, zero, zero, zero)
-    ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
-    dur, dui = _pairs_to_complex(_dot(x * j, powers, PRECISION), BD, SB, NP)
+    ur, ui = _cdot(x, powers, PRECISION)
+    dur, dui = _cdot(x * j, powers, PRECISION)
     vr, vi, dvr, dvi = _cstep(ar, ai, C * ar, C * ai, vr, vi, dvr, dvi, ur, ui, dur, dui)
     return corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
+
+@triton.jit
+def _grad_step(x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai, qr, qi,
+               corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+               C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, HAS_Z: tl.constexpr,
+               PRECISION: tl.constexpr, PREFETCH: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load block blk of x (last token first) and g (with PREFETCH: take the loaded ones and issue
+    the next loads), then _grad_block."""
+    if PREFETCH:
+        x, g = x_next, g_next
+        x_next = _load_tile(x_ptr, xo, step, x_place, count, blk + 1, dmask, C, EVEN_D)
+        g_next = _load_tile(g_ptr, go, step, g_place, count, blk + 1, dmask, C, EVEN_D)
+    else:
+        x = _load_tile(x_ptr, xo, step, x_place, count, blk, dmask, C, EVEN_D)
+        g = _load_tile(g_ptr, go, step, g_place, count, blk, dmask, C, EVEN_D)
+    corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
+        x, g, powers, ar, ai, qr, qi, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+        k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, BD, NP, SB, HAS_Z, PRECISION)
+    return x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
 # %% chapters/08_triton_scans.py cell 34 · §1.7 The backward, on paper
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -591,6 +656,7 @@ def _cema_grad_sums_kernel(
     B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Kernel 3, forward in time over x and g = dL/dy. Per program (summed later in PyTorch):
     lag_sums[l] = sum of x_(t-l) g_t over pairs inside a block (anti-diagonals of X_f^T G), and the
@@ -605,7 +671,7 @@ def _cema_grad_sums_kernel(
     stream = pid_g * SB + tl.arange(0, SB)
     row = stream // n_seg
     seg = stream - row * n_seg
-    powers = _operand(_load_map(powers_ptr, d, dmask, 0, C, NP, C * 2 * NP), PRECISION)
+    powers = _operands(_load_map(powers_ptr, d, dmask, C, NP), PRECISION)
     ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     qr, qi = _load_step3(step_ptr, STEP_Q, d, dmask, NP)
     zero3 = tl.zeros((BD, SB, NP), tl.float32)
@@ -619,26 +685,26 @@ def _cema_grad_sums_kernel(
     zero2 = tl.zeros((BD, NP), tl.float32)
     k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = zero2, zero2, zero2, zero2, zero2, zero2, zero2, zero2
     corr = tl.zeros((BD, C, C), tl.float32)
+    xo, step, x_place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, False, True, WIDE)
+    go, _, g_place, _ = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, False, False, WIDE)
+    x_next = _load_tile(x_ptr, xo, step, x_place, count, 0, dmask, C, EVEN_D)
+    g_next = _load_tile(g_ptr, go, step, g_place, count, 0, dmask, C, EVEN_D)
+    for blk in range(0, last_blk):
+        x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_step(
+            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai, qr, qi,
+            corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+            C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
+    # q^r v and q^(r-1) (V + r v) of the last token's block's start states
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)
     r1r, r1i = _load_step3(step_ptr, STEP_AR1, d, dmask, NP)
-    fr, fi, f2r, f2i = zero3, zero3, zero3, zero3
-    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, False, True)
-    g_next = _load_block(g_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, False, False)
-    for blk in range(0, seg_blocks):
-        if PREFETCH:
-            x, g = x_next, g_next
-            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, False, True)
-            g_next = _load_block(g_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, False, False)
-        else:
-            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, False, True)
-            g = _load_block(g_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, False, False)
-        at_last = blk == last_blk   # keep q^r v and q^(r-1) (V + r v) of the last block's start states
-        fr, fi = tl.where(at_last, rr * vr - ri * vi, fr), tl.where(at_last, rr * vi + ri * vr, fi)
-        t1r, t1i = dvr + last_len * vr, dvi + last_len * vi
-        f2r, f2i = tl.where(at_last, r1r * t1r - r1i * t1i, f2r), tl.where(at_last, r1r * t1i + r1i * t1r, f2i)
-        corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
-            x, g, powers, ar, ai, qr, qi, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
-            k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, BD, NP, SB, HAS_Z, PRECISION)
+    fr, fi = rr * vr - ri * vi, rr * vi + ri * vr
+    t1r, t1i = dvr + last_len * vr, dvi + last_len * vi
+    f2r, f2i = r1r * t1r - r1i * t1i, r1r * t1i + r1i * t1r
+    for blk in range(last_blk, seg_blocks):   # the same loop on
+        x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_step(
+            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai, qr, qi,
+            corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+            C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
     # each row's final v and dv/dq (r = last_len tokens in the last block):
     # v_end = q^r v + sum_k x_(r-1-k) q^k,  dv_end/dq = q^(r-1) (V + r v) + sum_k (k+1) x_(r-2-k) q^k
     # (the block read last-first and moved so that its last real token comes first, times Q)
@@ -646,11 +712,11 @@ def _cema_grad_sums_kernel(
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, False, True,
                                 last_len - C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
+    ur, ui = _cdot(x, powers, PRECISION)
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, False, True,
                                 last_len - C - 1)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dur, dui = _pairs_to_complex(_dot(x * (j + 1.0), powers, PRECISION), BD, SB, NP)
+    dur, dui = _cdot(x * (j + 1.0), powers, PRECISION)
     last = (row < B) & (seg == last_seg)
     _store_states(v_last_ptr, row, last, fr + ur, fi + ui, D, N, d, dmask, NP)
     _store_states(v_last_ptr + B * D * N * 2, row, last, f2r + dur, f2i + dui, D, N, d, dmask, NP)
@@ -743,6 +809,16 @@ def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float3
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def _tile_flags(x: Tensor, cfg: CemaKernelConfig) -> dict[str, bool]:
+    """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets need 64 bits
+    (with room for the block offsets a loop adds past the end)."""
+    return dict(EVEN_D=x.shape[-1] % cfg.block_d == 0,
+                WIDE=x.numel() + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
+
+
+INT32_OFFSETS_BELOW = 2**31   # test hook: 0 makes every launch use int64 offsets
+
+
 def _last_block(length: int, chunk: int, seg_len: int) -> tuple[int, int, int]:
     """(segment, block inside it, its token count r) of the block holding the last token."""
     last_seg = (length - 1) // seg_len
@@ -760,7 +836,8 @@ def launch_segment_ends(x: Tensor, tables: CemaTables, plan: Segments, cfg: Cema
     _cema_segment_end_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
         x, tables.powers, tables.step, ends, ends_dq, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, C=chunk, BD=cfg.block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
-        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, **_tile_flags(x, cfg), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return ends, (ends_dq if deriv else None)
 
 
@@ -777,7 +854,7 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, REVERSE=reverse, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, h_last
 
 
@@ -796,7 +873,7 @@ def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None,
         lag_sums if z is None else z, lag_sums, sums, v_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return lag_sums, sums, v_last
 
 
