@@ -796,7 +796,9 @@ def _cema_segment_end_kernel(
         ur, ui = _cdot(x, powers, PRECISION)
         if DERIV:
             dur, dui = _cdot(x * j, powers, PRECISION)
-            er, ei, fr, fi = _cstep(ar, ai, C * ar, C * ai, er, ei, fr, fi, ur, ui, dur, dui)
+            aer, aei = ar * er - ai * ei, ar * ei + ai * er         # A e, once for e and E
+            fr, fi = ar * fr - ai * fi + C * aer + dur, ar * fi + ai * fr + C * aei + dui
+            er, ei = aer + ur, aei + ui
         else:
             er, ei = _cmul(ar, ai, er, ei)
             er, ei = er + ur, ei + ui
@@ -981,36 +983,37 @@ def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N,
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
+def _grad_block(x, g, powers, ar, ai, corr,
                 vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
-                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
-                HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
+                C: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
     """One block of every stream for kernel 3 (x read last token first): the products, then the
-    states one block on."""
+    states one block on. K1 and Kz are summed without their factor q (kernel 3 applies it once,
+    after its loop), and A v is formed once for both v and V: every complex product the block
+    step needs, no more (this loop is bound by its arithmetic, not by its loads)."""
     x, g = x.to(tl.float32), g.to(tl.float32)
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
     corr += _dot(tl.permute(x, (0, 2, 1)), g, PRECISION)          # corr[j', i] = sum over streams x_(C-1-j') g_i
-    gr, gi = _cdot(g, powers, PRECISION)                                  # gq = sum_i g_i q^i
-    hr, hi = _cdot(g * (j + 1.0), powers, PRECISION)                      # sum_i (i+1) g_i q^i
-    sr, si = _cmul(qr, qi, gr, gi)                                                     # sum_i g_i q^(i+1)
-    zero = tl.zeros((BD, SB, NP), tl.float32)
-    t1r, t1i = _cmul(sr, si, vr, vi)
-    k1r, k1i = k1r + tl.sum(t1r, 1), k1i + tl.sum(t1i, 1)
-    t1r, t1i, t2r, t2i = _cstep(gr, gi, hr, hi, vr, vi, dvr, dvi, zero, zero, zero, zero)
-    k2r, k2i = k2r + tl.sum(t2r, 1), k2i + tl.sum(t2i, 1)                             # gq V + ((i+1) G) Q v
+    gr, gi = _cdot(g, powers, PRECISION)                          # gq = sum_i g_i q^i
+    hr, hi = _cdot(g * (j + 1.0), powers, PRECISION)              # sum_i (i+1) g_i q^i
+    k1r, k1i = k1r + tl.sum(gr * vr - gi * vi, 1), k1i + tl.sum(gr * vi + gi * vr, 1)              # gq v
+    k2r = k2r + tl.sum(hr * vr - hi * vi + gr * dvr - gi * dvi, 1)                                 # ((i+1) G) Q v
+    k2i = k2i + tl.sum(hr * vi + hi * vr + gr * dvi + gi * dvr, 1)                                 #   + gq V
     if HAS_Z:
-        t1r, t1i = _cmul(sr, si, wr, wi)
-        kzr, kzi = kzr + tl.sum(t1r, 1), kzi + tl.sum(t1i, 1)
-        t1r, t1i, t2r, t2i = _cstep(gr, gi, hr, hi, wr, wi, dwr, dwi, zero, zero, zero, zero)
-        kdr, kdi = kdr + tl.sum(t2r, 1), kdi + tl.sum(t2i, 1)
-        wr, wi, dwr, dwi = _cstep(ar, ai, C * ar, C * ai, wr, wi, dwr, dwi, zero, zero, zero, zero)
+        kzr, kzi = kzr + tl.sum(gr * wr - gi * wi, 1), kzi + tl.sum(gr * wi + gi * wr, 1)
+        kdr = kdr + tl.sum(hr * wr - hi * wi + gr * dwr - gi * dwi, 1)
+        kdi = kdi + tl.sum(hr * wi + hi * wr + gr * dwi + gi * dwr, 1)
+        awr, awi = ar * wr - ai * wi, ar * wi + ai * wr            # w <- A w,  W <- A W + C A w
+        dwr, dwi = ar * dwr - ai * dwi + C * awr, ar * dwi + ai * dwr + C * awi
+        wr, wi = awr, awi
     ur, ui = _cdot(x, powers, PRECISION)
     dur, dui = _cdot(x * j, powers, PRECISION)
-    vr, vi, dvr, dvi = _cstep(ar, ai, C * ar, C * ai, vr, vi, dvr, dvi, ur, ui, dur, dui)
+    avr, avi = ar * vr - ai * vi, ar * vi + ai * vr                # v <- A v + X_f Q,  V <- A V + C A v + (j X_f) Q
+    dvr, dvi = ar * dvr - ai * dvi + C * avr + dur, ar * dvi + ai * dvr + C * avi + dui
+    vr, vi = avr + ur, avi + ui
     return corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
 @triton.jit
-def _grad_step(x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai, qr, qi,
+def _grad_step(x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
                corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, HAS_Z: tl.constexpr,
                PRECISION: tl.constexpr, PREFETCH: tl.constexpr, EVEN_D: tl.constexpr):
@@ -1024,8 +1027,8 @@ def _grad_step(x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place
         x = _load_tile(x_ptr, xo, step, x_place, count, blk, dmask, C, EVEN_D)
         g = _load_tile(g_ptr, go, step, g_place, count, blk, dmask, C, EVEN_D)
     corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
-        x, g, powers, ar, ai, qr, qi, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
-        k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, BD, NP, SB, HAS_Z, PRECISION)
+        x, g, powers, ar, ai, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+        k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, HAS_Z, PRECISION)
     return x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
 # %% tags=["export:ops.cema"]
@@ -1052,7 +1055,6 @@ def _cema_grad_sums_kernel(
     seg = stream - row * n_seg
     powers = _operands(_load_map(powers_ptr, d, dmask, C, NP), PRECISION)
     ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
-    qr, qi = _load_step3(step_ptr, STEP_Q, d, dmask, NP)
     zero3 = tl.zeros((BD, SB, NP), tl.float32)
     if SEGMENTED:
         vr, vi, dvr, dvi, wr, wi, dwr, dwi = _grad_segment_starts(
@@ -1070,7 +1072,7 @@ def _cema_grad_sums_kernel(
     g_next = _load_tile(g_ptr, go, step, g_place, count, 0, dmask, C, EVEN_D)
     for blk in range(0, last_blk):
         x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_step(
-            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai, qr, qi,
+            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
             corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
             C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
     # q^r v and q^(r-1) (V + r v) of the last token's block's start states
@@ -1081,7 +1083,7 @@ def _cema_grad_sums_kernel(
     f2r, f2i = r1r * t1r - r1i * t1i, r1r * t1i + r1i * t1r
     for blk in range(last_blk, seg_blocks):   # the same loop on
         x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_step(
-            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai, qr, qi,
+            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
             corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
             C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
     # each row's final v and dv/dq (r = last_len tokens in the last block):
@@ -1110,6 +1112,9 @@ def _cema_grad_sums_kernel(
     tl.store(lag_sums_ptr + base[:, None] * C + cj[None, :], lag_sums, mask=dmask[:, None])
     n = tl.arange(0, NP)
     offs = base[:, None] * (4 * NP * 2) + n[None, :] * 2
+    qr, qi = _load_step(step_ptr, STEP_Q, d, dmask, NP)            # K1 = q sum gq v,  Kz = q sum gq w
+    k1r, k1i = qr * k1r - qi * k1i, qr * k1i + qi * k1r
+    kzr, kzi = qr * kzr - qi * kzi, qr * kzi + qi * kzr
     _store_pair(sums_ptr + offs, k1r, k1i, dmask[:, None])
     _store_pair(sums_ptr + offs + NP * 2, k2r, k2i, dmask[:, None])
     _store_pair(sums_ptr + offs + 2 * NP * 2, kzr, kzi, dmask[:, None])

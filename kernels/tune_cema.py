@@ -34,13 +34,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS = {   # over the module's defaults; the first is the reference the others are compared with
-    "default": {},                                    # C 16, BD 4 / 4 warps, prefetch: session 2's best
-    "no-prefetch": dict(prefetch=False),
+    "default": {},                                    # v3: C 16, BD 4 / 4 warps, prefetch (session 2's tiles)
+    "no-prefetch": dict(prefetch=False),              # kernels 1 and 3 then get Triton's cp.async pipelining
     "C32": dict(chunk=32),
+    "BD8-warps8": dict(block_d=8, num_warps=8),
     "BD2-warps2": dict(block_d=2, num_warps=2),
-    "BD8-warps8": dict(block_d=8, num_warps=8),       # session 1's defaults, with C 16 and prefetch
-    "fewer-segments": dict(min_programs=256),
-    "bf16-dots": dict(precision="bf16"),              # reported, never adopted: tf32 is the contract
+    "programs-1056": dict(min_programs=1056),         # 8 per SM: more segments, shorter loops
+    "programs-264": dict(min_programs=264),           # 2 per SM: fewer segments, longer loops
 }
 
 
