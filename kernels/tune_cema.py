@@ -34,13 +34,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS = {   # over the module's defaults; the first is the reference the others are compared with
-    "default": {},                                    # v3: C 16, BD 4 / 4 warps, prefetch (session 2's tiles)
-    "no-prefetch": dict(prefetch=False),              # kernels 1 and 3 then get Triton's cp.async pipelining
-    "C32": dict(chunk=32),
-    "BD8-warps8": dict(block_d=8, num_warps=8),
-    "BD2-warps2": dict(block_d=2, num_warps=2),
-    "programs-1056": dict(min_programs=1056),         # 8 per SM: more segments, shorter loops
-    "programs-264": dict(min_programs=264),           # 2 per SM: fewer segments, longer loops
+    "default": {},                                    # v3: C 16, BD 4 / 4 warps, one block loaded ahead
+    "ahead2": dict(prefetch=2),                       # two blocks loaded ahead (a ring of loads in flight)
+    "ahead3": dict(prefetch=3),
+    "ahead2-ends8": dict(prefetch=2, block_d_ends=8, num_warps_ends=8),   # kernel 1: 16-byte rows
+    "ahead3-ends8": dict(prefetch=3, block_d_ends=8, num_warps_ends=8),
+    "ahead2-scan8": dict(prefetch=2, block_d=8, num_warps=8, block_d_grad=4, num_warps_grad=4),
+    "ahead2-programs264": dict(prefetch=2, min_programs=264),             # fewer segments
+    "ahead3-programs264": dict(prefetch=3, min_programs=264),
 }
 
 
@@ -249,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             print(record["error"], flush=True)
         records.append(record)
     ranked = sorted((r for r in records if r.get("ok")), key=lambda r: r["worst_x_floor_fwdbwd"])
-    adoptable = [r for r in ranked if not r["config"]["precision"]]
+    reference = records[0] if records and records[0].get("ok") else None
+
+    def faster_everywhere(r: dict) -> bool:   # adopted only if no shape gets slower, forward or fwd+bwd
+        return reference is not None and all(a["fwd_ms"] <= b["fwd_ms"] and a["fwdbwd_ms"] <= b["fwdbwd_ms"]
+                                             for a, b in zip(r["rows"], reference["rows"]))
+    adoptable = [r for r in ranked if not r["config"]["precision"] and faster_everywhere(r)]
     print("\nvariant            worst fwd+bwd x floor   (sum of fwd+bwd ms)")
     for r in ranked:
         print(f"{r['variant']:>16}  {r['worst_x_floor_fwdbwd']:8.2f}   ({sum(x['fwdbwd_ms'] for x in r['rows']):.3f})")

@@ -50,7 +50,7 @@ class CemaKernelConfig:
 
     chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
-    block_d: int = 4             # BD, channels per program (one warp each)
+    block_d: int = 4             # BD, channels per program of the scan kernel (one warp each)
     streams: int = 16            # SB, (row, segment) streams per program: the M of every tl.dot
     num_warps: int = 4
     num_stages: int = 2
@@ -58,7 +58,18 @@ class CemaKernelConfig:
     min_programs: int = 528      # ... i.e. until this many programs (4 per H200 SM) ...
     min_segment_blocks: int = 8  # ... unless segments would get shorter than this many blocks
     precision: str = ""          # tl.dot operands: "" (tf32, or tf32x3 for float32 x), "tf32", "bf16", "ieee"
-    prefetch: bool = True        # load the next block while computing this one
+    prefetch: int = 1            # blocks loaded ahead of the one being computed (0 to 3)
+    block_d_ends: int = 0        # BD and warps of the segment-end kernel (0: block_d, num_warps)
+    num_warps_ends: int = 0
+    block_d_grad: int = 0        # BD and warps of the parameter-sum kernel (0: block_d, num_warps)
+    num_warps_grad: int = 0
+
+    def tile(self, kernel: str) -> tuple[int, int]:
+        """(channels per program, warps) of kernel "scan", "ends" or "grad"."""
+        if kernel == "scan":
+            return self.block_d, self.num_warps
+        block_d, warps = getattr(self, f"block_d_{kernel}"), getattr(self, f"num_warps_{kernel}")
+        return block_d or self.block_d, warps or self.num_warps
 
 
 DEFAULT_CONFIG = CemaKernelConfig()
@@ -281,10 +292,39 @@ def _load_tile(ptr, offs, step, place, count, blk, dmask, C: tl.constexpr, EVEN_
     """Block blk of every stream, (BD, SB, C) in the input's dtype (zeros outside the tokens)."""
     return tl.load(ptr + offs + blk * step, mask=_tile_mask(blk, place, count, dmask, C, EVEN_D), other=0.0)
 
+
+@triton.jit
+def _ring_start(ptr, offs, step, place, count, dmask, C: tl.constexpr, EVEN_D: tl.constexpr, DEPTH: tl.constexpr):
+    """The loads of blocks 0..DEPTH-1, issued before a loop: a ring of up to three tiles in flight
+    (slots past DEPTH repeat the first and stay unused)."""
+    x1 = _load_tile(ptr, offs, step, place, count, 0, dmask, C, EVEN_D)
+    x2, x3 = x1, x1
+    if DEPTH >= 2:
+        x2 = _load_tile(ptr, offs, step, place, count, 1, dmask, C, EVEN_D)
+    if DEPTH >= 3:
+        x3 = _load_tile(ptr, offs, step, place, count, 2, dmask, C, EVEN_D)
+    return x1, x2, x3
+
+
+@triton.jit
+def _ring_next(ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C: tl.constexpr, EVEN_D: tl.constexpr,
+               DEPTH: tl.constexpr):
+    """Block blk, and the ring one block on: the load of block blk + DEPTH is issued now, DEPTH
+    steps before its data is used, so that its latency overlaps DEPTH steps of work."""
+    if DEPTH == 0:
+        x = _load_tile(ptr, offs, step, place, count, blk, dmask, C, EVEN_D)
+    elif DEPTH == 1:
+        x, x1 = x1, _load_tile(ptr, offs, step, place, count, blk + 1, dmask, C, EVEN_D)
+    elif DEPTH == 2:
+        x, x1, x2 = x1, x2, _load_tile(ptr, offs, step, place, count, blk + 2, dmask, C, EVEN_D)
+    else:
+        x, x1, x2, x3 = x1, x2, x3, _load_tile(ptr, offs, step, place, count, blk + 3, dmask, C, EVEN_D)
+    return x, x1, x2, x3
+
 # %% chapters/08_triton_scans.py cell 22 · §1.5 Per-channel tables
 def _padded_states(n_states: int) -> int:
-    """NP: N rounded up to a power of two, at least 8 (2NP >= 16 is tl.dot's smallest size)."""
-    return max(8, triton.next_power_of_2(n_states))
+    """NP: N rounded up to a power of two, at least 16 (a state is the K of a tl.dot: K >= 16)."""
+    return max(16, triton.next_power_of_2(n_states))
 
 
 STEP_A, STEP_AR1, STEP_AR, STEP_P, STEP_BETA, STEP_Q, STEP_QL1, STEP_ROWS = (tl.constexpr(i) for i in range(8))
@@ -464,13 +504,10 @@ def _cema_segment_end_kernel(
     ei, fr, fi = er, er, er
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
     offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, True, WIDE)
-    x_next = _load_tile(x_ptr, offs, step, place, count, 0, dmask, C, EVEN_D)
+    x1, x2, x3 = _ring_start(x_ptr, offs, step, place, count, dmask, C, EVEN_D, PREFETCH)
     for blk in range(0, seg_blocks):
-        if PREFETCH:
-            x = x_next.to(tl.float32)
-            x_next = _load_tile(x_ptr, offs, step, place, count, blk + 1, dmask, C, EVEN_D)
-        else:
-            x = _load_tile(x_ptr, offs, step, place, count, blk, dmask, C, EVEN_D).to(tl.float32)
+        x, x1, x2, x3 = _ring_next(x_ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
+        x = x.to(tl.float32)
         ur, ui = _cdot(x, powers, PRECISION)
         if DERIV:
             dur, dui = _cdot(x * j, powers, PRECISION)
@@ -486,22 +523,18 @@ def _cema_segment_end_kernel(
 
 # %% chapters/08_triton_scans.py cell 30 · §1.6 The kernels
 @triton.jit
-def _scan_block(x_ptr, y_ptr, x_next, blk, offs, step, place, count, dmask, hr, hi, toeplitz, u, v, ar, ai,
+def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz, u, v, ar, ai,
                 C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
     """Block blk of every stream: y = X (T + omega I) + Re(H) V_re + Im(H) V_im, then
-    H <- A H + X U; every product lands in the layout its next use reads. With PREFETCH, X is
-    x_next (loaded one step earlier) and the next block's load is issued first."""
-    if PREFETCH:            # issue the next block's load now, so it flies while this one computes
-        x = x_next
-        x_next = _load_tile(x_ptr, offs, step, place, count, blk + 1, dmask, C, EVEN_D)
-    else:
-        x = _load_tile(x_ptr, offs, step, place, count, blk, dmask, C, EVEN_D)
+    H <- A H + X U; every product lands in the layout its next use reads. X comes from the ring
+    of loads in flight (_ring_next: PREFETCH blocks ahead)."""
+    x, x1, x2, x3 = _ring_next(x_ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
     x = x.to(tl.float32)
     y = _dot(x, toeplitz, PRECISION) + _dot(hr, v[0], PRECISION) + _dot(hi, v[1], PRECISION)
     tl.store(y_ptr + offs + blk * step, y.to(y_ptr.dtype.element_ty),
              mask=_tile_mask(blk, place, count, dmask, C, EVEN_D))
     ur, ui = _cdot(x, u, PRECISION)
-    return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui, x_next
+    return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui, x1, x2, x3
 
 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -542,14 +575,14 @@ def _cema_scan_kernel(
         hr = tl.zeros((BD, SB, NP), tl.float32)
         hi = tl.zeros((BD, SB, NP), tl.float32)
     offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, False, WIDE)
-    x_next = _load_tile(x_ptr, offs, step, place, count, 0, dmask, C, EVEN_D)
+    x1, x2, x3 = _ring_start(x_ptr, offs, step, place, count, dmask, C, EVEN_D, PREFETCH)
     for blk in range(0, last_blk):
-        hr, hi, x_next = _scan_block(x_ptr, y_ptr, x_next, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
                                      u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)     # q^r H, H: the last token's block's start state
     fr, fi = rr * hr - ri * hi, rr * hi + ri * hr
     for blk in range(last_blk, seg_blocks):   # the same loop on: split only to take q^r H between the two
-        hr, hi, x_next = _scan_block(x_ptr, y_ptr, x_next, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
                                      u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
     # the final state q^r H + sum_j x_j beta q^(r-1-j) (r = last_len tokens in the last block): the
     # block moved C - r places right, times U. After the loops, so that they hold no registers for it.
@@ -634,23 +667,18 @@ def _grad_block(x, g, powers, ar, ai, corr,
     return corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
 @triton.jit
-def _grad_step(x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
+def _grad_step(x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place, g_place, count, dmask, powers,
+               ar, ai,
                corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, HAS_Z: tl.constexpr,
                PRECISION: tl.constexpr, PREFETCH: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load block blk of x (last token first) and g (with PREFETCH: take the loaded ones and issue
-    the next loads), then _grad_block."""
-    if PREFETCH:
-        x, g = x_next, g_next
-        x_next = _load_tile(x_ptr, xo, step, x_place, count, blk + 1, dmask, C, EVEN_D)
-        g_next = _load_tile(g_ptr, go, step, g_place, count, blk + 1, dmask, C, EVEN_D)
-    else:
-        x = _load_tile(x_ptr, xo, step, x_place, count, blk, dmask, C, EVEN_D)
-        g = _load_tile(g_ptr, go, step, g_place, count, blk, dmask, C, EVEN_D)
+    """Block blk of x (last token first) and g from their rings of loads in flight, then _grad_block."""
+    x, x1, x2, x3 = _ring_next(x_ptr, xo, step, x_place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
+    g, g1, g2, g3 = _ring_next(g_ptr, go, step, g_place, count, blk, g1, g2, g3, dmask, C, EVEN_D, PREFETCH)
     corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
         x, g, powers, ar, ai, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
         k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, HAS_Z, PRECISION)
-    return x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
+    return x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
 # %% chapters/08_triton_scans.py cell 34 · §1.7 The backward, on paper
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -689,11 +717,12 @@ def _cema_grad_sums_kernel(
     corr = tl.zeros((BD, C, C), tl.float32)
     xo, step, x_place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, False, True, WIDE)
     go, _, g_place, _ = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, False, False, WIDE)
-    x_next = _load_tile(x_ptr, xo, step, x_place, count, 0, dmask, C, EVEN_D)
-    g_next = _load_tile(g_ptr, go, step, g_place, count, 0, dmask, C, EVEN_D)
+    x1, x2, x3 = _ring_start(x_ptr, xo, step, x_place, count, dmask, C, EVEN_D, PREFETCH)
+    g1, g2, g3 = _ring_start(g_ptr, go, step, g_place, count, dmask, C, EVEN_D, PREFETCH)
     for blk in range(0, last_blk):
-        x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_step(
-            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
+        (x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+         k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi) = _grad_step(
+            x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
             corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
             C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
     # q^r v and q^(r-1) (V + r v) of the last token's block's start states
@@ -703,8 +732,9 @@ def _cema_grad_sums_kernel(
     t1r, t1i = dvr + last_len * vr, dvi + last_len * vi
     f2r, f2i = r1r * t1r - r1i * t1i, r1r * t1i + r1i * t1r
     for blk in range(last_blk, seg_blocks):   # the same loop on
-        x_next, g_next, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_step(
-            x_ptr, g_ptr, x_next, g_next, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
+        (x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+         k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi) = _grad_step(
+            x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
             corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
             C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
     # each row's final v and dv/dq (r = last_len tokens in the last block):
@@ -814,10 +844,10 @@ def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float3
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _tile_flags(x: Tensor, cfg: CemaKernelConfig) -> dict[str, bool]:
+def _tile_flags(x: Tensor, cfg: CemaKernelConfig, block_d: int) -> dict[str, bool]:
     """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets need 64 bits
     (with room for the block offsets a loop adds past the end)."""
-    return dict(EVEN_D=x.shape[-1] % cfg.block_d == 0,
+    return dict(EVEN_D=x.shape[-1] % block_d == 0,
                 WIDE=x.numel() + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
 
 
@@ -838,10 +868,11 @@ def launch_segment_ends(x: Tensor, tables: CemaTables, plan: Segments, cfg: Cema
     assert x.is_contiguous() and plan.seg_len % chunk == 0, (x.stride(), plan, chunk)
     ends = _new((batch * plan.n_seg, d_model, tables.n_states, 2), x)
     ends_dq = _new(tuple(ends.shape), x) if deriv else ends
-    _cema_segment_end_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
+    block_d, warps = cfg.tile("ends")
+    _cema_segment_end_kernel[(triton.cdiv(d_model, block_d), plan.groups)](
         x, tables.powers, tables.step, ends, ends_dq, batch, length, d_model, tables.n_states, plan.n_seg,
-        plan.seg_len // chunk, C=chunk, BD=cfg.block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
-        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, **_tile_flags(x, cfg), num_warps=cfg.num_warps,
+        plan.seg_len // chunk, C=chunk, BD=block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
+        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, block_d), num_warps=warps,
         num_stages=cfg.num_stages)
     return ends, (ends_dq if deriv else None)
 
@@ -859,7 +890,7 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, REVERSE=reverse, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, cfg.block_d), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, h_last
 
 
@@ -873,12 +904,13 @@ def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None,
     lag_sums = _new((plan.groups, d_model, chunk), x)
     sums = _new((plan.groups, d_model, 4, tables.n_pad, 2), x)
     v_last = _new((2, batch, d_model, tables.n_states, 2), x)
-    _cema_grad_sums_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
+    block_d, warps = cfg.tile("grad")
+    _cema_grad_sums_kernel[(triton.cdiv(d_model, block_d), plan.groups)](
         x, g, tables.powers, tables.step, lag_sums if ends is None else ends, lag_sums if ends_dq is None else ends_dq,
         lag_sums if z is None else z, lag_sums, sums, v_last, batch, length, d_model, tables.n_states, plan.n_seg,
-        plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
+        plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=block_d, NP=tables.n_pad,
         SB=cfg.streams, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, block_d), num_warps=warps, num_stages=cfg.num_stages)
     return lag_sums, sums, v_last
 
 
@@ -941,7 +973,8 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
 
 # %% chapters/08_triton_scans.py cell 41 · §1.8 Launchers, autograd and the custom op
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
-                "min_programs", "min_segment_blocks", "prefetch")
+                "min_programs", "min_segment_blocks", "prefetch", "block_d_ends", "num_warps_ends", "block_d_grad",
+                "num_warps_grad")
 
 
 def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
@@ -950,7 +983,7 @@ def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
 
 def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
     fields = dict(zip(_TILE_FIELDS, tiles))
-    return CemaKernelConfig(**{**fields, "prefetch": bool(fields["prefetch"])}, precision=precision)
+    return CemaKernelConfig(**fields, precision=precision)
 
 
 @torch.library.custom_op("megalodon_lite::cema_fwd", mutates_args=())
