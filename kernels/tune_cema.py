@@ -39,6 +39,7 @@ VARIANTS = {   # over the module's defaults; the first is the reference the othe
     "ahead3": dict(prefetch=3),
     "ahead2-ends8": dict(prefetch=2, block_d_ends=8, num_warps_ends=8),   # kernel 1: 16-byte rows
     "ahead3-ends8": dict(prefetch=3, block_d_ends=8, num_warps_ends=8),
+    "ahead3-ends16": dict(prefetch=3, block_d_ends=16, num_warps_ends=16),  # 32-byte rows: whole sectors
     "ahead2-scan8": dict(prefetch=2, block_d=8, num_warps=8, block_d_grad=4, num_warps_grad=4),
     "ahead2-programs264": dict(prefetch=2, min_programs=264),             # fewer segments
     "ahead3-programs264": dict(prefetch=3, min_programs=264),
