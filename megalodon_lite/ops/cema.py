@@ -58,9 +58,9 @@ class CemaKernelConfig:
     min_programs: int = 528      # ... i.e. until this many programs (4 per H200 SM) ...
     min_segment_blocks: int = 8  # ... unless segments would get shorter than this many blocks
     precision: str = ""          # tl.dot operands: "" (tf32, or tf32x3 for float32 x), "tf32", "bf16", "ieee"
-    prefetch: int = 1            # blocks loaded ahead of the one being computed (0 to 3)
-    block_d_ends: int = 0        # BD and warps of the segment-end kernel (0: block_d, num_warps)
-    num_warps_ends: int = 0
+    prefetch: int = 3            # blocks loaded ahead of the one being computed (0 to 3)
+    block_d_ends: int = 8        # BD and warps of the segment-end kernel (0: block_d, num_warps)
+    num_warps_ends: int = 8
     block_d_grad: int = 0        # BD and warps of the parameter-sum kernel (0: block_d, num_warps)
     num_warps_grad: int = 0
 
