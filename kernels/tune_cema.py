@@ -34,15 +34,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VARIANTS = {   # over the module's defaults; the first is the reference the others are compared with
-    "default": {},                                    # v3: C 16, BD 4 / 4 warps, one block loaded ahead
-    "ahead2": dict(prefetch=2),                       # two blocks loaded ahead (a ring of loads in flight)
-    "ahead3": dict(prefetch=3),
-    "ahead2-ends8": dict(prefetch=2, block_d_ends=8, num_warps_ends=8),   # kernel 1: 16-byte rows
-    "ahead3-ends8": dict(prefetch=3, block_d_ends=8, num_warps_ends=8),
-    "ahead3-ends16": dict(prefetch=3, block_d_ends=16, num_warps_ends=16),  # 32-byte rows: whole sectors
-    "ahead2-scan8": dict(prefetch=2, block_d=8, num_warps=8, block_d_grad=4, num_warps_grad=4),
-    "ahead2-programs264": dict(prefetch=2, min_programs=264),             # fewer segments
-    "ahead3-programs264": dict(prefetch=3, min_programs=264),
+    "default": {},                                    # v3: C 16, 3 blocks ahead, kernel 1 on BD 8 / 8 warps
+    "ahead1": dict(prefetch=1),                       # v3 session 2: the depth hardly mattered
+    "ends4": dict(block_d_ends=4, num_warps_ends=4),  # kernel 1 on 8-byte pieces, as in v2
+    # Not yet timed (kernels/NOTES_cema.md, v3: the tiled-copy probe): kernel 2 on whole 32-byte
+    # sectors, 16 channels on 16 warps (128 registers, no spill inside the loop at 1 block ahead),
+    # with fewer programs (one CTA per SM) so that rows keep <= 64 segments.
+    "scan16": dict(block_d=16, num_warps=16, prefetch=1, block_d_grad=4, num_warps_grad=4, min_programs=132),
+    "scan16-ends16": dict(block_d=16, num_warps=16, prefetch=1, block_d_grad=4, num_warps_grad=4,
+                          min_programs=132, block_d_ends=16, num_warps_ends=16),
+    "scan8": dict(block_d=8, num_warps=8, prefetch=1, block_d_grad=4, num_warps_grad=4, min_programs=264),
 }
 
 
