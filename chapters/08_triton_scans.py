@@ -379,8 +379,17 @@ def _dot_precision(dtype: torch.dtype, cfg: CemaKernelConfig) -> str:
 # ### 1.4 Complex numbers as pairs, and the precision of the products
 #
 # Complex numbers travel as (real, imaginary) pairs: a complex $(B_D, S_B, N)$ state is two real
-# tensors for the elementwise algebra, and is interleaved into one $(B_D, S_B, 2N)$ tensor when it
-# enters a matrix product, matching the tables' `(..., N, 2)` layout (`torch.view_as_real`).
+# tensors, and a complex table (stored as `(..., N, 2)`, `torch.view_as_real`) is read as two real
+# matmul operands, its real and its imaginary part. A product with a complex table is then two
+# real products (`_cdot`), and a complex state enters a product as its two parts:
+# $\mathrm{Re}(H V) = (\mathrm{Re}\,H)\,V_{re} + (\mathrm{Im}\,H)\,V_{im}$, with $V_{re}$ and $V_{im}$
+# the rows $\mathrm{Re}\,V$ and $-\mathrm{Im}\,V$ the table stores. So every product lands
+# as the real or the imaginary part it is, in the layout where the state update uses it, and no
+# tensor is interleaved or split inside a loop. (The first version interleaved states into one
+# $(B_D, S_B, 2N)$ operand; the compiler kept most of that in registers, but the form above is
+# simpler, and the products feed the state update's accumulators directly.) A state is the inner
+# dimension of a product here, which a GPU's `tl.dot` needs to be at least 16: states are padded
+# to $N_P \ge 16$.
 #
 # **Precision.** `tl.dot` runs on tensor cores in tf32 (10-bit mantissa) by default. For bf16 or
 # fp16 input, $x$ is exact in tf32 and the tables and states are rounded to a relative $2^{-11}$,
@@ -431,11 +440,12 @@ def _operands(m, PRECISION: tl.constexpr):
     return _operand(m[0], PRECISION), _operand(m[1], PRECISION)
 
 # %% [markdown]
-# **Tables and states in memory.** A per-channel table is read as a $(B_D, C, 2N_P)$ matmul
-# operand (`_load_map`), or one row of per-state scalars at a time (`_load_step`, from the step
-# table of §1.5); a state is a (real, imaginary) pair of $(B_D, S_B, N_P)$ tensors, gathered from
-# and scattered to an `(index, D, N, 2)` tensor whose index is a batch row or a stream. $N_P$ is
-# the state count padded to a power of two (§1.5).
+# **Tables and states in memory.** A per-channel table is read as a (real, imaginary) pair of
+# $(B_D, C, N_P)$ matmul operands (`_load_map`; `_load_out_map` for $V$, whose rows are states),
+# or one row of per-state scalars at a time (`_load_step`, from the step table of §1.5); a state
+# is a pair of $(B_D, S_B, N_P)$ tensors, gathered from and scattered to an `(index, D, N, 2)`
+# tensor whose index is a batch row or a stream. $N_P$ is the state count padded to a power of
+# two, at least 16 (§1.5).
 
 # %% tags=["export:ops.cema"]
 @triton.jit
@@ -515,6 +525,17 @@ def _store_states(ptr, index, live, re, im, D, N, d, dmask, NP: tl.constexpr):
 # adjoint scan of §1.7), `FLIP` reads the block last token first (kernels 1 and 3), and `shift`
 # moves every token by that many places (the final state of §1.6 reads the last block moved
 # $C - r$ places to the right).
+#
+# Inside the loops over blocks the same tiles are addressed more cheaply, because a loop's cost
+# per step is what counts: `_stream_tiles` computes, once before a loop, the offsets of block 0
+# of every stream, the step to the next block, and each stream's count of real tokens, so that
+# block `blk` is `offs + blk * step` and its mask one comparison per element (32-bit offsets
+# unless the tensor has $2^{31}$ elements or more: `WIDE`; no channel mask when $D$ is a multiple
+# of $B_D$: `EVEN_D`). `_ring_start` and `_ring_next` keep up to three blocks' loads in flight
+# (`prefetch` blocks ahead of the one being computed). On the CPU box, ptxas for sm_90 counts the
+# instructions of kernel 2's loop: 557 per step with the offsets and masks recomputed per element,
+# 328 this way (`kernels/NOTES_cema.md`, v3). The H200 showed that this was not what bounded the
+# loop (Part 3), but it is what a loop should cost.
 
 # %% tags=["export:ops.cema"]
 @triton.jit
@@ -844,11 +865,14 @@ def _cema_segment_end_kernel(
         _store_states(ends_dq_ptr, stream, row < B, fr, fi, D, N, d, dmask, NP)
 
 # %% [markdown]
-# **Kernel 2** is the forward. The final state is taken from the state before the last block,
-# kept in a register tensor as $q^r H$ while the loop runs and completed after it: computed inside
-# the loop, in a branch, it made the compiler hold registers for it in every iteration (ptxas:
-# 253 registers instead of about 180 at $C = 32$). The block moved $C - r$ places to the right
-# times $U$ gives $\sum_{j<r} p\, q^{r-1-j} x_j$ without a shifted table.
+# **Kernel 2** is the forward. $\omega x$ rides on the Toeplitz product ($\omega$ added to the
+# diagonal of $T$), so $x$ is only ever a matmul operand. The final state needs the state at the
+# start of the block holding the row's last token: the loop over blocks is split in two there,
+# and $q^r H$ is taken between the halves (a select in every step, or a branch inside the loop,
+# cost registers or instructions in every step), then completed after the loop: the block moved
+# $C - r$ places to the right times $U$ gives $\sum_{j<r} p\, q^{r-1-j} x_j$ without a shifted
+# table. All streams of a program step in lockstep, so the split serves the one stream that
+# holds the last token and costs the others nothing.
 
 # %% tags=["export:ops.cema"]
 @triton.jit
@@ -969,6 +993,9 @@ def _cema_scan_kernel(
 #
 # where $(j X_f)$ scales the flipped block's $j$-th token by $j$. Carrying $q\,\partial v/\partial q$
 # instead of $\partial v/\partial q$ is what lets a single table $Q$ serve all four products.
+# In the kernel the factor $q$ of $K_1$ (and of $K_z$) is applied once after the loop, and $A v_m$
+# is formed once for both updates: this loop does more arithmetic per token than any other, and
+# every complex product it saves counts.
 # Each check of a term against autograd of the float64 reference is in `tests/test_ops_cema.py`.
 
 # %% tags=["export:ops.cema"]
@@ -2619,11 +2646,11 @@ plt.show()
 
 # %% [markdown]
 # The target is missed. Where the time goes is in the profile committed next to the results
-# (`kernels/results/cema_profile_h200.txt`, torch.profiler around forward+backward at 1 × 64K);
-# its kernel rows:
+# (`kernels/results/cema_profile_h200_v3.txt`, torch.profiler around forward+backward with the
+# current tile sizes, at 1 × 64K and 32 × 2K); its kernel rows:
 
 # %%
-for line in recorded("cema_profile_h200.txt").read_text().splitlines():
+for line in recorded("cema_profile_h200_v3.txt").read_text().splitlines():
     if " wall " in line:                      # e.g. "1 x 65536: wall ... ms per forward+backward"
         print(line.strip())
     elif line.strip().startswith("_cema_"):   # name, ..., CUDA total, CUDA time per call, calls
@@ -2631,19 +2658,36 @@ for line in recorded("cema_profile_h200.txt").read_text().splitlines():
         print(f"    {name:28s} {per_call:>10} per call ({calls} calls in the 5 profiled steps)")
 
 # %% [markdown]
-# Each kernel runs several times slower than the bytes it moves would allow. They are bound by
-# the latency of one step of their loop, not by bandwidth or arithmetic: a program walks its
-# blocks one after the other, and each step is a dependent chain — the block's load (issued one
-# step early since the second tuning session), a layout conversion through shared memory into the
-# tensor cores' operand layout, three small $16\times16\times16$ products per channel, a
-# shared-memory round trip for the store, the state update — while only a few programs fit on an
-# SM at the register counts these need. Prefetching the next block and halving $C$ to 16 (a
-# smaller Toeplitz product: $C + 4N$ multiply-adds per token) took the kernels from about 18× to
-# about 12.5× the floor (`kernels/NOTES_cema.md` has every version and what it predicted). What
-# the measurements point to next is more independent work per SM — a persistent kernel whose warps
-# own different channels and streams, with the blocks of $x$ double-buffered in shared memory —
-# rather than a different algorithm: the algebra above already moves each byte of $x$ and $y$ only
-# a few times.
+# Each kernel runs several times slower than the bytes it moves would allow. Three H200 sessions
+# (`kernels/NOTES_cema.md` has each version's prediction and measurement) ruled out the obvious
+# suspects one by one. Prefetching the next block and halving $C$ to 16 took the kernels from
+# about 18× to about 12.5× the floor. Cutting the instructions of the scan loop by 40% (§1.4)
+# changed nothing, nor did keeping two or three blocks' loads in flight instead of one: the loop
+# waits neither on its arithmetic nor on its loads' latency. A probe that only moves the bytes,
+# with the kernels' tiling and nothing else (`kernels/probe_cema.py`), names the bound:
+
+# %%
+probe = json.loads(recorded("probe_cema_h200.json").read_text())
+print(f"{probe['device']}, {probe['date'][:10]}: a copy of 65,536 x 1024 bf16 in (BD channels x 16 streams x 16 tokens)"
+      " tiles, 1,024 programs")
+for row in probe["copy"]:
+    print(f"  {row['probe']:>10}  BD = {row['BD']:>2} ({2 * row['BD']:>2}-byte pieces of each token's row): "
+          f"{row['ms']:.3f} ms, {row['TBps']:.2f} TB/s")
+kernel_ms = {(r["version"], r["B"]): r["gpu_fwdbwd_ms"] for r in probe["ab"] if "gpu_fwdbwd_ms" in r}
+for batch in (32, 4, 1):
+    print(f"  forward+backward GPU time at B = {batch:>2}: v2 {kernel_ms['v2', batch]:.3f} ms, "
+          f"v3 (this chapter) {kernel_ms['v3', batch]:.3f} ms")
+
+# %% [markdown]
+# With $B_D = 4$ channels per program, every store writes an 8-byte piece of a 32-byte memory
+# sector that four programs share, and such writes alone take longer than the whole scan kernel
+# (the copy row at $B_D = 4$ against the `_cema_scan_kernel` row of the profile). Whole sectors,
+# 16 channels of bf16 per program, make the same copy five times faster; reads suffer less. So the
+# next step is a scan kernel that writes whole sectors — 16 channels per program on 16 warps, one
+# channel per warp, compiles without spills in its loop — or a channel-tiled scratch layout for
+# $y$ and one relayout pass; and, at the target's 0.3 ms, a host path (custom ops, autograd,
+# eight launches) captured in a CUDA graph. The algebra stays: it already moves each byte of $x$
+# and $y$ only a few times.
 
 # %% [markdown]
 # ## Summary
@@ -2661,7 +2705,7 @@ for line in recorded("cema_profile_h200.txt").read_text().splitlines():
 # * Forward and backward are `torch.library` custom ops, opaque to `torch.compile`.
 # * The checks above ran the kernels under the Triton interpreter against chapter 04's float64
 #   recurrence; `tests/test_ops_cema.py` covers the shapes grid, and on a GPU bf16 and fp32 at the
-#   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200.txt`).
+#   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200_v3.txt`).
 
 # %% [markdown]
 # ## Exercises

@@ -10,7 +10,7 @@ tiles. Every kernel output starts as NaN (``poisoned_outputs``): an element no p
 shows up as a non-finite result.
 
 The tests marked ``gpu`` run on CUDA only: bf16 and fp32 at the benchmark shapes, a million-token
-sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200.txt).
+sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200_v3.txt).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_int64_offsets_match_too(monkeypatch):
 def test_each_kernel_with_its_own_channel_tile():
     """Kernel 1 (segment ends) and kernel 3 (parameter sums) may tile the channels unlike kernel 2."""
     block_d = TINY["block_d"]
-    cfg = ops.CemaKernelConfig(**TINY, segment=32, prefetch=2, block_d_ends=2 * block_d,
+    cfg = ops.CemaKernelConfig(**TINY, segment=32, prefetch=2, block_d_ends=2 * block_d, num_warps_ends=TINY["num_warps"],
                                block_d_grad=block_d // 2 if not HAS_CUDA else block_d, num_warps_grad=1 if not HAS_CUDA else 2)
     assert cfg.tile("ends") == (2 * block_d, TINY["num_warps"]) and cfg.tile("scan") == (block_d, TINY["num_warps"])
     check_case(CASES[4], through_parameters=False, cfg=cfg)      # segments, groups straddling rows, h0
