@@ -485,16 +485,6 @@ def _load_step3(step_ptr, row: tl.constexpr, d, dmask, NP: tl.constexpr):
 
 
 @triton.jit
-def _load_state(ptr, index, batch_row, B, D, N, d, dmask, NP: tl.constexpr):
-    """state[index] of an (index, D, N, 2) tensor as (re, im), each (BD, NP); zero if batch_row >= B."""
-    n = tl.arange(0, NP)
-    offs = (index.to(tl.int64) * D + d[:, None]) * (N * 2) + n[None, :] * 2
-    # (batch_row + 0 * n): a tensor, so that the mask stays boolean under the interpreter too
-    mask = dmask[:, None] & (n[None, :] < N) & ((batch_row + 0 * n[None, :]) < B)
-    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + 1, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_pair(ptrs, re, im, mask):
     tl.store(ptrs, re, mask=mask)
     tl.store(ptrs + 1, im, mask=mask)
@@ -532,10 +522,11 @@ def _store_states(ptr, index, live, re, im, D, N, d, dmask, NP: tl.constexpr):
 # block `blk` is `offs + blk * step` and its mask one comparison per element (32-bit offsets
 # unless the tensor has $2^{31}$ elements or more: `WIDE`; no channel mask when $D$ is a multiple
 # of $B_D$: `EVEN_D`). `_ring_start` and `_ring_next` keep up to three blocks' loads in flight
-# (`prefetch` blocks ahead of the one being computed). On the CPU box, ptxas for sm_90 counts the
-# instructions of kernel 2's loop: 557 per step with the offsets and masks recomputed per element,
-# 328 this way (`kernels/NOTES_cema.md`, v3). The H200 showed that this was not what bounded the
-# loop (Part 3), but it is what a loop should cost.
+# (`prefetch` blocks ahead of the one being computed). Compiled for an H200 on the CPU box
+# (`kernels/compile_cema_sm90.py`; record `kernels/results/cema_sm90_ptxas_cpu.json`), kernel 2's
+# loop takes 388 PTX instructions per step with the offsets and masks recomputed per element, and
+# 211 this way. The H200 showed that this was not what bounded the loop (Part 3), but it is what a
+# loop should cost.
 
 # %% tags=["export:ops.cema"]
 @triton.jit

@@ -197,16 +197,6 @@ def _load_step3(step_ptr, row: tl.constexpr, d, dmask, NP: tl.constexpr):
 
 
 @triton.jit
-def _load_state(ptr, index, batch_row, B, D, N, d, dmask, NP: tl.constexpr):
-    """state[index] of an (index, D, N, 2) tensor as (re, im), each (BD, NP); zero if batch_row >= B."""
-    n = tl.arange(0, NP)
-    offs = (index.to(tl.int64) * D + d[:, None]) * (N * 2) + n[None, :] * 2
-    # (batch_row + 0 * n): a tensor, so that the mask stays boolean under the interpreter too
-    mask = dmask[:, None] & (n[None, :] < N) & ((batch_row + 0 * n[None, :]) < B)
-    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + 1, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_pair(ptrs, re, im, mask):
     tl.store(ptrs, re, mask=mask)
     tl.store(ptrs + 1, im, mask=mask)
