@@ -302,7 +302,7 @@ class CemaKernelConfig:
 
     chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
-    block_d: int = 4             # BD, channels per program (one warp each)
+    block_d: int = 4             # BD, channels per program of the scan kernel (one warp each)
     streams: int = 16            # SB, (row, segment) streams per program: the M of every tl.dot
     num_warps: int = 4
     num_stages: int = 2
@@ -310,7 +310,18 @@ class CemaKernelConfig:
     min_programs: int = 528      # ... i.e. until this many programs (4 per H200 SM) ...
     min_segment_blocks: int = 8  # ... unless segments would get shorter than this many blocks
     precision: str = ""          # tl.dot operands: "" (tf32, or tf32x3 for float32 x), "tf32", "bf16", "ieee"
-    prefetch: bool = True        # load the next block while computing this one
+    prefetch: int = 3            # blocks loaded ahead of the one being computed (0 to 3)
+    block_d_ends: int = 8        # BD and warps of the segment-end kernel (0: block_d, num_warps)
+    num_warps_ends: int = 8
+    block_d_grad: int = 0        # BD and warps of the parameter-sum kernel (0: block_d, num_warps)
+    num_warps_grad: int = 0
+
+    def tile(self, kernel: str) -> tuple[int, int]:
+        """(channels per program, warps) of kernel "scan", "ends" or "grad"."""
+        if kernel == "scan":
+            return self.block_d, self.num_warps
+        block_d, warps = getattr(self, f"block_d_{kernel}"), getattr(self, f"num_warps_{kernel}")
+        return block_d or self.block_d, warps or self.num_warps
 
 
 DEFAULT_CONFIG = CemaKernelConfig()
@@ -368,8 +379,17 @@ def _dot_precision(dtype: torch.dtype, cfg: CemaKernelConfig) -> str:
 # ### 1.4 Complex numbers as pairs, and the precision of the products
 #
 # Complex numbers travel as (real, imaginary) pairs: a complex $(B_D, S_B, N)$ state is two real
-# tensors for the elementwise algebra, and is interleaved into one $(B_D, S_B, 2N)$ tensor when it
-# enters a matrix product, matching the tables' `(..., N, 2)` layout (`torch.view_as_real`).
+# tensors, and a complex table (stored as `(..., N, 2)`, `torch.view_as_real`) is read as two real
+# matmul operands, its real and its imaginary part. A product with a complex table is then two
+# real products (`_cdot`), and a complex state enters a product as its two parts:
+# $\mathrm{Re}(H V) = (\mathrm{Re}\,H)\,V_{re} + (\mathrm{Im}\,H)\,V_{im}$, with $V_{re}$ and $V_{im}$
+# the rows $\mathrm{Re}\,V$ and $-\mathrm{Im}\,V$ the table stores. So every product lands
+# as the real or the imaginary part it is, in the layout where the state update uses it, and no
+# tensor is interleaved or split inside a loop. (The first version interleaved states into one
+# $(B_D, S_B, 2N)$ operand; the compiler kept most of that in registers, but the form above is
+# simpler, and the products feed the state update's accumulators directly.) A state is the inner
+# dimension of a product here, which a GPU's `tl.dot` needs to be at least 16: states are padded
+# to $N_P \ge 16$.
 #
 # **Precision.** `tl.dot` runs on tensor cores in tf32 (10-bit mantissa) by default. For bf16 or
 # fp16 input, $x$ is exact in tf32 and the tables and states are rounded to a relative $2^{-11}$,
@@ -410,31 +430,42 @@ def _operand(t, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _pairs_to_complex(t, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
-    """(BD, SB, 2NP) with columns (re, im) per state -> re, im, each (BD, SB, NP)."""
-    return tl.split(tl.reshape(t, (BD, SB, NP, 2)))
+def _cdot(a, m, PRECISION: tl.constexpr):
+    """a @ m for a complex table m = (re, im): two real products, each landing as it is used."""
+    return _dot(a, m[0], PRECISION), _dot(a, m[1], PRECISION)
 
 
 @triton.jit
-def _complex_to_pairs(re, im, BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr):
-    return tl.reshape(tl.join(re, im), (BD, SB, 2 * NP))
+def _operands(m, PRECISION: tl.constexpr):
+    return _operand(m[0], PRECISION), _operand(m[1], PRECISION)
 
 # %% [markdown]
-# **Tables and states in memory.** A per-channel table is read as a $(B_D, C, 2N_P)$ matmul
-# operand (`_load_map`), or one row of per-state scalars at a time (`_load_step`, from the step
-# table of §1.5); a state is a (real, imaginary) pair of $(B_D, S_B, N_P)$ tensors, gathered from
-# and scattered to an `(index, D, N, 2)` tensor whose index is a batch row or a stream. $N_P$ is
-# the state count padded to a power of two (§1.5).
+# **Tables and states in memory.** A per-channel table is read as a (real, imaginary) pair of
+# $(B_D, C, N_P)$ matmul operands (`_load_map`; `_load_out_map` for $V$, whose rows are states),
+# or one row of per-state scalars at a time (`_load_step`, from the step table of §1.5); a state
+# is a pair of $(B_D, S_B, N_P)$ tensors, gathered from and scattered to an `(index, D, N, 2)`
+# tensor whose index is a batch row or a stream. $N_P$ is the state count padded to a power of
+# two, at least 16 (§1.5).
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _load_map(ptr, d, dmask, row_shift, C: tl.constexpr, NP: tl.constexpr, D_STRIDE: tl.constexpr):
-    """A per-channel (C, NP, 2) table as (BD, C, 2NP); row j reads row j + row_shift, zero outside
-    0..C-1 (the last, shorter block uses the full table shifted)."""
-    j = tl.arange(0, C) + row_shift
-    k = tl.arange(0, 2 * NP)
-    offs = d[:, None, None] * D_STRIDE + j[None, :, None] * (2 * NP) + k[None, None, :]
-    return tl.load(ptr + offs, mask=dmask[:, None, None] & ((j >= 0) & (j < C))[None, :, None], other=0.0)
+def _load_map(ptr, d, dmask, C: tl.constexpr, NP: tl.constexpr):
+    """A per-channel complex (C, NP, 2) table as the pair (re, im) of (BD, C, NP) operands."""
+    j = tl.arange(0, C)
+    n = tl.arange(0, NP)
+    offs = d[:, None, None] * (C * NP * 2) + j[None, :, None] * (NP * 2) + n[None, None, :] * 2
+    mask = dmask[:, None, None]
+    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + 1, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_out_map(ptr, d, dmask, C: tl.constexpr, NP: tl.constexpr):
+    """A per-channel (NP, 2, C) table of rows (Re, -Im) as the pair of (BD, NP, C) operands."""
+    n = tl.arange(0, NP)
+    i = tl.arange(0, C)
+    offs = d[:, None, None] * (NP * 2 * C) + n[None, :, None] * (2 * C) + i[None, None, :]
+    mask = dmask[:, None, None]
+    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + C, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -451,16 +482,6 @@ def _load_step3(step_ptr, row: tl.constexpr, d, dmask, NP: tl.constexpr):
     """The same, shaped (BD, 1, NP) to scale (BD, SB, NP) states."""
     re, im = _load_step(step_ptr, row, d, dmask, NP)
     return re[:, None, :], im[:, None, :]
-
-
-@triton.jit
-def _load_state(ptr, index, batch_row, B, D, N, d, dmask, NP: tl.constexpr):
-    """state[index] of an (index, D, N, 2) tensor as (re, im), each (BD, NP); zero if batch_row >= B."""
-    n = tl.arange(0, NP)
-    offs = (index.to(tl.int64) * D + d[:, None]) * (N * 2) + n[None, :] * 2
-    # (batch_row + 0 * n): a tensor, so that the mask stays boolean under the interpreter too
-    mask = dmask[:, None] & (n[None, :] < N) & ((batch_row + 0 * n[None, :]) < B)
-    return tl.load(ptr + offs, mask=mask, other=0.0), tl.load(ptr + offs + 1, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -494,6 +515,18 @@ def _store_states(ptr, index, live, re, im, D, N, d, dmask, NP: tl.constexpr):
 # adjoint scan of §1.7), `FLIP` reads the block last token first (kernels 1 and 3), and `shift`
 # moves every token by that many places (the final state of §1.6 reads the last block moved
 # $C - r$ places to the right).
+#
+# Inside the loops over blocks the same tiles are addressed more cheaply, because a loop's cost
+# per step is what counts: `_stream_tiles` computes, once before a loop, the offsets of block 0
+# of every stream, the step to the next block, and each stream's count of real tokens, so that
+# block `blk` is `offs + blk * step` and its mask one comparison per element (32-bit offsets
+# unless the tensor has $2^{31}$ elements or more: `WIDE`; no channel mask when $D$ is a multiple
+# of $B_D$: `EVEN_D`). `_ring_start` and `_ring_next` keep up to three blocks' loads in flight
+# (`prefetch` blocks ahead of the one being computed). Compiled for an H200 on the CPU box
+# (`kernels/compile_cema_sm90.py`; record `kernels/results/cema_sm90_ptxas_cpu.json`), kernel 2's
+# loop takes 388 PTX instructions per step with the offsets and masks recomputed per element, and
+# 211 this way. The H200 showed that this was not what bounded the loop (Part 3), but it is what a
+# loop should cost.
 
 # %% tags=["export:ops.cema"]
 @triton.jit
@@ -518,11 +551,72 @@ def _block_offsets(row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS
 
 
 @triton.jit
-def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr,
-                FLIP: tl.constexpr):
-    """The (BD, SB, C) tile of block `blk` of every stream, in the input's dtype (zeros outside)."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, FLIP)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+def _stream_tiles(row, seg, B, L, D, d, C: tl.constexpr, SEG_TOKENS, REVERSE: tl.constexpr, FLIP: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """What a loop over blocks needs, computed once before it: the offsets (BD, SB, C) of block 0
+    of every stream, the step from one block's offsets to the next, each token's place in its
+    block (1, 1, C) and each stream's count of real tokens (1, SB, 1) (0 for rows past B). Block
+    blk is then offs + blk * step, its real tokens those with blk * C + place < count: one integer
+    add and one compare per element and step. WIDE: int64 offsets (2^31 elements or more)."""
+    place = tl.arange(0, C)
+    if FLIP:
+        place = C - 1 - place
+    first = seg * SEG_TOKENS
+    count = tl.where(row < B, tl.minimum(L - first, SEG_TOKENS), 0)
+    step = C * D
+    if WIDE:
+        row, first, step = row.to(tl.int64), first.to(tl.int64), step.to(tl.int64)
+    if REVERSE:
+        offs = ((row * L + L - 1 - first) * D)[None, :, None] - place[None, None, :] * D + d[:, None, None]
+        step = -step
+    else:
+        offs = ((row * L + first) * D)[None, :, None] + place[None, None, :] * D + d[:, None, None]
+    return offs, step, place[None, None, :], count[None, :, None]
+
+
+@triton.jit
+def _tile_mask(blk, place, count, dmask, C: tl.constexpr, EVEN_D: tl.constexpr):
+    """The real tokens of block blk (see _stream_tiles); EVEN_D: every channel of the tile is real."""
+    inside = blk * C + place < count
+    if EVEN_D:
+        return inside
+    else:
+        return inside & dmask[:, None, None]
+
+
+@triton.jit
+def _load_tile(ptr, offs, step, place, count, blk, dmask, C: tl.constexpr, EVEN_D: tl.constexpr):
+    """Block blk of every stream, (BD, SB, C) in the input's dtype (zeros outside the tokens)."""
+    return tl.load(ptr + offs + blk * step, mask=_tile_mask(blk, place, count, dmask, C, EVEN_D), other=0.0)
+
+
+@triton.jit
+def _ring_start(ptr, offs, step, place, count, dmask, C: tl.constexpr, EVEN_D: tl.constexpr, DEPTH: tl.constexpr):
+    """The loads of blocks 0..DEPTH-1, issued before a loop: a ring of up to three tiles in flight
+    (slots past DEPTH repeat the first and stay unused)."""
+    x1 = _load_tile(ptr, offs, step, place, count, 0, dmask, C, EVEN_D)
+    x2, x3 = x1, x1
+    if DEPTH >= 2:
+        x2 = _load_tile(ptr, offs, step, place, count, 1, dmask, C, EVEN_D)
+    if DEPTH >= 3:
+        x3 = _load_tile(ptr, offs, step, place, count, 2, dmask, C, EVEN_D)
+    return x1, x2, x3
+
+
+@triton.jit
+def _ring_next(ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C: tl.constexpr, EVEN_D: tl.constexpr,
+               DEPTH: tl.constexpr):
+    """Block blk, and the ring one block on: the load of block blk + DEPTH is issued now, DEPTH
+    steps before its data is used, so that its latency overlaps DEPTH steps of work."""
+    if DEPTH == 0:
+        x = _load_tile(ptr, offs, step, place, count, blk, dmask, C, EVEN_D)
+    elif DEPTH == 1:
+        x, x1 = x1, _load_tile(ptr, offs, step, place, count, blk + 1, dmask, C, EVEN_D)
+    elif DEPTH == 2:
+        x, x1, x2 = x1, x2, _load_tile(ptr, offs, step, place, count, blk + 2, dmask, C, EVEN_D)
+    else:
+        x, x1, x2, x3 = x1, x2, x3, _load_tile(ptr, offs, step, place, count, blk + 3, dmask, C, EVEN_D)
+    return x, x1, x2, x3
 
 # %% [markdown]
 # ### 1.5 Per-channel tables
@@ -540,8 +634,8 @@ def _load_block(ptr, row, seg, blk, B, L, D, d, dmask, C: tl.constexpr, SEG_TOKE
 
 # %% tags=["export:ops.cema"]
 def _padded_states(n_states: int) -> int:
-    """NP: N rounded up to a power of two, at least 8 (2NP >= 16 is tl.dot's smallest size)."""
-    return max(8, triton.next_power_of_2(n_states))
+    """NP: N rounded up to a power of two, at least 16 (a state is the K of a tl.dot: K >= 16)."""
+    return max(16, triton.next_power_of_2(n_states))
 
 
 STEP_A, STEP_AR1, STEP_AR, STEP_P, STEP_BETA, STEP_Q, STEP_QL1, STEP_ROWS = (tl.constexpr(i) for i in range(8))
@@ -567,7 +661,8 @@ class CemaTables:
     step: Tensor
 
 # %% [markdown]
-# One launch fills every table, eight channels per program; `build_tables` allocates them and
+# One launch fills every table, two channels per program (float64 `exp`, `sin`, `cos` are slow, so
+# the work is spread over many programs); `build_tables` allocates them and
 # launches it. The same kernel builds the backward's adjoint tables (§1.7), where the input and
 # output coefficients trade places: tokens enter the state through $\beta$ ($p$ forward,
 # $q\gamma$ adjoint) and leave it through $c$ ($\gamma$ forward, $p$ adjoint), and $V$ holds
@@ -637,6 +732,9 @@ def _store_step_power(ptrs, log_r, theta, t, live, dmask):
     _store_pair(ptrs, tl.where(live, re, 0.0), tl.where(live, im, 0.0), dmask[:, None])
 
 
+TABLE_CHANNELS = 2   # channels per program of the tables kernel: 512 programs at D = 1024 (float64 latency)
+
+
 def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int, length: int, seg_len: int, *,
                  adjoint: bool) -> CemaTables:
     """Launch _cema_tables_kernel. log_q: (D, N, 2) float64 (log|q|, arg q); q, gamma: (D, N, 2) float32 pairs."""
@@ -646,9 +744,9 @@ def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int,
     tables = CemaTables(chunk, n_states, n_pad, new(d_model, chunk, n_pad, 2), new(d_model, chunk), new(d_model, chunk, n_pad, 2),
                         new(d_model, n_pad, 2, chunk), new(d_model, STEP_ROWS, n_pad, 2))
     last_len = length - (triton.cdiv(length, chunk) - 1) * chunk
-    _cema_tables_kernel[(triton.cdiv(d_model, 8),)](
+    _cema_tables_kernel[(triton.cdiv(d_model, TABLE_CHANNELS),)](
         log_q, q, p, gamma, tables.powers, tables.kern, tables.u, tables.v, tables.step,
-        d_model, n_states, last_len, seg_len, length, C=chunk, BD=8, NP=n_pad, ADJOINT=adjoint)
+        d_model, n_states, last_len, seg_len, length, C=chunk, BD=TABLE_CHANNELS, NP=n_pad, ADJOINT=adjoint)
     return tables
 
 # %% [markdown]
@@ -721,6 +819,7 @@ def _cema_segment_end_kernel(
     B, L, D, N, n_seg, seg_blocks,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, DERIV: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Kernel 1. Every segment's end state from a zero start with unit input,
     e = sum_t q^(S-1-t) x_t, and with DERIV also E = q de/dq. Grid: (channel tiles, groups).
@@ -733,22 +832,22 @@ def _cema_segment_end_kernel(
     stream = pid_g * SB + tl.arange(0, SB)
     row = stream // n_seg
     seg = stream - row * n_seg
-    powers = _operand(_load_map(powers_ptr, d, dmask, 0, C, NP, C * 2 * NP), PRECISION)
+    powers = _operands(_load_map(powers_ptr, d, dmask, C, NP), PRECISION)
     ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     er = tl.zeros((BD, SB, NP), tl.float32)
     ei, fr, fi = er, er, er
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
-    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
+    offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, True, WIDE)
+    x1, x2, x3 = _ring_start(x_ptr, offs, step, place, count, dmask, C, EVEN_D, PREFETCH)
     for blk in range(0, seg_blocks):
-        if PREFETCH:
-            x = x_next.to(tl.float32)
-            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True)
-        else:
-            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, True).to(tl.float32)
-        ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
+        x, x1, x2, x3 = _ring_next(x_ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
+        x = x.to(tl.float32)
+        ur, ui = _cdot(x, powers, PRECISION)
         if DERIV:
-            dur, dui = _pairs_to_complex(_dot(x * j, powers, PRECISION), BD, SB, NP)
-            er, ei, fr, fi = _cstep(ar, ai, C * ar, C * ai, er, ei, fr, fi, ur, ui, dur, dui)
+            dur, dui = _cdot(x * j, powers, PRECISION)
+            aer, aei = ar * er - ai * ei, ar * ei + ai * er         # A e, once for e and E
+            fr, fi = ar * fr - ai * fi + C * aer + dur, ar * fi + ai * fr + C * aei + dui
+            er, ei = aer + ur, aei + ui
         else:
             er, ei = _cmul(ar, ai, er, ei)
             er, ei = er + ur, ei + ui
@@ -757,25 +856,29 @@ def _cema_segment_end_kernel(
         _store_states(ends_dq_ptr, stream, row < B, fr, fi, D, N, d, dmask, NP)
 
 # %% [markdown]
-# **Kernel 2** is the forward. The final state is taken from the state before the last block,
-# kept in a register tensor as $q^r H$ while the loop runs and completed after it: computed inside
-# the loop, in a branch, it made the compiler hold registers for it in every iteration (ptxas:
-# 253 registers instead of about 180 at $C = 32$). The block moved $C - r$ places to the right
-# times $U$ gives $\sum_{j<r} p\, q^{r-1-j} x_j$ without a shifted table.
+# **Kernel 2** is the forward. $\omega x$ rides on the Toeplitz product ($\omega$ added to the
+# diagonal of $T$), so $x$ is only ever a matmul operand. The final state needs the state at the
+# start of the block holding the row's last token: the loop over blocks is split in two there,
+# and $q^r H$ is taken between the halves (a select in every step, or a branch inside the loop,
+# cost registers or instructions in every step), then completed after the loop: the block moved
+# $C - r$ places to the right times $U$ gives $\sum_{j<r} p\, q^{r-1-j} x_j$ without a shifted
+# table. All streams of a program step in lockstep, so the split serves the one stream that
+# holds the last token and costs the others nothing.
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
-                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, SEG_TOKENS,
-                REVERSE: tl.constexpr, PRECISION: tl.constexpr):
-    """One block X (loaded) of every stream: y = X T + H_pairs V + omega X, then H <- A H + X U."""
-    offs, mask = _block_offsets(row, seg, blk, B, L, D, d, dmask, C, SEG_TOKENS, REVERSE, False)
+def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz, u, v, ar, ai,
+                C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
+    """Block blk of every stream: y = X (T + omega I) + Re(H) V_re + Im(H) V_im, then
+    H <- A H + X U; every product lands in the layout its next use reads. X comes from the ring
+    of loads in flight (_ring_next: PREFETCH blocks ahead)."""
+    x, x1, x2, x3 = _ring_next(x_ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
     x = x.to(tl.float32)
-    h = _complex_to_pairs(hr, hi, BD, SB, NP)
-    y = _dot(x, toeplitz, PRECISION) + _dot(h, v, PRECISION) + omega * x
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    ur, ui = _pairs_to_complex(_dot(x, u, PRECISION), BD, SB, NP)
-    return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui
+    y = _dot(x, toeplitz, PRECISION) + _dot(hr, v[0], PRECISION) + _dot(hi, v[1], PRECISION)
+    tl.store(y_ptr + offs + blk * step, y.to(y_ptr.dtype.element_ty),
+             mask=_tile_mask(blk, place, count, dmask, C, EVEN_D))
+    ur, ui = _cdot(x, u, PRECISION)
+    return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui, x1, x2, x3
 
 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -784,7 +887,7 @@ def _cema_scan_kernel(
     B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Kernel 2. Per block of C tokens of every stream, with the block-start state H in registers:
         y = X T + H_pairs V + omega X,     H <- q^C H + X U
@@ -801,13 +904,11 @@ def _cema_scan_kernel(
     cj = tl.arange(0, C)
     lag = cj[None, None, :] - cj[None, :, None]                             # (1, C_j, C_i): i - j
     toeplitz = tl.load(kern_ptr + d[:, None, None] * C + lag, mask=dmask[:, None, None] & (lag >= 0), other=0.0)
-    u = _load_map(u_ptr, d, dmask, 0, C, NP, C * 2 * NP)
-    k = tl.arange(0, 2 * NP)
-    v = tl.load(v_ptr + d[:, None, None] * (2 * NP * C) + k[None, :, None] * C + cj[None, None, :],
-                mask=dmask[:, None, None], other=0.0)
-    toeplitz, u, v = _operand(toeplitz, PRECISION), _operand(u, PRECISION), _operand(v, PRECISION)
-    ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     omega = tl.load(omega_ptr + d, mask=dmask, other=0.0)[:, None, None]
+    toeplitz = _operand(tl.where(lag == 0, toeplitz + omega, toeplitz), PRECISION)   # omega x: on the diagonal
+    u = _operands(_load_map(u_ptr, d, dmask, C, NP), PRECISION)
+    v = _operands(_load_out_map(v_ptr, d, dmask, C, NP), PRECISION)
+    ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
     sign: tl.constexpr = -1.0 if REVERSE else 1.0     # the adjoint run starts at conj(z), ends conjugated
     if SEGMENTED:
         hr, hi = _segment_starts(ends_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, d, dmask, BD, SB, NP, HAS_Z, sign)
@@ -817,26 +918,22 @@ def _cema_scan_kernel(
     else:
         hr = tl.zeros((BD, SB, NP), tl.float32)
         hi = tl.zeros((BD, SB, NP), tl.float32)
-    rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)
-    fr = tl.zeros((BD, SB, NP), tl.float32)
-    fi = tl.zeros((BD, SB, NP), tl.float32)
-    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
-    for blk in range(0, seg_blocks):
-        if PREFETCH:            # issue the next block's load now, so it flies while this one computes
-            x = x_next
-            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
-        else:
-            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False)
-        at_last = blk == last_blk          # keep q^r H of the last block's start state
-        fr, fi = tl.where(at_last, rr * hr - ri * hi, fr), tl.where(at_last, rr * hi + ri * hr, fi)
-        hr, hi = _scan_block(x, y_ptr, blk, row, seg, hr, hi, toeplitz, u, v, ar, ai, omega, B, L, D, d, dmask,
-                             C, BD, NP, SB, seg_blocks * C, REVERSE, PRECISION)
+    offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, False, WIDE)
+    x1, x2, x3 = _ring_start(x_ptr, offs, step, place, count, dmask, C, EVEN_D, PREFETCH)
+    for blk in range(0, last_blk):
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
+                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
+    rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)     # q^r H, H: the last token's block's start state
+    fr, fi = rr * hr - ri * hi, rr * hi + ri * hr
+    for blk in range(last_blk, seg_blocks):   # the same loop on: split only to take q^r H between the two
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
+                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
     # the final state q^r H + sum_j x_j beta q^(r-1-j) (r = last_len tokens in the last block): the
     # block moved C - r places right, times U. After the loops, so that they hold no registers for it.
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False,
                                 last_len - C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ur, ui = _pairs_to_complex(_dot(x, u, PRECISION), BD, SB, NP)
+    ur, ui = _cdot(x, u, PRECISION)
     _store_states(h_last_ptr, row, (row < B) & (seg == last_seg), fr + ur, sign * (fi + ui), D, N, d, dmask, NP)
 
 # %% [markdown]
@@ -887,6 +984,9 @@ def _cema_scan_kernel(
 #
 # where $(j X_f)$ scales the flipped block's $j$-th token by $j$. Carrying $q\,\partial v/\partial q$
 # instead of $\partial v/\partial q$ is what lets a single table $Q$ serve all four products.
+# In the kernel the factor $q$ of $K_1$ (and of $K_z$) is applied once after the loop, and $A v_m$
+# is formed once for both updates: this loop does more arithmetic per token than any other, and
+# every complex product it saves counts.
 # Each check of a term against autograd of the float64 reference is in `tests/test_ops_cema.py`.
 
 # %% tags=["export:ops.cema"]
@@ -934,33 +1034,48 @@ def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N,
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _grad_block(x, g, powers, ar, ai, qr, qi, corr,
+def _grad_block(x, g, powers, ar, ai, corr,
                 vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
-                C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
-                HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
+                C: tl.constexpr, HAS_Z: tl.constexpr, PRECISION: tl.constexpr):
     """One block of every stream for kernel 3 (x read last token first): the products, then the
-    states one block on."""
+    states one block on. K1 and Kz are summed without their factor q (kernel 3 applies it once,
+    after its loop), and A v is formed once for both v and V: every complex product the block
+    step needs, no more (this loop is bound by its arithmetic, not by its loads)."""
     x, g = x.to(tl.float32), g.to(tl.float32)
     j = tl.arange(0, C).to(tl.float32)[None, None, :]
     corr += _dot(tl.permute(x, (0, 2, 1)), g, PRECISION)          # corr[j', i] = sum over streams x_(C-1-j') g_i
-    gr, gi = _pairs_to_complex(_dot(g, powers, PRECISION), BD, SB, NP)                 # gq = sum_i g_i q^i
-    hr, hi = _pairs_to_complex(_dot(g * (j + 1.0), powers, PRECISION), BD, SB, NP)     # sum_i (i+1) g_i q^i
-    sr, si = _cmul(qr, qi, gr, gi)                                                     # sum_i g_i q^(i+1)
-    zero = tl.zeros((BD, SB, NP), tl.float32)
-    t1r, t1i = _cmul(sr, si, vr, vi)
-    k1r, k1i = k1r + tl.sum(t1r, 1), k1i + tl.sum(t1i, 1)
-    t1r, t1i, t2r, t2i = _cstep(gr, gi, hr, hi, vr, vi, dvr, dvi, zero, zero, zero, zero)
-    k2r, k2i = k2r + tl.sum(t2r, 1), k2i + tl.sum(t2i, 1)                             # gq V + ((i+1) G) Q v
+    gr, gi = _cdot(g, powers, PRECISION)                          # gq = sum_i g_i q^i
+    hr, hi = _cdot(g * (j + 1.0), powers, PRECISION)              # sum_i (i+1) g_i q^i
+    k1r, k1i = k1r + tl.sum(gr * vr - gi * vi, 1), k1i + tl.sum(gr * vi + gi * vr, 1)              # gq v
+    k2r = k2r + tl.sum(hr * vr - hi * vi + gr * dvr - gi * dvi, 1)                                 # ((i+1) G) Q v
+    k2i = k2i + tl.sum(hr * vi + hi * vr + gr * dvi + gi * dvr, 1)                                 #   + gq V
     if HAS_Z:
-        t1r, t1i = _cmul(sr, si, wr, wi)
-        kzr, kzi = kzr + tl.sum(t1r, 1), kzi + tl.sum(t1i, 1)
-        t1r, t1i, t2r, t2i = _cstep(gr, gi, hr, hi, wr, wi, dwr, dwi, zero, zero, zero, zero)
-        kdr, kdi = kdr + tl.sum(t2r, 1), kdi + tl.sum(t2i, 1)
-        wr, wi, dwr, dwi = _cstep(ar, ai, C * ar, C * ai, wr, wi, dwr, dwi, zero, zero, zero, zero)
-    ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
-    dur, dui = _pairs_to_complex(_dot(x * j, powers, PRECISION), BD, SB, NP)
-    vr, vi, dvr, dvi = _cstep(ar, ai, C * ar, C * ai, vr, vi, dvr, dvi, ur, ui, dur, dui)
+        kzr, kzi = kzr + tl.sum(gr * wr - gi * wi, 1), kzi + tl.sum(gr * wi + gi * wr, 1)
+        kdr = kdr + tl.sum(hr * wr - hi * wi + gr * dwr - gi * dwi, 1)
+        kdi = kdi + tl.sum(hr * wi + hi * wr + gr * dwi + gi * dwr, 1)
+        awr, awi = ar * wr - ai * wi, ar * wi + ai * wr            # w <- A w,  W <- A W + C A w
+        dwr, dwi = ar * dwr - ai * dwi + C * awr, ar * dwi + ai * dwr + C * awi
+        wr, wi = awr, awi
+    ur, ui = _cdot(x, powers, PRECISION)
+    dur, dui = _cdot(x * j, powers, PRECISION)
+    avr, avi = ar * vr - ai * vi, ar * vi + ai * vr                # v <- A v + X_f Q,  V <- A V + C A v + (j X_f) Q
+    dvr, dvi = ar * dvr - ai * dvi + C * avr + dur, ar * dvi + ai * dvr + C * avi + dui
+    vr, vi = avr + ur, avi + ui
     return corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
+
+@triton.jit
+def _grad_step(x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place, g_place, count, dmask, powers,
+               ar, ai,
+               corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+               C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr, HAS_Z: tl.constexpr,
+               PRECISION: tl.constexpr, PREFETCH: tl.constexpr, EVEN_D: tl.constexpr):
+    """Block blk of x (last token first) and g from their rings of loads in flight, then _grad_block."""
+    x, x1, x2, x3 = _ring_next(x_ptr, xo, step, x_place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
+    g, g1, g2, g3 = _ring_next(g_ptr, go, step, g_place, count, blk, g1, g2, g3, dmask, C, EVEN_D, PREFETCH)
+    corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
+        x, g, powers, ar, ai, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+        k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, HAS_Z, PRECISION)
+    return x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
 # %% tags=["export:ops.cema"]
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
@@ -969,6 +1084,7 @@ def _cema_grad_sums_kernel(
     B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_D: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Kernel 3, forward in time over x and g = dL/dy. Per program (summed later in PyTorch):
     lag_sums[l] = sum of x_(t-l) g_t over pairs inside a block (anti-diagonals of X_f^T G), and the
@@ -983,9 +1099,8 @@ def _cema_grad_sums_kernel(
     stream = pid_g * SB + tl.arange(0, SB)
     row = stream // n_seg
     seg = stream - row * n_seg
-    powers = _operand(_load_map(powers_ptr, d, dmask, 0, C, NP, C * 2 * NP), PRECISION)
+    powers = _operands(_load_map(powers_ptr, d, dmask, C, NP), PRECISION)
     ar, ai = _load_step3(step_ptr, STEP_A, d, dmask, NP)
-    qr, qi = _load_step3(step_ptr, STEP_Q, d, dmask, NP)
     zero3 = tl.zeros((BD, SB, NP), tl.float32)
     if SEGMENTED:
         vr, vi, dvr, dvi, wr, wi, dwr, dwi = _grad_segment_starts(
@@ -997,26 +1112,28 @@ def _cema_grad_sums_kernel(
     zero2 = tl.zeros((BD, NP), tl.float32)
     k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = zero2, zero2, zero2, zero2, zero2, zero2, zero2, zero2
     corr = tl.zeros((BD, C, C), tl.float32)
+    xo, step, x_place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, False, True, WIDE)
+    go, _, g_place, _ = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, False, False, WIDE)
+    x1, x2, x3 = _ring_start(x_ptr, xo, step, x_place, count, dmask, C, EVEN_D, PREFETCH)
+    g1, g2, g3 = _ring_start(g_ptr, go, step, g_place, count, dmask, C, EVEN_D, PREFETCH)
+    for blk in range(0, last_blk):
+        (x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+         k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi) = _grad_step(
+            x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
+            corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+            C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
+    # q^r v and q^(r-1) (V + r v) of the last token's block's start states
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)
     r1r, r1i = _load_step3(step_ptr, STEP_AR1, d, dmask, NP)
-    fr, fi, f2r, f2i = zero3, zero3, zero3, zero3
-    x_next = _load_block(x_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, False, True)
-    g_next = _load_block(g_ptr, row, seg, 0, B, L, D, d, dmask, C, seg_blocks * C, False, False)
-    for blk in range(0, seg_blocks):
-        if PREFETCH:
-            x, g = x_next, g_next
-            x_next = _load_block(x_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, False, True)
-            g_next = _load_block(g_ptr, row, seg, blk + 1, B, L, D, d, dmask, C, seg_blocks * C, False, False)
-        else:
-            x = _load_block(x_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, False, True)
-            g = _load_block(g_ptr, row, seg, blk, B, L, D, d, dmask, C, seg_blocks * C, False, False)
-        at_last = blk == last_blk   # keep q^r v and q^(r-1) (V + r v) of the last block's start states
-        fr, fi = tl.where(at_last, rr * vr - ri * vi, fr), tl.where(at_last, rr * vi + ri * vr, fi)
-        t1r, t1i = dvr + last_len * vr, dvi + last_len * vi
-        f2r, f2i = tl.where(at_last, r1r * t1r - r1i * t1i, f2r), tl.where(at_last, r1r * t1i + r1i * t1r, f2i)
-        corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi = _grad_block(
-            x, g, powers, ar, ai, qr, qi, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
-            k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, BD, NP, SB, HAS_Z, PRECISION)
+    fr, fi = rr * vr - ri * vi, rr * vi + ri * vr
+    t1r, t1i = dvr + last_len * vr, dvi + last_len * vi
+    f2r, f2i = r1r * t1r - r1i * t1i, r1r * t1i + r1i * t1r
+    for blk in range(last_blk, seg_blocks):   # the same loop on
+        (x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi,
+         k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi) = _grad_step(
+            x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place, g_place, count, dmask, powers, ar, ai,
+            corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
+            C, BD, NP, SB, HAS_Z, PRECISION, PREFETCH, EVEN_D)
     # each row's final v and dv/dq (r = last_len tokens in the last block):
     # v_end = q^r v + sum_k x_(r-1-k) q^k,  dv_end/dq = q^(r-1) (V + r v) + sum_k (k+1) x_(r-2-k) q^k
     # (the block read last-first and moved so that its last real token comes first, times Q)
@@ -1024,11 +1141,11 @@ def _cema_grad_sums_kernel(
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, False, True,
                                 last_len - C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ur, ui = _pairs_to_complex(_dot(x, powers, PRECISION), BD, SB, NP)
+    ur, ui = _cdot(x, powers, PRECISION)
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, False, True,
                                 last_len - C - 1)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dur, dui = _pairs_to_complex(_dot(x * (j + 1.0), powers, PRECISION), BD, SB, NP)
+    dur, dui = _cdot(x * (j + 1.0), powers, PRECISION)
     last = (row < B) & (seg == last_seg)
     _store_states(v_last_ptr, row, last, fr + ur, fi + ui, D, N, d, dmask, NP)
     _store_states(v_last_ptr + B * D * N * 2, row, last, f2r + dur, f2i + dui, D, N, d, dmask, NP)
@@ -1043,6 +1160,9 @@ def _cema_grad_sums_kernel(
     tl.store(lag_sums_ptr + base[:, None] * C + cj[None, :], lag_sums, mask=dmask[:, None])
     n = tl.arange(0, NP)
     offs = base[:, None] * (4 * NP * 2) + n[None, :] * 2
+    qr, qi = _load_step(step_ptr, STEP_Q, d, dmask, NP)            # K1 = q sum gq v,  Kz = q sum gq w
+    k1r, k1i = qr * k1r - qi * k1i, qr * k1i + qi * k1r
+    kzr, kzi = qr * kzr - qi * kzi, qr * kzi + qi * kzr
     _store_pair(sums_ptr + offs, k1r, k1i, dmask[:, None])
     _store_pair(sums_ptr + offs + NP * 2, k2r, k2i, dmask[:, None])
     _store_pair(sums_ptr + offs + 2 * NP * 2, kzr, kzi, dmask[:, None])
@@ -1133,6 +1253,16 @@ def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float3
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def _tile_flags(x: Tensor, cfg: CemaKernelConfig, block_d: int) -> dict[str, bool]:
+    """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets need 64 bits
+    (with room for the block offsets a loop adds past the end)."""
+    return dict(EVEN_D=x.shape[-1] % block_d == 0,
+                WIDE=x.numel() + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
+
+
+INT32_OFFSETS_BELOW = 2**31   # test hook: 0 makes every launch use int64 offsets
+
+
 def _last_block(length: int, chunk: int, seg_len: int) -> tuple[int, int, int]:
     """(segment, block inside it, its token count r) of the block holding the last token."""
     last_seg = (length - 1) // seg_len
@@ -1147,10 +1277,12 @@ def launch_segment_ends(x: Tensor, tables: CemaTables, plan: Segments, cfg: Cema
     assert x.is_contiguous() and plan.seg_len % chunk == 0, (x.stride(), plan, chunk)
     ends = _new((batch * plan.n_seg, d_model, tables.n_states, 2), x)
     ends_dq = _new(tuple(ends.shape), x) if deriv else ends
-    _cema_segment_end_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
+    block_d, warps = cfg.tile("ends")
+    _cema_segment_end_kernel[(triton.cdiv(d_model, block_d), plan.groups)](
         x, tables.powers, tables.step, ends, ends_dq, batch, length, d_model, tables.n_states, plan.n_seg,
-        plan.seg_len // chunk, C=chunk, BD=cfg.block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
-        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        plan.seg_len // chunk, C=chunk, BD=block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
+        DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, block_d), num_warps=warps,
+        num_stages=cfg.num_stages)
     return ends, (ends_dq if deriv else None)
 
 
@@ -1167,7 +1299,7 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, REVERSE=reverse, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, cfg.block_d), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, h_last
 
 
@@ -1181,12 +1313,13 @@ def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None,
     lag_sums = _new((plan.groups, d_model, chunk), x)
     sums = _new((plan.groups, d_model, 4, tables.n_pad, 2), x)
     v_last = _new((2, batch, d_model, tables.n_states, 2), x)
-    _cema_grad_sums_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
+    block_d, warps = cfg.tile("grad")
+    _cema_grad_sums_kernel[(triton.cdiv(d_model, block_d), plan.groups)](
         x, g, tables.powers, tables.step, lag_sums if ends is None else ends, lag_sums if ends_dq is None else ends_dq,
         lag_sums if z is None else z, lag_sums, sums, v_last, batch, length, d_model, tables.n_states, plan.n_seg,
-        plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
+        plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=block_d, NP=tables.n_pad,
         SB=cfg.streams, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, block_d), num_warps=warps, num_stages=cfg.num_stages)
     return lag_sums, sums, v_last
 
 
@@ -1255,7 +1388,8 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
 
 # %% tags=["export:ops.cema"]
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
-                "min_programs", "min_segment_blocks", "prefetch")
+                "min_programs", "min_segment_blocks", "prefetch", "block_d_ends", "num_warps_ends", "block_d_grad",
+                "num_warps_grad")
 
 
 def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
@@ -1264,7 +1398,7 @@ def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
 
 def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
     fields = dict(zip(_TILE_FIELDS, tiles))
-    return CemaKernelConfig(**{**fields, "prefetch": bool(fields["prefetch"])}, precision=precision)
+    return CemaKernelConfig(**fields, precision=precision)
 
 
 @torch.library.custom_op("megalodon_lite::cema_fwd", mutates_args=())
@@ -2503,11 +2637,11 @@ plt.show()
 
 # %% [markdown]
 # The target is missed. Where the time goes is in the profile committed next to the results
-# (`kernels/results/cema_profile_h200.txt`, torch.profiler around forward+backward at 1 × 64K);
-# its kernel rows:
+# (`kernels/results/cema_profile_h200_v3.txt`, torch.profiler around forward+backward with the
+# current tile sizes, at 1 × 64K and 32 × 2K); its kernel rows:
 
 # %%
-for line in recorded("cema_profile_h200.txt").read_text().splitlines():
+for line in recorded("cema_profile_h200_v3.txt").read_text().splitlines():
     if " wall " in line:                      # e.g. "1 x 65536: wall ... ms per forward+backward"
         print(line.strip())
     elif line.strip().startswith("_cema_"):   # name, ..., CUDA total, CUDA time per call, calls
@@ -2515,19 +2649,36 @@ for line in recorded("cema_profile_h200.txt").read_text().splitlines():
         print(f"    {name:28s} {per_call:>10} per call ({calls} calls in the 5 profiled steps)")
 
 # %% [markdown]
-# Each kernel runs several times slower than the bytes it moves would allow. They are bound by
-# the latency of one step of their loop, not by bandwidth or arithmetic: a program walks its
-# blocks one after the other, and each step is a dependent chain — the block's load (issued one
-# step early since the second tuning session), a layout conversion through shared memory into the
-# tensor cores' operand layout, three small $16\times16\times16$ products per channel, a
-# shared-memory round trip for the store, the state update — while only a few programs fit on an
-# SM at the register counts these need. Prefetching the next block and halving $C$ to 16 (a
-# smaller Toeplitz product: $C + 4N$ multiply-adds per token) took the kernels from about 18× to
-# about 12.5× the floor (`kernels/NOTES_cema.md` has every version and what it predicted). What
-# the measurements point to next is more independent work per SM — a persistent kernel whose warps
-# own different channels and streams, with the blocks of $x$ double-buffered in shared memory —
-# rather than a different algorithm: the algebra above already moves each byte of $x$ and $y$ only
-# a few times.
+# Each kernel runs several times slower than the bytes it moves would allow. Three H200 sessions
+# (`kernels/NOTES_cema.md` has each version's prediction and measurement) ruled out the obvious
+# suspects one by one. Prefetching the next block and halving $C$ to 16 took the kernels from
+# about 18× to about 12.5× the floor. Cutting the instructions of the scan loop by 40% (§1.4)
+# changed nothing, nor did keeping two or three blocks' loads in flight instead of one: the loop
+# waits neither on its arithmetic nor on its loads' latency. A probe that only moves the bytes,
+# with the kernels' tiling and nothing else (`kernels/probe_cema.py`), names the bound:
+
+# %%
+probe = json.loads(recorded("probe_cema_h200.json").read_text())
+print(f"{probe['device']}, {probe['date'][:10]}: a copy of 65,536 x 1024 bf16 in (BD channels x 16 streams x 16 tokens)"
+      " tiles, 1,024 programs")
+for row in probe["copy"]:
+    print(f"  {row['probe']:>10}  BD = {row['BD']:>2} ({2 * row['BD']:>2}-byte pieces of each token's row): "
+          f"{row['ms']:.3f} ms, {row['TBps']:.2f} TB/s")
+kernel_ms = {(r["version"], r["B"]): r["gpu_fwdbwd_ms"] for r in probe["ab"] if "gpu_fwdbwd_ms" in r}
+for batch in (32, 4, 1):
+    print(f"  forward+backward GPU time at B = {batch:>2}: v2 {kernel_ms['v2', batch]:.3f} ms, "
+          f"v3 (this chapter) {kernel_ms['v3', batch]:.3f} ms")
+
+# %% [markdown]
+# With $B_D = 4$ channels per program, every store writes an 8-byte piece of a 32-byte memory
+# sector that four programs share, and such writes alone take longer than the whole scan kernel
+# (the copy row at $B_D = 4$ against the `_cema_scan_kernel` row of the profile). Whole sectors,
+# 16 channels of bf16 per program, make the same copy five times faster; reads suffer less. So the
+# next step is a scan kernel that writes whole sectors — 16 channels per program on 16 warps, one
+# channel per warp, compiles without spills in its loop — or a channel-tiled scratch layout for
+# $y$ and one relayout pass; and, at the target's 0.3 ms, a host path (custom ops, autograd,
+# eight launches) captured in a CUDA graph. The algebra stays: it already moves each byte of $x$
+# and $y$ only a few times.
 
 # %% [markdown]
 # ## Summary
@@ -2545,7 +2696,7 @@ for line in recorded("cema_profile_h200.txt").read_text().splitlines():
 # * Forward and backward are `torch.library` custom ops, opaque to `torch.compile`.
 # * The checks above ran the kernels under the Triton interpreter against chapter 04's float64
 #   recurrence; `tests/test_ops_cema.py` covers the shapes grid, and on a GPU bf16 and fp32 at the
-#   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200.txt`).
+#   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200_v3.txt`).
 
 # %% [markdown]
 # ## Exercises

@@ -10,7 +10,7 @@ tiles. Every kernel output starts as NaN (``poisoned_outputs``): an element no p
 shows up as a non-finite result.
 
 The tests marked ``gpu`` run on CUDA only: bf16 and fp32 at the benchmark shapes, a million-token
-sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200.txt).
+sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200_v3.txt).
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ CASES = [
     ("chunk32-D-not-pow2", 1, 100, 12, 4, 64, 32, True),
     ("N9-padded-to-16", 1, 40, 3, 9, 0, 16, True),
     ("prefetch-next-block", 2, 90, 6, 3, 32, 16, True),
+    ("prefetch-3-blocks-past-segment-ends", 2, 90, 6, 3, 32, 16, True),
 ]
+PREFETCH = {"prefetch-next-block": 1, "prefetch-3-blocks-past-segment-ends": 3}   # blocks loaded ahead
 
 
-def config(segment: int = 0, chunk: int = 16, prefetch: bool = False) -> ops.CemaKernelConfig:
+def config(segment: int = 0, chunk: int = 16, prefetch: int = 0) -> ops.CemaKernelConfig:
     return ops.CemaKernelConfig(**{**TINY, "chunk": chunk}, segment=segment, prefetch=prefetch)
 
 
@@ -100,14 +102,15 @@ def float32_copy(layer: CEMA) -> CEMA:
     return copy.deepcopy(layer).float()
 
 
-def check_case(case, through_parameters: bool) -> None:
+def check_case(case, through_parameters: bool, cfg: ops.CemaKernelConfig | None = None) -> None:
     _, batch, length, d_model, n_states, segment, chunk, with_h0 = case
+    cfg = cfg or config(segment, chunk, prefetch=PREFETCH.get(case[0], 0))
     layer, x, h0, dy, dh = random_problem(batch, length, d_model, n_states, with_h0)
     want = run(cema_recurrence, layer, x, h0, dy, dh, through_parameters=through_parameters)
     layer32 = float32_copy(layer)
     with ops.poisoned_outputs():
-        got = run(kernel_form(config(segment, chunk, prefetch=case[0].startswith("prefetch"))), layer32, x.float(), None if h0 is None else h0.to(torch.complex64),
-                  dy, dh, through_parameters=through_parameters)
+        got = run(kernel_form(cfg), layer32, x.float(),
+                  None if h0 is None else h0.to(torch.complex64), dy, dh, through_parameters=through_parameters)
     errors = relative_errors(got, want)
     assert max(errors.values()) < RTOL_FP32, errors
 
@@ -116,6 +119,22 @@ def check_case(case, through_parameters: bool) -> None:
 def test_forward_and_every_gradient_match_float64_reference(case):
     """y, h_last and the gradients to x, h0, p, q, gamma, omega."""
     check_case(case, through_parameters=False)
+
+
+def test_int64_offsets_match_too(monkeypatch):
+    """Tensors of 2^31 elements or more take int64 offsets (WIDE): the same results, forced small."""
+    monkeypatch.setattr(ops, "INT32_OFFSETS_BELOW", 0)
+    assert ops._tile_flags(torch.empty(1, 1, 4), ops.DEFAULT_CONFIG, 4)["WIDE"]
+    check_case(CASES[8], through_parameters=False)      # segments, h0, prefetch past the segment end
+
+
+def test_each_kernel_with_its_own_channel_tile():
+    """Kernel 1 (segment ends) and kernel 3 (parameter sums) may tile the channels unlike kernel 2."""
+    block_d = TINY["block_d"]
+    cfg = ops.CemaKernelConfig(**TINY, segment=32, prefetch=2, block_d_ends=2 * block_d, num_warps_ends=TINY["num_warps"],
+                               block_d_grad=block_d // 2 if not HAS_CUDA else block_d, num_warps_grad=1 if not HAS_CUDA else 2)
+    assert cfg.tile("ends") == (2 * block_d, TINY["num_warps"]) and cfg.tile("scan") == (block_d, TINY["num_warps"])
+    check_case(CASES[4], through_parameters=False, cfg=cfg)      # segments, groups straddling rows, h0
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[CASES[3][0], CASES[4][0]])

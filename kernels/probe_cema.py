@@ -1,0 +1,166 @@
+"""Probe: where does a CEMA kernel's time go? Two measurements in one GPU run.
+
+    git show 7bc20a4:megalodon_lite/ops/cema.py > /tmp/cema_v2.py     # the v2 kernels, for the A/B
+    python kernels/probe_cema.py --v2-source /tmp/cema_v2.py --out /tmp/probe
+
+1. **A/B of v2 and this checkout's kernels in one process**, at the benchmark shapes (D=1024, N=16,
+   bf16, 65,536 tokens per call): the eager forward and forward+backward time as kernels/bench.py
+   takes it (do_bench median), three rounds alternating v2 and v3 so that drift shows, and the GPU
+   time of one forward+backward summed over its kernels (torch.profiler), which leaves out the time
+   the GPU waits for the host. v2's module is imported from ``--v2-source`` with its custom ops
+   renamed (``cema_v2::...``) so both register.
+2. **The access pattern alone**: a Triton copy with the kernels' tiling (BD channels x 16 streams
+   x 16 tokens per step, one program walking its segment's blocks, 1,024 programs for 64M elements)
+   and nothing else, for BD = 4 ... 32: reading x and writing y, and reading only. If BD = 4
+   (8-byte pieces of 32-byte sectors) is slow by itself, the kernels' loops are bound by their
+   memory access pattern, not by their arithmetic.
+
+Writes ``probe_cema_<device>.json`` (device, versions, date, command, rows) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHAPES = [(32, 2048), (4, 16384), (1, 65536)]
+D_MODEL, N_STATES = 1024, 16
+
+
+def load_v2(source: Path):
+    """The v2 ops module from its source, custom ops renamed so that they do not clash."""
+    text = source.read_text().replace('"megalodon_lite::cema_', '"cema_v2::cema_')
+    path = Path(tempfile.mkdtemp()) / "cema_v2_ops.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("cema_v2_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ab_rows(modules: dict, rounds: int) -> list[dict]:
+    from triton.testing import do_bench
+    from torch.profiler import ProfilerActivity, profile
+
+    from megalodon_lite.cema import CEMA
+
+    torch.manual_seed(0)
+    layer = CEMA(D_MODEL, N_STATES).cuda()
+    coefficients = [t.detach().requires_grad_(True) for t in (*layer.coefficients(), layer.omega)]
+    rows = []
+    for batch, length in SHAPES:
+        x = torch.randn(batch, length, D_MODEL, device="cuda", dtype=torch.bfloat16)
+        x_grad, dy = x.clone().requires_grad_(True), torch.randn_like(x)
+        for rnd in range(rounds):
+            for name, module in modules.items():
+                def forward(module=module):
+                    with torch.no_grad():
+                        return module.cema_triton(x, *coefficients)
+
+                def forward_backward(module=module):
+                    module.cema_triton(x_grad, *coefficients)[0].backward(dy)
+
+                fwd = float(do_bench(forward, warmup=25, rep=200, return_mode="median"))
+                both = float(do_bench(forward_backward, warmup=25, rep=200, grad_to_none=[x_grad, *coefficients],
+                                      return_mode="median"))
+                row = {"version": name, "B": batch, "L": length, "round": rnd, "fwd_ms": fwd, "fwdbwd_ms": both}
+                if rnd == 0:   # GPU time of the kernels of one forward+backward, without host gaps
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            forward_backward()
+                        torch.cuda.synchronize()
+                    kernels = {}
+                    for event in prof.key_averages():
+                        if event.device_type.name == "CUDA" and "cema" in event.key:
+                            kernels[event.key] = event.self_device_time_total / 5 / 1e3
+                    row["gpu_kernels_ms"] = kernels
+                    row["gpu_fwdbwd_ms"] = sum(kernels.values())
+                rows.append(row)
+                print(f"{name:>3} B={batch:<3} L={length:<6} round {rnd}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms"
+                      + (f", kernels {row['gpu_fwdbwd_ms']:.3f} ms" if "gpu_fwdbwd_ms" in row else ""), flush=True)
+        x_grad.grad = None
+        for c in coefficients:
+            c.grad = None
+    return rows
+
+
+@triton.jit
+def _tiled_copy_kernel(x_ptr, y_ptr, L, D, seg_len, n_seg, BD: tl.constexpr, SB: tl.constexpr, C: tl.constexpr,
+                       STORE: tl.constexpr):
+    """The CEMA loops' access pattern and nothing else: (BD, SB, C) tiles of SB segments, block by block."""
+    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    stream = tl.program_id(1) * SB + tl.arange(0, SB)
+    row, seg = stream // n_seg, stream % n_seg
+    offs = ((row * L + seg * seg_len) * D)[None, :, None] + tl.arange(0, C)[None, None, :] * D + d[:, None, None]
+    acc = tl.zeros((BD, SB, C), tl.float32)
+    for blk in range(0, seg_len // C):
+        x = tl.load(x_ptr + offs + blk * C * D)
+        if STORE:
+            tl.store(y_ptr + offs + blk * C * D, x)
+        else:
+            acc += x.to(tl.float32)
+    if not STORE:
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty))
+
+
+def copy_rows() -> list[dict]:
+    from triton.testing import do_bench
+
+    x = torch.randn(1, 65536, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    rows = []
+    for block_d in (4, 8, 16, 32):
+        for store in (True, False):
+            n_seg = 64 * block_d // 4          # 1,024 programs whatever BD: 256 * 4 at BD = 4
+            seg_len = 65536 // n_seg
+            grid = (D_MODEL // block_d, n_seg // 16)
+
+            def run():
+                _tiled_copy_kernel[grid](x, y, 65536, D_MODEL, seg_len, n_seg, BD=block_d, SB=16, C=16, STORE=store,
+                                         num_warps=4)
+            ms = float(do_bench(run, warmup=25, rep=200, return_mode="median"))
+            moved = x.numel() * 2 * (2 if store else 1)
+            rows.append({"probe": "tiled copy" if store else "tiled read", "BD": block_d, "segments": n_seg,
+                         "blocks_per_program": seg_len // 16, "ms": ms, "TBps": moved / ms / 1e9})
+            print(f"{rows[-1]['probe']:>10} BD={block_d:<3} {ms:.3f} ms  {rows[-1]['TBps']:.2f} TB/s", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--v2-source", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    from megalodon_lite.ops import cema as v3
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "v3_config": repr(v3.DEFAULT_CONFIG)}
+    result["copy"] = copy_rows()
+    result["ab"] = ab_rows({"v2": load_v2(args.v2_source), "v3": v3}, args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in result["device"].lower()).strip("_")
+    path = args.out / f"probe_cema_{slug}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
