@@ -8,6 +8,8 @@
 #   memory     kernels/memory_profile.py, then chapter 10's throughput part (speed and peak memory)
 #   model-tests  the GPU tests of the model with kernels (one training step vs PyTorch) and of decoding
 #   memory-compiled  kernels/memory_profile.py, then chapter 10's throughput-compiled part (eager and compiled)
+#   scan-final  CEMA variants (kernels/tune_cema.py --adopt: the best one runs the rest of the call), the
+#              CEMA GPU tests, then kernels/bench.py --figure for every op
 #   recall     chapter 10's recall part (MQAR and passkey), 3.5 minutes
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
 #   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode memory sp-bench sp-train
@@ -91,6 +93,23 @@ if wants memory-compiled; then
         --minutes 4.6 > "$OUT/train_compare_compiled.log" 2>&1
     grep -E "throughput|tok/s|GiB" "$OUT/train_compare_compiled.log" | tail -20
     mv "$OUT/tcc/train_compare.json" "$OUT/train_compare_throughput_compiled.json" 2>/dev/null
+fi
+
+if wants scan-final; then
+    step "chapter 08: CEMA variants, the best adopted for the rest of this call (kernels/tune_cema.py --adopt)"
+    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 kernels/tune_cema.py --out "$OUT" --adopt \
+        --variants default scan16 scan16-ends16 scan8 > "$OUT/tune_cema.log" 2>&1
+    grep -E "adopted|best|ms" "$OUT/tune_cema.log" | tail -14
+
+    step "GPU tests: CEMA kernels at the adopted config"
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 130 python3 -m pytest -q -rA --noconftest -o addopts="" \
+        -p no:cacheprovider -n 16 tests/test_ops_cema.py > "$OUT/gpu_tests_cema.log" 2>&1
+    tail -3 "$OUT/gpu_tests_cema.log"
+
+    step "kernels/bench.py, every op, with the figure"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
+    tail -20 "$OUT/bench.log"
+    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
 fi
 
 if wants recall; then
