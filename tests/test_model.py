@@ -556,3 +556,25 @@ def test_layer_recomputation_in_the_backward_changes_no_gradient(swiglu):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_written_out_dropout_path_computes_what_the_lean_path_does():
+    """With hidden dropout in training, the layer and the FFN write the gated products out plainly
+    (dropout needs its mask); with a rate of 1e-9 (no element dropped, values scaled by 1 + 1e-9)
+    that path must give the lean path's output and gradients to 1e-7 (float64)."""
+    gen = torch.Generator().manual_seed(11)
+    model = MegalodonLM(tiny(swiglu=True, hidden_dropout=1e-9)).double().train()
+    perturb_zero_initialised(model, gen)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 19), generator=gen)
+    weights = torch.randn(2, 19, model.config.vocab_size, generator=gen, dtype=torch.float64)
+    results = []
+    for rate in (1e-9, 0.0):  # written out, then lean
+        for module in model.modules():
+            if hasattr(module, "hidden_dropout"):
+                module.hidden_dropout = rate
+        model.zero_grad()
+        logits = model(tokens)[0]
+        (logits * weights).sum().backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7 * want.abs().max().item())
