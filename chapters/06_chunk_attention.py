@@ -696,8 +696,7 @@ def kernel_forward(module: ChunkAttention, z: Tensor, v: Tensor) -> tuple[Tensor
     (batch, length, _), heads = z.shape, module.num_heads
     tail = length % module.chunk_size
     if not tail:  # ends on a chunk boundary: an empty cache, not tied to z and v in the autograd graph
-        return o, ChunkKVCache(z.new_zeros(batch, heads, 0, module.z_head_dim),
-                               v.new_zeros(batch, heads, 0, module.v_head_dim))
+        return o, ChunkKVCache.empty(batch, heads, module.z_head_dim, module.v_head_dim, dtype=z.dtype, device=z.device)
     z_tail = z[:, length - tail:].unflatten(-1, (heads, module.z_head_dim))
     _, k_tail = normalized_qk(module.z_norm(z_tail), module.gamma, module.beta)
     k_tail = module.rope(k_tail.transpose(1, 2), torch.arange(tail, device=z.device))

@@ -34,6 +34,10 @@ attention_profile() {  # $1: as above
     step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps ($1)"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
 }
+memory_profile() {
+    step "kernels/memory_profile.py: what each model saves for the backward, and its peak, at 32K"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/memory_profile.py --out "$OUT" 2>&1 | grep -v Warning
+}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 if wants attention; then
@@ -66,8 +70,7 @@ if wants attention-check; then
 fi
 
 if wants memory; then
-    step "kernels/memory_profile.py: what each model saves for the backward, and its peak, at 32K"
-    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/memory_profile.py --out "$OUT" 2>&1 | grep -v Warning
+    memory_profile
 
     step "chapter 10: training throughput and peak memory (kernels/train_compare.py --parts throughput)"
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 kernels/train_compare.py --out "$OUT/tcm" --parts throughput \
@@ -85,8 +88,7 @@ if wants model-tests; then
 fi
 
 if wants memory-compiled; then
-    step "kernels/memory_profile.py: what each model saves for the backward, and its peak, at 32K"
-    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/memory_profile.py --out "$OUT" 2>&1 | grep -v Warning
+    memory_profile
 
     step "chapter 10: eager and compiled throughput and peak memory (kernels/train_compare.py --parts throughput-compiled)"
     CUDA_VISIBLE_DEVICES=0 timeout 280 python3 kernels/train_compare.py --out "$OUT/tcc" --parts throughput-compiled \

@@ -141,7 +141,8 @@ class NormalizedFFN(nn.Module):
         u = self.norm(y)
         multiplier = None if self.fc3 is None else self.fc3(u)
         if self.hidden_dropout and self.training:  # dropout before fc2: written out
-            hidden = F.silu(self.fc1(u)) if multiplier is None else F.silu(self.fc1(u)) * multiplier
+            hidden = F.silu(self.fc1(u))
+            hidden = hidden if multiplier is None else hidden * multiplier
             out = self.fc2(F.dropout(hidden, self.hidden_dropout, True))
         else:
             out = gated_projection(self.fc1(u), self.fc2.weight, multiplier)  # keeps fc1's and fc3's outputs only
