@@ -1384,7 +1384,10 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
 # `torch.compile` cannot trace into a Triton launch (nor, in Inductor, generate code for complex
 # tensors), so forward and backward are registered as custom ops, `megalodon_lite::cema_fwd` and
 # `megalodon_lite::cema_bwd`, with fake implementations that give output shapes: a compiled model
-# treats them as opaque calls and compiles everything around them.
+# treats them as opaque calls and compiles everything around them. Eagerly, the autograd function
+# calls the same two functions directly: the dispatcher's round trip costs tens of microseconds a
+# call, and at a few milliseconds per forward+backward the host's time is already part of the
+# measured time (Part 3).
 
 # %% tags=["export:ops.cema"]
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
@@ -1401,10 +1404,9 @@ def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
     return CemaKernelConfig(**fields, precision=precision)
 
 
-@torch.library.custom_op("megalodon_lite::cema_fwd", mutates_args=())
-def cema_fwd_op(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None, save_dq: bool,
-                tiles: list[int], precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Opaque forward: (y, h_last, ends, ends_dq); complex tensors as (..., 2) float32 pairs;
+def cema_fwd_launch(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None, save_dq: bool,
+                    tiles: list[int], precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward as an op: (y, h_last, ends, ends_dq); complex tensors as (..., 2) float32 pairs;
     ends/ends_dq empty when the rows are not segmented (or dq is not needed)."""
     with torch.autocast(x.device.type, enabled=False):
         y, h_last, ends, ends_dq = cema_triton_fwd(x, p, q, gamma, omega, h0, save_dq, _config(tiles, precision))
@@ -1412,6 +1414,9 @@ def cema_fwd_op(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h
     def or_empty(t: Tensor | None) -> Tensor:   # ops return tensors, and never the same one twice
         return x.new_empty(0, dtype=torch.float32) if t is None else t
     return y, h_last, or_empty(ends), or_empty(ends_dq)
+
+
+cema_fwd_op = torch.library.custom_op("megalodon_lite::cema_fwd", cema_fwd_launch, mutates_args=())
 
 
 @cema_fwd_op.register_fake
@@ -1424,15 +1429,17 @@ def _(x, p, q, gamma, omega, h0, save_dq, tiles, precision):
             new(ends if save_dq else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("megalodon_lite::cema_bwd", mutates_args=())
-def cema_bwd_op(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-                h0: Tensor | None, ends: Tensor, ends_dq: Tensor, params: bool, tiles: list[int],
-                precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Opaque backward: (dx, dp, dq, dgamma, domega, dh0); the ones not computed are empty."""
+def cema_bwd_launch(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                    h0: Tensor | None, ends: Tensor, ends_dq: Tensor, params: bool, tiles: list[int],
+                    precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward as an op: (dx, dp, dq, dgamma, domega, dh0); the ones not computed are empty."""
     with torch.autocast(x.device.type, enabled=False):
         grads = cema_triton_bwd(dy, dh_last, x, p, q, gamma, omega, h0, ends if ends.numel() else None,
                                 ends_dq if ends_dq.numel() else None, params, _config(tiles, precision))
     return tuple(x.new_empty(0, dtype=torch.float32) if grad is None else grad for grad in grads)
+
+
+cema_bwd_op = torch.library.custom_op("megalodon_lite::cema_bwd", cema_bwd_launch, mutates_args=())
 
 
 @cema_bwd_op.register_fake
@@ -1444,14 +1451,16 @@ def _(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq, params, tiles, prec
 
 # %% tags=["export:ops.cema"]
 class CemaTritonFunction(torch.autograd.Function):
-    """Autograd glue: the custom ops forward and backward, complex tensors as float32 pairs."""
+    """Autograd glue, complex tensors as float32 pairs: under ``torch.compile`` the custom ops (opaque
+    to the compiler), eagerly the functions they wrap (no dispatcher round trip)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None,
                 cfg: CemaKernelConfig) -> tuple[Tensor, Tensor]:
         tiles, precision = _config_args(cfg)
         params = any(ctx.needs_input_grad[1:5])
-        y, h_last, ends, ends_dq = cema_fwd_op(x, p, q, gamma, omega, h0, params, tiles, precision)
+        launch = cema_fwd_op if torch.compiler.is_compiling() else cema_fwd_launch
+        y, h_last, ends, ends_dq = launch(x, p, q, gamma, omega, h0, params, tiles, precision)
         ctx.save_for_backward(x, p, q, gamma, omega, h0, ends, ends_dq)
         ctx.params, ctx.config = params, (tiles, precision)
         return y, h_last
@@ -1459,8 +1468,9 @@ class CemaTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, dh_last: Tensor):
         x, p, q, gamma, omega, h0, ends, ends_dq = ctx.saved_tensors
-        dx, dp, dq, dgamma, domega, dh0 = cema_bwd_op(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq,
-                                                      ctx.params, *ctx.config)
+        launch = cema_bwd_op if torch.compiler.is_compiling() else cema_bwd_launch
+        dx, dp, dq, dgamma, domega, dh0 = launch(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq,
+                                                 ctx.params, *ctx.config)
         if not ctx.params:
             dp = dq = dgamma = domega = None
         return dx, dp, dq, dgamma, domega, (dh0 if h0 is not None else None), None
@@ -2564,11 +2574,14 @@ for name, us in tune_run["profile_4x16K_us"]:
 def show_results(results: dict) -> None:
     """The results table: time and multiple of the floor, forward and forward+backward."""
     print(f"{results['device']}  ({results['date']}, torch {results['torch']}, triton {results['triton']})")
-    print(f"{'op':>14} {'path':>6} {'B x L':>12} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}")
+    print(f"{'op':>14} {'path':>6} {'B x L':>12} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}"
+          f" {'graph fwd+bwd':>14} {'x floor':>8}")
     for row in results["rows"]:
+        graph = row.get("graph_fwdbwd_ms")
         print(f"{row['op']:>14} {row['path']:>6} {row['B']:>4} x {row['L']:<6} {row['fwd_ms']:9.3f} "
               f"{row['fwd_ms'] / row['floor_fwd_ms']:8.2f} {row['fwdbwd_ms']:11.3f} "
-              f"{row['fwdbwd_ms'] / row['floor_fwdbwd_ms']:8.2f}")
+              f"{row['fwdbwd_ms'] / row['floor_fwdbwd_ms']:8.2f}"
+              + (f" {graph:14.3f} {graph / row['floor_fwdbwd_ms']:8.2f}" if graph is not None else ""))
     for op in sorted({row["op"] for row in results["rows"]}):
         kernel = [r for r in results["rows"] if r["op"] == op and r["path"] == "triton"]
         torch_rows = {(r["B"], r["L"]): r for r in results["rows"] if r["op"] == op and r["path"] == "torch"}
@@ -2597,7 +2610,9 @@ def plot_time_over_floor(results: dict) -> "Figure":
     "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms"}``. One panel per direction (forward,
     forward+backward); per op and path (Triton kernel: solid, plain PyTorch: dashed) the time
     over the row's floor (``fwd_ms / floor_fwd_ms``, ``fwdbwd_ms / floor_fwdbwd_ms``) at every
-    B x L shape, on a log scale: 1 is the floor, the dotted line at 2 the target.
+    B x L shape, on a log scale: 1 is the floor, the dotted line at 2 the target. Rows that also
+    carry ``graph_fwd_ms`` / ``graph_fwdbwd_ms`` (the calls replayed from a CUDA graph) add a
+    dotted series of crosses.
     """
     import matplotlib.pyplot as plt
 
@@ -2618,6 +2633,10 @@ def plot_time_over_floor(results: dict) -> "Figure":
             for i, ratio in zip(xs, ratios):
                 ax.annotate(f"{ratio:.3g}" if ratio < 100 else f"{ratio:.0f}", (i, ratio), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
+            graphed = [i for i in xs if by_shape[shapes[i]].get(f"graph_{key}") is not None]
+            if graphed:   # the same calls replayed from a CUDA graph: the GPU's time alone
+                ax.plot(graphed, [by_shape[shapes[i]][f"graph_{key}"] / by_shape[shapes[i]][floor_key] for i in graphed],
+                        "x:", color=colours[op], label=f"{op} ({path}, CUDA graph)")
         ax.axhline(1.0, color="k", lw=1)
         ax.axhline(2.0, color="k", lw=1, ls=":")
         ax.set(yscale="log", title=title, xlabel="B x L (65,536 tokens per call)")

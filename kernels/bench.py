@@ -16,8 +16,9 @@ chapter 09 section 1; forward+backward = 3.5 x).
 
 Results: ``kernels/results/<device>.json`` with a header
 ``{"device", "torch", "triton", "date", "command", "copy_TBps", "matmul_TFLOPs", ...}`` and
-``rows`` of ``{"op", "path", "B", "L", "fwd_ms", "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms"}``,
-and the figure ``figures/08_scan_kernels.png`` (written only with ``--figure``).
+``rows`` of ``{"op", "path", "B", "L", "fwd_ms", "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms",
+"graph_fwd_ms", "graph_fwdbwd_ms"}`` (the last two: the Triton rows replayed from a CUDA graph, the
+GPU's time without the host's dispatch and launches; null for the PyTorch rows), and the figure ``figures/08_scan_kernels.png`` (written only with ``--figure``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Row:
     fwdbwd_ms: float
     floor_fwd_ms: float
     floor_fwdbwd_ms: float
+    graph_fwd_ms: float | None = None      # Triton rows: the same calls replayed from a CUDA graph
+    graph_fwdbwd_ms: float | None = None   # (the GPU's own time, without Python's launches)
 
 
 def bench_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
@@ -78,6 +81,34 @@ def measure_ceilings() -> Ceilings:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     mm_ms = bench_ms(lambda: a @ b)
     return Ceilings(copy_TBps=copy_TBps, matmul_TFLOPs=2 * n**3 / (mm_ms * 1e-3) / 1e12)
+
+
+def graph_ms(fn: Callable[[], object]) -> float | None:
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``:
+    many calls captured in one graph, so the host's dispatch, autograd and launches are not timed; no
+    L2 flush between calls). None, with the reason printed, if ``fn`` cannot be captured."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception as err:  # noqa: BLE001  (a row without its graph column, not a failed run)
+        print(f"    (no CUDA-graph time: {type(err).__name__}: {err})", flush=True)
+        return None
+
+
+def timed_row(op: str, path: str, batch: int, length: int, forward: Callable[[], object],
+              forward_backward: Callable[[], object], floor_fwd: float, floor_fwdbwd: float,
+              grad_to_none: list[torch.Tensor] | None = None, graphed: bool = False,
+              graph_forward_backward: Callable[[], object] | None = None) -> Row:
+    """One row: eager forward and forward+backward (``bench_ms``), and with ``graphed`` both again from
+    a CUDA graph (``graph_forward_backward``, if given, is the form to capture: it must return its
+    gradients rather than accumulate them into ``.grad``)."""
+    row = Row(op, path, batch, length, bench_ms(forward), bench_ms(forward_backward, grad_to_none=grad_to_none),
+              floor_fwd, floor_fwdbwd)
+    if graphed:
+        row.graph_fwd_ms = graph_ms(forward)
+        row.graph_fwdbwd_ms = graph_ms(graph_forward_backward or forward_backward)
+    return row
 
 
 # Each op contributes ``name -> fn(ceilings) -> list[Row]`` (kernel and PyTorch paths, every shape).
@@ -110,9 +141,12 @@ def bench_cema(ceilings: Ceilings, config=None) -> list[Row]:
             def forward_backward(form=form):
                 form(x_grad)[0].backward(dy)
 
-            rows.append(Row("cema", path, batch, length, bench_ms(forward),
-                            bench_ms(forward_backward, grad_to_none=[x_grad, *coefficients]),
-                            floor, BWD_OVER_FWD_SCAN * floor))
+            def gradients(form=form):
+                return torch.autograd.grad(form(x_grad)[0], (x_grad, *coefficients), dy)
+
+            rows.append(timed_row("cema", path, batch, length, forward, forward_backward, floor,
+                                  BWD_OVER_FWD_SCAN * floor, grad_to_none=[x_grad, *coefficients],
+                                  graphed=path == "triton", graph_forward_backward=gradients))
             torch.cuda.empty_cache()
     return rows
 
@@ -140,8 +174,8 @@ def bench_timestep_norm(ceilings: Ceilings) -> list[Row]:
             def forward_backward(fn=fn):
                 torch.autograd.grad(fn(x, weight, bias, N_GROUPS)[0], (x, weight, bias), dy)
 
-            rows.append(Row("timestep_norm", path, batch, length, bench_ms(forward), bench_ms(forward_backward),
-                            floor_ms, BWD_OVER_FWD_SCAN * floor_ms))
+            rows.append(timed_row("timestep_norm", path, batch, length, forward, forward_backward, floor_ms,
+                                  BWD_OVER_FWD_SCAN * floor_ms, graphed=path == "triton"))
         del x, dy
     return rows
 
@@ -172,10 +206,15 @@ def attention_rows(ceilings: Ceilings) -> list[Row]:
         calls = {"triton": lambda: chunk_attention(z, v, gamma, beta, heads, c), "torch": lambda: module(z, v)[0]}
         floor = attention_floor_ms(batch, length, ceilings, heads=heads, chunk=c, z_head_dim=z_dim, v_head_dim=v_dim)
         for path, call in calls.items():
-            with torch.no_grad():
-                fwd = bench_ms(call)
-            fwdbwd = bench_ms(lambda call=call: torch.autograd.grad(call(), (z, v, gamma, beta), grad))
-            rows.append(Row("attention", path, batch, length, fwd, fwdbwd, floor, BWD_OVER_FWD_ATTENTION * floor))
+            def forward(call=call):
+                with torch.no_grad():
+                    return call()
+
+            def forward_backward(call=call):
+                return torch.autograd.grad(call(), (z, v, gamma, beta), grad)
+
+            rows.append(timed_row("attention", path, batch, length, forward, forward_backward, floor,
+                                  BWD_OVER_FWD_ATTENTION * floor, graphed=path == "triton"))
         del z, v, grad, module
         torch.cuda.empty_cache()
     return rows
@@ -217,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{row.op:>14} {row.path:>6} B={row.B:<3} L={row.L:<6} fwd {row.fwd_ms:8.3f} ms "
                   f"({row.fwd_ms / row.floor_fwd_ms:6.1f}x floor)  fwd+bwd {row.fwdbwd_ms:8.3f} ms "
-                  f"({row.fwdbwd_ms / row.floor_fwdbwd_ms:6.1f}x floor)", flush=True)
+                  f"({row.fwdbwd_ms / row.floor_fwdbwd_ms:6.1f}x floor)"
+                  + (f"  graph fwd+bwd {row.graph_fwdbwd_ms:8.3f} ms ({row.graph_fwdbwd_ms / row.floor_fwdbwd_ms:6.1f}x)"
+                     if row.graph_fwdbwd_ms is not None else ""), flush=True)
     header = {
         "device": device,
         "torch": torch.__version__,

@@ -108,7 +108,19 @@ def test_the_figure_of_time_over_floor_draws_a_results_file(tmp_path):
     (run,) = [json.loads(path.read_text()) for path in recorded_files("nvidia_h200.json")]
     fig = plot_time_over_floor(run)
     series = {(row["op"], row["path"]) for row in run["rows"]}
-    assert [len(ax.get_lines()) for ax in fig.axes] == [len(series) + 2] * 2  # a line per series, floor, target
+    graphed = [{(row["op"], row["path"]) for row in run["rows"] if row.get(f"graph_{key}") is not None}
+               for key in ("fwd_ms", "fwdbwd_ms")]
+    # a line per series, per series with CUDA-graph times, the floor and the target
+    assert [len(ax.get_lines()) for ax in fig.axes] == [len(series) + len(extra) + 2 for extra in graphed]
+    plt.close(fig)
+    graph_run = {**run, "rows": [{**row, "graph_fwd_ms": row["fwd_ms"] / 2, "graph_fwdbwd_ms": row["fwdbwd_ms"] / 2}
+                                 for row in run["rows"] if row["op"] == "cema"]}
+    fig = plot_time_over_floor(graph_run)
+    labels = [line.get_label() for line in fig.axes[1].get_lines()]
+    assert "cema (triton, CUDA graph)" in labels and "cema (torch, CUDA graph)" in labels, labels
+    graph_line = fig.axes[1].get_lines()[labels.index("cema (triton, CUDA graph)")]
+    eager_line = fig.axes[1].get_lines()[labels.index("cema (triton)")]
+    assert list(graph_line.get_ydata()) == [y / 2 for y in eager_line.get_ydata()]
     plt.close(fig)
     plot = load_script("plot")
     (tmp_path / "run.json").write_text(json.dumps(run))

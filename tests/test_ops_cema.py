@@ -180,6 +180,39 @@ def test_torch_compile_calls_the_custom_ops_as_opaque_nodes():
     assert hasattr(torch.ops.megalodon_lite, "cema_fwd") and hasattr(torch.ops.megalodon_lite, "cema_bwd")
 
 
+def test_compiled_graphs_hold_the_custom_ops_and_eager_calls_skip_the_dispatcher(monkeypatch):
+    """Under torch.compile the forward and backward graphs call megalodon_lite::cema_fwd / cema_bwd;
+    eagerly the autograd function calls the functions they wrap, never the ops."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    layer, x, h0, _, _ = random_problem(1, 24, 4, 3, with_h0=True, seed=5)
+    layer32, cfg = float32_copy(layer), config()
+    p, q, gamma = (t.detach() for t in layer32.coefficients())
+    targets: list[str] = []
+
+    def record(graph_module, _inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes)
+        return make_boxed_func(graph_module.forward)
+
+    def block(x):
+        return ops.cema_triton(x, p, q, gamma, layer32.omega, h0.to(torch.complex64), config=cfg)[0].sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    x32 = x.float().requires_grad_(True)
+    (grad_compiled,) = torch.autograd.grad(compiled(x32), x32)
+    assert "megalodon_lite.cema_fwd.default" in targets and "megalodon_lite.cema_bwd.default" in targets, targets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through the custom op")
+    monkeypatch.setattr(ops, "cema_fwd_op", refuse)
+    monkeypatch.setattr(ops, "cema_bwd_op", refuse)
+    x_eager = x32.detach().clone().requires_grad_(True)
+    (grad_eager,) = torch.autograd.grad(block(x_eager), x_eager)
+    torch.testing.assert_close(grad_eager, grad_compiled)
+
+
 def test_fake_tensor_shapes_match_the_kernels():
     layer, x, h0, _, _ = random_problem(2, 50, 5, 3, with_h0=True, seed=3)
     layer32, cfg = float32_copy(layer), config(segment=32)

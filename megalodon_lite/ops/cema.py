@@ -976,10 +976,9 @@ def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
     return CemaKernelConfig(**fields, precision=precision)
 
 
-@torch.library.custom_op("megalodon_lite::cema_fwd", mutates_args=())
-def cema_fwd_op(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None, save_dq: bool,
-                tiles: list[int], precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Opaque forward: (y, h_last, ends, ends_dq); complex tensors as (..., 2) float32 pairs;
+def cema_fwd_launch(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None, save_dq: bool,
+                    tiles: list[int], precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward as an op: (y, h_last, ends, ends_dq); complex tensors as (..., 2) float32 pairs;
     ends/ends_dq empty when the rows are not segmented (or dq is not needed)."""
     with torch.autocast(x.device.type, enabled=False):
         y, h_last, ends, ends_dq = cema_triton_fwd(x, p, q, gamma, omega, h0, save_dq, _config(tiles, precision))
@@ -987,6 +986,9 @@ def cema_fwd_op(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h
     def or_empty(t: Tensor | None) -> Tensor:   # ops return tensors, and never the same one twice
         return x.new_empty(0, dtype=torch.float32) if t is None else t
     return y, h_last, or_empty(ends), or_empty(ends_dq)
+
+
+cema_fwd_op = torch.library.custom_op("megalodon_lite::cema_fwd", cema_fwd_launch, mutates_args=())
 
 
 @cema_fwd_op.register_fake
@@ -999,15 +1001,17 @@ def _(x, p, q, gamma, omega, h0, save_dq, tiles, precision):
             new(ends if save_dq else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("megalodon_lite::cema_bwd", mutates_args=())
-def cema_bwd_op(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
-                h0: Tensor | None, ends: Tensor, ends_dq: Tensor, params: bool, tiles: list[int],
-                precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Opaque backward: (dx, dp, dq, dgamma, domega, dh0); the ones not computed are empty."""
+def cema_bwd_launch(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor,
+                    h0: Tensor | None, ends: Tensor, ends_dq: Tensor, params: bool, tiles: list[int],
+                    precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward as an op: (dx, dp, dq, dgamma, domega, dh0); the ones not computed are empty."""
     with torch.autocast(x.device.type, enabled=False):
         grads = cema_triton_bwd(dy, dh_last, x, p, q, gamma, omega, h0, ends if ends.numel() else None,
                                 ends_dq if ends_dq.numel() else None, params, _config(tiles, precision))
     return tuple(x.new_empty(0, dtype=torch.float32) if grad is None else grad for grad in grads)
+
+
+cema_bwd_op = torch.library.custom_op("megalodon_lite::cema_bwd", cema_bwd_launch, mutates_args=())
 
 
 @cema_bwd_op.register_fake
@@ -1019,14 +1023,16 @@ def _(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq, params, tiles, prec
 
 # %% chapters/08_triton_scans.py cell 42 · §1.8 Launchers, autograd and the custom op
 class CemaTritonFunction(torch.autograd.Function):
-    """Autograd glue: the custom ops forward and backward, complex tensors as float32 pairs."""
+    """Autograd glue, complex tensors as float32 pairs: under ``torch.compile`` the custom ops (opaque
+    to the compiler), eagerly the functions they wrap (no dispatcher round trip)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None,
                 cfg: CemaKernelConfig) -> tuple[Tensor, Tensor]:
         tiles, precision = _config_args(cfg)
         params = any(ctx.needs_input_grad[1:5])
-        y, h_last, ends, ends_dq = cema_fwd_op(x, p, q, gamma, omega, h0, params, tiles, precision)
+        launch = cema_fwd_op if torch.compiler.is_compiling() else cema_fwd_launch
+        y, h_last, ends, ends_dq = launch(x, p, q, gamma, omega, h0, params, tiles, precision)
         ctx.save_for_backward(x, p, q, gamma, omega, h0, ends, ends_dq)
         ctx.params, ctx.config = params, (tiles, precision)
         return y, h_last
@@ -1034,8 +1040,9 @@ class CemaTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, dh_last: Tensor):
         x, p, q, gamma, omega, h0, ends, ends_dq = ctx.saved_tensors
-        dx, dp, dq, dgamma, domega, dh0 = cema_bwd_op(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq,
-                                                      ctx.params, *ctx.config)
+        launch = cema_bwd_op if torch.compiler.is_compiling() else cema_bwd_launch
+        dx, dp, dq, dgamma, domega, dh0 = launch(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq,
+                                                 ctx.params, *ctx.config)
         if not ctx.params:
             dp = dq = dgamma = domega = None
         return dx, dp, dq, dgamma, domega, (dh0 if h0 is not None else None), None

@@ -62,7 +62,9 @@ def plot_time_over_floor(results: dict) -> "Figure":
     "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms"}``. One panel per direction (forward,
     forward+backward); per op and path (Triton kernel: solid, plain PyTorch: dashed) the time
     over the row's floor (``fwd_ms / floor_fwd_ms``, ``fwdbwd_ms / floor_fwdbwd_ms``) at every
-    B x L shape, on a log scale: 1 is the floor, the dotted line at 2 the target.
+    B x L shape, on a log scale: 1 is the floor, the dotted line at 2 the target. Rows that also
+    carry ``graph_fwd_ms`` / ``graph_fwdbwd_ms`` (the calls replayed from a CUDA graph) add a
+    dotted series of crosses.
     """
     import matplotlib.pyplot as plt
 
@@ -83,6 +85,10 @@ def plot_time_over_floor(results: dict) -> "Figure":
             for i, ratio in zip(xs, ratios):
                 ax.annotate(f"{ratio:.3g}" if ratio < 100 else f"{ratio:.0f}", (i, ratio), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
+            graphed = [i for i in xs if by_shape[shapes[i]].get(f"graph_{key}") is not None]
+            if graphed:   # the same calls replayed from a CUDA graph: the GPU's time alone
+                ax.plot(graphed, [by_shape[shapes[i]][f"graph_{key}"] / by_shape[shapes[i]][floor_key] for i in graphed],
+                        "x:", color=colours[op], label=f"{op} ({path}, CUDA graph)")
         ax.axhline(1.0, color="k", lw=1)
         ax.axhline(2.0, color="k", lw=1, ls=":")
         ax.set(yscale="log", title=title, xlabel="B x L (65,536 tokens per call)")
