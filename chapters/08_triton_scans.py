@@ -315,7 +315,7 @@ class CemaKernelConfig:
     num_warps_ends: int = 8
     block_d_grad: int = 0        # BD and warps of the parameter-sum kernel (0: block_d, num_warps)
     num_warps_grad: int = 0
-    y_scratch: bool = False      # kernel 2 writes y channel-major into a scratch, then a transpose (§1.6)
+    y_scratch: bool = True       # kernel 2 writes y channel-major into a scratch, then a transpose (§1.6)
     transpose_tokens: int = 64   # tokens x channels per program of that transpose
     transpose_channels: int = 64
 

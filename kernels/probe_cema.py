@@ -21,7 +21,13 @@
    a few tile shapes (and, for scale, PyTorch's own permuted copy), and the two together; the
    round trip is checked to give x back exactly.
 
-Part 1 runs only with ``--v2-source``; parts 2 and 3 always (same process, so ratios are same-run).
+4. **Kernel 2's two store paths in one process** (``--parts configs``): as part 1, for the
+   package's kernels with ``y_scratch`` off and on, and with the host time of each call (calls
+   issued while the GPU is held busy, so that none waits): eager time is about the larger of
+   host time and GPU time.
+
+Part 1 runs only with ``--v2-source``; ``--parts`` picks among 2-4 (default: 2 and 3; one
+process, so ratios are same-run).
 Writes ``probe_cema_<device>.json`` (device, versions, date, command, rows) under ``--out``.
 """
 
@@ -33,7 +39,9 @@ import importlib.util
 import json
 import shlex
 import sys
+from functools import partial
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -59,7 +67,22 @@ def load_v2(source: Path):
     return module
 
 
-def ab_rows(modules: dict, rounds: int) -> list[dict]:
+def host_ms(fn, calls: int = 20) -> tuple[float, bool]:
+    """Host time of one call of fn: calls issued while the GPU is held busy (torch.cuda._sleep), so
+    that none waits for the GPU; and whether the GPU was indeed still busy when the last was issued."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)                       # ~0.2 s of GPU clock cycles
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    return 1e3 * elapsed / calls, busy
+
+
+def ab_rows(forms: dict, rounds: int) -> list[dict]:
+    """forms: name -> cema_triton-like function (x, p, q, gamma, omega) -> (y, h_last)."""
     from triton.testing import do_bench
     from torch.profiler import ProfilerActivity, profile
 
@@ -73,18 +96,20 @@ def ab_rows(modules: dict, rounds: int) -> list[dict]:
         x = torch.randn(batch, length, D_MODEL, device="cuda", dtype=torch.bfloat16)
         x_grad, dy = x.clone().requires_grad_(True), torch.randn_like(x)
         for rnd in range(rounds):
-            for name, module in modules.items():
-                def forward(module=module):
+            for name, form in forms.items():
+                def forward(form=form):
                     with torch.no_grad():
-                        return module.cema_triton(x, *coefficients)
+                        return form(x, *coefficients)
 
-                def forward_backward(module=module):
-                    module.cema_triton(x_grad, *coefficients)[0].backward(dy)
+                def forward_backward(form=form):
+                    form(x_grad, *coefficients)[0].backward(dy)
 
                 fwd = float(do_bench(forward, warmup=25, rep=200, return_mode="median"))
                 both = float(do_bench(forward_backward, warmup=25, rep=200, grad_to_none=[x_grad, *coefficients],
                                       return_mode="median"))
-                row = {"version": name, "B": batch, "L": length, "round": rnd, "fwd_ms": fwd, "fwdbwd_ms": both}
+                (host_fwd, busy_fwd), (host_both, busy_both) = host_ms(forward), host_ms(forward_backward)
+                row = {"version": name, "B": batch, "L": length, "round": rnd, "fwd_ms": fwd, "fwdbwd_ms": both,
+                       "host_fwd_ms": host_fwd, "host_fwdbwd_ms": host_both, "gpu_busy_throughout": busy_fwd and busy_both}
                 if rnd == 0:   # GPU time of the kernels of one forward+backward, without host gaps
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         for _ in range(5):
@@ -97,7 +122,8 @@ def ab_rows(modules: dict, rounds: int) -> list[dict]:
                     row["gpu_kernels_ms"] = kernels
                     row["gpu_fwdbwd_ms"] = sum(kernels.values())
                 rows.append(row)
-                print(f"{name:>3} B={batch:<3} L={length:<6} round {rnd}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms"
+                print(f"{name:>12} B={batch:<3} L={length:<6} round {rnd}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms, "
+                      f"host {host_fwd:.3f} / {host_both:.3f} ms"
                       + (f", kernels {row['gpu_fwdbwd_ms']:.3f} ms" if "gpu_fwdbwd_ms" in row else ""), flush=True)
         x_grad.grad = None
         for c in coefficients:
@@ -213,6 +239,7 @@ def main() -> int:
     parser.add_argument("--v2-source", type=Path, default=None, help="v2's module source: run part 1 too")
     parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", default="copy,scratch", help="comma-separated: copy (2), scratch (3), configs (4)")
     args = parser.parse_args()
     from megalodon_lite.ops import cema as v3
 
@@ -220,10 +247,19 @@ def main() -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
               "v3_config": repr(v3.DEFAULT_CONFIG)}
-    result["copy"] = copy_rows()
-    result["scratch"] = scratch_rows()
+    parts = args.parts.split(",")
+    if "copy" in parts:
+        result["copy"] = copy_rows()
+    if "scratch" in parts:
+        result["scratch"] = scratch_rows()
+    if "configs" in parts:        # part 4: kernel 2's two store paths, alternating, in one process
+        from dataclasses import replace
+        result["ab_configs"] = ab_rows({
+            f"y_scratch={flag}": partial(v3.cema_triton, config=replace(v3.DEFAULT_CONFIG, y_scratch=flag))
+            for flag in (False, True)}, args.rounds)
     if args.v2_source is not None:
-        result["ab"] = ab_rows({"v2": load_v2(args.v2_source), "v3": v3}, args.rounds)
+        v2 = load_v2(args.v2_source)
+        result["ab"] = ab_rows({"v2": v2.cema_triton, "v3": v3.cema_triton}, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in result["device"].lower()).strip("_")
     path = args.out / f"probe_cema_{slug}.json"

@@ -138,26 +138,28 @@ def test_each_kernel_with_its_own_channel_tile():
     check_case(CASES[4], through_parameters=False, cfg=cfg)      # segments, groups straddling rows, h0
 
 
-# kernel 2 writing y (and dx) through the channel-major scratch and the transpose kernel: odd L,
-# D not a multiple of the channel tile, several rows, one token, segments, a longer block
-SCRATCH_CASES = [(CASES[i], False) for i in (0, 3, 4, 5, 6)] + [(CASES[4], True)]   # True: int64 offsets
+# kernel 2 writing y (and dx) to (B, L, D) directly and through the channel-major scratch and the
+# transpose kernel, whichever is the default: odd L, D not a multiple of the channel tile, several
+# rows, one token, segments, a longer block, int64 offsets
+STORE_CASES = [(CASES[i], False) for i in (0, 3, 4, 5, 6)] + [(CASES[4], True)]   # True: int64 offsets
 
 
-@pytest.mark.parametrize("case, wide", SCRATCH_CASES,
-                         ids=[c[0] + ("-int64-offsets" if wide else "") for c, wide in SCRATCH_CASES])
-def test_y_through_the_scratch_matches_too(case, wide, monkeypatch):
-    """y_scratch: the same forward and gradients; the scratch and y start as NaN (poisoned), and
-    both scans (y forward, dx backward) go through the transpose."""
+@pytest.mark.parametrize("y_scratch", [False, True], ids=["y-direct", "y-scratch"])
+@pytest.mark.parametrize("case, wide", STORE_CASES,
+                         ids=[c[0] + ("-int64-offsets" if wide else "") for c, wide in STORE_CASES])
+def test_both_ways_of_storing_y_match_too(case, wide, y_scratch, monkeypatch):
+    """y_scratch off and on: the same forward and gradients; every output (the scratch too)
+    starts as NaN, and with the scratch both scans (y forward, dx backward) go through the transpose."""
     if wide:
         monkeypatch.setattr(ops, "INT32_OFFSETS_BELOW", 0)
     transposes = []
     launch = ops.launch_transpose
     monkeypatch.setattr(ops, "launch_transpose", lambda *a, **k: transposes.append(k["reverse"]) or launch(*a, **k))
     _, _, _, _, _, segment, chunk, _ = case
-    cfg = ops.CemaKernelConfig(**{**TINY, "chunk": chunk}, segment=segment, prefetch=2, y_scratch=True,
+    cfg = ops.CemaKernelConfig(**{**TINY, "chunk": chunk}, segment=segment, prefetch=2, y_scratch=y_scratch,
                                transpose_tokens=16, transpose_channels=4 if not HAS_CUDA else 16)
     check_case(case, through_parameters=False, cfg=cfg)
-    assert transposes == [False, True]
+    assert transposes == ([False, True] if y_scratch else [])
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[CASES[3][0], CASES[4][0]])
