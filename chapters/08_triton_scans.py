@@ -273,6 +273,8 @@ a first pass that writes every segment's end state. The kernels:
 0. ``_cema_tables_kernel``: the per-channel tables (Toeplitz row, state maps, powers of q).
 1. ``_cema_segment_end_kernel``: each segment's end state from zero (and its q-derivative).
 2. ``_cema_scan_kernel``: outputs and final state; the backward runs it on dy backwards in time.
+   With ``y_scratch`` (the default) it writes y channel-major into a scratch, in whole 32-byte
+   sectors, and ``_cema_transpose_kernel`` writes (B, L, D) from it.
 3. ``_cema_grad_sums_kernel``: the sums over (b, t) that the parameter gradients need.
 4. ``_cema_grad_finish_kernel``: the parameter gradients from those sums.
 
@@ -298,7 +300,7 @@ from megalodon_lite.cema import cema_chunked, cema_powers, cema_recurrence  # no
 class CemaKernelConfig:
     """Tile sizes of the CEMA kernels. The defaults were the fastest of the variants timed on an
     H200 (kernels/tune_cema.py; the record is kernels/results/cema_tuning_h200*.json and
-    kernels/NOTES_cema.md)."""
+    kernels/NOTES_cema.md; y_scratch by GPU time, cema_tuning_h200_v4.json)."""
 
     chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
@@ -1628,6 +1630,22 @@ for name, want in expected.items():
     assert torch.isfinite(got[name]).all() and err < 2e-5, name
 
 # %% [markdown]
+# The other way of storing $y$ (§1.6: straight into $(B, L, D)$, or through the scratch and the
+# transpose, whichever the config does not pick) computes the same numbers, only writes them
+# elsewhere first: every output and gradient is bit for bit the same.
+
+# %%
+from dataclasses import replace
+
+other_store = replace(check_config, y_scratch=not check_config.y_scratch)
+with poisoned_outputs():
+    got_other = outputs_and_gradients(layer, lambda *a: cema_triton(*a, config=other_store), x_chk, h0_chk)
+same = all(torch.equal(got_other[name], got[name]) for name in got)
+print(f"y_scratch={other_store.y_scratch} against y_scratch={check_config.y_scratch}: "
+      f"{'identical' if same else 'different'} outputs and gradients")
+assert same
+
+# %% [markdown]
 # The streaming oracle of chapter 04 holds with the kernel: a sequence fed in pieces, each piece
 # starting from the state the previous one returned, gives the same outputs as one call.
 
@@ -2719,17 +2737,20 @@ save_figure(fig, "08_scan_kernels")
 plt.show()
 
 # %% [markdown]
-# The target is missed. Where the time goes is in the profile committed next to the results
-# (`kernels/results/cema_profile_h200_v3.txt`, torch.profiler around forward+backward with the
-# current tile sizes, at 1 × 64K and 32 × 2K); its kernel rows:
+# The target is missed. Where the time goes: the GPU time of one forward+backward, summed per
+# kernel by torch.profiler (the host's share left out), at each shape and for both ways kernel 2
+# can store $y$ (§1.6), from `kernels/results/cema_tuning_h200_v4.json` (`kernels/tune_cema.py`;
+# the PyTorch kernels it also lists, e.g. the gradient accumulation, are left out here):
 
 # %%
-for line in recorded("cema_profile_h200_v3.txt").read_text().splitlines():
-    if " wall " in line:                      # e.g. "1 x 65536: wall ... ms per forward+backward"
-        print(line.strip())
-    elif line.strip().startswith("_cema_"):   # name, ..., CUDA total, CUDA time per call, calls
-        name, *_, total, per_call, calls = line.split()
-        print(f"    {name:28s} {per_call:>10} per call ({calls} calls in the 5 profiled steps)")
+tuning = json.loads(recorded("cema_tuning_h200_v4.json").read_text())
+for variant in tuning["variants"]:
+    print(f"y_scratch={variant['config']['y_scratch']} ({tuning['device']}, {tuning['date'][:10]}):")
+    for row in variant["rows"]:
+        kernels = sorted(((k[len("_cema_"):-len("_kernel")], ms) for k, ms in row["gpu_fwdbwd_kernels_ms"].items()
+                          if k.startswith("_cema_")), key=lambda kv: -kv[1])
+        print(f"  {row['B']:>2} x {row['L']:<6} {sum(ms for _, ms in kernels):.3f} ms: "
+              + ", ".join(f"{name} {ms:.3f}" for name, ms in kernels))
 
 # %% [markdown]
 # Each kernel runs several times slower than the bytes it moves would allow. Three H200 sessions
@@ -2750,18 +2771,58 @@ for row in probe["copy"]:
 kernel_ms = {(r["version"], r["B"]): r["gpu_fwdbwd_ms"] for r in probe["ab"] if "gpu_fwdbwd_ms" in r}
 for batch in (32, 4, 1):
     print(f"  forward+backward GPU time at B = {batch:>2}: v2 {kernel_ms['v2', batch]:.3f} ms, "
-          f"v3 (this chapter) {kernel_ms['v3', batch]:.3f} ms")
+          f"v3 {kernel_ms['v3', batch]:.3f} ms")
 
 # %% [markdown]
 # With $B_D = 4$ channels per program, every store writes an 8-byte piece of a 32-byte memory
 # sector that four programs share, and such writes alone take longer than the whole scan kernel
-# (the copy row at $B_D = 4$ against the `_cema_scan_kernel` row of the profile). Whole sectors,
-# 16 channels of bf16 per program, make the same copy five times faster; reads suffer less. So the
-# next step is a scan kernel that writes whole sectors — 16 channels per program on 16 warps, one
-# channel per warp, compiles without spills in its loop — or a channel-tiled scratch layout for
-# $y$ and one relayout pass; and, at the target's 0.3 ms, a host path (custom ops, autograd,
-# eight launches) captured in a CUDA graph. The algebra stays: it already moves each byte of $x$
-# and $y$ only a few times.
+# did then (v3's `scan` entry above). Whole sectors, 16 channels of bf16 per program, make the same
+# copy five times faster; reads suffer less. Sixteen channels per program need 16 warps, one CTA
+# per SM, and that lost more than the wider stores won (`kernels/NOTES_cema.md`). So kernel 2 keeps
+# its tiles and stores through the channel-major scratch of §1.6. The same probe, run again with
+# that path added (the straight copy in the same run, for the ratio):
+
+# %%
+probe4 = json.loads(recorded("probe_cema_h200_v4.json").read_text())
+straight = next(r for r in probe4["copy"] if r["probe"] == "tiled copy" and r["BD"] == 4)
+print(f"{probe4['device']}, {probe4['date'][:10]}: the same 65,536 x 1024 bf16, BD = 4 tiles")
+print(f"  {'copy straight into (B, L, D)':>60}: {straight['ms']:.3f} ms")
+for row in probe4["scratch"]:
+    print(f"  {row['probe']:>60}: {row['ms']:.3f} ms")
+
+# %% [markdown]
+# The copy into the scratch and the transpose back together take about a third of the straight
+# copy, and the transpose runs near the copy bandwidth (PyTorch's own permuted copy is six times
+# slower). In the kernels (the table above), the scan kernel's GPU time per forward+backward
+# roughly halves and the two transposes give about a third of that back, so forward+backward gets
+# faster at every shape; `y_scratch` is therefore the default. An isolated call timed eagerly does
+# not show it. A probe of both paths in one process, alternating, also timed the host: calls
+# issued while the GPU is held busy, so that none waits (medians of three rounds):
+
+# %%
+paths = json.loads(recorded("probe_cema_h200_v4_paths.json").read_text())
+print(f"{paths['device']}, {paths['date'][:10]}; ms per call, median of {1 + max(r['round'] for r in paths['ab_configs'])} rounds")
+print(f"{'B x L':>12} {'path':>16} {'eager fwd':>10} {'host fwd':>9} {'eager fwd+bwd':>14} {'host fwd+bwd':>13} "
+      f"{'GPU fwd+bwd':>12}")
+for batch, length in [(32, 2048), (4, 16384), (1, 65536)]:
+    for version in ("y_scratch=False", "y_scratch=True"):
+        rows = [r for r in paths["ab_configs"] if r["B"] == batch and r["version"] == version]
+        med = {k: float(torch.tensor([r[k] for r in rows]).median()) for k in
+               ("fwd_ms", "host_fwd_ms", "fwdbwd_ms", "host_fwdbwd_ms")}
+        gpu = next(r["gpu_fwdbwd_ms"] for r in rows if "gpu_fwdbwd_ms" in r)
+        print(f"{batch:>4} x {length:<6} {version:>16} {med['fwd_ms']:10.3f} {med['host_fwd_ms']:9.3f} "
+              f"{med['fwdbwd_ms']:14.3f} {med['host_fwdbwd_ms']:13.3f} {gpu:12.3f}")
+
+# %% [markdown]
+# Issuing a forward+backward takes the host longer than the GPU takes to run it, on either path:
+# an isolated call is bound by the host (Python, two custom ops, autograd, about ten launches and
+# a few PyTorch operations), and its eager time follows the host's, which moves by tenths of a
+# millisecond from round to round. The scratch path adds two launches and two allocations per
+# forward+backward to that; its eager times came out higher in this run, by about as much as the
+# rounds scatter. Inside a model step the GPU has other work queued while the host runs ahead,
+# and there the GPU time counts. Towards the target of about 0.3 ms the host path must go too: a
+# forward+backward captured in a CUDA graph, or cut to a few launches. The algebra stays: it
+# already moves each byte of $x$ and $y$ only a few times.
 
 # %% [markdown]
 # ## Summary
@@ -2779,7 +2840,8 @@ for batch in (32, 4, 1):
 # * Forward and backward are `torch.library` custom ops, opaque to `torch.compile`.
 # * The checks above ran the kernels under the Triton interpreter against chapter 04's float64
 #   recurrence; `tests/test_ops_cema.py` covers the shapes grid, and on a GPU bf16 and fp32 at the
-#   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200_v3.txt`).
+#   benchmark shapes (both ways of storing $y$) and a million-token sequence
+#   (`kernels/results/cema_gpu_tests_h200_v4.txt`).
 
 # %% [markdown]
 # ## Exercises

@@ -10,7 +10,7 @@ tiles. Every kernel output starts as NaN (``poisoned_outputs``): an element no p
 shows up as a non-finite result.
 
 The tests marked ``gpu`` run on CUDA only: bf16 and fp32 at the benchmark shapes, a million-token
-sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200_v3.txt).
+sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200_v4.txt).
 """
 
 from __future__ import annotations

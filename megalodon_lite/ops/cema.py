@@ -21,6 +21,8 @@ a first pass that writes every segment's end state. The kernels:
 0. ``_cema_tables_kernel``: the per-channel tables (Toeplitz row, state maps, powers of q).
 1. ``_cema_segment_end_kernel``: each segment's end state from zero (and its q-derivative).
 2. ``_cema_scan_kernel``: outputs and final state; the backward runs it on dy backwards in time.
+   With ``y_scratch`` (the default) it writes y channel-major into a scratch, in whole 32-byte
+   sectors, and ``_cema_transpose_kernel`` writes (B, L, D) from it.
 3. ``_cema_grad_sums_kernel``: the sums over (b, t) that the parameter gradients need.
 4. ``_cema_grad_finish_kernel``: the parameter gradients from those sums.
 
@@ -46,7 +48,7 @@ from megalodon_lite.cema import cema_chunked, cema_powers, cema_recurrence  # no
 class CemaKernelConfig:
     """Tile sizes of the CEMA kernels. The defaults were the fastest of the variants timed on an
     H200 (kernels/tune_cema.py; the record is kernels/results/cema_tuning_h200*.json and
-    kernels/NOTES_cema.md)."""
+    kernels/NOTES_cema.md; y_scratch by GPU time, cema_tuning_h200_v4.json)."""
 
     chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
