@@ -138,15 +138,16 @@ def test_each_kernel_with_its_own_channel_tile():
     check_case(CASES[4], through_parameters=False, cfg=cfg)      # segments, groups straddling rows, h0
 
 
-# kernel 2 writing y (and dx) to (B, L, D) directly and through the channel-major scratch and the
-# transpose kernel, whichever is the default: odd L, D not a multiple of the channel tile, several
-# rows, one token, segments, a longer block, int64 offsets
-STORE_CASES = [(CASES[i], False) for i in (0, 3, 4, 5, 6)] + [(CASES[4], True)]   # True: int64 offsets
+# kernel 2 writing y (and dx) to (B, L, D) directly or through the channel-major scratch and the
+# transpose kernel: the tests above run the default (y_scratch=True); here the other path on odd L,
+# D not a multiple of the channel tile, several rows, one token, segments, a longer block, and both
+# paths with int64 offsets. (case, int64 offsets, y_scratch)
+STORE_CASES = [(CASES[i], False, False) for i in (0, 3, 4, 5, 6)] + [(CASES[4], True, False), (CASES[4], True, True)]
 
 
-@pytest.mark.parametrize("y_scratch", [False, True], ids=["y-direct", "y-scratch"])
-@pytest.mark.parametrize("case, wide", STORE_CASES,
-                         ids=[c[0] + ("-int64-offsets" if wide else "") for c, wide in STORE_CASES])
+@pytest.mark.parametrize("case, wide, y_scratch", STORE_CASES,
+                         ids=[c[0] + ("-int64-offsets" if wide else "") + ("-y-scratch" if scratch else "-y-direct")
+                              for c, wide, scratch in STORE_CASES])
 def test_both_ways_of_storing_y_match_too(case, wide, y_scratch, monkeypatch):
     """y_scratch off and on: the same forward and gradients; every output (the scratch too)
     starts as NaN, and with the scratch both scans (y forward, dx backward) go through the transpose."""
