@@ -273,6 +273,8 @@ a first pass that writes every segment's end state. The kernels:
 0. ``_cema_tables_kernel``: the per-channel tables (Toeplitz row, state maps, powers of q).
 1. ``_cema_segment_end_kernel``: each segment's end state from zero (and its q-derivative).
 2. ``_cema_scan_kernel``: outputs and final state; the backward runs it on dy backwards in time.
+   With ``y_scratch`` (the default) it writes y channel-major into a scratch, in whole 32-byte
+   sectors, and ``_cema_transpose_kernel`` writes (B, L, D) from it.
 3. ``_cema_grad_sums_kernel``: the sums over (b, t) that the parameter gradients need.
 4. ``_cema_grad_finish_kernel``: the parameter gradients from those sums.
 
@@ -298,7 +300,7 @@ from megalodon_lite.cema import cema_chunked, cema_powers, cema_recurrence  # no
 class CemaKernelConfig:
     """Tile sizes of the CEMA kernels. The defaults were the fastest of the variants timed on an
     H200 (kernels/tune_cema.py; the record is kernels/results/cema_tuning_h200*.json and
-    kernels/NOTES_cema.md)."""
+    kernels/NOTES_cema.md; y_scratch by GPU time, cema_tuning_h200_v4.json)."""
 
     chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
@@ -315,6 +317,9 @@ class CemaKernelConfig:
     num_warps_ends: int = 8
     block_d_grad: int = 0        # BD and warps of the parameter-sum kernel (0: block_d, num_warps)
     num_warps_grad: int = 0
+    y_scratch: bool = True       # kernel 2 writes y channel-major into a scratch, then a transpose (§1.6)
+    transpose_tokens: int = 64   # tokens x channels per program of that transpose
+    transpose_channels: int = 64
 
     def tile(self, kernel: str) -> tuple[int, int]:
         """(channels per program, warps) of kernel "scan", "ends" or "grad"."""
@@ -867,16 +872,21 @@ def _cema_segment_end_kernel(
 
 # %% tags=["export:ops.cema"]
 @triton.jit
-def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz, u, v, ar, ai,
-                C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
+def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, y_offs, y_step, y_live, place, count, dmask, hr, hi,
+                toeplitz, u, v, ar, ai, C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                PREFETCH: tl.constexpr, Y_SCRATCH: tl.constexpr):
     """Block blk of every stream: y = X (T + omega I) + Re(H) V_re + Im(H) V_im, then
     H <- A H + X U; every product lands in the layout its next use reads. X comes from the ring
-    of loads in flight (_ring_next: PREFETCH blocks ahead)."""
+    of loads in flight (_ring_next: PREFETCH blocks ahead); y goes to y_offs + blk * y_step, into
+    the scratch under the loop-invariant mask y_live (see _scratch_tiles)."""
     x, x1, x2, x3 = _ring_next(x_ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
     x = x.to(tl.float32)
     y = _dot(x, toeplitz, PRECISION) + _dot(hr, v[0], PRECISION) + _dot(hi, v[1], PRECISION)
-    tl.store(y_ptr + offs + blk * step, y.to(y_ptr.dtype.element_ty),
-             mask=_tile_mask(blk, place, count, dmask, C, EVEN_D))
+    if Y_SCRATCH:
+        y_mask = y_live
+    else:
+        y_mask = _tile_mask(blk, place, count, dmask, C, EVEN_D)
+    tl.store(y_ptr + y_offs + blk * y_step, y.to(y_ptr.dtype.element_ty), mask=y_mask)
     ur, ui = _cdot(x, u, PRECISION)
     return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui, x1, x2, x3
 
@@ -884,16 +894,17 @@ def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _cema_scan_kernel(
     x_ptr, y_ptr, kern_ptr, u_ptr, v_ptr, step_ptr, omega_ptr, ends_ptr, z_ptr, h_last_ptr,
-    B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
+    B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len, y_pitch,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr, Y_SCRATCH: tl.constexpr,
 ):
     """Kernel 2. Per block of C tokens of every stream, with the block-start state H in registers:
         y = X T + H_pairs V + omega X,     H <- q^C H + X U
     (T[j, i] = k[i - j], the Toeplitz product; U, V from scan_tables). The stream holding the
     last token writes the final state q^r H + X U_r (U_r: U shifted to the block's r tokens).
-    Grid: (channel tiles, stream groups)."""
+    Y_SCRATCH: y goes channel-major to a (D, B, y_pitch) scratch in the scan's order of time
+    (_scratch_tiles), else to (B, L, D) like x. Grid: (channel tiles, stream groups)."""
     pid_d = tl.program_id(0)
     pid_g = tl.program_id(1)
     d = pid_d * BD + tl.arange(0, BD)
@@ -919,15 +930,21 @@ def _cema_scan_kernel(
         hr = tl.zeros((BD, SB, NP), tl.float32)
         hi = tl.zeros((BD, SB, NP), tl.float32)
     offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, False, WIDE)
+    if Y_SCRATCH:
+        y_offs = _scratch_tiles(row, seg, B, d, C, seg_blocks * C, y_pitch, WIDE)
+        y_step = C
+        y_live = _tile_mask(0, place * 0, count, dmask, C, EVEN_D)   # real streams and channels, every token
+    else:
+        y_offs, y_step, y_live = offs, step, count
     x1, x2, x3 = _ring_start(x_ptr, offs, step, place, count, dmask, C, EVEN_D, PREFETCH)
     for blk in range(0, last_blk):
-        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
-                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, y_offs, y_step, y_live, place, count,
+                                         dmask, hr, hi, toeplitz, u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH, Y_SCRATCH)
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)     # q^r H, H: the last token's block's start state
     fr, fi = rr * hr - ri * hi, rr * hi + ri * hr
     for blk in range(last_blk, seg_blocks):   # the same loop on: split only to take q^r H between the two
-        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
-                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, y_offs, y_step, y_live, place, count,
+                                         dmask, hr, hi, toeplitz, u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH, Y_SCRATCH)
     # the final state q^r H + sum_j x_j beta q^(r-1-j) (r = last_len tokens in the last block): the
     # block moved C - r places right, times U. After the loops, so that they hold no registers for it.
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False,
@@ -935,6 +952,59 @@ def _cema_scan_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ur, ui = _cdot(x, u, PRECISION)
     _store_states(h_last_ptr, row, (row < B) & (seg == last_seg), fr + ur, sign * (fi + ui), D, N, d, dmask, NP)
+
+# %% [markdown]
+# **Where kernel 2 writes $y$.** The memory system moves data in 32-byte sectors. With $B_D = 4$
+# channels per program, one token's share of $y$ is 4 bf16 values, an 8-byte piece of a sector
+# whose other three pieces belong to three other programs, written at other times. Part 3 shows
+# what that costs: a copy with exactly kernel 2's tiling and nothing else is five times slower than
+# the same copy with 16 channels per program, while reading the same pieces costs far less. Wider
+# tiles do not pay for themselves here (16 channels per program need 16 warps, one CTA per SM:
+# Part 3), so kernel 2 can instead keep its tiles and write $y$ where a tile's values *are*
+# contiguous: a channel-major scratch $S$ of shape $(D, B, L')$, $L'$ the row length rounded up to
+# whole segments, holding token $t$ of row $b$ and channel $d$ at $S[d, b, t]$, with $t$ counted in
+# the scan's own order of time (backwards for the adjoint run). A stream's 16 tokens of one channel
+# are then 16 consecutive values, one whole aligned sector, and since $L'$ is a multiple of 16 the
+# compiler knows it and stores 16 bytes per thread. One more kernel transposes $S$ into
+# $(B, L, D)$: it reads a tile of tokens $\times$ channels in whole lines of $S$ and writes whole
+# lines of $y$ (the transpose goes through shared memory). That costs a second read and write of
+# $y$ at close to the copy bandwidth, against the partial-sector stores it replaces. The config field
+# `y_scratch` chooses the path, so both can be timed in one run.
+
+# %% tags=["export:ops.cema"]
+@triton.jit
+def _scratch_tiles(row, seg, B, d, C: tl.constexpr, SEG_TOKENS, pitch, WIDE: tl.constexpr):
+    """Offsets (BD, SB, C) of block 0 of every stream in the (D, B, pitch) scratch of kernel 2's y
+    (the next block: + C). Token t of a stream's row, counted in the scan's order of time, of
+    channel d sits at (d B + row) pitch + t: a stream's C tokens of one channel are contiguous.
+    pitch covers every segment's blocks whole, so a block is stored whole (tokens past L hold
+    what the masked-out input gives and are never read): a mask constant along the tokens lets
+    the compiler store 16 bytes per thread."""
+    place = tl.arange(0, C)
+    first = seg * SEG_TOKENS
+    if WIDE:
+        d, row, first = d.to(tl.int64), row.to(tl.int64), first.to(tl.int64)
+    return (d * B)[:, None, None] * pitch + (row * pitch + first)[None, :, None] + place[None, None, :]
+
+
+@triton.jit(do_not_specialize=["B", "L", "n_tiles"])
+def _cema_transpose_kernel(scratch_ptr, y_ptr, B, L, D, pitch, n_tiles, REVERSE: tl.constexpr, TT: tl.constexpr,
+                           DC: tl.constexpr, WIDE: tl.constexpr):
+    """y[b, l, d] = scratch[d, b, t] with t = l, or t = L - 1 - l after the adjoint run (REVERSE),
+    for TT tokens x DC channels of one row per program. Grid: (B * n_tiles token tiles, channel tiles)."""
+    pid = tl.program_id(0)
+    row = pid // n_tiles
+    tok = (pid - row * n_tiles) * TT + tl.arange(0, TT)
+    d = tl.program_id(1) * DC + tl.arange(0, DC)
+    if WIDE:
+        row, d = row.to(tl.int64), d.to(tl.int64)
+    inside = (d < D)[:, None] & (tok < pitch)[None, :]       # constant along 16 tokens: 16-byte loads
+    tile = tl.load(scratch_ptr + (d * B + row)[:, None] * pitch + tok[None, :], mask=inside)
+    if REVERSE:
+        pos = L - 1 - tok
+    else:
+        pos = tok
+    tl.store(y_ptr + (row * L + pos)[None, :] * D + d[:, None], tile, mask=(d < D)[:, None] & (tok < L)[None, :])
 
 # %% [markdown]
 # ### 1.7 The backward, on paper
@@ -1253,11 +1323,11 @@ def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float3
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _tile_flags(x: Tensor, cfg: CemaKernelConfig, block_d: int) -> dict[str, bool]:
-    """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets need 64 bits
-    (with room for the block offsets a loop adds past the end)."""
+def _tile_flags(x: Tensor, cfg: CemaKernelConfig, block_d: int, out_numel: int = 0) -> dict[str, bool]:
+    """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets into x (or an
+    output of out_numel elements) need 64 bits (with room for the block offsets a loop adds past the end)."""
     return dict(EVEN_D=x.shape[-1] % block_d == 0,
-                WIDE=x.numel() + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
+                WIDE=max(x.numel(), out_numel) + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
 
 
 INT32_OFFSETS_BELOW = 2**31   # test hook: 0 makes every launch use int64 offsets
@@ -1294,13 +1364,28 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
     assert x.is_contiguous() and plan.seg_len % chunk == 0 and (ends is None) == (plan.n_seg == 1)
     last_seg, last_blk, last_len = _last_block(length, chunk, plan.seg_len)
     y, h_last = _new(tuple(x.shape), x, x.dtype), _new((batch, d_model, tables.n_states, 2), x)
+    pitch = plan.n_seg * plan.seg_len if cfg.y_scratch else 0      # a multiple of 16: whole sectors
+    out = _new((d_model, batch, pitch), x, x.dtype) if cfg.y_scratch else y
     _cema_scan_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
-        x, y, tables.kern, tables.u, tables.v, tables.step, omega, h_last if ends is None else ends,
+        x, out, tables.kern, tables.u, tables.v, tables.step, omega, h_last if ends is None else ends,
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
-        plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
+        plan.seg_len // chunk, last_seg, last_blk, last_len, pitch, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, REVERSE=reverse, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, cfg.block_d), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, Y_SCRATCH=cfg.y_scratch, **_tile_flags(x, cfg, cfg.block_d, out.numel()),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.y_scratch:
+        launch_transpose(out, y, cfg, reverse=reverse)
     return y, h_last
+
+
+def launch_transpose(scratch: Tensor, y: Tensor, cfg: CemaKernelConfig, *, reverse: bool) -> None:
+    """y (B, L, D) from kernel 2's channel-major scratch (D, B, pitch) (reverse: in the adjoint's order of time)."""
+    (batch, length, d_model), pitch = y.shape, scratch.shape[2]
+    assert scratch.shape[:2] == (d_model, batch) and pitch >= length and pitch % 16 == 0, (scratch.shape, y.shape)
+    n_tiles = triton.cdiv(length, cfg.transpose_tokens)
+    _cema_transpose_kernel[(batch * n_tiles, triton.cdiv(d_model, cfg.transpose_channels))](
+        scratch, y, batch, length, d_model, pitch, n_tiles, REVERSE=reverse, TT=cfg.transpose_tokens,
+        DC=cfg.transpose_channels, WIDE=scratch.numel() + y.numel() >= INT32_OFFSETS_BELOW, num_warps=4)
 
 
 def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None, ends: Tensor | None,
@@ -1392,7 +1477,7 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
 # %% tags=["export:ops.cema"]
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
                 "min_programs", "min_segment_blocks", "prefetch", "block_d_ends", "num_warps_ends", "block_d_grad",
-                "num_warps_grad")
+                "num_warps_grad", "y_scratch", "transpose_tokens", "transpose_channels")
 
 
 def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
@@ -1401,7 +1486,7 @@ def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
 
 def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
     fields = dict(zip(_TILE_FIELDS, tiles))
-    return CemaKernelConfig(**fields, precision=precision)
+    return CemaKernelConfig(**fields | {"y_scratch": bool(fields["y_scratch"])}, precision=precision)
 
 
 def cema_fwd_launch(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None, save_dq: bool,
@@ -1553,6 +1638,22 @@ for name, want in expected.items():
     err = ((got[name].double() - want).norm() / want.norm()).item()
     print(f"  {name:>7}: relative error {err:.1e}")
     assert torch.isfinite(got[name]).all() and err < 2e-5, name
+
+# %% [markdown]
+# The other way of storing $y$ (§1.6: straight into $(B, L, D)$, or through the scratch and the
+# transpose, whichever the config does not pick) computes the same numbers, only writes them
+# elsewhere first: every output and gradient is bit for bit the same.
+
+# %%
+from dataclasses import replace
+
+other_store = replace(check_config, y_scratch=not check_config.y_scratch)
+with poisoned_outputs():
+    got_other = outputs_and_gradients(layer, lambda *a: cema_triton(*a, config=other_store), x_chk, h0_chk)
+same = all(torch.equal(got_other[name], got[name]) for name in got)
+print(f"y_scratch={other_store.y_scratch} against y_scratch={check_config.y_scratch}: "
+      f"{'identical' if same else 'different'} outputs and gradients")
+assert same
 
 # %% [markdown]
 # The streaming oracle of chapter 04 holds with the kernel: a sequence fed in pieces, each piece
@@ -2655,17 +2756,20 @@ save_figure(fig, "08_scan_kernels")
 plt.show()
 
 # %% [markdown]
-# The target is missed. Where the time goes is in the profile committed next to the results
-# (`kernels/results/cema_profile_h200_v3.txt`, torch.profiler around forward+backward with the
-# current tile sizes, at 1 × 64K and 32 × 2K); its kernel rows:
+# The target is missed. Where the time goes: the GPU time of one forward+backward, summed per
+# kernel by torch.profiler (the host's share left out), at each shape and for both ways kernel 2
+# can store $y$ (§1.6), from `kernels/results/cema_tuning_h200_v4.json` (`kernels/tune_cema.py`;
+# the PyTorch kernels it also lists, e.g. the gradient accumulation, are left out here):
 
 # %%
-for line in recorded("cema_profile_h200_v3.txt").read_text().splitlines():
-    if " wall " in line:                      # e.g. "1 x 65536: wall ... ms per forward+backward"
-        print(line.strip())
-    elif line.strip().startswith("_cema_"):   # name, ..., CUDA total, CUDA time per call, calls
-        name, *_, total, per_call, calls = line.split()
-        print(f"    {name:28s} {per_call:>10} per call ({calls} calls in the 5 profiled steps)")
+tuning = json.loads(recorded("cema_tuning_h200_v4.json").read_text())
+for variant in tuning["variants"]:
+    print(f"y_scratch={variant['config']['y_scratch']} ({tuning['device']}, {tuning['date'][:10]}):")
+    for row in variant["rows"]:
+        kernels = sorted(((k[len("_cema_"):-len("_kernel")], ms) for k, ms in row["gpu_fwdbwd_kernels_ms"].items()
+                          if k.startswith("_cema_")), key=lambda kv: -kv[1])
+        print(f"  {row['B']:>2} x {row['L']:<6} {sum(ms for _, ms in kernels):.3f} ms: "
+              + ", ".join(f"{name} {ms:.3f}" for name, ms in kernels))
 
 # %% [markdown]
 # Each kernel runs several times slower than the bytes it moves would allow. Three H200 sessions
@@ -2686,18 +2790,58 @@ for row in probe["copy"]:
 kernel_ms = {(r["version"], r["B"]): r["gpu_fwdbwd_ms"] for r in probe["ab"] if "gpu_fwdbwd_ms" in r}
 for batch in (32, 4, 1):
     print(f"  forward+backward GPU time at B = {batch:>2}: v2 {kernel_ms['v2', batch]:.3f} ms, "
-          f"v3 (this chapter) {kernel_ms['v3', batch]:.3f} ms")
+          f"v3 {kernel_ms['v3', batch]:.3f} ms")
 
 # %% [markdown]
 # With $B_D = 4$ channels per program, every store writes an 8-byte piece of a 32-byte memory
 # sector that four programs share, and such writes alone take longer than the whole scan kernel
-# (the copy row at $B_D = 4$ against the `_cema_scan_kernel` row of the profile). Whole sectors,
-# 16 channels of bf16 per program, make the same copy five times faster; reads suffer less. So the
-# next step is a scan kernel that writes whole sectors — 16 channels per program on 16 warps, one
-# channel per warp, compiles without spills in its loop — or a channel-tiled scratch layout for
-# $y$ and one relayout pass; and, at the target's 0.3 ms, a host path (custom ops, autograd,
-# eight launches) captured in a CUDA graph. The algebra stays: it already moves each byte of $x$
-# and $y$ only a few times.
+# did then (v3's `scan` entry above). Whole sectors, 16 channels of bf16 per program, make the same
+# copy five times faster; reads suffer less. Sixteen channels per program need 16 warps, one CTA
+# per SM, and that lost more than the wider stores won (`kernels/NOTES_cema.md`). So kernel 2 keeps
+# its tiles and stores through the channel-major scratch of §1.6. The same probe, run again with
+# that path added (the straight copy in the same run, for the ratio):
+
+# %%
+probe4 = json.loads(recorded("probe_cema_h200_v4.json").read_text())
+straight = next(r for r in probe4["copy"] if r["probe"] == "tiled copy" and r["BD"] == 4)
+print(f"{probe4['device']}, {probe4['date'][:10]}: the same 65,536 x 1024 bf16, BD = 4 tiles")
+print(f"  {'copy straight into (B, L, D)':>60}: {straight['ms']:.3f} ms")
+for row in probe4["scratch"]:
+    print(f"  {row['probe']:>60}: {row['ms']:.3f} ms")
+
+# %% [markdown]
+# The copy into the scratch and the transpose back together take about a third of the straight
+# copy, and the transpose runs near the copy bandwidth (PyTorch's own permuted copy is six times
+# slower). In the kernels (the table above), the scan kernel's GPU time per forward+backward
+# roughly halves and the two transposes give about a third of that back, so forward+backward gets
+# faster at every shape; `y_scratch` is therefore the default. An isolated call timed eagerly does
+# not show it. A probe of both paths in one process, alternating, also timed the host: calls
+# issued while the GPU is held busy, so that none waits (medians of three rounds):
+
+# %%
+paths = json.loads(recorded("probe_cema_h200_v4_paths.json").read_text())
+print(f"{paths['device']}, {paths['date'][:10]}; ms per call, median of {1 + max(r['round'] for r in paths['ab_configs'])} rounds")
+print(f"{'B x L':>12} {'path':>16} {'eager fwd':>10} {'host fwd':>9} {'eager fwd+bwd':>14} {'host fwd+bwd':>13} "
+      f"{'GPU fwd+bwd':>12}")
+for batch, length in [(32, 2048), (4, 16384), (1, 65536)]:
+    for version in ("y_scratch=False", "y_scratch=True"):
+        rows = [r for r in paths["ab_configs"] if r["B"] == batch and r["version"] == version]
+        med = {k: float(torch.tensor([r[k] for r in rows]).median()) for k in
+               ("fwd_ms", "host_fwd_ms", "fwdbwd_ms", "host_fwdbwd_ms")}
+        gpu = next(r["gpu_fwdbwd_ms"] for r in rows if "gpu_fwdbwd_ms" in r)
+        print(f"{batch:>4} x {length:<6} {version:>16} {med['fwd_ms']:10.3f} {med['host_fwd_ms']:9.3f} "
+              f"{med['fwdbwd_ms']:14.3f} {med['host_fwdbwd_ms']:13.3f} {gpu:12.3f}")
+
+# %% [markdown]
+# Issuing a forward+backward takes the host longer than the GPU takes to run it, on either path:
+# an isolated call is bound by the host (Python, two custom ops, autograd, about ten launches and
+# a few PyTorch operations), and its eager time follows the host's, which moves by tenths of a
+# millisecond from round to round. The scratch path adds two launches and two allocations per
+# forward+backward to that; its eager times came out higher in this run, by about as much as the
+# rounds scatter. Inside a model step the GPU has other work queued while the host runs ahead,
+# and there the GPU time counts. Towards the target of about 0.3 ms the host path must go too: a
+# forward+backward captured in a CUDA graph, or cut to a few launches. The algebra stays: it
+# already moves each byte of $x$ and $y$ only a few times.
 
 # %% [markdown]
 # ## Summary
@@ -2715,7 +2859,8 @@ for batch in (32, 4, 1):
 # * Forward and backward are `torch.library` custom ops, opaque to `torch.compile`.
 # * The checks above ran the kernels under the Triton interpreter against chapter 04's float64
 #   recurrence; `tests/test_ops_cema.py` covers the shapes grid, and on a GPU bf16 and fp32 at the
-#   benchmark shapes and a million-token sequence (`kernels/results/cema_gpu_tests_h200_v3.txt`).
+#   benchmark shapes (both ways of storing $y$) and a million-token sequence
+#   (`kernels/results/cema_gpu_tests_h200_v4.txt`).
 
 # %% [markdown]
 # ## Exercises

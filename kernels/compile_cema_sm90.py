@@ -57,7 +57,8 @@ def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
     constants = {k: v for k, v in constants.items() if k in names}
     signature = {n: "constexpr" if n in constants else ("*bf16" if n in BF16_POINTERS else "*fp32")
                  if n.endswith("_ptr") else "i32" for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n == "D"}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n.endswith("_ptr") or n in ("D", "y_pitch")}   # y_pitch: a multiple of 16 whenever it is used
     source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
     compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=2))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -101,6 +102,7 @@ def sass_loop_spills(sass: str) -> int:
 
 def variants(v3, v2=None) -> list[tuple[str, object, dict, int]]:
     """(name, kernel, constexprs, warps): every kernel of the forward+backward at the benchmark's N = 16."""
+    from dataclasses import replace
     base = dict(C=16, NP=16, SB=16, PRECISION="tf32", HAS_Z=False, SEGMENTED=True, EVEN_D=True, WIDE=False)
     jobs = []
     if v2 is not None:
@@ -110,9 +112,11 @@ def variants(v3, v2=None) -> list[tuple[str, object, dict, int]]:
                  ("v2 segment ends + dq (forward)", v2._cema_segment_end_kernel, dict(old, REVERSE=False, DERIV=True), 4),
                  ("v2 parameter sums", v2._cema_grad_sums_kernel, old, 4)]
     cfg = v3.DEFAULT_CONFIG
-    for label, c in [("v3", cfg),
-                     ("v3 scan16 (tune_cema variant)", triton_config(v3, block_d=16, num_warps=16, prefetch=1))]:
-        new = dict(base, PREFETCH=c.prefetch)
+    for label, c in [("v3", replace(cfg, y_scratch=False)),
+                     ("v3 scan16 (tune_cema variant)", triton_config(v3, block_d=16, num_warps=16, prefetch=1,
+                                                                     y_scratch=False)),
+                     ("v4 scan, y to the scratch", triton_config(v3, y_scratch=True))]:
+        new = dict(base, PREFETCH=c.prefetch, Y_SCRATCH=c.y_scratch)
         (bd, w), (bd_e, w_e), (bd_g, w_g) = c.tile("scan"), c.tile("ends"), c.tile("grad")
         jobs += [(f"{label} scan (forward)", v3._cema_scan_kernel, dict(new, BD=bd, REVERSE=False), w)]
         if label == "v3":

@@ -44,6 +44,11 @@ VARIANTS = {   # over the module's defaults; the first is the reference the othe
     "scan16-ends16": dict(block_d=16, num_warps=16, prefetch=1, block_d_grad=4, num_warps_grad=4,
                           min_programs=132, block_d_ends=16, num_warps_ends=16),
     "scan8": dict(block_d=8, num_warps=8, prefetch=1, block_d_grad=4, num_warps_grad=4, min_programs=264),
+    # v4 (chapter 08 §1.6, kernels/NOTES_cema.md): kernel 2 keeps BD 4 but writes y (and dx) channel-major
+    # into a scratch, in whole 32-byte sectors, and a transpose kernel writes (B, L, D) in whole lines
+    "scratch": dict(y_scratch=True, transpose_tokens=64, transpose_channels=64),
+    "scratch-t32x128": dict(y_scratch=True, transpose_tokens=32, transpose_channels=128),
+    "direct": dict(y_scratch=False),                  # the v3 stores, whatever the default is
 }
 
 
@@ -138,12 +143,30 @@ def profile(cfg, out: Path) -> None:
     (out / "cema_profile.txt").write_text(text + "\n")
 
 
+def gpu_time_ms(fn, steps: int = 5) -> tuple[float, dict[str, float]]:
+    """GPU time of one call of fn, summed over its kernels (torch.profiler), and per kernel: the
+    time without the gaps in which the GPU waits for the host, which the eager do_bench includes."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {event.key: event.self_device_time_total / steps / 1e3 for event in prof.key_averages()
+               if event.device_type.name == "CUDA" and event.self_device_time_total > 0}
+    return sum(kernels.values()), kernels
+
+
 def kernel_resources() -> dict[str, list]:
     """Registers and spills of every compiled kernel, where this Triton version exposes them."""
     from megalodon_lite.ops import cema as ops
 
     found = {}
-    for name in ("_cema_segment_end_kernel", "_cema_scan_kernel", "_cema_grad_sums_kernel"):
+    for name in ("_cema_segment_end_kernel", "_cema_scan_kernel", "_cema_grad_sums_kernel", "_cema_transpose_kernel"):
         kernel, entries = getattr(ops, name), []
         try:
             for cache in kernel.device_caches.values():
@@ -239,10 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                        "x_floor_fwd": fwd / floor, "x_floor_fwdbwd": both / (2.5 * floor),
                        "segments": plan.n_seg, "programs": plan.groups * triton.cdiv(d_model, cfg.block_d),
                        "max_rel_diff_to_default": diff}
+                gpu = ""
+                if not args.interpret:
+                    row["gpu_fwd_ms"], row["gpu_fwd_kernels_ms"] = gpu_time_ms(forward)
+                    row["gpu_fwdbwd_ms"], row["gpu_fwdbwd_kernels_ms"] = gpu_time_ms(forward_backward)
+                    gpu = f"  GPU time fwd {row['gpu_fwd_ms']:6.3f} / fwd+bwd {row['gpu_fwdbwd_ms']:6.3f} ms"
                 record["rows"].append(row)
                 print(f"{name:>16} B={batch:<3} L={length:<6} segs={plan.n_seg:<4} fwd {fwd:7.3f} ms "
                       f"({fwd / floor:5.2f}x)  fwd+bwd {both:7.3f} ms ({both / (2.5 * floor):5.2f}x)  "
-                      f"diff {diff:.1e}", flush=True)
+                      f"diff {diff:.1e}{gpu}", flush=True)
                 del coefficients, x, dy, x_grad, outputs
                 torch.cuda.empty_cache() if device == "cuda" else None
             record["worst_x_floor_fwdbwd"] = max(r["x_floor_fwdbwd"] for r in record["rows"])
@@ -254,13 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     ranked = sorted((r for r in records if r.get("ok")), key=lambda r: r["worst_x_floor_fwdbwd"])
     reference = records[0] if records and records[0].get("ok") else None
 
-    def faster_everywhere(r: dict) -> bool:   # adopted only if no shape gets slower, forward or fwd+bwd
-        return reference is not None and all(a["fwd_ms"] <= b["fwd_ms"] and a["fwdbwd_ms"] <= b["fwdbwd_ms"]
-                                             for a, b in zip(r["rows"], reference["rows"]))
+    def faster_everywhere(r: dict) -> bool:
+        """Adopted only if no shape gets slower, forward or fwd+bwd: in GPU time where it was measured
+        (the eager time of a ~2 ms call moves by up to 20% with the host, kernels/NOTES_cema.md v3)."""
+        keys = ("gpu_fwd_ms", "gpu_fwdbwd_ms") if all("gpu_fwd_ms" in a for a in r["rows"]) else ("fwd_ms", "fwdbwd_ms")
+        return reference is not None and all(a[k] <= b[k] for a, b in zip(r["rows"], reference["rows"]) for k in keys)
     adoptable = [r for r in ranked if not r["config"]["precision"] and faster_everywhere(r)]
-    print("\nvariant            worst fwd+bwd x floor   (sum of fwd+bwd ms)")
+    if all("gpu_fwdbwd_ms" in row for r in adoptable for row in r["rows"]):   # the least GPU time first
+        adoptable.sort(key=lambda r: sum(row["gpu_fwdbwd_ms"] for row in r["rows"]))
+    print("\nvariant            worst fwd+bwd x floor   (sum of fwd+bwd ms; GPU time)   faster everywhere than the first")
     for r in ranked:
-        print(f"{r['variant']:>16}  {r['worst_x_floor_fwdbwd']:8.2f}   ({sum(x['fwdbwd_ms'] for x in r['rows']):.3f})")
+        gpu = sum(x.get("gpu_fwdbwd_ms", float("nan")) for x in r["rows"])
+        print(f"{r['variant']:>16}  {r['worst_x_floor_fwdbwd']:8.2f}   ({sum(x['fwdbwd_ms'] for x in r['rows']):.3f}; "
+              f"{gpu:.3f})   {faster_everywhere(r)}")
     result = {
         "device": "cpu (interpreter)" if args.interpret else torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__,

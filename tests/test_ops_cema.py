@@ -10,12 +10,13 @@ tiles. Every kernel output starts as NaN (``poisoned_outputs``): an element no p
 shows up as a non-finite result.
 
 The tests marked ``gpu`` run on CUDA only: bf16 and fp32 at the benchmark shapes, a million-token
-sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200_v3.txt).
+sequence, and the streaming oracle (their log: kernels/results/cema_gpu_tests_h200_v4.txt).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -135,6 +136,31 @@ def test_each_kernel_with_its_own_channel_tile():
                                block_d_grad=block_d // 2 if not HAS_CUDA else block_d, num_warps_grad=1 if not HAS_CUDA else 2)
     assert cfg.tile("ends") == (2 * block_d, TINY["num_warps"]) and cfg.tile("scan") == (block_d, TINY["num_warps"])
     check_case(CASES[4], through_parameters=False, cfg=cfg)      # segments, groups straddling rows, h0
+
+
+# kernel 2 writing y (and dx) to (B, L, D) directly or through the channel-major scratch and the
+# transpose kernel: the tests above run the default (y_scratch=True); here the other path on odd L,
+# D not a multiple of the channel tile, several rows, one token, segments, a longer block, and both
+# paths with int64 offsets. (case, int64 offsets, y_scratch)
+STORE_CASES = [(CASES[i], False, False) for i in (0, 3, 4, 5, 6)] + [(CASES[4], True, False), (CASES[4], True, True)]
+
+
+@pytest.mark.parametrize("case, wide, y_scratch", STORE_CASES,
+                         ids=[c[0] + ("-int64-offsets" if wide else "") + ("-y-scratch" if scratch else "-y-direct")
+                              for c, wide, scratch in STORE_CASES])
+def test_both_ways_of_storing_y_match_too(case, wide, y_scratch, monkeypatch):
+    """y_scratch off and on: the same forward and gradients; every output (the scratch too)
+    starts as NaN, and with the scratch both scans (y forward, dx backward) go through the transpose."""
+    if wide:
+        monkeypatch.setattr(ops, "INT32_OFFSETS_BELOW", 0)
+    transposes = []
+    launch = ops.launch_transpose
+    monkeypatch.setattr(ops, "launch_transpose", lambda *a, **k: transposes.append(k["reverse"]) or launch(*a, **k))
+    _, _, _, _, _, segment, chunk, _ = case
+    cfg = ops.CemaKernelConfig(**{**TINY, "chunk": chunk}, segment=segment, prefetch=2, y_scratch=y_scratch,
+                               transpose_tokens=16, transpose_channels=4 if not HAS_CUDA else 16)
+    check_case(case, through_parameters=False, cfg=cfg)
+    assert transposes == ([False, True] if y_scratch else [])
 
 
 @pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[CASES[3][0], CASES[4][0]])
@@ -296,18 +322,21 @@ def reference_chunked(x, p, q, gamma, omega, h0):
 
 
 @gpu
+@pytest.mark.parametrize("y_scratch", [False, True], ids=["y-direct", "y-scratch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", BENCH_SHAPES, ids=[f"{b}x{l}" for b, l in BENCH_SHAPES])
-def test_gpu_benchmark_shapes_against_float64(shape, dtype):
+def test_gpu_benchmark_shapes_against_float64(shape, dtype, y_scratch):
     batch, length = shape
     layer, x, h0, dy, dh = random_problem(batch, length, 1024, 16, with_h0=True, seed=4)
     x_low = x.to(dtype)              # both sides see the same rounded input, and the same rounded
     dy = dy.to(dtype).double()       # dL/dy (the kernel receives it in y's dtype)
     want = run(reference_chunked, layer, x_low.double(), h0, dy, dh, through_parameters=False)
-    got = run(ops.cema_triton, float32_copy(layer), x_low, h0.to(torch.complex64), dy, dh, through_parameters=False)
+    form = kernel_form(dataclasses.replace(ops.DEFAULT_CONFIG, y_scratch=y_scratch))
+    with ops.poisoned_outputs():
+        got = run(form, float32_copy(layer), x_low, h0.to(torch.complex64), dy, dh, through_parameters=False)
     errors = relative_errors(got, want)
     low_bound, fp32_bound = GPU_BOUNDS[dtype]
-    print(f"\n{batch}x{length} {dtype}: " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"\n{batch}x{length} {dtype} y_scratch={y_scratch}: " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     for name, err in errors.items():
         bound = low_bound if name in ("y", "d_x") else fp32_bound
         assert err < bound, (name, err, bound)

@@ -21,6 +21,8 @@ a first pass that writes every segment's end state. The kernels:
 0. ``_cema_tables_kernel``: the per-channel tables (Toeplitz row, state maps, powers of q).
 1. ``_cema_segment_end_kernel``: each segment's end state from zero (and its q-derivative).
 2. ``_cema_scan_kernel``: outputs and final state; the backward runs it on dy backwards in time.
+   With ``y_scratch`` (the default) it writes y channel-major into a scratch, in whole 32-byte
+   sectors, and ``_cema_transpose_kernel`` writes (B, L, D) from it.
 3. ``_cema_grad_sums_kernel``: the sums over (b, t) that the parameter gradients need.
 4. ``_cema_grad_finish_kernel``: the parameter gradients from those sums.
 
@@ -46,7 +48,7 @@ from megalodon_lite.cema import cema_chunked, cema_powers, cema_recurrence  # no
 class CemaKernelConfig:
     """Tile sizes of the CEMA kernels. The defaults were the fastest of the variants timed on an
     H200 (kernels/tune_cema.py; the record is kernels/results/cema_tuning_h200*.json and
-    kernels/NOTES_cema.md)."""
+    kernels/NOTES_cema.md; y_scratch by GPU time, cema_tuning_h200_v4.json)."""
 
     chunk: int = 16              # C of the scan kernels (forward and dx), tokens per block
     chunk_grad: int = 16         # C of the parameter-gradient kernel
@@ -63,6 +65,9 @@ class CemaKernelConfig:
     num_warps_ends: int = 8
     block_d_grad: int = 0        # BD and warps of the parameter-sum kernel (0: block_d, num_warps)
     num_warps_grad: int = 0
+    y_scratch: bool = True       # kernel 2 writes y channel-major into a scratch, then a transpose (§1.6)
+    transpose_tokens: int = 64   # tokens x channels per program of that transpose
+    transpose_channels: int = 64
 
     def tile(self, kernel: str) -> tuple[int, int]:
         """(channels per program, warps) of kernel "scan", "ends" or "grad"."""
@@ -513,16 +518,21 @@ def _cema_segment_end_kernel(
 
 # %% chapters/08_triton_scans.py cell 30 · §1.6 The kernels
 @triton.jit
-def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz, u, v, ar, ai,
-                C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr):
+def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, y_offs, y_step, y_live, place, count, dmask, hr, hi,
+                toeplitz, u, v, ar, ai, C: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                PREFETCH: tl.constexpr, Y_SCRATCH: tl.constexpr):
     """Block blk of every stream: y = X (T + omega I) + Re(H) V_re + Im(H) V_im, then
     H <- A H + X U; every product lands in the layout its next use reads. X comes from the ring
-    of loads in flight (_ring_next: PREFETCH blocks ahead)."""
+    of loads in flight (_ring_next: PREFETCH blocks ahead); y goes to y_offs + blk * y_step, into
+    the scratch under the loop-invariant mask y_live (see _scratch_tiles)."""
     x, x1, x2, x3 = _ring_next(x_ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C, EVEN_D, PREFETCH)
     x = x.to(tl.float32)
     y = _dot(x, toeplitz, PRECISION) + _dot(hr, v[0], PRECISION) + _dot(hi, v[1], PRECISION)
-    tl.store(y_ptr + offs + blk * step, y.to(y_ptr.dtype.element_ty),
-             mask=_tile_mask(blk, place, count, dmask, C, EVEN_D))
+    if Y_SCRATCH:
+        y_mask = y_live
+    else:
+        y_mask = _tile_mask(blk, place, count, dmask, C, EVEN_D)
+    tl.store(y_ptr + y_offs + blk * y_step, y.to(y_ptr.dtype.element_ty), mask=y_mask)
     ur, ui = _cdot(x, u, PRECISION)
     return ar * hr - ai * hi + ur, ar * hi + ai * hr + ui, x1, x2, x3
 
@@ -530,16 +540,17 @@ def _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, 
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _cema_scan_kernel(
     x_ptr, y_ptr, kern_ptr, u_ptr, v_ptr, step_ptr, omega_ptr, ends_ptr, z_ptr, h_last_ptr,
-    B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len,
+    B, L, D, N, n_seg, seg_blocks, last_seg, last_blk, last_len, y_pitch,
     C: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, SB: tl.constexpr,
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr, Y_SCRATCH: tl.constexpr,
 ):
     """Kernel 2. Per block of C tokens of every stream, with the block-start state H in registers:
         y = X T + H_pairs V + omega X,     H <- q^C H + X U
     (T[j, i] = k[i - j], the Toeplitz product; U, V from scan_tables). The stream holding the
     last token writes the final state q^r H + X U_r (U_r: U shifted to the block's r tokens).
-    Grid: (channel tiles, stream groups)."""
+    Y_SCRATCH: y goes channel-major to a (D, B, y_pitch) scratch in the scan's order of time
+    (_scratch_tiles), else to (B, L, D) like x. Grid: (channel tiles, stream groups)."""
     pid_d = tl.program_id(0)
     pid_g = tl.program_id(1)
     d = pid_d * BD + tl.arange(0, BD)
@@ -565,15 +576,21 @@ def _cema_scan_kernel(
         hr = tl.zeros((BD, SB, NP), tl.float32)
         hi = tl.zeros((BD, SB, NP), tl.float32)
     offs, step, place, count = _stream_tiles(row, seg, B, L, D, d, C, seg_blocks * C, REVERSE, False, WIDE)
+    if Y_SCRATCH:
+        y_offs = _scratch_tiles(row, seg, B, d, C, seg_blocks * C, y_pitch, WIDE)
+        y_step = C
+        y_live = _tile_mask(0, place * 0, count, dmask, C, EVEN_D)   # real streams and channels, every token
+    else:
+        y_offs, y_step, y_live = offs, step, count
     x1, x2, x3 = _ring_start(x_ptr, offs, step, place, count, dmask, C, EVEN_D, PREFETCH)
     for blk in range(0, last_blk):
-        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
-                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, y_offs, y_step, y_live, place, count,
+                                         dmask, hr, hi, toeplitz, u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH, Y_SCRATCH)
     rr, ri = _load_step3(step_ptr, STEP_AR, d, dmask, NP)     # q^r H, H: the last token's block's start state
     fr, fi = rr * hr - ri * hi, rr * hi + ri * hr
     for blk in range(last_blk, seg_blocks):   # the same loop on: split only to take q^r H between the two
-        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, place, count, dmask, hr, hi, toeplitz,
-                                     u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH)
+        hr, hi, x1, x2, x3 = _scan_block(x_ptr, y_ptr, x1, x2, x3, blk, offs, step, y_offs, y_step, y_live, place, count,
+                                         dmask, hr, hi, toeplitz, u, v, ar, ai, C, EVEN_D, PRECISION, PREFETCH, Y_SCRATCH)
     # the final state q^r H + sum_j x_j beta q^(r-1-j) (r = last_len tokens in the last block): the
     # block moved C - r places right, times U. After the loops, so that they hold no registers for it.
     offs, mask = _block_offsets(row, seg, last_blk, B, L, D, d, dmask, C, seg_blocks * C, REVERSE, False,
@@ -582,7 +599,42 @@ def _cema_scan_kernel(
     ur, ui = _cdot(x, u, PRECISION)
     _store_states(h_last_ptr, row, (row < B) & (seg == last_seg), fr + ur, sign * (fi + ui), D, N, d, dmask, NP)
 
-# %% chapters/08_triton_scans.py cell 32 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 32 · §1.6 The kernels
+@triton.jit
+def _scratch_tiles(row, seg, B, d, C: tl.constexpr, SEG_TOKENS, pitch, WIDE: tl.constexpr):
+    """Offsets (BD, SB, C) of block 0 of every stream in the (D, B, pitch) scratch of kernel 2's y
+    (the next block: + C). Token t of a stream's row, counted in the scan's order of time, of
+    channel d sits at (d B + row) pitch + t: a stream's C tokens of one channel are contiguous.
+    pitch covers every segment's blocks whole, so a block is stored whole (tokens past L hold
+    what the masked-out input gives and are never read): a mask constant along the tokens lets
+    the compiler store 16 bytes per thread."""
+    place = tl.arange(0, C)
+    first = seg * SEG_TOKENS
+    if WIDE:
+        d, row, first = d.to(tl.int64), row.to(tl.int64), first.to(tl.int64)
+    return (d * B)[:, None, None] * pitch + (row * pitch + first)[None, :, None] + place[None, None, :]
+
+
+@triton.jit(do_not_specialize=["B", "L", "n_tiles"])
+def _cema_transpose_kernel(scratch_ptr, y_ptr, B, L, D, pitch, n_tiles, REVERSE: tl.constexpr, TT: tl.constexpr,
+                           DC: tl.constexpr, WIDE: tl.constexpr):
+    """y[b, l, d] = scratch[d, b, t] with t = l, or t = L - 1 - l after the adjoint run (REVERSE),
+    for TT tokens x DC channels of one row per program. Grid: (B * n_tiles token tiles, channel tiles)."""
+    pid = tl.program_id(0)
+    row = pid // n_tiles
+    tok = (pid - row * n_tiles) * TT + tl.arange(0, TT)
+    d = tl.program_id(1) * DC + tl.arange(0, DC)
+    if WIDE:
+        row, d = row.to(tl.int64), d.to(tl.int64)
+    inside = (d < D)[:, None] & (tok < pitch)[None, :]       # constant along 16 tokens: 16-byte loads
+    tile = tl.load(scratch_ptr + (d * B + row)[:, None] * pitch + tok[None, :], mask=inside)
+    if REVERSE:
+        pos = L - 1 - tok
+    else:
+        pos = tok
+    tl.store(y_ptr + (row * L + pos)[None, :] * D + d[:, None], tile, mask=(d < D)[:, None] & (tok < L)[None, :])
+
+# %% chapters/08_triton_scans.py cell 34 · §1.7 The backward, on paper
 @triton.jit
 def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N, n_seg, seg_len, d, dmask,
                          BD: tl.constexpr, SB: tl.constexpr, NP: tl.constexpr, HAS_Z: tl.constexpr):
@@ -625,7 +677,7 @@ def _grad_segment_starts(ends_ptr, ends_dq_ptr, z_ptr, step_ptr, pid_g, B, D, N,
             wr, wi, dwr, dwi = _cstep(pr, pi, spr, spi, wr, wi, dwr, dwi, zero, zero, zero, zero)
     return o_vr, o_vi, o_dvr, o_dvi, o_wr, o_wi, o_dwr, o_dwi
 
-# %% chapters/08_triton_scans.py cell 33 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 35 · §1.7 The backward, on paper
 @triton.jit
 def _grad_block(x, g, powers, ar, ai, corr,
                 vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi,
@@ -670,7 +722,7 @@ def _grad_step(x_ptr, g_ptr, x1, x2, x3, g1, g2, g3, blk, xo, go, step, x_place,
         k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi, C, HAS_Z, PRECISION)
     return x1, x2, x3, g1, g2, g3, corr, vr, vi, dvr, dvi, wr, wi, dwr, dwi, k1r, k1i, k2r, k2i, kzr, kzi, kdr, kdi
 
-# %% chapters/08_triton_scans.py cell 34 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 36 · §1.7 The backward, on paper
 @triton.jit(do_not_specialize=_LENGTH_ARGS)
 def _cema_grad_sums_kernel(
     x_ptr, g_ptr, powers_ptr, step_ptr, ends_ptr, ends_dq_ptr, z_ptr, lag_sums_ptr, sums_ptr, v_last_ptr,
@@ -761,7 +813,7 @@ def _cema_grad_sums_kernel(
     _store_pair(sums_ptr + offs + 2 * NP * 2, kzr, kzi, dmask[:, None])
     _store_pair(sums_ptr + offs + 3 * NP * 2, kdr, kdi, dmask[:, None])
 
-# %% chapters/08_triton_scans.py cell 36 · §1.7 The backward, on paper
+# %% chapters/08_triton_scans.py cell 38 · §1.7 The backward, on paper
 @triton.jit
 def _cema_grad_finish_kernel(lag_sums_ptr, sums_ptr, v_last_ptr, dh_last_ptr, z_ptr, powers_ptr, step_ptr, p_ptr,
                              gamma_ptr, dp_ptr, dq_ptr, dgamma_ptr, domega_ptr, D, N, B, G, length,
@@ -826,7 +878,7 @@ def _cema_grad_finish_kernel(lag_sums_ptr, sums_ptr, v_last_ptr, dh_last_ptr, z_
     tl.store(dq_ptr + 2 * dn + 1, dqi, mask=live)
     tl.store(domega_ptr + d, tl.sum(tl.where(l[None, :] == 0, lags, 0.0), 1), mask=dmask)
 
-# %% chapters/08_triton_scans.py cell 38 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 40 · §1.8 Launchers, autograd and the custom op
 def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """An output buffer: uninitialised, or NaN-filled under poisoned_outputs()."""
     if POISON_OUTPUTS:
@@ -834,11 +886,11 @@ def _new(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype = torch.float3
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _tile_flags(x: Tensor, cfg: CemaKernelConfig, block_d: int) -> dict[str, bool]:
-    """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets need 64 bits
-    (with room for the block offsets a loop adds past the end)."""
+def _tile_flags(x: Tensor, cfg: CemaKernelConfig, block_d: int, out_numel: int = 0) -> dict[str, bool]:
+    """EVEN_D: D is a multiple of the channel tile (no channel mask); WIDE: offsets into x (or an
+    output of out_numel elements) need 64 bits (with room for the block offsets a loop adds past the end)."""
     return dict(EVEN_D=x.shape[-1] % block_d == 0,
-                WIDE=x.numel() + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
+                WIDE=max(x.numel(), out_numel) + 4 * x.shape[-1] * max(cfg.chunk, cfg.chunk_grad) >= INT32_OFFSETS_BELOW)
 
 
 INT32_OFFSETS_BELOW = 2**31   # test hook: 0 makes every launch use int64 offsets
@@ -875,13 +927,28 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
     assert x.is_contiguous() and plan.seg_len % chunk == 0 and (ends is None) == (plan.n_seg == 1)
     last_seg, last_blk, last_len = _last_block(length, chunk, plan.seg_len)
     y, h_last = _new(tuple(x.shape), x, x.dtype), _new((batch, d_model, tables.n_states, 2), x)
+    pitch = plan.n_seg * plan.seg_len if cfg.y_scratch else 0      # a multiple of 16: whole sectors
+    out = _new((d_model, batch, pitch), x, x.dtype) if cfg.y_scratch else y
     _cema_scan_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
-        x, y, tables.kern, tables.u, tables.v, tables.step, omega, h_last if ends is None else ends,
+        x, out, tables.kern, tables.u, tables.v, tables.step, omega, h_last if ends is None else ends,
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
-        plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
+        plan.seg_len // chunk, last_seg, last_blk, last_len, pitch, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
         SB=cfg.streams, REVERSE=reverse, HAS_Z=z is not None, SEGMENTED=ends is not None, PRECISION=precision,
-        PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, cfg.block_d), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PREFETCH=cfg.prefetch, Y_SCRATCH=cfg.y_scratch, **_tile_flags(x, cfg, cfg.block_d, out.numel()),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.y_scratch:
+        launch_transpose(out, y, cfg, reverse=reverse)
     return y, h_last
+
+
+def launch_transpose(scratch: Tensor, y: Tensor, cfg: CemaKernelConfig, *, reverse: bool) -> None:
+    """y (B, L, D) from kernel 2's channel-major scratch (D, B, pitch) (reverse: in the adjoint's order of time)."""
+    (batch, length, d_model), pitch = y.shape, scratch.shape[2]
+    assert scratch.shape[:2] == (d_model, batch) and pitch >= length and pitch % 16 == 0, (scratch.shape, y.shape)
+    n_tiles = triton.cdiv(length, cfg.transpose_tokens)
+    _cema_transpose_kernel[(batch * n_tiles, triton.cdiv(d_model, cfg.transpose_channels))](
+        scratch, y, batch, length, d_model, pitch, n_tiles, REVERSE=reverse, TT=cfg.transpose_tokens,
+        DC=cfg.transpose_channels, WIDE=scratch.numel() + y.numel() >= INT32_OFFSETS_BELOW, num_warps=4)
 
 
 def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None, ends: Tensor | None,
@@ -916,7 +983,7 @@ def launch_grad_finish(lag_sums: Tensor, sums: Tensor, v_last: Tensor, dh_last: 
         C=tables.chunk, BD=8, NP=tables.n_pad, HAS_Z=z is not None)
     return dp, dq, dgamma, domega
 
-# %% chapters/08_triton_scans.py cell 39 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 41 · §1.8 Launchers, autograd and the custom op
 def _log_q(q: Tensor) -> Tensor:
     """(D, N, 2) float64: log|q| and arg q of the stored complex64 q (pairs in, pairs out)."""
     return torch.view_as_real(torch.log(torch.view_as_complex(q).to(torch.complex128)))
@@ -961,10 +1028,10 @@ def cema_triton_bwd(dy: Tensor, dh_last: Tensor, x: Tensor, p: Tensor, q: Tensor
     dp, dq, dgamma, domega = launch_grad_finish(lag_sums, sums, v_last, dh_last, h0, grad_tables, p, gamma, length)
     return dx, dp, dq, dgamma, domega, dh0
 
-# %% chapters/08_triton_scans.py cell 41 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 43 · §1.8 Launchers, autograd and the custom op
 _TILE_FIELDS = ("chunk", "chunk_grad", "block_d", "streams", "num_warps", "num_stages", "segment",
                 "min_programs", "min_segment_blocks", "prefetch", "block_d_ends", "num_warps_ends", "block_d_grad",
-                "num_warps_grad")
+                "num_warps_grad", "y_scratch", "transpose_tokens", "transpose_channels")
 
 
 def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
@@ -973,7 +1040,7 @@ def _config_args(cfg: CemaKernelConfig) -> tuple[list[int], str]:
 
 def _config(tiles: list[int], precision: str) -> CemaKernelConfig:
     fields = dict(zip(_TILE_FIELDS, tiles))
-    return CemaKernelConfig(**fields, precision=precision)
+    return CemaKernelConfig(**fields | {"y_scratch": bool(fields["y_scratch"])}, precision=precision)
 
 
 def cema_fwd_launch(x: Tensor, p: Tensor, q: Tensor, gamma: Tensor, omega: Tensor, h0: Tensor | None, save_dq: bool,
@@ -1021,7 +1088,7 @@ def _(dy, dh_last, x, p, q, gamma, omega, h0, ends, ends_dq, params, tiles, prec
     return (x.new_empty(x.shape), like(p, params), like(q, params), like(gamma, params), like(omega, params),
             like(dh_last, h0 is not None))
 
-# %% chapters/08_triton_scans.py cell 42 · §1.8 Launchers, autograd and the custom op
+# %% chapters/08_triton_scans.py cell 44 · §1.8 Launchers, autograd and the custom op
 class CemaTritonFunction(torch.autograd.Function):
     """Autograd glue, complex tensors as float32 pairs: under ``torch.compile`` the custom ops (opaque
     to the compiler), eagerly the functions they wrap (no dispatcher round trip)."""
