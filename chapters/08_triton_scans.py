@@ -1714,18 +1714,20 @@ assert worst < 1e-12
 are imported here as the references to test against. The official CUDA kernel it replaces:
 https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu
 
-Each row is cut into tiles of ``block_t`` steps; one program owns one tile of one row and
-``block_g`` groups. Forward, three launches:
+Each row is cut into tiles of ``block_t`` steps, and the tiles into chunks of ``tiles_per_program``;
+one program owns one chunk of one row and ``block_g`` groups and walks its tiles in a loop (loading
+the next tile before working on the current one when ``prefetch`` is set). Forward, three launches:
 
-1. :func:`_tile_summary_kernel`: each tile's (count, mean, sum of squared deviations) per group;
-2. :func:`_tile_prefix_kernel`: the exclusive prefix of those summaries by the Chan merge,
-   starting from the incoming state: the running state *before* every tile, and the final state;
-3. :func:`_normalize_kernel`: inside each tile the running statistics of every step (shifted
-   cumulative sums from the state before the tile), then y.
+1. :func:`_chunk_summary_kernel`: each chunk's (count, mean, sum of squared deviations) per group;
+2. :func:`_chunk_prefix_kernel`: the exclusive prefix of those summaries by the Chan merge,
+   starting from the incoming state: the running state *before* every chunk, and the final state;
+3. :func:`_normalize_kernel`: the running statistics of every step (shifted cumulative sums from the
+   state before each tile, carried from tile to tile), then y; it saves the state before every tile.
 
-Backward, the same three passes in reverse: per-tile sums of the gradient terms, a reverse prefix
-over tiles, then dx from reverse cumulative sums inside each tile (the closed form chapter 08
-derives). x is read twice forward, x and dy twice backward; no per-step statistic is stored.
+Backward, the same three passes in reverse: per-chunk sums of the gradient terms, a reverse prefix
+over chunks, then dx from reverse cumulative sums, walking each chunk's tiles last first; the same
+kernel adds up the chunk's shares of dweight and dbias (the closed form chapter 08 derives). x is read
+twice forward, x and dy twice backward; no per-step statistic is stored.
 The launchers are registered as the custom ops ``megalodon_lite::timestep_norm_fwd`` and
 ``megalodon_lite::timestep_norm_bwd``, which ``torch.compile`` treats as opaque.
 """
@@ -1773,6 +1775,23 @@ def _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
 
 
 @triton.jit
+def _load_tile(ptr, mask_ptr, row, tile, L, D, G, H, groups,
+               HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A tile [T, BG, BH] of ``ptr`` in its own dtype, zero off the real steps (all of them for a
+    tile past the row's end: a prefetch beyond a program's last tile loads nothing)."""
+    base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                      HAS_MASK, BLOCK_T, BLOCK_H)
+    return tl.load(ptr + base + offsets, mask=exists & real[:, None, None], other=0.0)
+
+
+@triton.jit
+def _chunk_tiles(chunk, n_tiles, TILES: tl.constexpr):
+    """The tiles [first, last) of chunk ``chunk``: TILES of them, fewer in a row's last chunk."""
+    first = chunk * TILES
+    return first, tl.minimum(first + TILES, n_tiles)
+
+
+@triton.jit
 def _step_moments(x, keep, H):
     """Per-step group mean m_t and population variance v_t [T, BG] of a tile x [T, BG, BH]
     (zero where ``keep`` is False: padded steps, channels past the group)."""
@@ -1782,13 +1801,18 @@ def _step_moments(x, keep, H):
 
 
 @triton.jit
+def _load_mean(mean_ptr, row, tile, n_tiles, groups, G):
+    """The running mean [BG] before tile ``tile`` of ``row`` (after it: ``tile + 1``)."""
+    return tl.load(mean_ptr + (row * (n_tiles + 1) + tile) * G + groups, mask=groups < G, other=0.0)
+
+
+@triton.jit
 def _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G):
     """The running state (count, mean [BG], var [BG]) before tile ``tile`` of ``row``."""
     index = row * (n_tiles + 1) + tile
     count = tl.load(count_ptr + index)
-    mean = tl.load(mean_ptr + index * G + groups, mask=groups < G, other=0.0)
     var = tl.load(var_ptr + index * G + groups, mask=groups < G, other=1.0)
-    return count, mean, var
+    return count, _load_mean(mean_ptr, row, tile, n_tiles, groups, G), var
 
 # %% [markdown]
 # Inside a tile, the state before it, $(c_0, M_0, S_0)$, plays the part of chapter 05's incoming
@@ -1800,9 +1824,10 @@ def _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G):
 @triton.jit
 def _running_stats(m, v, real, count0, mean0, var0):
     """Count N_t [T], mean M_t and variance S_t [T, BG] after every step of a tile, from the
-    state (count0, mean0, var0) before it. Cancellation-free:
-    M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K near the data, and
-    N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2), non-negative terms."""
+    state (count0, mean0, var0) before it, and the mean and variance [BG] after the tile.
+    Cancellation-free: M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K
+    near the data, and N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2),
+    non-negative terms."""
     r = real.to(tl.float32)
     c0 = count0.to(tl.float32)
     n = c0 + tl.cumsum(r, 0)                                            # N_t
@@ -1817,54 +1842,78 @@ def _running_stats(m, v, real, count0, mean0, var0):
     spread = (r * n_prev / tl.maximum(n, 1.0))[:, None] * (m - mean_prev) * (m - mean_prev)
     sum_sq = c0 * var0[None, :] + tl.cumsum(r[:, None] * v + spread, 0)  # N_t S_t
     var = tl.where(n[:, None] > 0, sum_sq / tl.maximum(n, 1.0)[:, None], var0[None, :])
-    return n, mean, var
+    n_end = c0 + tl.sum(r, 0)                                           # the same sums, to the end
+    mean_end = shift + (c0 * (mean0 - shift) + tl.sum(step, 0)) / tl.maximum(n_end, 1.0)
+    var_end = (c0 * var0 + tl.sum(r[:, None] * v + spread, 0)) / tl.maximum(n_end, 1.0)
+    return n, mean, var, tl.where(n_end > 0, mean_end, mean0), tl.where(n_end > 0, var_end, var0)
 
 # %% [markdown]
-# Pass 1 writes each tile's summary; the count of real steps is the same for every group, so only
-# the first group block writes it.
+# Pass 1 writes a summary per *chunk*: a program walks `TILES` consecutive tiles (a loop over
+# tiles), summarises each in registers and merges it into the chunk's summary by the same Chan rule.
+# With `PREFETCH`, the next tile's load is issued before the current tile is summed, so its latency
+# overlaps the arithmetic (the loop then carries one tile of $x$ in registers). The count of real
+# steps is the same for every group, so only the first group block writes it.
 
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit(do_not_specialize=["L", "n_tiles"])
-def _tile_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
-                         L, D, G, H, n_tiles,
-                         HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
-    """Pass 1: per (row, tile, group) the tile's real steps k, their mean mu and
-    Q = sum_t (v_t + (m_t - mu)^2), the sum of squared deviations divided by the group size."""
-    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _chunk_summary_kernel(x_ptr, mask_ptr, chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr,
+                          L, D, G, H, n_tiles, n_chunks,
+                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Pass 1: per (row, chunk, group) the chunk's real steps k, their mean mu and
+    Q = sum_t (v_t + (m_t - mu)^2), the sum of squared deviations divided by the group size,
+    merged tile by tile: k' = k + k_j, mu' = mu + k_j / k' d, Q' = Q + Q_j + k k_j / k' d^2, d = mu_j - mu."""
+    chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                HAS_MASK, BLOCK_T, BLOCK_H)
-    keep = exists & real[:, None, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    m, v = _step_moments(x, keep, H)
-    r = real.to(tl.float32)
-    k = tl.sum(r, 0)
-    mu = tl.sum(r[:, None] * m, 0) / tl.maximum(k, 1.0)
-    q = tl.sum(r[:, None] * (v + (m - mu[None, :]) * (m - mu[None, :])), 0)
-    out = (row * n_tiles + tile) * G + groups
-    tl.store(tile_mean_ptr + out, mu, mask=groups < G)
-    tl.store(tile_m2_ptr + out, q, mask=groups < G)
-    tl.store(tile_count_ptr + row * n_tiles + tile, k.to(tl.int32), mask=pid_g == 0)
+    first, last = _chunk_tiles(chunk, n_tiles, TILES)
+    k, mu, q = 0.0, tl.zeros([BLOCK_G], dtype=tl.float32), tl.zeros([BLOCK_G], dtype=tl.float32)
+    if PREFETCH:
+        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+    for tile in range(first, last):
+        if PREFETCH:   # this tile was loaded one iteration ago; issue the next one's load now
+            x = x_next
+            ahead = tl.where(tile + 1 < last, tile + 1, n_tiles)         # n_tiles: past the row, nothing
+            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        else:
+            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        _, _, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                 HAS_MASK, BLOCK_T, BLOCK_H)
+        m, v = _step_moments(x.to(tl.float32), exists & real[:, None, None], H)
+        r = real.to(tl.float32)
+        k_tile = tl.sum(r, 0)
+        mu_tile = tl.sum(r[:, None] * m, 0) / tl.maximum(k_tile, 1.0)
+        q_tile = tl.sum(r[:, None] * (v + (m - mu_tile[None, :]) * (m - mu_tile[None, :])), 0)
+        k_new = k + k_tile
+        gap, weight = mu_tile - mu, k_tile / tl.maximum(k_new, 1.0)
+        q = q + q_tile + k * weight * gap * gap
+        mu = mu + weight * gap
+        k = k_new
+    out = (row * n_chunks + chunk) * G + groups
+    tl.store(chunk_mean_ptr + out, mu, mask=groups < G)
+    tl.store(chunk_m2_ptr + out, q, mask=groups < G)
+    tl.store(chunk_count_ptr + row * n_chunks + chunk, k.to(tl.int32), mask=pid_g == 0)
 
 # %% [markdown]
-# Pass 2 merges a row's summaries in order. Written for many tiles at once, the Chan merge is
-# again cumulative sums: with $n^<_j$ the count before tile $j$, the mean before tile $j$ is a
+# Pass 2 merges a row's chunk summaries in order. Written for many chunks at once, the Chan merge is
+# again cumulative sums: with $n^<_j$ the count before chunk $j$, the mean before chunk $j$ is a
 # shifted cumulative sum of $k_j(\mu_j - K)$, and $Q$ before it a cumulative sum of the
 # non-negative $Q_j + \frac{k_j n^<_j}{n^<_j + k_j}(\mu_j - M^<_j)^2$. The loop takes
-# `prefix_block_n` = 1,024 tiles per step, so a row of 65,536 steps in tiles of 8 takes eight
-# steps. It writes the state before every tile, $(B, n{+}1)$ counts and $(B, n{+}1, G)$ means and
-# variances for $n$ tiles, entry $n$ the final state: the only thing the forward saves for the
-# backward besides its inputs (at 8 steps a tile, 1/16 of the bytes of a bfloat16 $x$).
+# `prefix_block_n` = 1,024 chunks per step, so a row of 65,536 steps in chunks of 8 tiles of 8
+# steps takes one step: this pass is latency (a launch and a few dependent loads), and it shrinks
+# with the chunk. It writes the state before every chunk into the state before every *tile*,
+# $(B, n{+}1)$ counts and $(B, n{+}1, G)$ means and variances for $n$ tiles, entry $n$ the final
+# state; pass 3 fills the entries inside each chunk. That array is the only thing the forward saves
+# for the backward besides its inputs (at 8 steps a tile, 1/16 of the bytes of a bfloat16 $x$).
 
 # %% tags=["export:ops.timestep_norm"]
-@triton.jit(do_not_specialize=["n_tiles"])
-def _tile_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
-                        count_ptr, mean_ptr, var_ptr, final_count_ptr, final_mean_ptr, final_var_ptr,
-                        n_tiles, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Pass 2: the running state before every tile, merge(incoming state, tiles < j) by Chan's rule
+@triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
+def _chunk_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr,
+                         count_ptr, mean_ptr, var_ptr, final_count_ptr, final_mean_ptr, final_var_ptr,
+                         n_tiles, n_chunks, G, TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Pass 2: the running state before every chunk, merge(incoming state, chunks < j) by Chan's rule
     n = n_a + n_b, M = M_a + n_b / n (M_b - M_a), Q = Q_a + Q_b + n_a n_b / n (M_b - M_a)^2,
-    written at [row, j]; the state after the last tile at [row, n_tiles] and as the final state."""
+    written at [row, j TILES] (the state before the chunk's first tile); the state after the last
+    tile at [row, n_tiles] and as the final state."""
     pid_g, row = tl.program_id(0), tl.program_id(1)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     group_ok = groups < G
@@ -1872,13 +1921,13 @@ def _tile_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, tile_count_ptr, tile_me
     mean = tl.load(mean0_ptr + row * G + groups, mask=group_ok, other=0.0)
     var0 = tl.load(var0_ptr + row * G + groups, mask=group_ok, other=1.0)
     sum_sq = count.to(tl.float32) * var0                                # Q = N S, carried
-    for start in range(0, n_tiles, BLOCK_N):
-        tiles = start + tl.arange(0, BLOCK_N)
-        both = (tiles < n_tiles)[:, None] & group_ok[None, :]
-        k = tl.load(tile_count_ptr + row * n_tiles + tiles, mask=tiles < n_tiles, other=0).to(tl.int64)
-        index = (row * n_tiles + tiles)[:, None] * G + groups[None, :]
-        mu = tl.load(tile_mean_ptr + index, mask=both, other=0.0)
-        q = tl.load(tile_m2_ptr + index, mask=both, other=0.0)
+    for start in range(0, n_chunks, BLOCK_N):
+        chunks = start + tl.arange(0, BLOCK_N)
+        both = (chunks < n_chunks)[:, None] & group_ok[None, :]
+        k = tl.load(chunk_count_ptr + row * n_chunks + chunks, mask=chunks < n_chunks, other=0).to(tl.int64)
+        index = (row * n_chunks + chunks)[:, None] * G + groups[None, :]
+        mu = tl.load(chunk_mean_ptr + index, mask=both, other=0.0)
+        q = tl.load(chunk_m2_ptr + index, mask=both, other=0.0)
         n_before = count + tl.cumsum(k, 0) - k
         kf, nb = k.to(tl.float32), n_before.to(tl.float32)
         c = count.to(tl.float32)
@@ -1892,8 +1941,8 @@ def _tile_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, tile_count_ptr, tile_me
         merge = q + (kf * nb / tl.maximum(nb + kf, 1.0))[:, None] * gap * gap   # >= 0
         sq_before = tl.cumsum(merge, 0) - merge + sum_sq[None, :]
         var_before = tl.where(nb[:, None] > 0, sq_before / tl.maximum(nb, 1.0)[:, None], var0[None, :])
-        out = row * (n_tiles + 1) + tiles
-        tl.store(count_ptr + out, n_before, mask=tiles < tl.where(pid_g == 0, n_tiles, 0))  # counts: once per row
+        out = row * (n_tiles + 1) + chunks * TILES                      # the chunk's first tile
+        tl.store(count_ptr + out, n_before, mask=chunks < tl.where(pid_g == 0, n_chunks, 0))  # counts: once per row
         tl.store(mean_ptr + out[:, None] * G + groups[None, :], mean_before, mask=both)
         tl.store(var_ptr + out[:, None] * G + groups[None, :], var_before, mask=both)
         new_count = count + tl.sum(k, 0)
@@ -1911,29 +1960,50 @@ def _tile_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, tile_count_ptr, tile_me
     tl.store(final_var_ptr + row * G + groups, var, mask=group_ok)
 
 # %% [markdown]
-# Pass 3 reads the tile again and writes $y$.
+# Pass 3 walks the chunk's tiles again, first to last, and writes $y$. The state before the first
+# tile comes from pass 2; after each tile the state after it (the same cumulative sums, taken to
+# the tile's end) is carried in registers to the next tile and saved as the state before it.
 
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit(do_not_specialize=["L", "n_tiles"])
 def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count_ptr, mean_ptr, var_ptr, y_ptr,
                       L, D, G, H, n_tiles, eps,
                       HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_H: tl.constexpr):
-    """Pass 3: y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps."""
-    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Pass 3: y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps; the state
+    before each tile of the chunk but the first (pass 2 wrote that one) saved for the backward."""
+    chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                HAS_MASK, BLOCK_T, BLOCK_H)
-    keep = exists & real[:, None, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    m, v = _step_moments(x, keep, H)
-    count0, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G)
-    _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
-    rstd = tl.rsqrt(var + eps)
+    first, last = _chunk_tiles(chunk, n_tiles, TILES)
+    count, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, first, n_tiles, groups, G)
+    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]                     # [BG, BH]
+    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     shift = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
-    tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
+    if PREFETCH:
+        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+    for tile in range(first, last):
+        if PREFETCH:
+            x = x_next
+            ahead = tl.where(tile + 1 < last, tile + 1, n_tiles)
+            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        else:
+            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                          HAS_MASK, BLOCK_T, BLOCK_H)
+        keep = exists & real[:, None, None]
+        x = x.to(tl.float32)
+        m, v = _step_moments(x, keep, H)
+        _, mean, var, mean0, var0 = _running_stats(m, v, real, count, mean0, var0)
+        rstd = tl.rsqrt(var + eps)
+        y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
+        tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
+        count += tl.sum(real.to(tl.int64), 0)                           # (count, mean0, var0): after the tile
+        after = row * (n_tiles + 1) + tile + 1                          # at last: the next chunk's (pass 2)
+        tl.store(count_ptr + after, count, mask=tile + 1 < tl.where(pid_g == 0, last, 0))
+        inside = groups < tl.where(tile + 1 < last, G, 0)
+        tl.store(mean_ptr + after * G + groups, mean0, mask=inside)
+        tl.store(var_ptr + after * G + groups, var0, mask=inside)
 
 # %% [markdown]
 # ### Launching
@@ -1947,15 +2017,18 @@ def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count_ptr, mean_ptr
 
 # %% tags=["export:ops.timestep_norm"]
 class LaunchConfig(NamedTuple):
-    """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
-    (``num_warps`` warps); the prefix passes take ``prefix_block_n`` tiles x ``prefix_block_g``
-    groups per loop step."""
+    """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups, walked
+    ``tiles_per_program`` at a time by one program of ``num_warps`` warps (loading the next tile
+    before working on the current one if ``prefetch``); the prefix passes take ``prefix_block_n``
+    chunks x ``prefix_block_g`` groups per loop step."""
 
     block_t: int
     block_g: int
     num_warps: int = 1
     prefix_block_n: int = 1024
     prefix_block_g: int = 1
+    tiles_per_program: int = 1
+    prefetch: bool = False
 
 
 # Measured on an H200 (kernels/NOTES_timestep_norm.md): short tiles, one warp per 256 channels, so
@@ -1965,6 +2038,8 @@ TILE_STEPS = 8           # steps per tile (fewer when a group is very wide, see 
 TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D / G)
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
+TILES_PER_PROGRAM = 8    # consecutive tiles one program walks (a chunk)
+PREFETCH = False         # load the next tile of the chunk before working on the current one
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
@@ -1983,7 +2058,8 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     block_h = _next_pow2(channels // num_groups)
     block_g = max(1, min(_next_pow2(num_groups), TILE_CHANNELS // block_h))
     block_t = max(1, min(TILE_STEPS, TILE_ELEMENTS // (block_g * block_h)))
-    return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)))
+    return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)),
+                        tiles_per_program=TILES_PER_PROGRAM, prefetch=PREFETCH)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -2002,7 +2078,7 @@ def _expect(condition: bool, message: str) -> None:
 def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, mean: Tensor, var: Tensor,
                       padding_mask: Tensor | None, num_groups: int, eps: float,
                       config: LaunchConfig | None = None) -> tuple[Tensor, ...]:
-    """Launch the forward: summaries, prefix, normalise.
+    """Launch the forward: chunk summaries, prefix over chunks, normalise.
 
     Args:
         x: (B, L, D) contiguous, float16/bfloat16/float32. weight, bias: (D,).
@@ -2022,8 +2098,9 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     _expect(padding_mask is None or padding_mask.shape == (batch, length), "padding_mask: (B, L)")
     cfg = config or launch_config(channels, num_groups)
     group_size, n_tiles, device = channels // num_groups, _cdiv(length, cfg.block_t), x.device
-    tile_count = _empty((batch, n_tiles), torch.int32, device)
-    tile_mean, tile_m2 = _empty((2, batch, n_tiles, num_groups), torch.float32, device)
+    n_chunks = _cdiv(n_tiles, cfg.tiles_per_program)
+    chunk_count = _empty((batch, n_chunks), torch.int32, device)
+    chunk_mean, chunk_m2 = _empty((2, batch, n_chunks, num_groups), torch.float32, device)
     prefix_count = _empty((batch, n_tiles + 1), torch.int64, device)
     prefix_mean, prefix_var = (_empty((batch, n_tiles + 1, num_groups), torch.float32, device) for _ in range(2))
     y = _empty(x.shape, x.dtype, device)
@@ -2031,13 +2108,15 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     mean_out, var_out = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)  # x: unused placeholder
     tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-                 BLOCK_H=_next_pow2(group_size), num_warps=cfg.num_warps)
-    grid = (n_tiles, _cdiv(num_groups, cfg.block_g), batch)
-    _tile_summary_kernel[grid](x, mask, tile_count, tile_mean, tile_m2,
-                               length, channels, num_groups, group_size, n_tiles, **tiles)
-    _tile_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
-        count, mean, var, tile_count, tile_mean, tile_m2, prefix_count, prefix_mean, prefix_var,
-        count_out, mean_out, var_out, n_tiles, num_groups, BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
+                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, PREFETCH=cfg.prefetch,
+                 num_warps=cfg.num_warps)
+    grid = (n_chunks, _cdiv(num_groups, cfg.block_g), batch)
+    _chunk_summary_kernel[grid](x, mask, chunk_count, chunk_mean, chunk_m2,
+                                length, channels, num_groups, group_size, n_tiles, n_chunks, **tiles)
+    _chunk_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
+        count, mean, var, chunk_count, chunk_mean, chunk_m2, prefix_count, prefix_mean, prefix_var,
+        count_out, mean_out, var_out, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
+        BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
     _normalize_kernel[grid](x, mask, weight, bias, prefix_count, prefix_mean, prefix_var, y,
                             length, channels, num_groups, group_size, n_tiles, eps, **tiles)
     return y, count_out, mean_out, var_out, prefix_count, prefix_mean, prefix_var
@@ -2185,8 +2264,8 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
     gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile."""
     m, v = _step_moments(x, keep, H)
     count0, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G)
-    n, mean, var = _running_stats(m, v, real, count0, mean0, var0)
-    _, shift, _ = _load_state(count_ptr, mean_ptr, var_ptr, row, tile + 1, n_tiles, groups, G)
+    n, mean, var, _, _ = _running_stats(m, v, real, count0, mean0, var0)
+    shift = _load_mean(mean_ptr, row, tile + 1, n_tiles, groups, G)
     rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     x_hat = tl.where(keep, (x - mean[:, :, None]) * rstd[:, :, None], 0.0)
@@ -2200,37 +2279,53 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit(do_not_specialize=["L", "n_tiles"])
 def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                         tile_a_ptr, tile_b_ptr, tile_c_ptr, dweight_ptr, dbias_ptr,
-                         L, D, G, H, n_tiles, eps,
+                         chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
+                         L, D, G, H, n_tiles, n_chunks, eps,
                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr):
-    """Backward pass 1: per (row, tile, group) the sums over the tile of a_t, b_t and c_t; per
-    (row, tile, channel) the tile's share of dweight (sum dy x_hat) and dbias (sum dy)."""
-    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Backward pass 1: per (row, chunk, group) the sums over the chunk of a_t, b_t and c_t, each
+    tile's c moved from its shift K_j to the chunk's (the last tile's): c^{K'} = c^{K} + (K - K') b."""
+    chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                HAS_MASK, BLOCK_T, BLOCK_H)
-    keep = exists & real[:, None, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    x_hat, _, _, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_ptr,
-                                           mean_ptr, var_ptr, row, tile, n_tiles, groups, G, H, eps)
-    out = (row * n_tiles + tile) * G + groups
-    tl.store(tile_a_ptr + out, tl.sum(a, 0), mask=groups < G)
-    tl.store(tile_b_ptr + out, tl.sum(b, 0), mask=groups < G)
-    tl.store(tile_c_ptr + out, tl.sum(c, 0), mask=groups < G)
-    part = (row * n_tiles + tile) * D + channels
-    tl.store(dweight_ptr + part, tl.sum(dy * x_hat, 0), mask=channel_ok)
-    tl.store(dbias_ptr + part, tl.sum(dy, 0), mask=channel_ok)
+    first, last = _chunk_tiles(chunk, n_tiles, TILES)
+    chunk_shift = _load_mean(mean_ptr, row, last, n_tiles, groups, G)   # K: the mean after the chunk
+    sum_a = tl.zeros([BLOCK_G], dtype=tl.float32)
+    sum_b = tl.zeros([BLOCK_G], dtype=tl.float32)
+    sum_c = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if PREFETCH:
+        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        dy_next = _load_tile(dy_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+    for tile in range(first, last):
+        if PREFETCH:
+            x, dy = x_next, dy_next
+            ahead = tl.where(tile + 1 < last, tile + 1, n_tiles)
+            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        else:
+            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+            dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        _, _, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                 HAS_MASK, BLOCK_T, BLOCK_H)
+        _, _, shift, a, b, c = _gradient_terms(x.to(tl.float32), dy.to(tl.float32), exists & real[:, None, None],
+                                               real, weight_ptr, channels, channel_ok, count_ptr, mean_ptr,
+                                               var_ptr, row, tile, n_tiles, groups, G, H, eps)
+        tile_b = tl.sum(b, 0)
+        sum_a += tl.sum(a, 0)
+        sum_b += tile_b
+        sum_c += tl.sum(c, 0) + (shift - chunk_shift) * tile_b
+    out = (row * n_chunks + chunk) * G + groups
+    tl.store(chunk_a_ptr + out, sum_a, mask=groups < G)
+    tl.store(chunk_b_ptr + out, sum_b, mask=groups < G)
+    tl.store(chunk_c_ptr + out, sum_c, mask=groups < G)
 
 # %% tags=["export:ops.timestep_norm"]
-@triton.jit(do_not_specialize=["n_tiles"])
-def _grad_prefix_kernel(tile_a_ptr, tile_b_ptr, tile_c_ptr, count_ptr, mean_ptr, dmean_ptr, dvar_ptr,
+@triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
+def _grad_prefix_kernel(chunk_a_ptr, chunk_b_ptr, chunk_c_ptr, count_ptr, mean_ptr, dmean_ptr, dvar_ptr,
                         after_a_ptr, after_b_ptr, after_c_ptr, dmean0_ptr, dvar0_ptr,
-                        n_tiles, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Backward pass 2: for every tile the sums of a, b, c over all later steps (c moved to the
-    tile's own shift K_j: c^{K'} = c^{K} + (K - K') b), seeded by the gradient to the final state;
-    at the end, the gradient to the incoming mean and variance."""
+                        n_tiles, n_chunks, G, TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Backward pass 2: for every chunk the sums of a, b, c over all later steps (c moved to the
+    chunk's own shift K_j, the mean after its last tile: c^{K'} = c^{K} + (K - K') b), seeded by the
+    gradient to the final state; at the end, the gradient to the incoming mean and variance."""
     pid_g, row = tl.program_id(0), tl.program_id(1)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     group_ok = groups < G
@@ -2243,25 +2338,27 @@ def _grad_prefix_kernel(tile_a_ptr, tile_b_ptr, tile_c_ptr, count_ptr, mean_ptr,
     sum_b = dvar_final * inv_final
     sum_c = tl.zeros([BLOCK_G], dtype=tl.float32)                       # at shift = the final mean
     shift = tl.load(mean_ptr + (base + n_tiles) * G + groups, mask=group_ok, other=0.0)
-    for done in range(0, n_tiles, BLOCK_N):
-        tiles = n_tiles - 1 - done - tl.arange(0, BLOCK_N)              # last tile first
-        both = (tiles >= 0)[:, None] & group_ok[None, :]
-        index = (row * n_tiles + tiles)[:, None] * G + groups[None, :]
-        a = tl.load(tile_a_ptr + index, mask=both, other=0.0)
-        b = tl.load(tile_b_ptr + index, mask=both, other=0.0)
-        tile_shift = tl.load(mean_ptr + (base + tiles + 1)[:, None] * G + groups[None, :], mask=both, other=0.0)
-        c = tl.load(tile_c_ptr + index, mask=both, other=0.0) + (tile_shift - shift[None, :]) * b
+    for done in range(0, n_chunks, BLOCK_N):
+        chunks = n_chunks - 1 - done - tl.arange(0, BLOCK_N)            # last chunk first
+        both = (chunks >= 0)[:, None] & group_ok[None, :]
+        index = (row * n_chunks + chunks)[:, None] * G + groups[None, :]
+        a = tl.load(chunk_a_ptr + index, mask=both, other=0.0)
+        b = tl.load(chunk_b_ptr + index, mask=both, other=0.0)
+        ends = base + tl.minimum((chunks + 1) * TILES, n_tiles)         # the state after each chunk
+        chunk_shift = tl.load(mean_ptr + ends[:, None] * G + groups[None, :], mask=both, other=0.0)
+        c = tl.load(chunk_c_ptr + index, mask=both, other=0.0) + (chunk_shift - shift[None, :]) * b
         after_a = tl.cumsum(a, 0) - a + sum_a[None, :]
         after_b = tl.cumsum(b, 0) - b + sum_b[None, :]
-        after_c = tl.cumsum(c, 0) - c + sum_c[None, :] + (shift[None, :] - tile_shift) * after_b
+        after_c = tl.cumsum(c, 0) - c + sum_c[None, :] + (shift[None, :] - chunk_shift) * after_b
         tl.store(after_a_ptr + index, after_a, mask=both)
         tl.store(after_b_ptr + index, after_b, mask=both)
         tl.store(after_c_ptr + index, after_c, mask=both)
         sum_a += tl.sum(a, 0)
         sum_b += tl.sum(b, 0)
         sum_c += tl.sum(c, 0)
-        lowest = tl.maximum(n_tiles - done - BLOCK_N, 0)                # re-centre on the next block
-        new_shift = tl.load(mean_ptr + (base + lowest + 1) * G + groups, mask=group_ok, other=0.0)
+        lowest = tl.maximum(n_chunks - done - BLOCK_N, 0)               # re-centre on the next block
+        lowest_end = base + tl.minimum((lowest + 1) * TILES, n_tiles)
+        new_shift = tl.load(mean_ptr + lowest_end * G + groups, mask=group_ok, other=0.0)
         sum_c += (shift - new_shift) * sum_b
         shift = new_shift
     count0 = tl.load(count_ptr + base).to(tl.float32)
@@ -2275,42 +2372,74 @@ def _grad_prefix_kernel(tile_a_ptr, tile_b_ptr, tile_c_ptr, count_ptr, mean_ptr,
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit(do_not_specialize=["L", "n_tiles"])
 def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                     after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
-                     L, D, G, H, n_tiles, eps,
+                     after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, dweight_ptr, dbias_ptr,
+                     L, D, G, H, n_tiles, n_chunks, eps,
                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
-    """Backward pass 3: with A_i, B_i, C_i the sums of a, b, c over steps t >= i,
-    dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps."""
-    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Backward pass 3, the chunk's tiles last first: with A_i, B_i, C_i the sums of a, b, c over
+    steps t >= i, dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on
+    real steps; the sums after a tile are carried to the tile before it (C moved to its shift).
+    Also the chunk's shares of dweight (sum dy x_hat) and dbias (sum dy), one row per program."""
+    chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                HAS_MASK, BLOCK_T, BLOCK_H)
-    keep = exists & real[:, None, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    _, dx_direct, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
-                                                   count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups,
-                                                   G, H, eps)
-    index = (row * n_tiles + tile) * G + groups
-    sum_a = tl.cumsum(a, 0, reverse=True) + tl.load(after_a_ptr + index, mask=groups < G, other=0.0)[None, :]
-    sum_b = tl.cumsum(b, 0, reverse=True) + tl.load(after_b_ptr + index, mask=groups < G, other=0.0)[None, :]
-    sum_c = tl.cumsum(c, 0, reverse=True) + tl.load(after_c_ptr + index, mask=groups < G, other=0.0)[None, :]
-    through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
-                     - 2.0 * sum_c[:, :, None]) / H
-    dx = tl.where(keep, dx_direct + through_stats, 0.0)
-    tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
+    first, last = _chunk_tiles(chunk, n_tiles, TILES)
+    index = (row * n_chunks + chunk) * G + groups
+    after_a = tl.load(after_a_ptr + index, mask=groups < G, other=0.0)  # the steps after the chunk
+    after_b = tl.load(after_b_ptr + index, mask=groups < G, other=0.0)
+    after_c = tl.load(after_c_ptr + index, mask=groups < G, other=0.0)
+    dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    if PREFETCH:
+        x_next = _load_tile(x_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        dy_next = _load_tile(dy_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+    for done in range(0, last - first):
+        tile = last - 1 - done
+        if PREFETCH:
+            x, dy = x_next, dy_next
+            ahead = tl.where(tile > first, tile - 1, n_tiles)              # n_tiles: past the row, nothing
+            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        else:
+            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+            dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                          HAS_MASK, BLOCK_T, BLOCK_H)
+        keep = exists & real[:, None, None]
+        x, dy = x.to(tl.float32), dy.to(tl.float32)
+        x_hat, dx_direct, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
+                                                           count_ptr, mean_ptr, var_ptr, row, tile, n_tiles,
+                                                           groups, G, H, eps)
+        dweight += tl.sum(dy * x_hat, 0)                                # x_hat dies here: fewer registers
+        dbias += tl.sum(dy, 0)
+        sum_a = tl.cumsum(a, 0, reverse=True) + after_a[None, :]
+        sum_b = tl.cumsum(b, 0, reverse=True) + after_b[None, :]
+        sum_c = tl.cumsum(c, 0, reverse=True) + after_c[None, :]
+        through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
+                         - 2.0 * sum_c[:, :, None]) / H
+        dx = tl.where(keep, dx_direct + through_stats, 0.0)
+        tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
+        shift_before = _load_mean(mean_ptr, row, tile, n_tiles, groups, G)
+        after_a += tl.sum(a, 0)                                         # now the steps from this tile on,
+        after_b += tl.sum(b, 0)
+        after_c += tl.sum(c, 0) + (shift - shift_before) * after_b      # at the previous tile's shift
+    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]
+    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
+    part = (row * n_chunks + chunk) * D + channels
+    tl.store(dweight_ptr + part, dweight, mask=channel_ok)
+    tl.store(dbias_ptr + part, dbias, mask=channel_ok)
 
 # %% [markdown]
-# The backward launcher. The per-tile shares of the parameter gradients, $2 \times (BL/T) \times D$
-# float32, are summed by PyTorch; at $T = 8$ that is half the bytes of a bfloat16 $x$, written once
-# and read once: the price of short tiles (see "Where it stands" below).
+# The backward launcher. The parameter gradients leave the kernels as one share per program,
+# $2 \times (BL/(T \cdot \texttt{TILES})) \times D$ float32 (at 8 steps a tile and 8 tiles a chunk,
+# 1/32 of the bytes of a bfloat16 $x$), summed by PyTorch in a fixed order: no atomic adds, so
+# the result is the same bit for bit from run to run.
 
 # %% tags=["export:ops.timestep_norm"]
 def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight: Tensor,
                       padding_mask: Tensor | None, prefix_count: Tensor, prefix_mean: Tensor,
                       prefix_var: Tensor, num_groups: int, eps: float,
                       config: LaunchConfig | None = None) -> tuple[Tensor, ...]:
-    """Launch the backward: per-tile sums, reverse prefix, dx.
+    """Launch the backward: per-chunk sums, reverse prefix over chunks, dx and the parameter shares.
 
     Args:
         dy: (B, L, D) gradient of y; dmean, dvar: (B, G) gradients of the final mean and var.
@@ -2323,26 +2452,29 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     batch, length, channels = x.shape
     cfg = config or launch_config(channels, num_groups)
     group_size, n_tiles, device = channels // num_groups, _cdiv(length, cfg.block_t), x.device
+    n_chunks = _cdiv(n_tiles, cfg.tiles_per_program)
     _expect(dy.shape == x.shape and dmean.shape == dvar.shape == (batch, num_groups), "dy (B,L,D), dmean/dvar (B,G)")
     _expect(prefix_mean.shape == prefix_var.shape == (batch, n_tiles + 1, num_groups), "prefix: (B, tiles + 1, G)")
     dy, dmean, dvar = dy.contiguous(), dmean.float().contiguous(), dvar.float().contiguous()
-    tile_a, tile_b, tile_c, after_a, after_b, after_c = _empty((6, batch, n_tiles, num_groups), torch.float32, device)
-    partial = _empty((2, batch * n_tiles, channels), torch.float32, device)
+    chunk_a, chunk_b, chunk_c, after_a, after_b, after_c = _empty((6, batch, n_chunks, num_groups), torch.float32,
+                                                                  device)
+    partial = _empty((2, batch * n_chunks, channels), torch.float32, device)
     dx = _empty(x.shape, x.dtype, device)
     dmean0, dvar0 = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-                 BLOCK_H=_next_pow2(group_size), num_warps=cfg.num_warps)
-    grid = (n_tiles, _cdiv(num_groups, cfg.block_g), batch)
-    _grad_summary_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var,
-                               tile_a, tile_b, tile_c, partial[0], partial[1],
-                               length, channels, num_groups, group_size, n_tiles, eps, **tiles)
+                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, PREFETCH=cfg.prefetch,
+                 num_warps=cfg.num_warps)
+    grid = (n_chunks, _cdiv(num_groups, cfg.block_g), batch)
+    _grad_summary_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, chunk_a, chunk_b, chunk_c,
+                               length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
     _grad_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
-        tile_a, tile_b, tile_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
-        dmean0, dvar0, n_tiles, num_groups, BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
+        chunk_a, chunk_b, chunk_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
+        dmean0, dvar0, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
+        BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
     _backward_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var,
-                           after_a, after_b, after_c, dx,
-                           length, channels, num_groups, group_size, n_tiles, eps, **tiles)
+                           after_a, after_b, after_c, dx, partial[0], partial[1],
+                           length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
     return dx, partial.sum(dim=1), dmean0, dvar0
 
 # %% [markdown]
