@@ -285,12 +285,12 @@ class LaunchConfig(NamedTuple):
 # Measured on an H200 (kernels/NOTES_timestep_norm.md): short tiles, one warp per 256 channels, so
 # that each thread holds all T steps of its 8 channels and the step-axis sums and scans stay in
 # registers (longer tiles spread the steps over warps and pay shared-memory round trips).
-TILE_STEPS = 8           # steps per tile (fewer when a group is very wide, see launch_config)
+TILE_STEPS = 4           # steps per tile (fewer when a group is very wide, see launch_config)
 TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D / G)
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
-TILES_PER_PROGRAM = 8    # consecutive tiles one program walks (a chunk)
-PREFETCH = False         # load the next tile of the chunk before working on the current one
+TILES_PER_PROGRAM = 16   # consecutive tiles one program walks (a chunk)
+PREFETCH = True          # load the next tile of the chunk before working on the current one
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
