@@ -4,8 +4,7 @@ One command, one GPU run (chapter 08 Part 2; notes in kernels/NOTES_timestep_nor
 
     python kernels/tune_timestep_norm.py --out kernels/results
 
-For each launch configuration (steps per tile, channels per program, warps, tiles per program,
-prefetch) it times the kernels forward and forward+backward at the benchmark shapes (bf16, D=1024,
+For each launch configuration (steps per tile, channels per program, warps, tiles per chunk) it times the kernels forward and forward+backward at the benchmark shapes (bf16, D=1024,
 G=32, B x L in {32 x 2K, 4 x 16K, 1 x 64K}), eagerly and replayed from a CUDA graph (the GPU's
 time without Python's launch cost), and prints a table against the memory floor. The fastest
 configuration (by the worst CUDA-graph fwd+bwd over the shapes) is profiled per kernel at
@@ -34,23 +33,22 @@ sys.path.insert(0, str(ROOT))
 from kernels import bench  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
-# (steps per tile, channels per program, warps, tiles per program, prefetch). Runs 1-2 (v2, one tile
-# per program) found 8 steps x 256 channels on one warp fastest: Triton lays a [T, BG, 32] bf16 tile
-# out with 4 threads x 8 channels along a group and 8 threads along groups, so with BLOCK_G = 8 and one
-# warp each thread holds all T steps of its channels (the step-axis scans stay in registers). v2.5
-# (several tiles per program) compiled for sm_90 on the CPU: at 8 steps the backward kernel needs 255
-# registers and spills (496 bytes; 752 with prefetch), at 4 steps 232-254 without spills, and the
-# normalise kernel 135-163 at 4 steps against 245-255 at 8; so 4-step tiles are candidates now.
-VARIANTS = [(8, 256, 1, 8, False), (8, 256, 1, 8, True), (4, 256, 1, 16, False), (4, 256, 1, 16, True),
-            (4, 256, 1, 8, True), (8, 128, 1, 8, True)]
+# (steps per tile, channels per program, warps, tiles per chunk). Runs 1-2 (v2) found 8 steps x 256
+# channels on one warp fastest: Triton lays a [T, BG, 32] bf16 tile out with 4 threads x 8 channels
+# along a group and 8 threads along groups, so with BLOCK_G = 8 and one warp each thread holds all T
+# steps of its channels (the step-axis scans stay in registers). Run 4 (v2.5a, every kernel walking
+# chunks; NOTES) ruled out walking tiles in the kernels that write y and dx, and prefetching. v2.5
+# walks only in the summary kernels; sm_90 registers on the CPU box at 8 steps: normalise 168,
+# grad summary 255 (no spill), dx 219; at 4 steps 95, 161, 128.
+VARIANTS = [(8, 256, 1, 8), (8, 256, 1, 16), (8, 256, 1, 4), (4, 256, 1, 16), (4, 256, 1, 32), (4, 512, 2, 16)]
 
 
-def config_for(steps: int, channels: int, warps: int, tiles: int, prefetch: bool):
+def config_for(steps: int, channels: int, warps: int, tiles: int):
     """A launch_config replacement that returns this configuration for D=1024, G=32."""
     def choose(d_model: int, num_groups: int) -> ops.LaunchConfig:
         group_size = d_model // num_groups
         return ops.LaunchConfig(block_t=steps, block_g=max(1, channels // group_size), num_warps=warps,
-                                tiles_per_program=tiles, prefetch=prefetch)
+                                tiles_per_program=tiles)
     return choose
 
 
@@ -146,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"copy {ceilings.copy_TBps:.2f} TB/s", flush=True)
-    candidates = [(f"T={t} C={c} W={w} tiles={n} prefetch={int(p)}", ops, config_for(t, c, w, n, p))
-                  for t, c, w, n, p in VARIANTS]
+    candidates = [(f"T={t} C={c} W={w} tiles={n}", ops, config_for(t, c, w, n)) for t, c, w, n in VARIANTS]
     baseline = load_baseline(args.baseline) if args.baseline else None
     if baseline is not None:
         candidates.insert(0, ("baseline (" + args.baseline.name + ")", baseline, baseline.launch_config))
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
         copy_TBps=ceilings.copy_TBps, variants=results,
-        best=dict(zip(("steps", "channels", "warps", "tiles_per_program", "prefetch"), best)),
+        best=dict(zip(("steps", "channels", "warps", "tiles_per_program"), best)),
         best_vs_float64_bf16=checks,
         best_fwdbwd_cuda_graph_ms={f"{r['B']}x{r['L']}": r["graph_fwdbwd_ms"] for r in results
                                    if r["variant"] == best_name},

@@ -9,20 +9,23 @@
 are imported here as the references to test against. The official CUDA kernel it replaces:
 https://github.com/XuezheMax/megalodon/blob/cff8ba5f607a2176bbd0166afc09842984433f93/megalodon/csrc/ops/timestep_norm_kernel.cu
 
-Each row is cut into tiles of ``block_t`` steps, and the tiles into chunks of ``tiles_per_program``;
-one program owns one chunk of one row and ``block_g`` groups and walks its tiles in a loop (loading
-the next tile before working on the current one when ``prefetch`` is set). Forward, three launches:
+Each row is cut into tiles of ``block_t`` steps, and the tiles into chunks of ``tiles_per_program``.
+The prefix over the row is two-level: inside a chunk one program walks its tiles in a loop, across
+chunks a short scan; the kernels that write y and dx keep one tile (and ``block_g`` groups) per
+program. Forward, three launches:
 
-1. :func:`_chunk_summary_kernel`: each chunk's (count, mean, sum of squared deviations) per group;
-2. :func:`_chunk_prefix_kernel`: the exclusive prefix of those summaries by the Chan merge,
+1. :func:`_chunk_summary_kernel`: per chunk, the (count, mean, sum of squared deviations) of its
+   tiles before each tile, and of the whole chunk, per group;
+2. :func:`_chunk_prefix_kernel`: the exclusive prefix of the chunk summaries by the Chan merge,
    starting from the incoming state: the running state *before* every chunk, and the final state;
-3. :func:`_normalize_kernel`: the running statistics of every step (shifted cumulative sums from the
-   state before each tile, carried from tile to tile), then y; it saves the state before every tile.
+3. :func:`_normalize_kernel`: the state before its tile (the chunk's state merged with the tiles
+   before it in the chunk, saved for the backward), the running statistics of every step (shifted
+   cumulative sums), then y.
 
-Backward, the same three passes in reverse: per-chunk sums of the gradient terms, a reverse prefix
-over chunks, then dx from reverse cumulative sums, walking each chunk's tiles last first; the same
-kernel adds up the chunk's shares of dweight and dbias (the closed form chapter 08 derives). x is read
-twice forward, x and dy twice backward; no per-step statistic is stored.
+Backward, the same three passes in reverse: per chunk (its tiles last first) the sums of the
+gradient terms over the later tiles of the chunk and the chunk's shares of dweight and dbias; a
+reverse prefix over chunks; then dx from reverse cumulative sums inside each tile (the closed form
+chapter 08 derives). x is read twice forward, x and dy twice backward; no per-step statistic is stored.
 The launchers are registered as the custom ops ``megalodon_lite::timestep_norm_fwd`` and
 ``megalodon_lite::timestep_norm_bwd``, which ``torch.compile`` treats as opaque.
 """
@@ -68,8 +71,7 @@ def _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
 @triton.jit
 def _load_tile(ptr, mask_ptr, row, tile, L, D, G, H, groups,
                HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """A tile [T, BG, BH] of ``ptr`` in its own dtype, zero off the real steps (all of them for a
-    tile past the row's end: a prefetch beyond a program's last tile loads nothing)."""
+    """A tile [T, BG, BH] of ``ptr`` in its own dtype, zero off the real steps."""
     base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                       HAS_MASK, BLOCK_T, BLOCK_H)
     return tl.load(ptr + base + offsets, mask=exists & real[:, None, None], other=0.0)
@@ -109,10 +111,9 @@ def _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G):
 @triton.jit
 def _running_stats(m, v, real, count0, mean0, var0):
     """Count N_t [T], mean M_t and variance S_t [T, BG] after every step of a tile, from the
-    state (count0, mean0, var0) before it, and the mean and variance [BG] after the tile.
-    Cancellation-free: M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K
-    near the data, and N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2),
-    non-negative terms."""
+    state (count0, mean0, var0) before it. Cancellation-free:
+    M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K near the data, and
+    N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2), non-negative terms."""
     r = real.to(tl.float32)
     c0 = count0.to(tl.float32)
     n = c0 + tl.cumsum(r, 0)                                            # N_t
@@ -127,33 +128,29 @@ def _running_stats(m, v, real, count0, mean0, var0):
     spread = (r * n_prev / tl.maximum(n, 1.0))[:, None] * (m - mean_prev) * (m - mean_prev)
     sum_sq = c0 * var0[None, :] + tl.cumsum(r[:, None] * v + spread, 0)  # N_t S_t
     var = tl.where(n[:, None] > 0, sum_sq / tl.maximum(n, 1.0)[:, None], var0[None, :])
-    n_end = c0 + tl.sum(r, 0)                                           # the same sums, to the end
-    mean_end = shift + (c0 * (mean0 - shift) + tl.sum(step, 0)) / tl.maximum(n_end, 1.0)
-    var_end = (c0 * var0 + tl.sum(r[:, None] * v + spread, 0)) / tl.maximum(n_end, 1.0)
-    return n, mean, var, tl.where(n_end > 0, mean_end, mean0), tl.where(n_end > 0, var_end, var0)
+    return n, mean, var
 
 # %% chapters/08_triton_scans.py cell 60 · The kernels, forward
 @triton.jit(do_not_specialize=["L", "n_tiles"])
-def _chunk_summary_kernel(x_ptr, mask_ptr, chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr,
-                          L, D, G, H, n_tiles, n_chunks,
+def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                          chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr, L, D, G, H, n_tiles, n_chunks,
                           HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Pass 1: per (row, chunk, group) the chunk's real steps k, their mean mu and
-    Q = sum_t (v_t + (m_t - mu)^2), the sum of squared deviations divided by the group size,
-    merged tile by tile: k' = k + k_j, mu' = mu + k_j / k' d, Q' = Q + Q_j + k k_j / k' d^2, d = mu_j - mu."""
+                          BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+    """Pass 1: per (row, chunk, group) the real steps k, their mean mu and Q = sum_t (v_t + (m_t - mu)^2)
+    (the sum of squared deviations divided by the group size) of the chunk's tiles before each tile,
+    written per tile, and of the whole chunk; merged tile by tile:
+    k' = k + k_j, mu' = mu + k_j / k' d, Q' = Q + Q_j + k k_j / k' d^2, with d = mu_j - mu."""
     chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     first, last = _chunk_tiles(chunk, n_tiles, TILES)
-    k, mu, q = 0.0, tl.zeros([BLOCK_G], dtype=tl.float32), tl.zeros([BLOCK_G], dtype=tl.float32)
-    if PREFETCH:
-        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+    k = tl.full([], 0, dtype=tl.int32)                                  # real steps so far in the chunk
+    mu, q = tl.zeros([BLOCK_G], dtype=tl.float32), tl.zeros([BLOCK_G], dtype=tl.float32)
     for tile in range(first, last):
-        if PREFETCH:   # this tile was loaded one iteration ago; issue the next one's load now
-            x = x_next
-            ahead = tl.where(tile + 1 < last, tile + 1, n_tiles)         # n_tiles: past the row, nothing
-            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        else:
-            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        out = (row * n_tiles + tile) * G + groups                       # the chunk before this tile
+        tl.store(tile_mean_ptr + out, mu, mask=groups < G)
+        tl.store(tile_m2_ptr + out, q, mask=groups < G)
+        tl.store(tile_count_ptr + row * n_tiles + tile, k, mask=pid_g == 0)
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
         _, _, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                  HAS_MASK, BLOCK_T, BLOCK_H)
         m, v = _step_moments(x.to(tl.float32), exists & real[:, None, None], H)
@@ -161,15 +158,15 @@ def _chunk_summary_kernel(x_ptr, mask_ptr, chunk_count_ptr, chunk_mean_ptr, chun
         k_tile = tl.sum(r, 0)
         mu_tile = tl.sum(r[:, None] * m, 0) / tl.maximum(k_tile, 1.0)
         q_tile = tl.sum(r[:, None] * (v + (m - mu_tile[None, :]) * (m - mu_tile[None, :])), 0)
-        k_new = k + k_tile
-        gap, weight = mu_tile - mu, k_tile / tl.maximum(k_new, 1.0)
-        q = q + q_tile + k * weight * gap * gap
+        k_before = k.to(tl.float32)
+        gap, weight = mu_tile - mu, k_tile / tl.maximum(k_before + k_tile, 1.0)
+        q = q + q_tile + k_before * weight * gap * gap
         mu = mu + weight * gap
-        k = k_new
+        k += tl.sum(real.to(tl.int32), 0)
     out = (row * n_chunks + chunk) * G + groups
     tl.store(chunk_mean_ptr + out, mu, mask=groups < G)
     tl.store(chunk_m2_ptr + out, q, mask=groups < G)
-    tl.store(chunk_count_ptr + row * n_chunks + chunk, k.to(tl.int32), mask=pid_g == 0)
+    tl.store(chunk_count_ptr + row * n_chunks + chunk, k, mask=pid_g == 0)
 
 # %% chapters/08_triton_scans.py cell 62 · The kernels, forward
 @triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
@@ -226,52 +223,57 @@ def _chunk_prefix_kernel(count0_ptr, mean0_ptr, var0_ptr, chunk_count_ptr, chunk
     tl.store(final_var_ptr + row * G + groups, var, mask=group_ok)
 
 # %% chapters/08_triton_scans.py cell 64 · The kernels, forward
+@triton.jit
+def _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                       row, tile, n_tiles, groups, G, TILES: tl.constexpr):
+    """The running state before ``tile``: (c, M, S) before its chunk merged with (k, mu, Q) of the
+    chunk's tiles before it, n = c + k, M' = M + k / n (mu - M), n S' = c S + Q + c k / n (mu - M)^2."""
+    count, mean, var = _load_state(count_ptr, mean_ptr, var_ptr, row, tile // TILES * TILES, n_tiles, groups, G)
+    k = tl.load(tile_count_ptr + row * n_tiles + tile).to(tl.int64)
+    mu = tl.load(tile_mean_ptr + (row * n_tiles + tile) * G + groups, mask=groups < G, other=0.0)
+    q = tl.load(tile_m2_ptr + (row * n_tiles + tile) * G + groups, mask=groups < G, other=0.0)
+    c, kf = count.to(tl.float32), k.to(tl.float32)
+    n = tl.maximum(c + kf, 1.0)
+    gap = mu - mean
+    new_mean = tl.where(k > 0, mean + kf / n * gap, mean)
+    new_var = tl.where(count + k > 0, (c * var + q + c * kf / n * gap * gap) / n, var)
+    return count + k, new_mean, new_var
+
+
 @triton.jit(do_not_specialize=["L", "n_tiles"])
-def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, count_ptr, mean_ptr, var_ptr, y_ptr,
-                      L, D, G, H, n_tiles, eps,
+def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                      count_ptr, mean_ptr, var_ptr, y_ptr, L, D, G, H, n_tiles, eps,
                       HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Pass 3: y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps; the state
-    before each tile of the chunk but the first (pass 2 wrote that one) saved for the backward."""
-    chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+    """Pass 3: the state before the tile (saved), then
+    y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    first, last = _chunk_tiles(chunk, n_tiles, TILES)
-    count, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, first, n_tiles, groups, G)
-    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]                     # [BG, BH]
-    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
+    count0, mean0, var0 = _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_ptr,
+                                             tile_m2_ptr, row, tile, n_tiles, groups, G, TILES)
+    index = row * (n_tiles + 1) + tile
+    inside = tile % TILES != 0                                          # a chunk's first: pass 2 wrote it
+    tl.store(count_ptr + index, count0, mask=inside & (pid_g == 0))
+    tl.store(mean_ptr + index * G + groups, mean0, mask=groups < tl.where(inside, G, 0))
+    tl.store(var_ptr + index * G + groups, var0, mask=groups < tl.where(inside, G, 0))
+    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                      HAS_MASK, BLOCK_T, BLOCK_H)
+    keep = exists & real[:, None, None]
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    m, v = _step_moments(x, keep, H)
+    _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
+    rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     shift = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-    if PREFETCH:
-        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-    for tile in range(first, last):
-        if PREFETCH:
-            x = x_next
-            ahead = tl.where(tile + 1 < last, tile + 1, n_tiles)
-            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        else:
-            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                          HAS_MASK, BLOCK_T, BLOCK_H)
-        keep = exists & real[:, None, None]
-        x = x.to(tl.float32)
-        m, v = _step_moments(x, keep, H)
-        _, mean, var, mean0, var0 = _running_stats(m, v, real, count, mean0, var0)
-        rstd = tl.rsqrt(var + eps)
-        y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
-        tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
-        count += tl.sum(real.to(tl.int64), 0)                           # (count, mean0, var0): after the tile
-        after = row * (n_tiles + 1) + tile + 1                          # at last: the next chunk's (pass 2)
-        tl.store(count_ptr + after, count, mask=tile + 1 < tl.where(pid_g == 0, last, 0))
-        inside = groups < tl.where(tile + 1 < last, G, 0)
-        tl.store(mean_ptr + after * G + groups, mean0, mask=inside)
-        tl.store(var_ptr + after * G + groups, var0, mask=inside)
+    y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
+    tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
 
 # %% chapters/08_triton_scans.py cell 66 · Launching
 class LaunchConfig(NamedTuple):
-    """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups, walked
-    ``tiles_per_program`` at a time by one program of ``num_warps`` warps (loading the next tile
-    before working on the current one if ``prefetch``); the prefix passes take ``prefix_block_n``
-    chunks x ``prefix_block_g`` groups per loop step."""
+    """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
+    (``num_warps`` warps); chunks of ``tiles_per_program`` tiles, which one program of each summary
+    pass walks; the prefix passes take ``prefix_block_n`` chunks x ``prefix_block_g`` groups per
+    loop step."""
 
     block_t: int
     block_g: int
@@ -279,18 +281,16 @@ class LaunchConfig(NamedTuple):
     prefix_block_n: int = 1024
     prefix_block_g: int = 1
     tiles_per_program: int = 1
-    prefetch: bool = False
 
 
 # Measured on an H200 (kernels/NOTES_timestep_norm.md): short tiles, one warp per 256 channels, so
 # that each thread holds all T steps of its 8 channels and the step-axis sums and scans stay in
 # registers (longer tiles spread the steps over warps and pay shared-memory round trips).
-TILE_STEPS = 4           # steps per tile (fewer when a group is very wide, see launch_config)
+TILE_STEPS = 8           # steps per tile (fewer when a group is very wide, see launch_config)
 TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D / G)
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
-TILES_PER_PROGRAM = 16   # consecutive tiles one program walks (a chunk)
-PREFETCH = True          # load the next tile of the chunk before working on the current one
+TILES_PER_PROGRAM = 8    # tiles per chunk: the first level of the prefix
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
@@ -310,7 +310,7 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     block_g = max(1, min(_next_pow2(num_groups), TILE_CHANNELS // block_h))
     block_t = max(1, min(TILE_STEPS, TILE_ELEMENTS // (block_g * block_h)))
     return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)),
-                        tiles_per_program=TILES_PER_PROGRAM, prefetch=PREFETCH)
+                        tiles_per_program=TILES_PER_PROGRAM)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -350,7 +350,8 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     cfg = config or launch_config(channels, num_groups)
     group_size, n_tiles, device = channels // num_groups, _cdiv(length, cfg.block_t), x.device
     n_chunks = _cdiv(n_tiles, cfg.tiles_per_program)
-    chunk_count = _empty((batch, n_chunks), torch.int32, device)
+    tile_count, chunk_count = _empty((batch, n_tiles), torch.int32, device), _empty((batch, n_chunks), torch.int32, device)
+    tile_mean, tile_m2 = _empty((2, batch, n_tiles, num_groups), torch.float32, device)
     chunk_mean, chunk_m2 = _empty((2, batch, n_chunks, num_groups), torch.float32, device)
     prefix_count = _empty((batch, n_tiles + 1), torch.int64, device)
     prefix_mean, prefix_var = (_empty((batch, n_tiles + 1, num_groups), torch.float32, device) for _ in range(2))
@@ -359,17 +360,18 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     mean_out, var_out = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)  # x: unused placeholder
     tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, PREFETCH=cfg.prefetch,
-                 num_warps=cfg.num_warps)
-    grid = (n_chunks, _cdiv(num_groups, cfg.block_g), batch)
-    _chunk_summary_kernel[grid](x, mask, chunk_count, chunk_mean, chunk_m2,
-                                length, channels, num_groups, group_size, n_tiles, n_chunks, **tiles)
+                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, num_warps=cfg.num_warps)
+    group_blocks = _cdiv(num_groups, cfg.block_g)
+    _chunk_summary_kernel[(n_chunks, group_blocks, batch)](
+        x, mask, tile_count, tile_mean, tile_m2, chunk_count, chunk_mean, chunk_m2,
+        length, channels, num_groups, group_size, n_tiles, n_chunks, **tiles)
     _chunk_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         count, mean, var, chunk_count, chunk_mean, chunk_m2, prefix_count, prefix_mean, prefix_var,
         count_out, mean_out, var_out, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
         BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
-    _normalize_kernel[grid](x, mask, weight, bias, prefix_count, prefix_mean, prefix_var, y,
-                            length, channels, num_groups, group_size, n_tiles, eps, **tiles)
+    _normalize_kernel[(n_tiles, group_blocks, batch)](
+        x, mask, weight, bias, tile_count, tile_mean, tile_m2, prefix_count, prefix_mean, prefix_var, y,
+        length, channels, num_groups, group_size, n_tiles, eps, **tiles)
     return y, count_out, mean_out, var_out, prefix_count, prefix_mean, prefix_var
 
 # %% chapters/08_triton_scans.py cell 73 · The backward in closed form
@@ -381,7 +383,7 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
     gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile."""
     m, v = _step_moments(x, keep, H)
     count0, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G)
-    n, mean, var, _, _ = _running_stats(m, v, real, count0, mean0, var0)
+    n, mean, var = _running_stats(m, v, real, count0, mean0, var0)
     shift = _load_mean(mean_ptr, row, tile + 1, n_tiles, groups, G)
     rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
@@ -396,44 +398,54 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
 # %% chapters/08_triton_scans.py cell 74 · The backward in closed form
 @triton.jit(do_not_specialize=["L", "n_tiles"])
 def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                         chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
-                         L, D, G, H, n_tiles, n_chunks, eps,
+                         later_a_ptr, later_b_ptr, later_c_ptr, chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
+                         dweight_ptr, dbias_ptr, L, D, G, H, n_tiles, n_chunks, eps,
                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Backward pass 1: per (row, chunk, group) the sums over the chunk of a_t, b_t and c_t, each
-    tile's c moved from its shift K_j to the chunk's (the last tile's): c^{K'} = c^{K} + (K - K') b."""
+                         BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+    """Backward pass 1, a chunk's tiles last first: per (row, tile, group) the sums of a_t, b_t, c_t
+    over the chunk's *later* tiles, at the tile's shift K_j (c^{K'} = c^{K} + (K - K') b); per
+    (row, chunk, group) the sums over the whole chunk at the chunk's shift (its last tile's); per
+    (row, chunk, channel) the chunk's share of dweight (sum dy x_hat) and dbias (sum dy)."""
     chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     first, last = _chunk_tiles(chunk, n_tiles, TILES)
-    chunk_shift = _load_mean(mean_ptr, row, last, n_tiles, groups, G)   # K: the mean after the chunk
-    sum_a = tl.zeros([BLOCK_G], dtype=tl.float32)
-    sum_b = tl.zeros([BLOCK_G], dtype=tl.float32)
-    sum_c = tl.zeros([BLOCK_G], dtype=tl.float32)
-    if PREFETCH:
-        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        dy_next = _load_tile(dy_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-    for tile in range(first, last):
-        if PREFETCH:
-            x, dy = x_next, dy_next
-            ahead = tl.where(tile + 1 < last, tile + 1, n_tiles)
-            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        else:
-            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-            dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+    chunk_shift = _load_mean(mean_ptr, row, last, n_tiles, groups, G)  # K after the chunk
+    later_a = tl.zeros([BLOCK_G], dtype=tl.float32)                     # at the current tile's shift
+    later_b = tl.zeros([BLOCK_G], dtype=tl.float32)
+    later_c = tl.zeros([BLOCK_G], dtype=tl.float32)
+    chunk_c = tl.zeros([BLOCK_G], dtype=tl.float32)                     # at the chunk's shift
+    dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    for done in range(0, last - first):
+        tile = last - 1 - done
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H).to(tl.float32)
+        dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H).to(tl.float32)
         _, _, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                  HAS_MASK, BLOCK_T, BLOCK_H)
-        _, _, shift, a, b, c = _gradient_terms(x.to(tl.float32), dy.to(tl.float32), exists & real[:, None, None],
-                                               real, weight_ptr, channels, channel_ok, count_ptr, mean_ptr,
-                                               var_ptr, row, tile, n_tiles, groups, G, H, eps)
+        x_hat, _, shift, a, b, c = _gradient_terms(x, dy, exists & real[:, None, None], real, weight_ptr,
+                                                   channels, channel_ok, count_ptr, mean_ptr, var_ptr,
+                                                   row, tile, n_tiles, groups, G, H, eps)
+        dweight += tl.sum(dy * x_hat, 0)
+        dbias += tl.sum(dy, 0)
+        out = (row * n_tiles + tile) * G + groups
+        tl.store(later_a_ptr + out, later_a, mask=groups < G)
+        tl.store(later_b_ptr + out, later_b, mask=groups < G)
+        tl.store(later_c_ptr + out, later_c, mask=groups < G)
         tile_b = tl.sum(b, 0)
-        sum_a += tl.sum(a, 0)
-        sum_b += tile_b
-        sum_c += tl.sum(c, 0) + (shift - chunk_shift) * tile_b
+        chunk_c += tl.sum(c, 0) + (shift - chunk_shift) * tile_b
+        shift_before = _load_mean(mean_ptr, row, tile, n_tiles, groups, G)   # K of the tile before
+        later_a += tl.sum(a, 0)
+        later_b += tile_b
+        later_c += tl.sum(c, 0) + (shift - shift_before) * later_b
     out = (row * n_chunks + chunk) * G + groups
-    tl.store(chunk_a_ptr + out, sum_a, mask=groups < G)
-    tl.store(chunk_b_ptr + out, sum_b, mask=groups < G)
-    tl.store(chunk_c_ptr + out, sum_c, mask=groups < G)
+    tl.store(chunk_a_ptr + out, later_a, mask=groups < G)               # a and b need no shift
+    tl.store(chunk_b_ptr + out, later_b, mask=groups < G)
+    tl.store(chunk_c_ptr + out, chunk_c, mask=groups < G)
+    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]
+    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
+    part = (row * n_chunks + chunk) * D + channels
+    tl.store(dweight_ptr + part, dweight, mask=channel_ok)
+    tl.store(dbias_ptr + part, dbias, mask=channel_ok)
 
 # %% chapters/08_triton_scans.py cell 75 · The backward in closed form
 @triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
@@ -489,68 +501,48 @@ def _grad_prefix_kernel(chunk_a_ptr, chunk_b_ptr, chunk_c_ptr, count_ptr, mean_p
 # %% chapters/08_triton_scans.py cell 76 · The backward in closed form
 @triton.jit(do_not_specialize=["L", "n_tiles"])
 def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                     after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, dweight_ptr, dbias_ptr,
+                     later_a_ptr, later_b_ptr, later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
                      L, D, G, H, n_tiles, n_chunks, eps,
                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Backward pass 3, the chunk's tiles last first: with A_i, B_i, C_i the sums of a, b, c over
-    steps t >= i, dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on
-    real steps; the sums after a tile are carried to the tile before it (C moved to its shift).
-    Also the chunk's shares of dweight (sum dy x_hat) and dbias (sum dy), one row per program."""
-    chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                     BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+    """Backward pass 3: with A_i, B_i, C_i the sums of a, b, c over steps t >= i,
+    dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps;
+    the sums after the tile are the chunk's later tiles' plus those after the chunk, moved to the
+    tile's shift K: C^{K} = C^{K_chunk} + (K_chunk - K) B."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    first, last = _chunk_tiles(chunk, n_tiles, TILES)
-    index = (row * n_chunks + chunk) * G + groups
-    after_a = tl.load(after_a_ptr + index, mask=groups < G, other=0.0)  # the steps after the chunk
-    after_b = tl.load(after_b_ptr + index, mask=groups < G, other=0.0)
-    after_c = tl.load(after_c_ptr + index, mask=groups < G, other=0.0)
-    dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
-    dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
-    if PREFETCH:
-        x_next = _load_tile(x_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        dy_next = _load_tile(dy_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-    for done in range(0, last - first):
-        tile = last - 1 - done
-        if PREFETCH:
-            x, dy = x_next, dy_next
-            ahead = tl.where(tile > first, tile - 1, n_tiles)              # n_tiles: past the row, nothing
-            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        else:
-            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-            dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
-        base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                          HAS_MASK, BLOCK_T, BLOCK_H)
-        keep = exists & real[:, None, None]
-        x, dy = x.to(tl.float32), dy.to(tl.float32)
-        x_hat, dx_direct, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
-                                                           count_ptr, mean_ptr, var_ptr, row, tile, n_tiles,
-                                                           groups, G, H, eps)
-        dweight += tl.sum(dy * x_hat, 0)                                # x_hat dies here: fewer registers
-        dbias += tl.sum(dy, 0)
-        sum_a = tl.cumsum(a, 0, reverse=True) + after_a[None, :]
-        sum_b = tl.cumsum(b, 0, reverse=True) + after_b[None, :]
-        sum_c = tl.cumsum(c, 0, reverse=True) + after_c[None, :]
-        through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
-                         - 2.0 * sum_c[:, :, None]) / H
-        dx = tl.where(keep, dx_direct + through_stats, 0.0)
-        tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
-        shift_before = _load_mean(mean_ptr, row, tile, n_tiles, groups, G)
-        after_a += tl.sum(a, 0)                                         # now the steps from this tile on,
-        after_b += tl.sum(b, 0)
-        after_c += tl.sum(c, 0) + (shift - shift_before) * after_b      # at the previous tile's shift
-    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]
-    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
-    part = (row * n_chunks + chunk) * D + channels
-    tl.store(dweight_ptr + part, dweight, mask=channel_ok)
-    tl.store(dbias_ptr + part, dbias, mask=channel_ok)
+    base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                      HAS_MASK, BLOCK_T, BLOCK_H)
+    keep = exists & real[:, None, None]
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    _, dx_direct, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
+                                                   count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups,
+                                                   G, H, eps)
+    chunk = tile // TILES
+    chunk_shift = _load_mean(mean_ptr, row, tl.minimum(chunk * TILES + TILES, n_tiles), n_tiles, groups, G)
+    index, after = (row * n_tiles + tile) * G + groups, (row * n_chunks + chunk) * G + groups
+    after_b = tl.load(after_b_ptr + after, mask=groups < G, other=0.0)
+    after_a = tl.load(later_a_ptr + index, mask=groups < G, other=0.0) + tl.load(after_a_ptr + after, mask=groups < G,
+                                                                                 other=0.0)
+    after_c = (tl.load(later_c_ptr + index, mask=groups < G, other=0.0) + tl.load(after_c_ptr + after, mask=groups < G,
+                                                                                  other=0.0)
+               + (chunk_shift - shift) * after_b)
+    after_b += tl.load(later_b_ptr + index, mask=groups < G, other=0.0)
+    sum_a = tl.cumsum(a, 0, reverse=True) + after_a[None, :]
+    sum_b = tl.cumsum(b, 0, reverse=True) + after_b[None, :]
+    sum_c = tl.cumsum(c, 0, reverse=True) + after_c[None, :]
+    through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
+                     - 2.0 * sum_c[:, :, None]) / H
+    dx = tl.where(keep, dx_direct + through_stats, 0.0)
+    tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
 
 # %% chapters/08_triton_scans.py cell 78 · The backward in closed form
 def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight: Tensor,
                       padding_mask: Tensor | None, prefix_count: Tensor, prefix_mean: Tensor,
                       prefix_var: Tensor, num_groups: int, eps: float,
                       config: LaunchConfig | None = None) -> tuple[Tensor, ...]:
-    """Launch the backward: per-chunk sums, reverse prefix over chunks, dx and the parameter shares.
+    """Launch the backward: per-chunk sums and parameter shares, reverse prefix over chunks, dx.
 
     Args:
         dy: (B, L, D) gradient of y; dmean, dvar: (B, G) gradients of the final mean and var.
@@ -567,6 +559,7 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     _expect(dy.shape == x.shape and dmean.shape == dvar.shape == (batch, num_groups), "dy (B,L,D), dmean/dvar (B,G)")
     _expect(prefix_mean.shape == prefix_var.shape == (batch, n_tiles + 1, num_groups), "prefix: (B, tiles + 1, G)")
     dy, dmean, dvar = dy.contiguous(), dmean.float().contiguous(), dvar.float().contiguous()
+    later_a, later_b, later_c = _empty((3, batch, n_tiles, num_groups), torch.float32, device)
     chunk_a, chunk_b, chunk_c, after_a, after_b, after_c = _empty((6, batch, n_chunks, num_groups), torch.float32,
                                                                   device)
     partial = _empty((2, batch * n_chunks, channels), torch.float32, device)
@@ -574,18 +567,19 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     dmean0, dvar0 = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, PREFETCH=cfg.prefetch,
-                 num_warps=cfg.num_warps)
-    grid = (n_chunks, _cdiv(num_groups, cfg.block_g), batch)
-    _grad_summary_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, chunk_a, chunk_b, chunk_c,
-                               length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
+                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, num_warps=cfg.num_warps)
+    group_blocks = _cdiv(num_groups, cfg.block_g)
+    _grad_summary_kernel[(n_chunks, group_blocks, batch)](
+        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
+        chunk_a, chunk_b, chunk_c, partial[0], partial[1], length, channels, num_groups, group_size,
+        n_tiles, n_chunks, eps, **tiles)
     _grad_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         chunk_a, chunk_b, chunk_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
         dmean0, dvar0, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
         BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
-    _backward_kernel[grid](x, dy, mask, weight, prefix_count, prefix_mean, prefix_var,
-                           after_a, after_b, after_c, dx, partial[0], partial[1],
-                           length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
+    _backward_kernel[(n_tiles, group_blocks, batch)](
+        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
+        after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
     return dx, partial.sum(dim=1), dmean0, dvar0
 
 # %% chapters/08_triton_scans.py cell 82 · An op that `torch.compile` treats as opaque
