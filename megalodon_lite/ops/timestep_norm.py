@@ -283,14 +283,15 @@ class LaunchConfig(NamedTuple):
     tiles_per_program: int = 1
 
 
-# Measured on an H200 (kernels/NOTES_timestep_norm.md): short tiles, one warp per 256 channels, so
-# that each thread holds all T steps of its 8 channels and the step-axis sums and scans stay in
-# registers (longer tiles spread the steps over warps and pay shared-memory round trips).
-TILE_STEPS = 8           # steps per tile (fewer when a group is very wide, see launch_config)
+# Measured on an H200 (kernels/NOTES_timestep_norm.md, run 5): short tiles, one warp per 256
+# channels, so that each thread holds all T steps of its 8 channels and the step-axis sums and scans
+# stay in registers (longer tiles spread the steps over warps and pay shared-memory round trips);
+# 4 steps rather than 8 since the two-level prefix (fewer registers, more programs resident per SM).
+TILE_STEPS = 4           # steps per tile (fewer when a group is very wide, see launch_config)
 TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D / G)
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
-TILES_PER_PROGRAM = 8    # tiles per chunk: the first level of the prefix
+TILES_PER_PROGRAM = 32   # tiles per chunk: the first level of the prefix
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
