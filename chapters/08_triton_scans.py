@@ -1698,6 +1698,44 @@ print(f"states before each tile, prefix of Chan merges vs the sequential referen
 assert worst < 1e-12
 
 # %% [markdown]
+# A row of 65,536 steps has thousands of tiles, and a prefix that merges them one after another is
+# a long chain of dependent steps: latency, not bytes. So the prefix has two levels. Group the
+# tiles into chunks of $C$ consecutive tiles. *Inside a chunk*, walking its tiles gives the summary
+# $P_j$ of the chunk's tiles before tile $j$, and the chunk's own summary. *Across chunks*, the
+# exclusive prefix of the chunk summaries gives the state $S_{c(j)}$ before each chunk, a chain $C$
+# times shorter. Merging is associative, so the state before tile $j$ is one merge,
+# $S_{c(j)} \oplus P_j$. The same check, two-level, with chunks of 4 of the 6 tiles (4 + 2):
+
+# %%
+CHUNK_SPEC = 4
+empty = tuple(torch.zeros(2, n, dtype=torch.float64) for n in (1, G_SPEC, G_SPEC))
+incoming = (state_spec.count[:, None].double(), state_spec.mean, state_spec.count[:, None] * state_spec.var)
+tiles_spec = []
+for start in range(0, L_SPEC, T_SPEC):
+    m_tile, v_tile = m_spec[:, start:start + T_SPEC], v_spec[:, start:start + T_SPEC]
+    mu = m_tile.mean(1)
+    tiles_spec.append((torch.full((2, 1), float(m_tile.shape[1]), dtype=torch.float64), mu,
+                       (v_tile + (m_tile - mu[:, None]) ** 2).sum(1)))
+in_chunk, chunk_summaries = [], []                  # level 1: P_j per tile, and each chunk's summary
+for first in range(0, len(tiles_spec), CHUNK_SPEC):
+    running = empty
+    for tile_summary in tiles_spec[first:first + CHUNK_SPEC]:
+        in_chunk.append(running)
+        running = chan_merge(running, tile_summary)
+    chunk_summaries.append(running)
+before_chunk, running = [], incoming                # level 2: the state before each chunk
+for chunk_summary in chunk_summaries:
+    before_chunk.append(running)
+    running = chan_merge(running, chunk_summary)
+worst, running = 0.0, incoming                      # against the one-level chain above
+for j, tile_summary in enumerate(tiles_spec):
+    two_level = chan_merge(before_chunk[j // CHUNK_SPEC], in_chunk[j])
+    worst = max(worst, *((a - b).abs().max().item() for a, b in zip(two_level, running)))
+    running = chan_merge(running, tile_summary)
+print(f"states before each tile, two-level vs one chain of merges: max |diff| {worst:.1e}")
+assert worst < 1e-10   # float64, the same merges grouped differently: rounding only
+
+# %% [markdown]
 # ### The kernels, forward
 #
 # The package module `megalodon_lite/ops/timestep_norm.py` is generated from the cells below.
@@ -1898,12 +1936,13 @@ def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m
 # again cumulative sums: with $n^<_j$ the count before chunk $j$, the mean before chunk $j$ is a
 # shifted cumulative sum of $k_j(\mu_j - K)$, and $Q$ before it a cumulative sum of the
 # non-negative $Q_j + \frac{k_j n^<_j}{n^<_j + k_j}(\mu_j - M^<_j)^2$. The loop takes
-# `prefix_block_n` = 1,024 chunks per step, so a row of 65,536 steps in chunks of 8 tiles of 8
-# steps takes one step: this pass is latency (a launch and a few dependent loads), and it shrinks
-# with the chunk. It writes the state before every chunk into the state before every *tile*,
+# `prefix_block_n` = 1,024 chunks per step, so a row of 65,536 steps in chunks of 32 tiles of 4
+# steps (512 chunks) takes one step: this pass is latency (a launch and a few dependent loads), and
+# the chunks keep it short. It writes the state before every chunk into the state before every *tile*,
 # $(B, n{+}1)$ counts and $(B, n{+}1, G)$ means and variances for $n$ tiles, entry $n$ the final
 # state; pass 3 fills the entries inside each chunk. That array is the only thing the forward saves
-# for the backward besides its inputs (at 8 steps a tile, 1/16 of the bytes of a bfloat16 $x$).
+# for the backward besides its inputs: $2G$ float32 numbers per tile against $TD$ bfloat16 of $x$,
+# 1/32 of its bytes at $T = 4$, $D = 32G$.
 
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
@@ -2015,9 +2054,10 @@ def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, til
 # ### Launching
 #
 # The tile shape depends on $D$ and $G$ only, not on the length, so the shape of the saved
-# per-tile state is known before the call (`torch.compile` needs that, below). The default, 8 steps
-# by 256 channels on one warp, is what measured fastest on an H200: each thread then holds all 8
-# steps of its 8 channels, so the sums and scans along the steps never leave its registers.
+# per-tile state is known before the call (`torch.compile` needs that, below). The default, 4 steps
+# by 256 channels on one warp in chunks of 32 tiles, is what measured fastest on an H200: each
+# thread then holds all 4 steps of its 8 channels, so the sums and scans along the steps never
+# leave its registers, and the kernels need few enough registers that many programs share an SM.
 # Every buffer comes from `_empty`, which the tests switch to NaN (integers: their smallest
 # value): a test then fails if any element is left unwritten.
 
@@ -2134,13 +2174,13 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
 # Without a GPU the kernels run in the Triton interpreter (`TRITON_INTERPRET=1`, set before
 # `triton` is imported; the tests and the book build set it on a machine without CUDA). Tiny
 # sizes and a tiny tile shape, so every path runs: tiles of 8 steps (a 45-step row has 6, the last
-# one partial), 2 groups per program (3 groups need 2 programs, one half empty), a prefix loop of 2
-# tiles per step; an incoming state on one row; padding at the start, in holes, and a row that
+# one partial) in chunks of 4 (4 + 2), 2 groups per program (3 groups need 2 programs, one half
+# empty), a prefix loop of 2 chunks per step; an incoming state on one row; padding at the start, in holes, and a row that
 # is all padding; data at an offset of 100. The reference is chapter 05's sequential recurrence
 # in float64 on the same float32 numbers.
 
 # %%
-TINY = LaunchConfig(block_t=8, block_g=2, num_warps=4, prefix_block_n=2, prefix_block_g=2)
+TINY = LaunchConfig(block_t=8, block_g=2, num_warps=4, prefix_block_n=2, prefix_block_g=2, tiles_per_program=4)
 OFFSET = 100.0
 
 def tiny_case(length: int = 45, groups: int = 3, group_size: int = 8, seed: int = 0):
@@ -2254,13 +2294,17 @@ for name, mine, auto in zip(names, spec_grads, auto_grads):
     assert torch.allclose(mine, auto, rtol=0, atol=1e-10)   # float64, unit scale: ~1e-15 per operation
 
 # %% [markdown]
-# The kernels run the forward's three passes in reverse. Pass 1 recomputes each tile's statistics
-# from the saved state before it (no per-step statistic was stored) and sums $g^M_t/n_t$,
-# $g^S_t/n_t$ and $g^S_t (M_t - K_j)/n_t$ over the tile, plus the tile's share of the parameter
-# gradients. Pass 2 walks a row's tiles from the last, starting from the final state's gradient,
-# and gives every tile the sums over all *later* steps, moved to its own shift; it ends with the
-# gradient to the incoming state. Pass 3 adds the reverse cumulative sums inside the tile and
-# writes $dx$. First the per-step terms, shared by passes 1 and 3:
+# The kernels run the forward's three passes in reverse, with the same two levels. Pass 1 takes a
+# chunk, its tiles last first: it recomputes each tile's statistics from the saved state before it
+# (no per-step statistic was stored), sums $a_t = g^M_t/n_t$, $b_t = g^S_t/n_t$ and
+# $c_t = g^S_t (M_t - K_j)/n_t$ over the tile, and writes for every tile the sums over the chunk's
+# *later* tiles; it also adds up the chunk's share of the parameter gradients
+# ($\sum_t dy\,\hat x$ and $\sum_t dy$ per channel), which needs $\hat x$, the one thing this pass
+# and pass 3 both have. Pass 2 walks a row's chunks from the last, starting from the final state's
+# gradient, and gives every chunk the sums over all steps after it; it ends with the gradient to the
+# incoming state. Pass 3, one tile per program, adds the two (moved to the tile's shift), then the
+# reverse cumulative sums inside the tile, and writes $dx$. First the per-step terms, shared by
+# passes 1 and 3:
 
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit
@@ -2426,10 +2470,10 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
     tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
 
 # %% [markdown]
-# The backward launcher. The parameter gradients leave the kernels as one share per program,
-# $2 \times (BL/(T \cdot \texttt{TILES})) \times D$ float32 (at 8 steps a tile and 8 tiles a chunk,
-# 1/32 of the bytes of a bfloat16 $x$), summed by PyTorch in a fixed order: no atomic adds, so
-# the result is the same bit for bit from run to run.
+# The backward launcher. The parameter gradients leave pass 1 as one share per chunk,
+# $2 \times (BL/(T \cdot \texttt{TILES})) \times D$ float32 (at 4 steps a tile and 32 tiles a chunk,
+# 1/32 of the bytes of a bfloat16 $x$; one share per tile was half of them), summed by PyTorch in a
+# fixed order: no atomic adds, so the result is the same bit for bit from run to run.
 
 # %% tags=["export:ops.timestep_norm"]
 def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight: Tensor,
@@ -2642,44 +2686,52 @@ assert worst < 1e-4
 # Measured on an H200 by `kernels/tune_timestep_norm.py` (which ends by running
 # `kernels/bench.py --ops timestep_norm`), committed in `kernels/results/`: the kernels called from
 # Python as a training step would call them ("eager"), the same forward+backward replayed from a
-# CUDA graph (the GPU's own time, without Python launching six kernels and running autograd), and
-# chapter 05's PyTorch form, each against the memory floor; then where the GPU's time goes.
+# CUDA graph (the GPU's own time, without Python launching six kernels and running autograd), the
+# previous version of these kernels (one-level prefix, one parameter share per tile) replayed in
+# the same run, and chapter 05's PyTorch form, each against the memory floor; then where the GPU's
+# time goes, kernel by kernel, for both versions.
 
 # %%
-bench_run = json.loads(recorded("nvidia_h200.json").read_text())
-tune_run = json.loads(recorded("tune_timestep_norm_h200.json").read_text())
+bench_run = json.loads(recorded("nvidia_h200_timestep_norm_v25.json").read_text())
+tune_run = json.loads(recorded("tune_timestep_norm_v25_h200.json").read_text())
+best = tune_run["best"]
 print(f"{bench_run['device']}, torch {bench_run['torch']}, triton {bench_run['triton']}, {bench_run['date'][:10]}; "
-      f"tiles of {tune_run['best']['steps']} steps x {tune_run['best']['channels']} channels, "
-      f"{tune_run['best']['warps']} warp(s)")
-print(f"{'B x L':>12} | {'eager fwd':>17} | {'eager fwd+bwd':>17} | "
-      f"{'CUDA graph fwd+bwd':>18} | {'PyTorch fwd+bwd':>17}")
+      f"tiles of {best['steps']} steps x {best['channels']} channels, {best['warps']} warp(s), "
+      f"chunks of {best['tiles_per_program']} tiles")
+previous = {(r["B"], r["L"]): r["graph_fwdbwd_ms"] for r in tune_run["variants"] if r["variant"].startswith("baseline")}
+print(f"{'B x L':>12} | {'eager fwd':>17} | {'eager fwd+bwd':>17} | {'CUDA graph fwd+bwd':>18} | "
+      f"{'previous, graph':>17} | {'PyTorch fwd+bwd':>17}")
 rows = {(r["path"], r["B"], r["L"]): r for r in bench_run["rows"] if r["op"] == "timestep_norm"}
 for (path, batch, length), row in rows.items():
     if path != "triton":
         continue
-    torch_row = rows[("torch", batch, length)]
+    torch_row, floor = rows[("torch", batch, length)], row["floor_fwdbwd_ms"]
     graph_ms = tune_run["best_fwdbwd_cuda_graph_ms"][f"{batch}x{length}"]
     cell = lambda ms, floor: f"{ms:6.3f} ms ({ms / floor:4.1f}x)"  # noqa: E731
-    print(f"{batch:>3} x {length:<6} | {cell(row['fwd_ms'], row['floor_fwd_ms']):>17} | "
-          f"{cell(row['fwdbwd_ms'], row['floor_fwdbwd_ms']):>17} | {cell(graph_ms, row['floor_fwdbwd_ms']):>18} | "
-          f"{cell(torch_row['fwdbwd_ms'], torch_row['floor_fwdbwd_ms']):>17}")
+    print(f"{batch:>3} x {length:<6} | {cell(row['fwd_ms'], row['floor_fwd_ms']):>17} | {cell(row['fwdbwd_ms'], floor):>17} | "
+          f"{cell(graph_ms, floor):>18} | {cell(previous[(batch, length)], floor):>17} | "
+          f"{cell(torch_row['fwdbwd_ms'], floor):>17}")
 pass_us = BENCH_TOKENS * BENCH_D * BF16_BYTES / (tune_run["copy_TBps"] * 1e12) * 1e6
-print(f"\nGPU time per kernel, one forward+backward at 4 x 16K (one pass over a bf16 tensor: {pass_us:.0f} us):")
-for name, us in tune_run["profile_4x16K_us"]:
-    if us > 1:
-        print(f"  {us:7.1f} us  {name.split('<')[0][:40]}")
+for shape in ("4x16384", "1x65536"):
+    print(f"\nGPU time per kernel, one forward+backward at {shape} (one pass over a bf16 tensor: {pass_us:.0f} us):")
+    for label in ("best", "baseline"):
+        kernels = [(name.split("<")[0][:34], us) for name, us in tune_run["profiles_us"][f"{label} {shape}"] if us > 1]
+        print(f"  {'this version' if label == 'best' else 'previous':>12}: "
+              + ", ".join(f"{name.strip('_').replace('void at::native::', 'torch ')} {us:.0f}" for name, us in kernels))
 
 # %% [markdown]
-# Against the target of forward+backward within 2x the floor, this misses (read the ratios above).
-# Where the rest goes, per kernel against the passes it must make: the forward's two kernels run
-# close to their one and two passes; the backward's first kernel, which recomputes the
-# statistics, forms $g^M, g^S$ and the per-tile parameter shares, runs at well over twice its
-# passes; the per-tile parameter shares cost half a pass to write and a PyTorch reduction to read;
-# the two prefix kernels are short loops whose time is latency, not bytes, and grow with the number
-# of tiles per row (worst at batch 1). Eagerly, Python's launches (six kernels, allocations,
-# autograd) take longer than the GPU's work, so the eager times sit far above the CUDA-graph ones;
-# inside a model step the GPU has other work queued and the graph time is the relevant one.
-# `kernels/NOTES_timestep_norm.md` lists what would close the gap.
+# Against the target of forward+backward within 2x the floor, this still misses (read the ratios
+# above), by less than before on the GPU's time, most at batch 1. The two-level prefix turned the
+# prefix kernels from a chain that grows with the tiles per row into a short one, and one parameter
+# share per chunk instead of per tile shrank the PyTorch reduction. What is left is the per-pass
+# efficiency of the streaming kernels: the backward's first kernel, which recomputes the
+# statistics, forms $g^M, g^S$, the sums and the parameter shares while walking its chunk, runs at
+# almost three times its two passes; the others run within about 1.5 times theirs. Eagerly,
+# Python's launches (six kernels, a reduction, allocations, autograd) take longer than the GPU's
+# work, so the eager times sit far above the CUDA-graph ones; inside a model step the GPU has other
+# work queued and the graph time is the relevant one. `kernels/NOTES_timestep_norm.md` records each
+# version's prediction and measurement, what failed (a design where every kernel walks its chunk was
+# slower than the one before it), and what would close the gap.
 
 # %% [markdown]
 # ## Part 3 · Measured on a GPU
@@ -2870,7 +2922,7 @@ import triton.language as tl
 from megalodon_lite.exercises import check
 from megalodon_lite.notebook import recorded
 from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms
-from megalodon_lite.ops.timestep_norm import _tile_prefix_kernel
+from megalodon_lite.ops.timestep_norm import _chunk_prefix_kernel
 from megalodon_lite.timestep_norm import cumulative_moments, initial_timestep_norm_state
 
 committed = json.loads(recorded("nvidia_h200.json").read_text())   # Part 3's benchmark run
@@ -2947,7 +2999,8 @@ check(my_scan_floors_ms, reference=benchmark_floors_ms, make_inputs=floor_inputs
 # real steps per tile, possibly 0; tile_mean and tile_q (B, n, G)) and returns count (B, n+1) int64,
 # mean and var (B, n+1, G): at index $j$ the state before tile $j$, at index $n$ the state after
 # the last tile. Merge with Chan's rule in float64; a state that has seen no step keeps the incoming
-# mean and var. The check runs the kernel itself, `_tile_prefix_kernel`, on the same summaries.
+# mean and var. The check runs the kernel itself, `_chunk_prefix_kernel`, on the same summaries
+# (as chunks of one tile each).
 
 # %%
 def my_states_before_tiles(count0: torch.Tensor, mean0: torch.Tensor, var0: torch.Tensor, tile_count: torch.Tensor,
@@ -2973,7 +3026,7 @@ def my_states_before_tiles(count0: torch.Tensor, mean0: torch.Tensor, var0: torc
 
 # %% tags=["check"]
 def states_before_tiles_by_the_kernel(count0, mean0, var0, tile_count, tile_mean, tile_q):
-    """Pass 2 of chapter 08's TimestepNorm forward (`_tile_prefix_kernel`, float32) on the same summaries."""
+    """Pass 2 of chapter 08's TimestepNorm forward (`_chunk_prefix_kernel`, float32, chunks of one tile)."""
     on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, n_tiles, groups = tile_mean.shape
     f32 = {"dtype": torch.float32, "device": on}
@@ -2981,9 +3034,10 @@ def states_before_tiles_by_the_kernel(count0, mean0, var0, tile_count, tile_mean
     prefix_mean, prefix_var = torch.empty(2, batch, n_tiles + 1, groups, **f32)
     final = (torch.empty(batch, dtype=torch.int64, device=on), torch.empty(batch, groups, **f32),
              torch.empty(batch, groups, **f32))
-    _tile_prefix_kernel[(groups, batch)](
+    _chunk_prefix_kernel[(groups, batch)](
         count0.to(on), mean0.to(**f32), var0.to(**f32), tile_count.to(on, torch.int32), tile_mean.to(**f32),
-        tile_q.to(**f32), prefix_count, prefix_mean, prefix_var, *final, n_tiles, groups, BLOCK_N=4, BLOCK_G=1)
+        tile_q.to(**f32), prefix_count, prefix_mean, prefix_var, *final, n_tiles, n_tiles, groups, TILES=1,
+        BLOCK_N=4, BLOCK_G=1)
     return prefix_count.cpu(), prefix_mean.double().cpu(), prefix_var.double().cpu()
 
 
