@@ -69,6 +69,16 @@ CASES = {
     "offset_1e4_200_steps": Case(length=200, groups=2, group_size=4, batch=1, counts=(5,), offset=1e4,
                                  tiles=LaunchConfig(block_t=32, block_g=2)),
     "decode_L1": Case(length=1, counts=(4, 9)),
+    # the two-level prefix: 15 steps in tiles of 2 = 8 tiles, the last ragged, in chunks of 3 (3 + 3 + 2:
+    # the row's tile count is no multiple of the chunk), the prefix over chunks looping 2 at a time
+    "chunks_of_3_tiles_ragged": Case(length=15, padding="holes", counts=(3, 0),
+                                     tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=2, tiles_per_program=3)),
+    "chunks_of_3_offset_100": Case(length=15, offset=100.0,
+                                   tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=2, tiles_per_program=3)),
+    "chunks_row_all_padding": Case(length=9, batch=3, counts=(0, 5, 0), padding="all",
+                                   tiles=LaunchConfig(block_t=2, block_g=2, tiles_per_program=4)),
+    "one_chunk_longer_than_the_row": Case(length=11, groups=2, group_size=6,
+                                          tiles=LaunchConfig(block_t=4, block_g=1, tiles_per_program=8)),
 }
 
 
@@ -150,13 +160,18 @@ def test_forward_state_and_every_gradient_match_float64(name, monkeypatch):
         assert (grads_k[0][pad] == 0).all()
 
 
-def test_every_buffer_of_the_launchers_is_written():
-    """With poisoned buffers: the forward's saved per-tile state and every backward output are finite."""
-    case = Case(length=10, padding="holes")
+@pytest.mark.parametrize("tiles", [LaunchConfig(block_t=4, block_g=2),
+                                   LaunchConfig(block_t=2, block_g=2, tiles_per_program=2)],
+                         ids=["one_tile_per_program", "chunks_of_2_tiles"])
+def test_every_buffer_of_the_launchers_is_written(tiles):
+    """With poisoned buffers: the forward's saved per-tile state (written by two kernels when a
+    program walks a chunk) and every backward output are finite."""
+    case = Case(length=10, padding="holes", tiles=tiles)
     x, weight, bias, state, pad = make_case(case)
     outs = timestep_norm_fwd(x, weight, bias, *state, pad, case.groups, EPS, config=case.tiles)
     y, count, mean, var, prefix_count, prefix_mean, prefix_var = outs
-    assert prefix_count.shape == (case.batch, 4) and prefix_mean.shape == (case.batch, 4, case.groups)
+    n_tiles = -(-case.length // tiles.block_t)
+    assert prefix_count.shape == (case.batch, n_tiles + 1) and prefix_mean.shape == (case.batch, n_tiles + 1, case.groups)
     assert (prefix_count >= 0).all() and (count >= 0).all()
     assert all(torch.isfinite(t).all() for t in (y, mean, var, prefix_mean, prefix_var))
     grads = timestep_norm_bwd(torch.randn_like(y), torch.randn_like(mean), torch.randn_like(var), x, weight, pad,

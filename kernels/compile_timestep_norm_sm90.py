@@ -1,0 +1,90 @@
+"""Compile the TimestepNorm kernels for an H100/H200 (sm_90) on a machine without a GPU and read
+their registers and spill bytes (the occupancy question of kernels/NOTES_timestep_norm.md).
+
+    python kernels/compile_timestep_norm_sm90.py --out kernels/results
+
+Triton compiles to PTX and runs the ptxas it ships for sm_90; ``cuobjdump`` (also shipped) reads
+registers and stack (spill) bytes from the cubin. Arguments are specialised as a launch on a GPU
+specialises them at D=1024, G=32 (pointers, D, G and H divisible by 16); x, y, dy and dx are bf16.
+The Triton version here need not be the GPU's (the output records it). Writes
+``timestep_norm_sm90_ptxas_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the GPU's Triton fuses multiply-adds by default
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
+
+CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+TARGET = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "mask_ptr": "*bf16",
+                 "count_ptr": "*i64", "count0_ptr": "*i64", "final_count_ptr": "*i64", "tile_count_ptr": "*i32",
+                 "chunk_count_ptr": "*i32"}   # every other pointer: float32
+TILE_KERNELS = ("_chunk_summary_kernel", "_normalize_kernel", "_grad_summary_kernel", "_backward_kernel")
+# (steps per tile, groups per program, warps, tiles per chunk): run 5's configurations
+CONFIGS = [(8, 8, 1, 8), (4, 8, 1, 32), (4, 16, 2, 16)]
+
+
+def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
+    names = list(inspect.signature(kernel.fn).parameters)
+    constants = {k: v for k, v in constants.items() if k in names}
+    signature = {n: "constexpr" if n in constants else POINTER_TYPES.get(n, "*fp32") if n.endswith("_ptr")
+                 else "fp32" if n == "eps" else "i32" for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in ("D", "G", "H")}
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
+    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
+    args = parser.parse_args(argv)
+    rows = []
+    for steps, groups, warps, tiles in CONFIGS:
+        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles)
+        row = {"steps": steps, "groups_per_program": groups, "warps": warps, "tiles_per_chunk": tiles}
+        for name in TILE_KERNELS:
+            row[name] = compile_sm90(getattr(ops, name), flags, warps)
+        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles}: "
+              + ", ".join(f"{k.strip('_')} {v['registers']} regs / {v['spill_bytes']} B spilled"
+                          for k, v in row.items() if isinstance(v, dict)), flush=True)
+        rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "timestep_norm_sm90_ptxas_cpu.json"
+    path.write_text(json.dumps(dict(
+        target="sm_90 (compiled on a CPU machine)", triton=triton.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command="python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
+        rows=rows), indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
