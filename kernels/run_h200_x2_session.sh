@@ -10,6 +10,9 @@
 #   memory-compiled  kernels/memory_profile.py, then chapter 10's throughput-compiled part (eager and compiled)
 #   scan-final  CEMA variants (kernels/tune_cema.py --adopt: the best one runs the rest of the call), the
 #              CEMA GPU tests, then kernels/bench.py --figure for every op
+#   host       kernels/host_profile.py: the host's time per forward+backward of CEMA and TimestepNorm (cProfile)
+#   scan-tests the CEMA and TimestepNorm GPU tests at the package defaults
+#   bench      kernels/bench.py --figure for every op (eager and CUDA-graph times)
 #   recall     chapter 10's recall part (MQAR and passkey), 3.5 minutes
 #   sp-train   `megalodon-lite train --sequence-parallel 2` under torchrun with NCCL, a short run
 #   OUT=/some/dir bash kernels/run_h200_x2_session.sh attention decode memory sp-bench sp-train
@@ -110,6 +113,28 @@ if wants scan-final; then
 
     step "kernels/bench.py, every op, with the figure"
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
+    tail -20 "$OUT/bench.log"
+    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
+fi
+
+if wants host; then
+    step "kernels/host_profile.py: host time per forward+backward, per launch, and where it goes"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 kernels/host_profile.py --out "$OUT" 2>&1 | grep -v Warning
+fi
+
+if wants scan-tests; then
+    step "GPU tests: CEMA and TimestepNorm kernels at the package defaults"
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 200 python3 -m pytest -q -rA --noconftest -o addopts="" \
+        -p no:cacheprovider -n 16 tests/test_ops_cema.py > "$OUT/gpu_tests_cema.log" 2>&1
+    tail -3 "$OUT/gpu_tests_cema.log"
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 200 python3 -m pytest -q -rA --noconftest -o addopts="" \
+        -p no:cacheprovider tests/test_ops_timestep_norm.py > "$OUT/gpu_tests_timestep_norm.log" 2>&1
+    tail -3 "$OUT/gpu_tests_timestep_norm.log"
+fi
+
+if wants bench; then
+    step "kernels/bench.py, every op, with the figure"
+    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
     tail -20 "$OUT/bench.log"
     cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
 fi

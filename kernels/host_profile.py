@@ -1,0 +1,161 @@
+"""Where the host's time goes when Python issues one forward+backward of a Triton op.
+
+    python kernels/host_profile.py --out kernels/results
+
+For CEMA and TimestepNorm (chapter 08) at the benchmark's D=1024, bf16, B x L = 4 x 16K it measures
+in one process: the GPU's time of a forward+backward replayed from a CUDA graph; the host's time to
+issue one forward+backward (wall time of 20 back-to-back calls, no synchronisation inside: the GPU
+queue absorbs them); the eager time (``triton.testing.do_bench``, what ``kernels/bench.py`` reports);
+the host's time per launch of a bare three-argument Triton kernel and of each op's own kernels; and a
+``cProfile`` of the 20 calls (the functions with the most own time). Writes
+``<out>/host_profile_<device>.json`` and ``<out>/host_profile_<device>.txt`` (the profiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import pstats
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kernels.bench import D_MODEL, N_GROUPS, N_STATES, device_slug  # noqa: E402
+
+BATCH, LENGTH, CALLS = 4, 16384, 20
+
+
+@triton.jit
+def _bare_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+
+def host_us_per_launch(launch, calls: int = 200) -> float:
+    """Microseconds of host time per call of ``launch()`` (tiny GPU work, no synchronisation inside)."""
+    for _ in range(10):
+        launch()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        launch()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def problems() -> dict:
+    """name -> (fwd+bwd callable returning the gradients, forward callable under no_grad)."""
+    from megalodon_lite.cema import CEMA
+    from megalodon_lite.ops.cema import cema_triton
+    from megalodon_lite.ops.timestep_norm import timestep_norm_triton
+
+    torch.manual_seed(0)
+    layer = CEMA(D_MODEL, N_STATES).cuda()
+    coefficients = [t.detach().requires_grad_(True) for t in (*layer.coefficients(), layer.omega)]
+    x = torch.randn(BATCH, LENGTH, D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    weight, bias = (torch.randn(D_MODEL, device="cuda", requires_grad=True) for _ in range(2))
+
+    def cema_fb():
+        return torch.autograd.grad(cema_triton(x, *coefficients)[0], (x, *coefficients), dy)
+
+    def cema_f():
+        with torch.no_grad():
+            return cema_triton(x, *coefficients)
+
+    def tsn_fb():
+        return torch.autograd.grad(timestep_norm_triton(x, weight, bias, N_GROUPS)[0], (x, weight, bias), dy)
+
+    def tsn_f():
+        with torch.no_grad():
+            return timestep_norm_triton(x, weight, bias, N_GROUPS)
+    return {"cema": (cema_fb, cema_f), "timestep_norm": (tsn_fb, tsn_f)}
+
+
+def measure(name: str, fb, f, report: io.StringIO) -> dict:
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    row = {"op": name, "B": BATCH, "L": LENGTH}
+    for _ in range(3):
+        fb()
+    torch.cuda.synchronize()
+    row["graph_fwdbwd_ms"] = float(do_bench_cudagraph(fb, rep=100, return_mode="median"))
+    row["graph_fwd_ms"] = float(do_bench_cudagraph(f, rep=100, return_mode="median"))
+    row["eager_fwdbwd_ms"] = float(do_bench(fb, warmup=25, rep=200, return_mode="median"))
+    row["eager_fwd_ms"] = float(do_bench(f, warmup=25, rep=200, return_mode="median"))
+    for key, fn in (("host_fwdbwd_ms", fb), ("host_fwd_ms", f)):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        row[key] = (time.perf_counter() - start) / CALLS * 1e3
+        torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(CALLS):
+        fb()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler, stream=report)
+    report.write(f"\n==== {name}: cProfile of {CALLS} forward+backward calls at {BATCH} x {LENGTH} ====\n")
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    # host time per Triton launch inside the op: JITFunction.run's cumulative time per call
+    launches = {f"{func[2]}": (calls, cum) for func, (_, calls, _, cum, _) in stats.stats.items()
+                if func[2] == "run" and "triton" in func[0] and "jit" in func[0]}
+    row["triton_run_calls_per_fwdbwd"] = sum(c for c, _ in launches.values()) / CALLS
+    row["triton_run_us_per_call"] = (sum(t for _, t in launches.values()) / max(1, sum(c for c, _ in launches.values()))
+                                     * 1e6)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels/host_profile.py needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    buffer = torch.zeros(1024, device="cuda")
+    bare_us = host_us_per_launch(lambda: _bare_kernel[(1,)](buffer, buffer.numel(), BLOCK=1024))
+    empty_us = host_us_per_launch(lambda: torch.empty(BATCH, LENGTH, D_MODEL, device="cuda", dtype=torch.bfloat16))
+    add_us = host_us_per_launch(lambda: buffer.add_(1.0))
+    print(f"host per launch: bare Triton kernel {bare_us:.1f} us, torch.empty {empty_us:.1f} us, "
+          f"torch add_ {add_us:.1f} us", flush=True)
+    report = io.StringIO()
+    rows = [measure(name, fb, f, report) for name, (fb, f) in problems().items()]
+    header = {
+        "device": device, "torch": torch.__version__, "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
+        "shape": {"B": BATCH, "L": LENGTH, "D": D_MODEL, "N": N_STATES, "G": N_GROUPS, "dtype": "bfloat16"},
+        "host_us_per_launch": {"bare_triton_kernel": bare_us, "torch_empty": empty_us, "torch_add_": add_us},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(device)
+    (args.out / f"host_profile_{slug}.json").write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    (args.out / f"host_profile_{slug}.txt").write_text(
+        "\n".join(f"{k}: {v}" for k, v in header.items()) + "\n" + report.getvalue())
+    print(f"wrote {args.out}/host_profile_{slug}.{{json,txt}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
