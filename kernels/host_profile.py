@@ -57,7 +57,9 @@ def host_us_per_launch(launch, calls: int = 200) -> float:
 
 
 def problems() -> dict:
-    """name -> (fwd+bwd callable returning the gradients, forward callable under no_grad)."""
+    """name -> (fwd+bwd callable returning the gradients, forward callable under no_grad, the pieces:
+    forward with autograd returning (y, leaves, dy), and the launchers without autograd, forward and
+    backward)."""
     from megalodon_lite.cema import CEMA
     from megalodon_lite.ops.cema import cema_triton
     from megalodon_lite.ops.timestep_norm import timestep_norm_triton
@@ -82,7 +84,79 @@ def problems() -> dict:
     def tsn_f():
         with torch.no_grad():
             return timestep_norm_triton(x, weight, bias, N_GROUPS)
-    return {"cema": (cema_fb, cema_f), "timestep_norm": (tsn_fb, tsn_f)}
+
+    from megalodon_lite.ops import cema as cema_ops
+    from megalodon_lite.ops import timestep_norm as tsn_ops
+    from megalodon_lite.timestep_norm import initial_timestep_norm_state
+
+    pairs = [c.detach() for c in coefficients]
+    pairs[1], pairs[2] = torch.view_as_real(pairs[1]), torch.view_as_real(pairs[2])
+    xd = x.detach()
+    _, h_last, ends, ends_dq = cema_ops.cema_triton_fwd(xd, *pairs, None, True)
+
+    def cema_launch_fwd():
+        return cema_ops.cema_triton_fwd(xd, *pairs, None, True)
+
+    def cema_launch_bwd():
+        return cema_ops.cema_triton_bwd(dy, torch.zeros_like(h_last), xd, *pairs, None, ends, ends_dq, True)
+
+    state = initial_timestep_norm_state(BATCH, N_GROUPS, device=x.device)
+    w, b = weight.detach(), bias.detach()
+    forward = tsn_ops.timestep_norm_fwd(xd, w, b, state.count, state.mean.float(), state.var.float(), None,
+                                        N_GROUPS, 1e-5)
+    zeros = torch.zeros(BATCH, N_GROUPS, device=x.device)
+
+    def tsn_launch_fwd():
+        return tsn_ops.timestep_norm_fwd(xd, w, b, state.count, state.mean.float(), state.var.float(), None,
+                                         N_GROUPS, 1e-5)
+
+    def tsn_launch_bwd():
+        return tsn_ops.timestep_norm_bwd(dy, zeros, zeros, xd, w, None, *forward[4:], N_GROUPS, 1e-5)
+
+    return {"cema": (cema_fb, cema_f, lambda: (cema_triton(x, *coefficients)[0], (x, *coefficients), dy),
+                     cema_launch_fwd, cema_launch_bwd),
+            "timestep_norm": (tsn_fb, tsn_f, lambda: (timestep_norm_triton(x, weight, bias, N_GROUPS)[0],
+                                                      (x, weight, bias), dy), tsn_launch_fwd, tsn_launch_bwd)}
+
+
+def host_ms(fn, calls: int = CALLS) -> float:
+    """Host milliseconds per call of ``fn()``: wall time of back-to-back calls, no synchronisation inside."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+def split(name: str, graph_with_grad, launch_fwd, launch_bwd) -> dict:
+    """The host's time by piece: the launchers alone (no autograd), forward with autograd, and the
+    backward alone (CALLS graphs built first, then their backward calls timed); and how many
+    synchronising CUDA calls one forward+backward makes (torch.cuda.set_sync_debug_mode)."""
+    import warnings
+
+    row = {"launchers_fwd_host_ms": host_ms(launch_fwd), "launchers_bwd_host_ms": host_ms(launch_bwd)}
+    row["autograd_fwd_host_ms"] = host_ms(graph_with_grad)
+    graphs = [graph_with_grad() for _ in range(CALLS)]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for y, leaves, dy in graphs:
+        torch.autograd.grad(y, leaves, dy)
+    row["autograd_bwd_host_ms"] = (time.perf_counter() - start) / CALLS * 1e3
+    torch.cuda.synchronize()
+    del graphs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            y, leaves, dy = graph_with_grad()
+            torch.autograd.grad(y, leaves, dy)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    row["synchronising_calls"] = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message)]
+    print(name, json.dumps(row), flush=True)
+    return row
 
 
 def measure(name: str, fb, f, report: io.StringIO) -> dict:
@@ -96,13 +170,7 @@ def measure(name: str, fb, f, report: io.StringIO) -> dict:
     row["graph_fwd_ms"] = float(do_bench_cudagraph(f, rep=100, return_mode="median"))
     row["eager_fwdbwd_ms"] = float(do_bench(fb, warmup=25, rep=200, return_mode="median"))
     row["eager_fwd_ms"] = float(do_bench(f, warmup=25, rep=200, return_mode="median"))
-    for key, fn in (("host_fwdbwd_ms", fb), ("host_fwd_ms", f)):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            fn()
-        row[key] = (time.perf_counter() - start) / CALLS * 1e3
-        torch.cuda.synchronize()
+    row["host_fwdbwd_ms"], row["host_fwd_ms"] = host_ms(fb), host_ms(f)
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()
@@ -139,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host per launch: bare Triton kernel {bare_us:.1f} us, torch.empty {empty_us:.1f} us, "
           f"torch add_ {add_us:.1f} us", flush=True)
     report = io.StringIO()
-    rows = [measure(name, fb, f, report) for name, (fb, f) in problems().items()]
+    rows = []
+    for name, (fb, f, graph_with_grad, launch_fwd, launch_bwd) in problems().items():
+        rows.append({**measure(name, fb, f, report), **split(name, graph_with_grad, launch_fwd, launch_bwd)})
     header = {
         "device": device, "torch": torch.__version__, "triton": triton.__version__,
         "python": sys.version.split()[0],

@@ -92,6 +92,17 @@ def poisoned_outputs():
         POISON_OUTPUTS = previous
 
 # %% chapters/08_triton_scans.py cell 14 · §1.3 The module, its tile sizes and the segment plan
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of Python ints, for the launchers: ``triton.cdiv`` is a constexpr function, and
+    each of its calls from host code costs microseconds (a CEMA forward+backward made dozens)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), of Python ints, for the same reason."""
+    return 1 << (n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class Segments:
     """How each row of L tokens is cut: n_seg segments of seg_len tokens (the last may be short)."""
@@ -106,15 +117,15 @@ def plan_segments(batch: int, length: int, d_model: int, cfg: CemaKernelConfig) 
     segments stay at least cfg.min_segment_blocks blocks long), or as cfg.segment says."""
     unit = max(cfg.chunk, cfg.chunk_grad)
     if cfg.segment:
-        seg_len = triton.cdiv(cfg.segment, unit) * unit
+        seg_len = cdiv(cfg.segment, unit) * unit
     else:
-        blocks, tiles, n_seg = triton.cdiv(length, unit), triton.cdiv(d_model, cfg.block_d), 1
-        while (triton.cdiv(batch * n_seg, cfg.streams) * tiles < cfg.min_programs
+        blocks, tiles, n_seg = cdiv(length, unit), cdiv(d_model, cfg.block_d), 1
+        while (cdiv(batch * n_seg, cfg.streams) * tiles < cfg.min_programs
                and blocks >= 2 * n_seg * cfg.min_segment_blocks):
             n_seg *= 2
-        seg_len = triton.cdiv(blocks, n_seg) * unit
-    n_seg = triton.cdiv(length, seg_len)
-    return Segments(n_seg, seg_len, triton.cdiv(batch * n_seg, cfg.streams))
+        seg_len = cdiv(blocks, n_seg) * unit
+    n_seg = cdiv(length, seg_len)
+    return Segments(n_seg, seg_len, cdiv(batch * n_seg, cfg.streams))
 
 
 def _dot_precision(dtype: torch.dtype, cfg: CemaKernelConfig) -> str:
@@ -319,7 +330,7 @@ def _ring_next(ptr, offs, step, place, count, blk, x1, x2, x3, dmask, C: tl.cons
 # %% chapters/08_triton_scans.py cell 22 · §1.5 Per-channel tables
 def _padded_states(n_states: int) -> int:
     """NP: N rounded up to a power of two, at least 16 (a state is the K of a tl.dot: K >= 16)."""
-    return max(16, triton.next_power_of_2(n_states))
+    return max(16, next_power_of_2(n_states))
 
 
 STEP_A, STEP_AR1, STEP_AR, STEP_P, STEP_BETA, STEP_Q, STEP_QL1, STEP_ROWS = (tl.constexpr(i) for i in range(8))
@@ -419,8 +430,8 @@ def build_tables(log_q: Tensor, q: Tensor, p: Tensor, gamma: Tensor, chunk: int,
     new = lambda *shape: _new(shape, p)  # noqa: E731
     tables = CemaTables(chunk, n_states, n_pad, new(d_model, chunk, n_pad, 2), new(d_model, chunk), new(d_model, chunk, n_pad, 2),
                         new(d_model, n_pad, 2, chunk), new(d_model, STEP_ROWS, n_pad, 2))
-    last_len = length - (triton.cdiv(length, chunk) - 1) * chunk
-    _cema_tables_kernel[(triton.cdiv(d_model, TABLE_CHANNELS),)](
+    last_len = length - (cdiv(length, chunk) - 1) * chunk
+    _cema_tables_kernel[(cdiv(d_model, TABLE_CHANNELS),)](
         log_q, q, p, gamma, tables.powers, tables.kern, tables.u, tables.v, tables.step,
         d_model, n_states, last_len, seg_len, length, C=chunk, BD=TABLE_CHANNELS, NP=n_pad, ADJOINT=adjoint)
     return tables
@@ -911,7 +922,7 @@ def launch_segment_ends(x: Tensor, tables: CemaTables, plan: Segments, cfg: Cema
     ends = _new((batch * plan.n_seg, d_model, tables.n_states, 2), x)
     ends_dq = _new(tuple(ends.shape), x) if deriv else ends
     block_d, warps = cfg.tile("ends")
-    _cema_segment_end_kernel[(triton.cdiv(d_model, block_d), plan.groups)](
+    _cema_segment_end_kernel[(cdiv(d_model, block_d), plan.groups)](
         x, tables.powers, tables.step, ends, ends_dq, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, C=chunk, BD=block_d, NP=tables.n_pad, SB=cfg.streams, REVERSE=reverse,
         DERIV=deriv, PRECISION=precision, PREFETCH=cfg.prefetch, **_tile_flags(x, cfg, block_d), num_warps=warps,
@@ -929,7 +940,7 @@ def launch_scan(x: Tensor, tables: CemaTables, omega: Tensor, z: Tensor | None, 
     y, h_last = _new(tuple(x.shape), x, x.dtype), _new((batch, d_model, tables.n_states, 2), x)
     pitch = plan.n_seg * plan.seg_len if cfg.y_scratch else 0      # a multiple of 16: whole sectors
     out = _new((d_model, batch, pitch), x, x.dtype) if cfg.y_scratch else y
-    _cema_scan_kernel[(triton.cdiv(d_model, cfg.block_d), plan.groups)](
+    _cema_scan_kernel[(cdiv(d_model, cfg.block_d), plan.groups)](
         x, out, tables.kern, tables.u, tables.v, tables.step, omega, h_last if ends is None else ends,
         h_last if z is None else z, h_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, pitch, C=chunk, BD=cfg.block_d, NP=tables.n_pad,
@@ -945,8 +956,8 @@ def launch_transpose(scratch: Tensor, y: Tensor, cfg: CemaKernelConfig, *, rever
     """y (B, L, D) from kernel 2's channel-major scratch (D, B, pitch) (reverse: in the adjoint's order of time)."""
     (batch, length, d_model), pitch = y.shape, scratch.shape[2]
     assert scratch.shape[:2] == (d_model, batch) and pitch >= length and pitch % 16 == 0, (scratch.shape, y.shape)
-    n_tiles = triton.cdiv(length, cfg.transpose_tokens)
-    _cema_transpose_kernel[(batch * n_tiles, triton.cdiv(d_model, cfg.transpose_channels))](
+    n_tiles = cdiv(length, cfg.transpose_tokens)
+    _cema_transpose_kernel[(batch * n_tiles, cdiv(d_model, cfg.transpose_channels))](
         scratch, y, batch, length, d_model, pitch, n_tiles, REVERSE=reverse, TT=cfg.transpose_tokens,
         DC=cfg.transpose_channels, WIDE=scratch.numel() + y.numel() >= INT32_OFFSETS_BELOW, num_warps=4)
 
@@ -962,7 +973,7 @@ def launch_grad_sums(x: Tensor, g: Tensor, tables: CemaTables, z: Tensor | None,
     sums = _new((plan.groups, d_model, 4, tables.n_pad, 2), x)
     v_last = _new((2, batch, d_model, tables.n_states, 2), x)
     block_d, warps = cfg.tile("grad")
-    _cema_grad_sums_kernel[(triton.cdiv(d_model, block_d), plan.groups)](
+    _cema_grad_sums_kernel[(cdiv(d_model, block_d), plan.groups)](
         x, g, tables.powers, tables.step, lag_sums if ends is None else ends, lag_sums if ends_dq is None else ends_dq,
         lag_sums if z is None else z, lag_sums, sums, v_last, batch, length, d_model, tables.n_states, plan.n_seg,
         plan.seg_len // chunk, last_seg, last_blk, last_len, C=chunk, BD=block_d, NP=tables.n_pad,
@@ -977,7 +988,7 @@ def launch_grad_finish(lag_sums: Tensor, sums: Tensor, v_last: Tensor, dh_last: 
     groups, d_model, _ = lag_sums.shape
     dp, dq, dgamma, domega = _new(tuple(p.shape), p), _new(tuple(gamma.shape), p), _new(tuple(gamma.shape), p), \
         _new((d_model,), p)
-    _cema_grad_finish_kernel[(triton.cdiv(d_model, 8),)](
+    _cema_grad_finish_kernel[(cdiv(d_model, 8),)](
         lag_sums, sums, v_last, dh_last, dh_last if z is None else z, tables.powers, tables.step, p, gamma,
         dp, dq, dgamma, domega, d_model, tables.n_states, v_last.shape[1], groups, length,
         C=tables.chunk, BD=8, NP=tables.n_pad, HAS_Z=z is not None)

@@ -296,12 +296,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from megalodon_lite.ops.cema import cdiv as _cdiv, next_power_of_2 as _next_pow2  # noqa: E402  (Part 1's)
 
 
 def launch_config(channels: int, num_groups: int) -> LaunchConfig:
