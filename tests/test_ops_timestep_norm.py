@@ -217,6 +217,38 @@ def test_torch_compile_treats_the_kernel_as_one_opaque_op():
     assert hasattr(torch.ops.megalodon_lite, "timestep_norm_bwd")
 
 
+def test_compiled_graphs_hold_the_custom_ops_and_eager_calls_skip_the_dispatcher(monkeypatch):
+    """Under torch.compile the AOT forward and backward graphs call megalodon_lite::timestep_norm_fwd
+    and _bwd; eagerly the autograd function calls the launchers, never the ops."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    x, weight, bias, _, _ = make_case(Case(length=7, counts=(1, 0)))
+    targets: list[str] = []
+
+    def record(graph_module, _inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes)
+        return make_boxed_func(graph_module.forward)
+
+    def step(x):
+        return (timestep_norm_triton(x, weight, bias, 3)[0] ** 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    leaf = x.clone().requires_grad_()
+    (grad_compiled,) = torch.autograd.grad(compiled(leaf), leaf)
+    assert "megalodon_lite.timestep_norm_fwd.default" in targets, targets
+    assert "megalodon_lite.timestep_norm_bwd.default" in targets, targets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through the custom op")
+    monkeypatch.setattr(ops, "_timestep_norm_fwd_op", refuse)
+    monkeypatch.setattr(ops, "_timestep_norm_bwd_op", refuse)
+    eager = x.clone().requires_grad_()
+    (grad_eager,) = torch.autograd.grad(step(eager), eager)
+    assert torch.allclose(grad_eager, grad_compiled, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_is_refused_and_auto_falls_back():
     x = torch.randn(1, 4, 6, dtype=torch.float64, device=DEVICE)
     zeros = torch.zeros(6, dtype=torch.float64, device=DEVICE)
