@@ -2914,7 +2914,7 @@ def plot_time_over_floor(results: dict) -> "Figure":
     shapes = sorted({(r["B"], r["L"]) for r in rows}, key=lambda s: (s[1], -s[0]))
     series = sorted({(r["op"], r["path"]) for r in rows})
     colours = {op: plt.cm.tab10(i) for i, op in enumerate(sorted({op for op, _ in series}))}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.4), sharey=True)
     for ax, (key, floor_key, title) in zip(axes, [("fwd_ms", "floor_fwd_ms", "forward"),
                                                  ("fwdbwd_ms", "floor_fwdbwd_ms", "forward + backward")]):
         for op, path in series:
@@ -2934,7 +2934,7 @@ def plot_time_over_floor(results: dict) -> "Figure":
         ax.set(yscale="log", title=title, xlabel="B x L (65,536 tokens per call)")
         ax.set_xticks(range(len(shapes)), [f"{b} x {length:,}" for b, length in shapes])
     axes[0].set_ylabel("time / floor (1 = floor, dotted: 2x target)")
-    axes[1].legend(fontsize=8, loc="upper left")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))   # beside the panels, off the data
     fig.suptitle(f"{results['device']}: copy {results['copy_TBps']:.2f} TB/s, bf16 matmul "
                  f"{results['matmul_TFLOPs']:.0f} TFLOP/s ({results['date'][:10]})", fontsize=10)
     fig.tight_layout()
