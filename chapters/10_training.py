@@ -2080,9 +2080,18 @@ else:
 # memory changes below, which keep every gradient but make Megalodon-lite round its timestep norm's
 # output to bf16 once under autocast, before the CEMA; the throughput rows ran after them.)
 #
+# All of the above ran with the previous version of chapter 08's scan kernels (CEMA v3, TimestepNorm
+# v2). One later call with the current ones (CEMA's scan writing through a scratch, TimestepNorm's
+# two-level prefix, lighter launchers), eager only, `kernels/results/train_throughput_h200_v4.json`
+# (`kernels/train_compare.py --parts throughput`): Megalodon-lite at 665,966 / 671,052 / 657,258
+# tokens/s at 4K / 16K / 32K against the eager transformer's 508,114 / 303,018 / 209,070 in the same
+# call, 1.31 / 2.21 / 3.14 times its speed.
+#
 # Memory at 32K: Megalodon-lite's peak is the lower one against both forms of the transformer,
-# 5.285 GiB against 6.029 for the eager transformer in the latest memory profile, and 5.29 against
-# 6.02 eager and 6.00 compiled in the throughput-compiled call. It came down profile by profile:
+# 5.285 GiB against 6.029 for the eager transformer in the memory profile of those kernels, and 5.29
+# against 6.02 eager and 6.00 compiled in the throughput-compiled call; with the current scan kernels
+# (`memory_profile_nvidia_h200_v4.json`) 5.295 against 6.027, about 10 MB above the earlier profile.
+# It came down profile by profile:
 # 9.482 GiB; 8.985 with chapter 07's gated output (then `silu_gate`); 8.869 with its
 # `recomputed_on_backward`; 8.485 once a piece ending on a chunk boundary stopped building its
 # empty attention cache from slices of $z$ and $v$ (chapter 06's `kernel_forward`; why an empty
