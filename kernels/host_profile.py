@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels.bench import D_MODEL, N_GROUPS, N_STATES, device_slug  # noqa: E402
+from kernels.bench import D_MODEL, N_GROUPS, N_STATES, bench_ms, device_slug, graph_ms  # noqa: E402
 
 BATCH, LENGTH, CALLS = 4, 16384, 20
 
@@ -43,17 +43,22 @@ def _bare_kernel(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
 
 
-def host_us_per_launch(launch, calls: int = 200) -> float:
-    """Microseconds of host time per call of ``launch()`` (tiny GPU work, no synchronisation inside)."""
-    for _ in range(10):
-        launch()
+def host_ms(fn, calls: int = CALLS) -> float:
+    """Host milliseconds per call of ``fn()``: wall time of back-to-back calls, no synchronisation inside."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        launch()
+        fn()
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return elapsed / calls * 1e3
+
+
+def host_us_per_launch(launch, calls: int = 200) -> float:
+    """Microseconds of host time per call of ``launch()`` (tiny GPU work), after ten warm-up calls."""
+    for _ in range(10):
+        launch()
+    return host_ms(launch, calls) * 1e3
 
 
 def problems() -> dict:
@@ -92,23 +97,24 @@ def problems() -> dict:
     pairs = [c.detach() for c in coefficients]
     pairs[1], pairs[2] = torch.view_as_real(pairs[1]), torch.view_as_real(pairs[2])
     xd = x.detach()
-    _, h_last, ends, ends_dq = cema_ops.cema_triton_fwd(xd, *pairs, None, True)
 
     def cema_launch_fwd():
         return cema_ops.cema_triton_fwd(xd, *pairs, None, True)
+
+    _, h_last, ends, ends_dq = cema_launch_fwd()
 
     def cema_launch_bwd():
         return cema_ops.cema_triton_bwd(dy, torch.zeros_like(h_last), xd, *pairs, None, ends, ends_dq, True)
 
     state = initial_timestep_norm_state(BATCH, N_GROUPS, device=x.device)
     w, b = weight.detach(), bias.detach()
-    forward = tsn_ops.timestep_norm_fwd(xd, w, b, state.count, state.mean.float(), state.var.float(), None,
-                                        N_GROUPS, 1e-5)
     zeros = torch.zeros(BATCH, N_GROUPS, device=x.device)
 
     def tsn_launch_fwd():
         return tsn_ops.timestep_norm_fwd(xd, w, b, state.count, state.mean.float(), state.var.float(), None,
                                          N_GROUPS, 1e-5)
+
+    forward = tsn_launch_fwd()
 
     def tsn_launch_bwd():
         return tsn_ops.timestep_norm_bwd(dy, zeros, zeros, xd, w, None, *forward[4:], N_GROUPS, 1e-5)
@@ -117,17 +123,6 @@ def problems() -> dict:
                      cema_launch_fwd, cema_launch_bwd),
             "timestep_norm": (tsn_fb, tsn_f, lambda: (timestep_norm_triton(x, weight, bias, N_GROUPS)[0],
                                                       (x, weight, bias), dy), tsn_launch_fwd, tsn_launch_bwd)}
-
-
-def host_ms(fn, calls: int = CALLS) -> float:
-    """Host milliseconds per call of ``fn()``: wall time of back-to-back calls, no synchronisation inside."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e3
 
 
 def split(name: str, graph_with_grad, launch_fwd, launch_bwd) -> dict:
@@ -160,16 +155,12 @@ def split(name: str, graph_with_grad, launch_fwd, launch_bwd) -> dict:
 
 
 def measure(name: str, fb, f, report: io.StringIO) -> dict:
-    from triton.testing import do_bench, do_bench_cudagraph
-
     row = {"op": name, "B": BATCH, "L": LENGTH}
     for _ in range(3):
         fb()
     torch.cuda.synchronize()
-    row["graph_fwdbwd_ms"] = float(do_bench_cudagraph(fb, rep=100, return_mode="median"))
-    row["graph_fwd_ms"] = float(do_bench_cudagraph(f, rep=100, return_mode="median"))
-    row["eager_fwdbwd_ms"] = float(do_bench(fb, warmup=25, rep=200, return_mode="median"))
-    row["eager_fwd_ms"] = float(do_bench(f, warmup=25, rep=200, return_mode="median"))
+    row["graph_fwdbwd_ms"], row["graph_fwd_ms"] = graph_ms(fb), graph_ms(f)        # what bench.py records
+    row["eager_fwdbwd_ms"], row["eager_fwd_ms"] = bench_ms(fb), bench_ms(f)
     row["host_fwdbwd_ms"], row["host_fwd_ms"] = host_ms(fb), host_ms(f)
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
@@ -183,11 +174,12 @@ def measure(name: str, fb, f, report: io.StringIO) -> dict:
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(40)
     # host time per Triton launch inside the op: JITFunction.run's cumulative time per call
-    launches = {f"{func[2]}": (calls, cum) for func, (_, calls, _, cum, _) in stats.stats.items()
-                if func[2] == "run" and "triton" in func[0] and "jit" in func[0]}
-    row["triton_run_calls_per_fwdbwd"] = sum(c for c, _ in launches.values()) / CALLS
-    row["triton_run_us_per_call"] = (sum(t for _, t in launches.values()) / max(1, sum(c for c, _ in launches.values()))
-                                     * 1e6)
+    calls, seconds = 0, 0.0
+    for (path, _, function), (_, n_calls, _, cumulative, _) in stats.stats.items():
+        if function == "run" and "triton" in path and "jit" in path:
+            calls, seconds = calls + n_calls, seconds + cumulative
+    row["triton_run_calls_per_fwdbwd"] = calls / CALLS
+    row["triton_run_us_per_call"] = seconds / max(1, calls) * 1e6
     print(json.dumps(row), flush=True)
     return row
 
