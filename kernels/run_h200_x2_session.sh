@@ -37,6 +37,17 @@ attention_profile() {  # $1: as above
     step "kernels/profile_attention.py: launchers, autograd, custom ops; the GPU's idle gaps ($1)"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/profile_attention.py --out "$OUT" 2>&1 | grep -v Warning
 }
+bench_every_op() {  # $1: timeout in seconds; $2: a note for the log
+    step "kernels/bench.py, every op, with the figure${2:-}"
+    CUDA_VISIBLE_DEVICES=0 timeout "$1" python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
+    tail -20 "$OUT/bench.log"
+    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
+}
+cema_tests() {  # $1: timeout in seconds
+    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout "$1" python3 -m pytest -q -rA --noconftest -o addopts="" \
+        -p no:cacheprovider -n 16 tests/test_ops_cema.py > "$OUT/gpu_tests_cema.log" 2>&1
+    tail -3 "$OUT/gpu_tests_cema.log"
+}
 memory_profile() {
     step "kernels/memory_profile.py: what each model saves for the backward, and its peak, at 32K"
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 kernels/memory_profile.py --out "$OUT" 2>&1 | grep -v Warning
@@ -64,10 +75,7 @@ fi
 if wants attention-check; then
     attention_tests "package tiles"
 
-    step "kernels/bench.py, every op, with the figure (package tiles)"
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
-    tail -20 "$OUT/bench.log"
-    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
+    bench_every_op 240 " (package tiles)"
 
     attention_profile "package tiles"
 fi
@@ -107,14 +115,9 @@ if wants scan-final; then
     grep -E "adopted|best|ms" "$OUT/tune_cema.log" | tail -14
 
     step "GPU tests: CEMA kernels at the adopted config"
-    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 130 python3 -m pytest -q -rA --noconftest -o addopts="" \
-        -p no:cacheprovider -n 16 tests/test_ops_cema.py > "$OUT/gpu_tests_cema.log" 2>&1
-    tail -3 "$OUT/gpu_tests_cema.log"
+    cema_tests 130
 
-    step "kernels/bench.py, every op, with the figure"
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
-    tail -20 "$OUT/bench.log"
-    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
+    bench_every_op 200
 fi
 
 if wants host; then
@@ -124,19 +127,14 @@ fi
 
 if wants scan-tests; then
     step "GPU tests: CEMA and TimestepNorm kernels at the package defaults"
-    CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 200 python3 -m pytest -q -rA --noconftest -o addopts="" \
-        -p no:cacheprovider -n 16 tests/test_ops_cema.py > "$OUT/gpu_tests_cema.log" 2>&1
-    tail -3 "$OUT/gpu_tests_cema.log"
+    cema_tests 200
     CUDA_VISIBLE_DEVICES=0 MEGALODON_SMOKE=1 timeout 200 python3 -m pytest -q -rA --noconftest -o addopts="" \
         -p no:cacheprovider tests/test_ops_timestep_norm.py > "$OUT/gpu_tests_timestep_norm.log" 2>&1
     tail -3 "$OUT/gpu_tests_timestep_norm.log"
 fi
 
 if wants bench; then
-    step "kernels/bench.py, every op, with the figure"
-    CUDA_VISIBLE_DEVICES=0 timeout 240 python3 kernels/bench.py --figure --out "$OUT" > "$OUT/bench.log" 2>&1
-    tail -20 "$OUT/bench.log"
-    cp figures/08_scan_kernels.png "$OUT/" 2>/dev/null
+    bench_every_op 240
 fi
 
 if wants recall; then
