@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import re
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +46,19 @@ from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms
 
 SHAPES = ((32, 2048), (4, 16384), (1, 65536))   # (B, L): 65,536 tokens per call
 D_MODEL, N_STATES, N_GROUPS = 1024, 16, 32
+
+
+def load_ops_copy(source: Path, namespace: str):
+    """Another version of an ops module (say ``git show REV:megalodon_lite/ops/cema.py`` saved to a
+    file), imported beside this checkout's as the module ``namespace``: its ``torch.library`` custom
+    ops move from the ``megalodon_lite`` namespace to ``namespace``, so that both versions register."""
+    text = Path(source).read_text().replace('"megalodon_lite::', f'"{namespace}::')
+    path = Path(tempfile.mkdtemp()) / f"{namespace}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(namespace, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import inspect
 import json
 import os
@@ -37,19 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.bench import load_ops_copy  # noqa: E402
+
 CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
 TARGET = GPUTarget("cuda", 90, 32)
 BF16_POINTERS = {"x_ptr", "y_ptr", "g_ptr"}   # the benchmark's bf16 tensors; the rest are float32
-
-
-def load_module(source: Path, name: str):
-    text = source.read_text().replace('"megalodon_lite::cema_', f'"{name}::cema_')   # custom ops must not clash
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
@@ -140,7 +131,7 @@ def main() -> int:
     args = parser.parse_args()
     from megalodon_lite.ops import cema as v3
 
-    v2 = load_module(args.v2_source, "cema_v2") if args.v2_source else None
+    v2 = load_ops_copy(args.v2_source, "cema_v2") if args.v2_source else None
     rows = []
     for name, kernel, constants, warps in variants(v3, v2):
         row = {"kernel": name, "warps": warps, "BD": constants["BD"], **compile_sm90(kernel, constants, warps)}

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import shlex
 import sys
 from functools import partial
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,19 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.bench import load_ops_copy  # noqa: E402
+
 SHAPES = [(32, 2048), (4, 16384), (1, 65536)]
 D_MODEL, N_STATES = 1024, 16
-
-
-def load_v2(source: Path):
-    """The v2 ops module from its source, custom ops renamed so that they do not clash."""
-    text = source.read_text().replace('"megalodon_lite::cema_', '"cema_v2::cema_')
-    path = Path(tempfile.mkdtemp()) / "cema_v2_ops.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("cema_v2_ops", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def host_ms(fn, calls: int = 20) -> tuple[float, bool]:
@@ -258,7 +247,7 @@ def main() -> int:
             f"y_scratch={flag}": partial(v3.cema_triton, config=replace(v3.DEFAULT_CONFIG, y_scratch=flag))
             for flag in (False, True)}, args.rounds)
     if args.v2_source is not None:
-        v2 = load_v2(args.v2_source)
+        v2 = load_ops_copy(args.v2_source, "cema_v2")
         result["ab"] = ab_rows({"v2": v2.cema_triton, "v3": v3.cema_triton}, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in result["device"].lower()).strip("_")

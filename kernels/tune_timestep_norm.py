@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -50,17 +48,6 @@ def config_for(steps: int, channels: int, warps: int, tiles: int):
         return ops.LaunchConfig(block_t=steps, block_g=max(1, channels // group_size), num_warps=warps,
                                 tiles_per_program=tiles)
     return choose
-
-
-def load_baseline(path: Path):
-    """Another version of the ops module (its custom ops renamed so that both can be registered)."""
-    text = path.read_text().replace('"megalodon_lite::timestep_norm_', '"baseline::timestep_norm_')
-    copy = Path(tempfile.mkdtemp()) / "timestep_norm_baseline.py"
-    copy.write_text(text)
-    spec = importlib.util.spec_from_file_location("timestep_norm_baseline", copy)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def time_variant(batch: int, length: int, ceilings: bench.Ceilings, module=ops) -> tuple[float, float]:
@@ -145,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"copy {ceilings.copy_TBps:.2f} TB/s", flush=True)
     candidates = [(f"T={t} C={c} W={w} tiles={n}", ops, config_for(t, c, w, n)) for t, c, w, n in VARIANTS]
-    baseline = load_baseline(args.baseline) if args.baseline else None
+    baseline = bench.load_ops_copy(args.baseline, "baseline") if args.baseline else None
     if baseline is not None:
         candidates.insert(0, ("baseline (" + args.baseline.name + ")", baseline, baseline.launch_config))
     results = []
