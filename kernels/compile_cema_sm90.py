@@ -43,25 +43,35 @@ TARGET = GPUTarget("cuda", 90, 32)
 BF16_POINTERS = {"x_ptr", "y_ptr", "g_ptr"}   # the benchmark's bf16 tensors; the rest are float32
 
 
-def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
+def compile_for_sm90(kernel, constants: dict, num_warps: int, arg_types: dict[str, str], divisible: tuple[str, ...],
+                     sass: bool = False, **options) -> tuple[object, dict, str]:
+    """``triton.compile`` of ``kernel`` for sm_90 as a launch would specialise it: ``constants`` as
+    constexprs, argument types from ``arg_types`` (otherwise pointers ``*fp32``, the rest ``i32``), every
+    pointer and the arguments named in ``divisible`` marked divisible by 16. Returns the compiled kernel,
+    its registers and spilled bytes (``cuobjdump -res-usage``), and its SASS if ``sass`` (else "")."""
     names = list(inspect.signature(kernel.fn).parameters)
     constants = {k: v for k, v in constants.items() if k in names}
-    signature = {n: "constexpr" if n in constants else ("*bf16" if n in BF16_POINTERS else "*fp32")
-                 if n.endswith("_ptr") else "i32" for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if n.endswith("_ptr") or n in ("D", "y_pitch")}   # y_pitch: a multiple of 16 whenever it is used
+    signature = {n: "constexpr" if n in constants else arg_types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+                 for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in divisible}
     source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
-    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, num_stages=2))
+    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps, **options))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
-    sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True).stdout
+    listing = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True).stdout if sass else ""
     os.unlink(f.name)
+    return compiled, {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+                      "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1))}, listing
+
+
+def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
+    """A CEMA kernel's registers and spills, and the PTX of its main loop per step."""
+    compiled, usage, sass = compile_for_sm90(kernel, constants, num_warps, {n: "*bf16" for n in BF16_POINTERS},
+                                             ("D", "y_pitch"), sass=True, num_stages=2)   # y_pitch: a multiple of 16
     loops = ptx_loops(compiled.asm["ptx"])
     main = max(loops, key=lambda loop: loop["mma"]) if loops else {}
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "loop_ptx_per_step": main.get("instructions"), "loop_mma_per_step": main.get("mma"),
+    return {**usage, "loop_ptx_per_step": main.get("instructions"), "loop_mma_per_step": main.get("mma"),
             "loop_bar_sync_per_step": main.get("bar_sync"), "spill_ops_in_loops": sass_loop_spills(sass)}
 
 

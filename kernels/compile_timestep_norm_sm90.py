@@ -14,29 +14,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
-import os
-import re
 import shlex
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the GPU's Triton fuses multiply-adds by default
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.compile_cema_sm90 import compile_for_sm90  # noqa: E402  (sets the GPU's FP fusion before triton loads)
+import triton  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
-CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
-TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "mask_ptr": "*bf16",
                  "count_ptr": "*i64", "count0_ptr": "*i64", "final_count_ptr": "*i64", "tile_count_ptr": "*i32",
                  "chunk_count_ptr": "*i32"}   # every other pointer: float32
@@ -46,19 +36,8 @@ CONFIGS = [(8, 8, 1, 8), (4, 8, 1, 32), (4, 16, 2, 16)]
 
 
 def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
-    names = list(inspect.signature(kernel.fn).parameters)
-    constants = {k: v for k, v in constants.items() if k in names}
-    signature = {n: "constexpr" if n in constants else POINTER_TYPES.get(n, "*fp32") if n.endswith("_ptr")
-                 else "fp32" if n == "eps" else "i32" for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in ("D", "G", "H")}
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
-    compiled = triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "spill_bytes": int(re.search(r"STACK:(\d+)", usage).group(1))}
+    """A TimestepNorm kernel's registers and spilled bytes (eps is a float argument)."""
+    return compile_for_sm90(kernel, constants, num_warps, {**POINTER_TYPES, "eps": "fp32"}, ("D", "G", "H"))[1]
 
 
 def main(argv: list[str] | None = None) -> int:
