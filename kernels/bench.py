@@ -18,7 +18,8 @@ Results: ``kernels/results/<device>.json`` with a header
 ``{"device", "torch", "triton", "date", "command", "copy_TBps", "matmul_TFLOPs", ...}`` and
 ``rows`` of ``{"op", "path", "B", "L", "fwd_ms", "fwdbwd_ms", "floor_fwd_ms", "floor_fwdbwd_ms",
 "graph_fwd_ms", "graph_fwdbwd_ms"}`` (the last two: the Triton rows replayed from a CUDA graph, the
-GPU's time without the host's dispatch and launches; null for the PyTorch rows), and the figure ``figures/08_scan_kernels.png`` (written only with ``--figure``).
+GPU's time without the host's dispatch and launches; null for the PyTorch rows), and the figure
+``figures/08_scan_kernels.png`` (written only with ``--figure``).
 """
 
 from __future__ import annotations
