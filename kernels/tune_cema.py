@@ -49,6 +49,17 @@ VARIANTS = {   # over the module's defaults; the first is the reference the othe
     "scratch": dict(y_scratch=True, transpose_tokens=64, transpose_channels=64),
     "scratch-t32x128": dict(y_scratch=True, transpose_tokens=32, transpose_channels=128),
     "direct": dict(y_scratch=False),                  # the v3 stores, whatever the default is
+    # v5 (kernels/NOTES_cema.md, "v5"): every kernel runs its small products at about 40 TFLOP/s
+    # (kernels/cema_arithmetic.py). More warps per channel split each product's M across warps and
+    # halve the registers per thread (ptxas for sm_90 on the CPU: parameter sums 255 -> 158 at 8
+    # warps); 32 streams per program double every product's M.
+    "w8": dict(num_warps=8),                                   # scan and parameter sums on BD 4 / 8 warps
+    "grad-w8": dict(num_warps_grad=8),
+    "w8-ends16": dict(num_warps=8, num_warps_ends=16),
+    "sb32-w8": dict(streams=32, num_warps=8, num_warps_ends=16),
+    "sb32-w16": dict(streams=32, num_warps=16, num_warps_ends=16),
+    "w16": dict(num_warps=16),
+    "w8-cg32": dict(num_warps=8, chunk_grad=32),               # the parameter sums on blocks of 32 (K = 32)
 }
 
 
