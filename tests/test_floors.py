@@ -139,3 +139,38 @@ def test_attention_floor_refuses_bad_input(length, shapes, error, message):
         attention_floor_ms(1, length, Ceilings(1.0, 1.0), **shapes)
     with pytest.raises(ValueError, match="ceilings.matmul_TFLOPs must be positive"):
         attention_floor_ms(1, 128, Ceilings(1.0, -1.0), heads=1, chunk=64, z_head_dim=8, v_head_dim=8)
+
+
+def _row(op: str, ratio: float, graph_ratio: float | None, path: str = "triton") -> dict:
+    floor = 0.25
+    return {"op": op, "path": path, "B": 1, "L": 8, "fwd_ms": 1.0, "fwdbwd_ms": ratio * floor, "floor_fwd_ms": 0.1,
+            "floor_fwdbwd_ms": floor, "graph_fwd_ms": None,
+            "graph_fwdbwd_ms": None if graph_ratio is None else graph_ratio * floor}
+
+
+def test_target_verdicts_take_the_worst_shape_and_say_why_a_miss_is_missed(bench):
+    rows = [_row("cema", 3.0, 2.5), _row("cema", 12.0, 4.0), _row("cema", 99.0, None, path="torch"),
+            _row("attention", 1.5, 1.6), _row("attention", 1.65, 1.2)]
+    verdicts = bench.target_verdicts(rows)
+    assert set(verdicts) == {"cema", "attention"}          # no Triton rows for timestep_norm: no verdict
+    cema = verdicts["cema"]
+    assert cema["worst_x_floor_fwdbwd_eager"] == pytest.approx(12.0)       # the PyTorch row is not the op's
+    assert cema["worst_x_floor_fwdbwd_graph"] == pytest.approx(4.0)
+    assert (cema["met_eager"], cema["met_graph"]) == (False, False)
+    assert cema["missed_by_graph"] == pytest.approx(4.0 / bench.TARGET_X_FLOOR["cema"])
+    assert cema["why"] == bench.WHY_MISSED["cema"]
+    attention = verdicts["attention"]
+    assert (attention["met_eager"], attention["met_graph"]) == (True, True)
+    assert "missed_by_graph" not in attention and "why" not in attention
+
+
+def test_target_verdicts_without_every_graph_time_leave_the_gpu_verdict_open(bench):
+    verdict = bench.target_verdicts([_row("timestep_norm", 1.0, 1.0), _row("timestep_norm", 1.5, None)])["timestep_norm"]
+    assert verdict["worst_x_floor_fwdbwd_graph"] is None and verdict["met_graph"] is None
+    assert verdict["met_eager"] is True
+
+
+def test_the_committed_benchmark_states_its_targets(bench):
+    """The main results file carries the verdicts its own rows give (bench.py --targets FILE rewrites them)."""
+    data = json.loads((ROOT / "kernels" / "results" / "nvidia_h200.json").read_text())
+    assert data["targets"] == json.loads(json.dumps(bench.target_verdicts(data["rows"])))
