@@ -3060,8 +3060,36 @@ for row in host["rows"]:
 # three times what the backward's launches cost when called directly. No call
 # synchronises with the GPU (`set_sync_debug_mode` found none). Towards the target of about 0.3 ms
 # per forward+backward the host path must shrink further — fewer launches and allocations, or a
-# forward+backward captured in a CUDA graph — and the GPU time with it. The algebra stays: it
-# already moves each byte of $x$ and $y$ only a few times.
+# forward+backward captured in a CUDA graph — and the GPU time with it.
+#
+# What bounds CEMA's GPU time now is not the bytes. Count the multiply-adds of every `tl.dot` a
+# kernel issues, from its shapes (per block of $C$ tokens, $S_B$ streams and one channel: a product
+# with a complex table costs $2N_P$ per token, the Toeplitz product and the lag correlation $C$ per
+# token), and divide by the kernel's measured GPU time (`kernels/cema_arithmetic.py`, from the
+# tuning record above):
+
+# %%
+arithmetic = json.loads(recorded("cema_arithmetic_h200_v4.json").read_text())
+print(f"from {arithmetic['source']['file']} ({arithmetic['source']['device']}, {arithmetic['source']['date'][:10]}), "
+      f"{arithmetic['shapes'][0]['macs_per_token_channel']} multiply-adds per token and channel per forward+backward")
+for shape in arithmetic["shapes"]:
+    rates = ", ".join(f"{k['kernel'][len('_cema_'):].replace('_kernel', '')} {k['TFLOPs']:.0f}"
+                      for k in shape["kernels"])
+    print(f"  {shape['B']:>2} x {shape['L']:<6} TFLOP/s: {rates}; the products alone at the best rate "
+          f"{shape['dots_alone_at_best_rate_ms']:.2f} ms (target {shape['target_ms']:.2f} ms, which allows "
+          f"{shape['target_macs_per_token_channel']:.0f} multiply-adds per token and channel)")
+print(f"for scale: the benchmark's 8192^3 bf16 matmul ran at {measured['matmul_TFLOPs']:.0f} TFLOP/s")
+
+# %% [markdown]
+# Every kernel runs its products at about the same rate, a small fraction of what a large matmul
+# reaches, whatever it reads or writes: the time is the number of small products. Rounding the operands to
+# bf16 (twice the tensor-core rate) did not help, nor did splitting a channel's products over more
+# warps or giving each warp two independent 16-row products (`kernels/NOTES_cema.md`, v2 and v5):
+# a step spends most of its instructions moving tiles between layouts and updating the states, not
+# in `mma`. So the 2× target needs about four times fewer multiply-adds, which $N = 16$ complex
+# states forbid here ($2N$ per token for the state going in, $2N$ for the state coming out), or
+# products several times cheaper than these 3-D `tl.dot`s of 16-row tiles: large 2-D products,
+# which per-channel tables do not give.
 
 # %% [markdown]
 # ## Summary
