@@ -27,11 +27,9 @@ for a miss by how much and why (``target_verdicts``), and the figure ``figures/0
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import re
-import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -44,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # `python kernels/bench.py` from a checkout: megalodon_lite and kernels.plot
     sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops.attention_floor import BWD_OVER_FWD_ATTENTION, attention_floor_ms  # noqa: E402
 from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms  # noqa: E402
 
@@ -316,8 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         parser.error(f"unknown op(s) {unknown}; expected some of {sorted(OPS)}")
-    import triton
-
     device = torch.cuda.get_device_name()
     ceilings = measure_ceilings()
     print(f"{device}: copy {ceilings.copy_TBps:.2f} TB/s, bf16 matmul {ceilings.matmul_TFLOPs:.0f} TFLOP/s")
@@ -330,19 +327,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row.fwdbwd_ms / row.floor_fwdbwd_ms:6.1f}x floor)"
                   + (f"  graph fwd+bwd {row.graph_fwdbwd_ms:8.3f} ms ({row.graph_fwdbwd_ms / row.floor_fwdbwd_ms:6.1f}x)"
                      if row.graph_fwdbwd_ms is not None else ""), flush=True)
-    header = {
-        "device": device,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
+    header = results_header(
+        device,
         **asdict(ceilings),
-        "shapes": {"D": D_MODEL, "N": N_STATES, "G": N_GROUPS, "dtype": "bfloat16", "BxL": SHAPES},
-        "floors": {
+        shapes={"D": D_MODEL, "N": N_STATES, "G": N_GROUPS, "dtype": "bfloat16", "BxL": SHAPES},
+        floors={
             "scan": "bytes of x read + y written (bf16) at copy_TBps; fwd+bwd = 2.5 x fwd",
             "attention": "2*B*H*(L/c)*c*(c+1)/2*(z+v) FLOPs at matmul_TFLOPs; fwd+bwd = 3.5 x fwd",
         },
-    }
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{device_slug(device)}.json"
     tmp = path.with_suffix(".json.tmp")

@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.config import preset  # noqa: E402
 from megalodon_lite.launch import spawn_local  # noqa: E402
 
@@ -125,20 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"P={ranks}: " + "  ".join(f"{k[:-2]} {v * 1e6:8.1f} us" for k, v in row.items() if k != "ranks"),
               flush=True)
-    record = {
-        "device": f"CPU: {cpu_name()}, {os.cpu_count()} cores",
-        "backend": "gloo (TCP over loopback)",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-        "message_floats": {**sizes, "preset": "small", "batch": 1, "dtype": "float32"},
-        "repeats": args.repeats,
-        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-        "method": ("median seconds as rank 0 sees it, each repetition after a barrier; hop = one ring relay "
-                   "of the layer message / P; allreduce sizes are P x the gathered message"),
-        "rows": rows,
-    }
+    record = results_header(
+        f"CPU: {cpu_name()}, {os.cpu_count()} cores", versions=("torch", "python"),
+        backend="gloo (TCP over loopback)",
+        message_floats={**sizes, "preset": "small", "batch": 1, "dtype": "float32"},
+        repeats=args.repeats,
+        load_average_1min={"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+        method=("median seconds as rank 0 sees it, each repetition after a barrier; hop = one ring relay "
+                "of the layer message / P; allreduce sizes are P x the gathered message"),
+        rows=rows,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")

@@ -16,12 +16,10 @@ the comparisons between variants are what this is for. Writes ``cema_sm90_ptxas_
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kernels.bench import load_ops_copy  # noqa: E402
+from kernels.header import results_header  # noqa: E402
 
 CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
 TARGET = GPUTarget("cuda", 90, 32)
@@ -150,10 +149,8 @@ def main() -> int:
               f"{row['spill_bytes']:4} spill bytes, loop {row['loop_ptx_per_step']} PTX instructions per step "
               f"({row['loop_mma_per_step']} mma, {row['loop_bar_sync_per_step']} bar.sync), "
               f"{row['spill_ops_in_loops']} spill loads/stores in loops", flush=True)
-    result = {"device": "none (ptxas for sm_90 on the CPU)", "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "v3_config": repr(v3.DEFAULT_CONFIG), "rows": rows}
+    result = results_header("none (ptxas for sm_90 on the CPU)", versions=("triton",),
+                            v3_config=repr(v3.DEFAULT_CONFIG), rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "cema_sm90_ptxas_cpu.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -13,9 +13,7 @@ The Triton version here need not be the GPU's (the output records it). Writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kernels.compile_cema_sm90 import compile_for_sm90  # noqa: E402  (sets the GPU's FP fusion before triton loads)
-import triton  # noqa: E402
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
 POINTER_TYPES = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "mask_ptr": "*bf16",
@@ -56,11 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "timestep_norm_sm90_ptxas_cpu.json"
-    path.write_text(json.dumps(dict(
-        target="sm_90 (compiled on a CPU machine)", triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-        rows=rows), indent=1) + "\n")
+    result = results_header("sm_90 (compiled on a CPU machine)", device_key="target", versions=("triton",), rows=rows)
+    path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import io
 import json
 import pstats
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kernels.bench import D_MODEL, N_GROUPS, N_STATES, bench_ms, device_slug, graph_ms  # noqa: E402
+from kernels.header import results_header  # noqa: E402
 
 BATCH, LENGTH, CALLS = 4, 16384, 20
 
@@ -202,14 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, (fb, f, graph_with_grad, launch_fwd, launch_bwd) in problems().items():
         rows.append({**measure(name, fb, f, report), **split(name, graph_with_grad, launch_fwd, launch_bwd)})
-    header = {
-        "device": device, "torch": torch.__version__, "triton": triton.__version__,
-        "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-        "shape": {"B": BATCH, "L": LENGTH, "D": D_MODEL, "N": N_STATES, "G": N_GROUPS, "dtype": "bfloat16"},
-        "host_us_per_launch": {"bare_triton_kernel": bare_us, "torch_empty": empty_us, "torch_add_": add_us},
-    }
+    header = results_header(
+        device, versions=("torch", "triton", "python"),
+        shape={"B": BATCH, "L": LENGTH, "D": D_MODEL, "N": N_STATES, "G": N_GROUPS, "dtype": "bfloat16"},
+        host_us_per_launch={"bare_triton_kernel": bare_us, "torch_empty": empty_us, "torch_add_": add_us},
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     slug = device_slug(device)
     (args.out / f"host_profile_{slug}.json").write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")

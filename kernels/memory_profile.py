@@ -21,19 +21,17 @@ counted in the by-module sums. The memory marks count everything.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.data import load_corpus  # noqa: E402
 from megalodon_lite.train import Trainer, TrainConfig  # noqa: E402
 
@@ -112,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus()
     rows = [profile_model(kind, preset, context, device, corpus) for kind in ("megalodon", "llama")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-              "rows": rows}
+    result = results_header(name, rows=rows)
     for row in rows:
         marks = {k: (f"{v / 2**30:.3f} GiB" if isinstance(v, int) else [f"{x / 2**30:.3f}" for x in v])
                  for k, v in row["memory_bytes"].items()}

@@ -34,9 +34,7 @@ Writes ``probe_cema_<device>.json`` (device, versions, date, command, rows) unde
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from functools import partial
 import time
@@ -51,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kernels.bench import load_ops_copy  # noqa: E402
+from kernels.header import results_header  # noqa: E402
 
 SHAPES = [(32, 2048), (4, 16384), (1, 65536)]
 D_MODEL, N_STATES = 1024, 16
@@ -232,10 +231,7 @@ def main() -> int:
     args = parser.parse_args()
     from megalodon_lite.ops import cema as v3
 
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "v3_config": repr(v3.DEFAULT_CONFIG)}
+    result = results_header(v3_config=repr(v3.DEFAULT_CONFIG))
     parts = args.parts.split(",")
     if "copy" in parts:
         result["copy"] = copy_rows()

@@ -19,19 +19,17 @@ the kernels' times, and the CPU time each path takes to enqueue its work.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops import chunk_attention as ops  # noqa: E402
 
 
@@ -73,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "autograd_direct": lambda: torch.autograd.grad(DirectFunction.apply(*leaves), leaves, grad),
         "chunk_attention": lambda: torch.autograd.grad(ops.chunk_attention(*leaves, 1, 2048), leaves, grad),
     }
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-              "shape": "B=1, L=65536, H=1, z=256, v=2048, c=2048, bfloat16", "paths": {}}
+    result = results_header(shape="B=1, L=65536, H=1, z=256, v=2048, c=2048, bfloat16", paths={})
     for name, fn in paths.items():
         ms = float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
         cpu = []

@@ -34,9 +34,7 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -49,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.config import preset  # noqa: E402
 from megalodon_lite.model import MegalodonLM  # noqa: E402
 from megalodon_lite.parallel import (  # noqa: E402
@@ -106,19 +105,6 @@ def make_step(model: torch.nn.Module, forward, tokens: torch.Tensor, targets: to
         return mean_loss.item()
 
     return step
-
-
-def versions() -> dict[str, str]:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = "absent"
-    if torch.cuda.is_available():
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,15 +185,15 @@ def main(argv: list[str] | None = None) -> int:
             del model, wrapped, step
 
     if rank == 0:
-        record = {"device": device_name, "gpus": world, **versions(),
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "command": "torchrun --standalone --nproc-per-node "
-                             f"{world} " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + sys.argv[1:]),
-                  "config": "tiny (num_layers=2, chunk_size=32)" if smoke else "small",
-                  "setup": (f"batch 1 sequence of random tokens, bf16 autocast on CUDA, AdamW; {warmup} warm-up and "
-                            f"{steps} timed steps, median; tokens_per_s = context / step time of the slowest rank"),
-                  "environment": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
-                  "rows": rows}
+        nccl = {"nccl": ".".join(map(str, torch.cuda.nccl.version()))} if torch.cuda.is_available() else {}
+        record = results_header(
+            device_name, versions=("torch", "triton", "python"),
+            launcher=("torchrun", "--standalone", "--nproc-per-node", str(world)), gpus=world, **nccl,
+            config="tiny (num_layers=2, chunk_size=32)" if smoke else "small",
+            setup=(f"batch 1 sequence of random tokens, bf16 autocast on CUDA, AdamW; {warmup} warm-up and "
+                   f"{steps} timed steps, median; tokens_per_s = context / step time of the slowest rank"),
+            environment={k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+            rows=rows)
         name = "cpu_smoke" if smoke else re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"sequence_parallel_{name}.json"

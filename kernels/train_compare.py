@@ -62,7 +62,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 import traceback
@@ -73,6 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.baseline import KVCache  # noqa: E402
 from megalodon_lite.checkpoint import save_checkpoint  # noqa: E402
 from megalodon_lite.data import (IGNORE_INDEX, ProbeBatch, document_windows, evaluation_windows,  # noqa: E402
@@ -578,20 +578,13 @@ def part_demo(s: dict, device: torch.device, corpus, budget: Budget, out_dir: Pa
 # --------------------------------------------------------------------------------------------- main
 
 def header(args: argparse.Namespace, device: torch.device, corpus) -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    ops = (ROOT / "megalodon_lite" / "ops").is_dir()
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", "kernels/train_compare.py", *args.argv]),
-            "megalodon_backend": os.environ.get("MEGALODON_BACKEND", "auto"), "triton_ops_present": ops,
-            "quick": args.quick, "minutes": args.minutes,
-            "corpus": {"name": corpus[0].name, "train_tokens": len(corpus[0]), "validation_tokens": len(corpus[1]),
-                       "train_files": len(corpus[0].documents), "validation_files": len(corpus[1].documents)}}
+    return results_header(
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        versions=("torch", "triton", "python"), argv=[__file__, *args.argv],
+        megalodon_backend=os.environ.get("MEGALODON_BACKEND", "auto"),
+        triton_ops_present=(ROOT / "megalodon_lite" / "ops").is_dir(), quick=args.quick, minutes=args.minutes,
+        corpus={"name": corpus[0].name, "train_tokens": len(corpus[0]), "validation_tokens": len(corpus[1]),
+                "train_files": len(corpus[0].documents), "validation_files": len(corpus[1].documents)})
 
 
 def write_json(path: Path, results: dict) -> None:

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime
 import json
 import multiprocessing
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import triton.language as tl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops import chunk_attention as ops  # noqa: E402
 
 FULL = {"B": 1, "L": 65_536, "H": 1, "dz": 256, "dv": 2048, "c": 2048}
@@ -324,16 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best tiles {best}")
     print(f"whole op, best tiles: fwd {fwd_ms:.3f} ms, fwd+bwd {fwdbwd_ms:.3f} ms; default tiles: fwd {default_fwd:.3f} ms, "
           f"fwd+bwd {default_fwdbwd:.3f} ms; a 16-token call (launch overhead) {prologue_ms:.3f} ms")
-    result = {
-        "device": device, "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-        "shape": {**FULL, "dtype": "bfloat16"}, "useful_fwd_flops": useful,
-        "kernels": timings, "designs": designs, "errors": errors,
-        "best_tiles": dataclasses.asdict(best), "overrides_of_defaults": overrides, "cublas_bmm_full_square_ms": bmm_ms,
-        "whole": {"best": {"fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms},
-                  "default": {"fwd_ms": default_fwd, "fwdbwd_ms": default_fwdbwd}, "tiny_call_ms": prologue_ms},
-    }
+    result = results_header(
+        device, shape={**FULL, "dtype": "bfloat16"}, useful_fwd_flops=useful,
+        kernels=timings, designs=designs, errors=errors,
+        best_tiles=dataclasses.asdict(best), overrides_of_defaults=overrides, cublas_bmm_full_square_ms=bmm_ms,
+        whole={"best": {"fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms},
+               "default": {"fwd_ms": default_fwd, "fwdbwd_ms": default_fwdbwd}, "tiny_call_ms": prologue_ms},
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "best_overrides.json").write_text(json.dumps(overrides) + "\n")  # for MEGALODON_ATTENTION_TILES
     print(f"overrides of the package defaults: {json.dumps(overrides)}")

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
 import json
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -32,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from kernels.header import results_header  # noqa: E402
 
 VARIANTS = {   # over the module's defaults; the first is the reference the others are compared with
     "default": {},                                    # v3: C 16, 3 blocks ahead, kernel 1 on BD 8 / 8 warps
@@ -306,14 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = sum(x.get("gpu_fwdbwd_ms", float("nan")) for x in r["rows"])
         print(f"{r['variant']:>16}  {r['worst_x_floor_fwdbwd']:8.2f}   ({sum(x['fwdbwd_ms'] for x in r['rows']):.3f}; "
               f"{gpu:.3f})   {faster_everywhere(r)}")
-    result = {
-        "device": "cpu (interpreter)" if args.interpret else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:]),
-        "copy_TBps": copy_tbps, "best": ranked[0]["variant"] if ranked else None,
-        "kernels": kernel_resources(), "variants": records,
-    }
+    result = results_header("cpu (interpreter)" if args.interpret else None, copy_TBps=copy_tbps,
+                            best=ranked[0]["variant"] if ranked else None, kernels=kernel_resources(), variants=records)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "interpreter" if args.interpret else "".join(c if c.isalnum() else "_" for c in result["device"].lower()).strip("_")
     path = args.out / f"cema_tuning_{slug}.json"

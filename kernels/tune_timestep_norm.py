@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kernels import bench  # noqa: E402
+from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
 # (steps per tile, channels per program, warps, tiles per chunk). Runs 1-2 (v2) found 8 steps x 256
@@ -185,11 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, us in kernels[:12]:
                 print(f"  {us:9.1f} us  {name[:90]}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tune_timestep_norm.json").write_text(json.dumps(dict(
-        device=device, torch=torch.__version__, triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
-        copy_TBps=ceilings.copy_TBps, variants=results,
+    (args.out / "tune_timestep_norm.json").write_text(json.dumps(results_header(
+        device, copy_TBps=ceilings.copy_TBps, variants=results,
         best=dict(zip(("steps", "channels", "warps", "tiles_per_program"), best)),
         best_vs_float64_bf16=checks,
         best_fwdbwd_cuda_graph_ms={f"{r['B']}x{r['L']}": r["graph_fwdbwd_ms"] for r in results
