@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # `python kernels/bench.py` from a checkout: megalodon_lite and kernels.plot
     sys.path.insert(0, str(ROOT))
 
-from kernels.header import results_header  # noqa: E402
+from kernels.header import command_line, results_header  # noqa: E402
 from megalodon_lite.ops.attention_floor import BWD_OVER_FWD_ATTENTION, attention_floor_ms  # noqa: E402
 from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN, Ceilings, scan_floor_ms  # noqa: E402
 
@@ -281,7 +281,7 @@ def add_targets(path: Path) -> dict[str, dict]:
     """Rewrite a results file's ``targets`` from its own rows (for a file written before the section existed)."""
     data = json.loads(path.read_text())
     data["targets"] = target_verdicts(data["rows"])
-    data["targets_command"] = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + sys.argv[1:])
+    data["targets_command"] = command_line()
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)

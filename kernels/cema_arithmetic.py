@@ -26,13 +26,15 @@ design needs. The header names the tuning file it derives from (device, versions
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from kernels.header import results_header  # noqa: E402
 DEFAULT_TUNING = ROOT / "kernels" / "results" / "cema_tuning_h200_v4.json"
 TARGET_X_FLOOR = 2.0          # issue 8: forward+backward <= 2x the memory floor
 BWD_OVER_FWD = 2.5            # the floor of forward+backward, in forward floors (kernels/bench.py)
@@ -100,14 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results" / "cema_arithmetic_h200_v4.json")
     args = parser.parse_args(argv)
     tuning = json.loads(args.tuning.read_text())
-    result = {
-        "device": "cpu (arithmetic from the recorded GPU times below)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "kernels/cema_arithmetic.py", *(argv if argv is not None else sys.argv[1:])]),
-        "source": {"file": str(args.tuning.resolve().relative_to(ROOT)) if args.tuning.resolve().is_relative_to(ROOT)
-                   else str(args.tuning), **{k: tuning[k] for k in ("device", "torch", "triton", "date", "command")}},
-        **analyse(tuning, args.variant, args.n_states),
-    }
+    source = args.tuning.resolve()
+    result = results_header(
+        "cpu (arithmetic from the recorded GPU times below)", versions=(),
+        argv=None if argv is None else [__file__, *argv],
+        source={"file": str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(args.tuning),
+                **{k: tuning[k] for k in ("device", "torch", "triton", "date", "command")}},
+        **analyse(tuning, args.variant, args.n_states))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
