@@ -2061,36 +2061,32 @@ else:
 # printed above). At equal tokens Megalodon-lite ends with the lower validation loss, the sign the
 # paper reports at 7B. Its training speed stays nearly flat as the context grows while the
 # transformer's falls with it, so the ratio grows with the context, as in the paper. In the eager
-# throughput rows the two run at the same speed at 4K (0.99) and Megalodon-lite at 2.60 times the
-# transformer's at 32K. Compiled (`torch.compile`, the throughput-compiled rows, another call) the
-# transformer is 1.12 to 1.36 times faster than eagerly, its norms, rotary embedding and SwiGLU
-# fused into a few generated kernels; against it Megalodon-lite runs eagerly at 0.92 times its speed
-# at 4K and 2.24 times at 32K, and compiled (its Triton kernels are opaque custom ops inside the
-# compiled graphs) at 1.22 and 3.32 times. So the book's speed targets (0.9 at 4K, 2 at 32K) hold
-# in both calls, at 4K narrowly.
+# throughput rows Megalodon-lite runs at 1.31 times the transformer's speed at 4K and 3.14 times at
+# 32K. Compiled (`torch.compile`, the throughput-compiled rows, another call) the transformer is
+# 1.13 to 1.40 times faster than eagerly, its norms, rotary embedding and SwiGLU fused into a few
+# generated kernels; against it Megalodon-lite runs eagerly at 1.02 times its speed at 4K and 2.58
+# times at 32K, and compiled (its Triton kernels are opaque custom ops inside the compiled graphs)
+# at 1.37 and 3.78 times. So the book's speed targets (0.9 at 4K, 2 at 32K) hold in both calls.
 #
-# Eager Megalodon-lite is also the least steady number here. Between the two calls, each on a
-# freshly started machine of the same kind and running the same code, its speed at 4K and 16K
-# differs by 28 to 35 per cent (462K against 642K tokens/s at 4K), the transformer's by at most 10.
-# Where the difference comes from was not measured. A likely part: a Megalodon-lite step issues
-# many small operations and custom-op calls from Python, so a slower host slows it more than the
-# transformer, whose step is a few large kernels; compiled, or with fewer launches (the scan
-# kernels' notes in `kernels/` say where), that share would shrink.
-# (The loss curves, the loss by position, the recall probes and decoding come from calls before the
-# memory changes below, which keep every gradient but make Megalodon-lite round its timestep norm's
-# output to bf16 once under autocast, before the CEMA; the throughput rows ran after them.)
+# Eager speeds move from call to call, each on a freshly started machine of the same kind running
+# the same code: the two calls' eager rows differ by 0.3 to 7 per cent for Megalodon-lite (611K
+# against 657K tokens/s at 32K) and by 0.4 to 9 for the transformer (464K against 508K at 4K).
+# Earlier calls, with the previous version of chapter 08's scan kernels, saw Megalodon-lite's eager
+# speed differ by up to a third between two machines. Where such differences come from was not
+# measured. A likely part: a Megalodon-lite step issues many small operations and custom-op calls
+# from Python, so a slower host slows it more than the transformer, whose step is a few large
+# kernels; compiled, that share shrinks.
+# (The loss curves, the loss by position, the recall probes and decoding come from those earlier
+# calls, made with the previous scan kernels (CEMA v3, TimestepNorm v2) and before the memory
+# changes below, which keep every gradient but make Megalodon-lite round its timestep norm's
+# output to bf16 once under autocast, before the CEMA. Both kernel versions compute the same
+# function to float32 rounding; what they change is the speed, and so how many steps a call fits
+# in its time. The two throughput parts come from the two latest calls, with the current kernels.)
 #
-# All of the above ran with the previous version of chapter 08's scan kernels (CEMA v3, TimestepNorm
-# v2). One later call with the current ones (CEMA's scan writing through a scratch, TimestepNorm's
-# two-level prefix, lighter launchers), eager only, `kernels/results/train_throughput_h200_v4.json`
-# (`kernels/train_compare.py --parts throughput`): Megalodon-lite at 665,966 / 671,052 / 657,258
-# tokens/s at 4K / 16K / 32K against the eager transformer's 508,114 / 303,018 / 209,070 in the same
-# call, 1.31 / 2.21 / 3.14 times its speed.
-#
-# Memory at 32K: Megalodon-lite's peak is the lower one against both forms of the transformer,
-# 5.285 GiB against 6.029 for the eager transformer in the memory profile of those kernels, and 5.29
-# against 6.02 eager and 6.00 compiled in the throughput-compiled call; with the current scan kernels
-# (`memory_profile_nvidia_h200_v4.json`) 5.295 against 6.027, about 10 MB above the earlier profile.
+# Memory at 32K: Megalodon-lite's peak is the lower one against both forms of the transformer:
+# 5.295 GiB against 6.027 for the eager transformer in the memory profile with the current scan
+# kernels (`memory_profile_nvidia_h200_v4.json`; 5.285 against 6.029 with the previous ones), and
+# 5.29 against 6.02 eager and 6.00 compiled in the throughput-compiled call.
 # It came down profile by profile:
 # 9.482 GiB; 8.985 with chapter 07's gated output (then `silu_gate`); 8.869 with its
 # `recomputed_on_backward`; 8.485 once a piece ending on a chunk boundary stopped building its
@@ -2102,10 +2098,10 @@ else:
 # rebuilt in the backward. The transformer shares the norms and `gated_projection` (its SwiGLU
 # line): they brought it from 8.878 to 7.058 and then 6.029 GiB, which is also where its compiled
 # form ends (6.00). Nothing outlives a step: the memory allocated after each of three more steps
-# stays at what it was before. Compiled, Megalodon-lite peaks higher than eagerly, at 7.21 GiB:
+# stays at what it was before. Compiled, Megalodon-lite peaks higher than eagerly, at 7.12 GiB:
 # under `torch.compile` the layer leaves its recomputation hooks out and the compiler keeps what it
 # chooses (it cannot recompute the opaque kernels), so `train --compile` buys its speed with about
-# 1.9 GiB more at this size.
+# 1.8 GiB more at this size.
 #
 # Past the 4K training context the transformer's loss climbs (its positions were never trained),
 # while Megalodon-lite's keeps falling or stays level: its chunks and its recurrent state do not
