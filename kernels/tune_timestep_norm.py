@@ -31,22 +31,24 @@ sys.path.insert(0, str(ROOT))
 from kernels import bench  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
-# (steps per tile, channels per program, warps, tiles per chunk). Runs 1-2 (v2) found 8 steps x 256
+# (steps per tile, channels per program, warps, tiles per chunk, register cap of backward pass 1). Runs 1-2 (v2) found 8 steps x 256
 # channels on one warp fastest: Triton lays a [T, BG, 32] bf16 tile out with 4 threads x 8 channels
 # along a group and 8 threads along groups, so with BLOCK_G = 8 and one warp each thread holds all T
 # steps of its channels (the step-axis scans stay in registers). Run 4 (v2.5a, every kernel walking
 # chunks; NOTES) ruled out walking tiles in the kernels that write y and dx, and prefetching. v2.5
 # walks only in the summary kernels; sm_90 registers on the CPU box at 8 steps: normalise 168,
-# grad summary 255 (no spill), dx 219; at 4 steps 95, 161, 128.
-VARIANTS = [(8, 256, 1, 8), (8, 256, 1, 16), (8, 256, 1, 4), (4, 256, 1, 16), (4, 256, 1, 32), (4, 512, 2, 16)]
+# grad summary 255 (no spill), dx 219; at 4 steps 95, 161, 128. Run 5 chose 4 steps in chunks of 32.
+# v2.6 (fewer instructions per tile) asks whether capping backward pass 1 at 128 registers, so that
+# its 2,048 programs fit on the GPU at once (16 per SM instead of 12), beats the spills it costs.
+VARIANTS = [(4, 256, 1, 32, 128), (4, 256, 1, 32, None), (4, 256, 1, 16, None)]
 
 
-def config_for(steps: int, channels: int, warps: int, tiles: int):
+def config_for(steps: int, channels: int, warps: int, tiles: int, registers: int | None = None):
     """A launch_config replacement that returns this configuration for D=1024, G=32."""
     def choose(d_model: int, num_groups: int) -> ops.LaunchConfig:
         group_size = d_model // num_groups
         return ops.LaunchConfig(block_t=steps, block_g=max(1, channels // group_size), num_warps=warps,
-                                tiles_per_program=tiles)
+                                tiles_per_program=tiles, grad_summary_registers=registers)
     return choose
 
 
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"copy {ceilings.copy_TBps:.2f} TB/s", flush=True)
-    candidates = [(f"T={t} C={c} W={w} tiles={n}", ops, config_for(t, c, w, n)) for t, c, w, n in VARIANTS]
+    candidates = [(f"T={t} C={c} W={w} tiles={n} regs={r}", ops, config_for(t, c, w, n, r))
+                  for t, c, w, n, r in VARIANTS]
     baseline = bench.load_ops_copy(args.baseline, "baseline") if args.baseline else None
     if baseline is not None:
         candidates.insert(0, ("baseline (" + args.baseline.name + ")", baseline, baseline.launch_config))
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
         copy_TBps=ceilings.copy_TBps, variants=results,
-        best=dict(zip(("steps", "channels", "warps", "tiles_per_program"), best)),
+        best=dict(zip(("steps", "channels", "warps", "tiles_per_program", "grad_summary_registers"), best)),
         best_vs_float64_bf16=checks,
         best_fwdbwd_cuda_graph_ms={f"{r['B']}x{r['L']}": r["graph_fwdbwd_ms"] for r in results
                                    if r["variant"] == best_name},
