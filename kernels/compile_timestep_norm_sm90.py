@@ -34,9 +34,11 @@ POINTER_TYPES = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr"
                  "count_ptr": "*i64", "count0_ptr": "*i64", "final_count_ptr": "*i64", "tile_count_ptr": "*i32",
                  "chunk_count_ptr": "*i32"}   # every other pointer: float32
 TILE_KERNELS = ("_chunk_summary_kernel", "_normalize_kernel", "_grad_summary_kernel", "_backward_kernel")
-# (steps per tile, groups per program, warps, tiles per chunk, register cap of backward pass 1): run 5's
-# configurations, and v2.6's default (4 steps in chunks of 32, pass 1 capped at 128 registers)
-CONFIGS = [(8, 8, 1, 8, None), (4, 8, 1, 32, None), (4, 16, 2, 16, None), (4, 8, 1, 32, 128)]
+# (steps per tile, groups per program, warps, tiles per chunk, register cap of backward pass 1, prefetch,
+# tiles per y/dx program): run 5's configurations, and run 6's and 7's variants of v2.6
+CONFIGS = [(8, 8, 1, 8, None, False, 1), (4, 8, 1, 32, None, False, 1), (4, 16, 2, 16, None, False, 1),
+           (4, 8, 1, 32, 128, False, 1), (4, 8, 1, 32, None, True, 1), (4, 8, 1, 32, None, True, 2),
+           (4, 8, 1, 32, None, True, 4)]
 
 
 def compile_sm90(kernel, constants: dict, num_warps: int, **options) -> dict:
@@ -64,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
     args = parser.parse_args(argv)
     rows = []
-    for steps, groups, warps, tiles, cap in CONFIGS:
-        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles, EVEN=True)
+    for steps, groups, warps, tiles, cap, prefetch, walk in CONFIGS:
+        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles, EVEN=True,
+                     PREFETCH=prefetch, WALK=walk)
         row = {"steps": steps, "groups_per_program": groups, "warps": warps, "tiles_per_chunk": tiles,
-               "grad_summary_registers": cap}
+               "grad_summary_registers": cap, "prefetch": prefetch, "walk": walk}
         for name in TILE_KERNELS:
             options = dict(maxnreg=cap) if cap is not None and name == "_grad_summary_kernel" else {}
             row[name] = compile_sm90(getattr(ops, name), flags, warps, **options)
-        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles} cap {cap}: "
+        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles} cap {cap} prefetch {prefetch} walk {walk}: "
               + ", ".join(f"{k.strip('_')} {v['registers']} regs / {v['spill_bytes']} B spilled / "
                           f"{v['sass_instructions']} SASS ({v['sass_in_loops']} in loops)"
                           for k, v in row.items() if isinstance(v, dict)), flush=True)

@@ -144,7 +144,8 @@ def _running_stats(m, v, real, count0, mean0, var0):
 def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
                           chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr, L, D, G, H, n_tiles, n_chunks,
                           HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
+                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
+                          PREFETCH: tl.constexpr):
     """Pass 1: per (row, chunk, group) the real steps k, their mean mu and Q = sum_t (v_t + (m_t - mu)^2)
     (the sum of squared deviations divided by the group size) of the chunk's tiles before each tile,
     written per tile, and of the whole chunk; merged tile by tile:
@@ -154,12 +155,19 @@ def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m
     first, last = _chunk_tiles(chunk, n_tiles, TILES)
     k = tl.full([], 0, dtype=tl.int32)                                  # real steps so far in the chunk
     mu, q = tl.zeros([BLOCK_G], dtype=tl.float32), tl.zeros([BLOCK_G], dtype=tl.float32)
+    if PREFETCH:                                                        # the next tile's loads fly
+        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     for tile in range(first, last):
         out = (row * n_tiles + tile) * G + groups                       # the chunk before this tile
         tl.store(tile_mean_ptr + out, mu, mask=groups < G)
         tl.store(tile_m2_ptr + out, q, mask=groups < G)
         tl.store(tile_count_ptr + row * n_tiles + tile, k, mask=pid_g == 0)
-        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        if PREFETCH:                                                    # while this one is summarised
+            x = x_next
+            x_next = _load_tile(x_ptr, mask_ptr, row, tl.minimum(tile + 1, last - 1), L, D, G, H, groups,
+                                HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        else:
+            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         _, _, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                  HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         m, v = _step_moments(x.to(tl.float32), exists & real[:, None, None], H)
@@ -249,26 +257,24 @@ def _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_p
     return count + k, new_mean, new_var
 
 
-@triton.jit(do_not_specialize=["L", "n_tiles"])
-def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
-                      count_ptr, mean_ptr, var_ptr, y_ptr, L, D, G, H, n_tiles, eps,
-                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
-    """Pass 3: the state before the tile (saved), then
+@triton.jit
+def _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                    count_ptr, mean_ptr, var_ptr, y_ptr, row, tile, groups, L, D, G, H, n_tiles, eps,
+                    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
+                    EVEN: tl.constexpr):
+    """Pass 3 on one tile x [T, BG, BH] (loaded): the state before the tile (saved), then
     y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps."""
-    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     count0, mean0, var0 = _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_ptr,
                                              tile_m2_ptr, row, tile, n_tiles, groups, G, TILES)
     index = row * (n_tiles + 1) + tile
     inside = tile % TILES != 0                                          # a chunk's first: pass 2 wrote it
-    tl.store(count_ptr + index, count0, mask=inside & (pid_g == 0))
+    tl.store(count_ptr + index, count0, mask=inside & (tl.program_id(1) == 0))   # counts: once per tile
     tl.store(mean_ptr + index * G + groups, mean0, mask=groups < tl.where(inside, G, 0))
     tl.store(var_ptr + index * G + groups, var0, mask=groups < tl.where(inside, G, 0))
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                       HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     keep = exists & real[:, None, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
     m, v = _step_moments(x, keep, H)
     _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
     rstd = tl.rsqrt(var + eps)
@@ -277,13 +283,41 @@ def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, til
     y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
     tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
 
+
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                      count_ptr, mean_ptr, var_ptr, y_ptr, L, D, G, H, n_tiles, eps,
+                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr, WALK: tl.constexpr):
+    """Pass 3 on WALK consecutive tiles of a row (with WALK > 1 the next tile's x is loading while
+    the current one is normalised)."""
+    block, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    if WALK == 1:
+        x = _load_tile(x_ptr, mask_ptr, row, block, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr, count_ptr,
+                        mean_ptr, var_ptr, y_ptr, row, block, groups, L, D, G, H, n_tiles, eps,
+                        HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
+    else:
+        first = block * WALK
+        last = tl.minimum(first + WALK, n_tiles)
+        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        for tile in range(first, last):
+            x = x_next
+            x_next = _load_tile(x_ptr, mask_ptr, row, tl.minimum(tile + 1, last - 1), L, D, G, H, groups,
+                                HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+            _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr, count_ptr,
+                            mean_ptr, var_ptr, y_ptr, row, tile, groups, L, D, G, H, n_tiles, eps,
+                            HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
+
 # %% chapters/08_triton_scans.py cell 72 · Launching
 class LaunchConfig(NamedTuple):
     """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
     (``num_warps`` warps); chunks of ``tiles_per_program`` tiles, which one program of each summary
     pass walks; the prefix passes take ``prefix_block_n`` chunks x ``prefix_block_g`` groups per
-    loop step. ``grad_summary_registers`` caps the registers of backward pass 1 (None: no cap), so
-    that more of its walking programs fit on a multiprocessor at once."""
+    loop step. With ``prefetch`` the summary passes load a chunk's next tile before working on the
+    current one; the kernels that write y and dx take ``walk`` consecutive tiles per program, loading
+    the next while working on the current."""
 
     block_t: int
     block_g: int
@@ -291,7 +325,8 @@ class LaunchConfig(NamedTuple):
     prefix_block_n: int = 1024
     prefix_block_g: int = 1
     tiles_per_program: int = 1
-    grad_summary_registers: int | None = None
+    prefetch: bool = False
+    walk: int = 1
 
 
 # Measured on an H200 (kernels/NOTES_timestep_norm.md, run 5): short tiles, one warp per 256
@@ -303,10 +338,7 @@ TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D /
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
 TILES_PER_PROGRAM = 32   # tiles per chunk: the first level of the prefix
-# Backward pass 1 needs ~168 registers at 4 steps: 12 one-warp programs per H200 multiprocessor, so
-# 65,536 tokens' 2,048 chunk programs ran in two waves; capped at 128 (a few spilled words, compiled
-# for sm_90 on the CPU) 16 fit and all run at once (NOTES_timestep_norm.md, v2.6).
-GRAD_SUMMARY_REGISTERS = 128
+PREFETCH = True          # the summary passes' loads of tile i + 1 overlap the work on tile i
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
@@ -321,7 +353,7 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     block_g = max(1, min(_next_pow2(num_groups), TILE_CHANNELS // block_h))
     block_t = max(1, min(TILE_STEPS, TILE_ELEMENTS // (block_g * block_h)))
     return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)),
-                        tiles_per_program=TILES_PER_PROGRAM, grad_summary_registers=GRAD_SUMMARY_REGISTERS)
+                        tiles_per_program=TILES_PER_PROGRAM, prefetch=PREFETCH)
 
 
 def _tile_flags(cfg: LaunchConfig, length: int, num_groups: int, group_size: int, masked: bool) -> dict:
@@ -382,14 +414,14 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     group_blocks = _cdiv(num_groups, cfg.block_g)
     _chunk_summary_kernel[(n_chunks, group_blocks, batch)](
         x, mask, tile_count, tile_mean, tile_m2, chunk_count, chunk_mean, chunk_m2,
-        length, channels, num_groups, group_size, n_tiles, n_chunks, **tiles)
+        length, channels, num_groups, group_size, n_tiles, n_chunks, PREFETCH=cfg.prefetch, **tiles)
     _chunk_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         count, mean, var, chunk_count, chunk_mean, chunk_m2, prefix_count, prefix_mean, prefix_var,
         count_out, mean_out, var_out, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
         BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
-    _normalize_kernel[(n_tiles, group_blocks, batch)](
+    _normalize_kernel[(_cdiv(n_tiles, cfg.walk), group_blocks, batch)](
         x, mask, weight, bias, tile_count, tile_mean, tile_m2, prefix_count, prefix_mean, prefix_var, y,
-        length, channels, num_groups, group_size, n_tiles, eps, **tiles)
+        length, channels, num_groups, group_size, n_tiles, eps, WALK=cfg.walk, **tiles)
     return y, count_out, mean_out, var_out, prefix_count, prefix_mean, prefix_var
 
 # %% chapters/08_triton_scans.py cell 79 · The backward in closed form
@@ -425,7 +457,8 @@ def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_pt
                          later_a_ptr, later_b_ptr, later_c_ptr, chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
                          dweight_ptr, dbias_ptr, L, D, G, H, n_tiles, n_chunks, eps,
                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
+                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     """Backward pass 1, a chunk's tiles last first: per (row, tile, group) the sums of a_t, b_t, c_t
     over the chunk's *later* tiles, at the tile's shift K_j (c^{K'} = c^{K} + (K - K') b); per
     (row, chunk, group) the sums over the whole chunk at the chunk's shift (its last tile's); per
@@ -440,10 +473,21 @@ def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_pt
     chunk_c = tl.zeros([BLOCK_G], dtype=tl.float32)                     # at the chunk's shift
     dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    if PREFETCH:                                                        # the next tile's loads fly
+        x_next = _load_tile(x_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        dy_next = _load_tile(dy_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     for done in range(0, last - first):
         tile = last - 1 - done
-        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN).to(tl.float32)
-        dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN).to(tl.float32)
+        if PREFETCH:                                                    # while this one is worked on
+            x, dy = x_next.to(tl.float32), dy_next.to(tl.float32)
+            ahead = tl.maximum(tile - 1, first)
+            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        else:
+            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                           EVEN).to(tl.float32)
+            dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                            EVEN).to(tl.float32)
         _, _, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                  HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         x_k, _, rstd, centre, shift, a, b, c = _gradient_terms(x, dy, exists & real[:, None, None], real, weight_ptr,
@@ -523,23 +567,19 @@ def _grad_prefix_kernel(chunk_a_ptr, chunk_b_ptr, chunk_c_ptr, count_ptr, mean_p
     tl.store(dvar0_ptr + row * G + groups, dvar0, mask=group_ok)
 
 # %% chapters/08_triton_scans.py cell 82 · The backward in closed form
-@triton.jit(do_not_specialize=["L", "n_tiles"])
-def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                     later_a_ptr, later_b_ptr, later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
-                     L, D, G, H, n_tiles, n_chunks, eps,
-                     HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
-    """Backward pass 3: with A_i, B_i, C_i the sums of a, b, c over steps t >= i,
-    dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps;
-    the sums after the tile are the chunk's later tiles' plus those after the chunk, moved to the
-    tile's shift K: C^{K} = C^{K_chunk} + (K_chunk - K) B."""
-    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+@triton.jit
+def _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, later_a_ptr, later_b_ptr, later_c_ptr,
+                   after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, row, tile, groups, L, D, G, H, n_tiles, n_chunks, eps,
+                   HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
+                   EVEN: tl.constexpr):
+    """Backward pass 3 on one tile x, dy [T, BG, BH] (loaded): with A_i, B_i, C_i the sums of a, b, c
+    over steps t >= i, dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H
+    on real steps; the sums after the tile are the chunk's later tiles' plus those after the chunk,
+    moved to the tile's shift K: C^{K} = C^{K_chunk} + (K_chunk - K) B."""
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                       HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     keep = exists & real[:, None, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    x, dy = x.to(tl.float32), dy.to(tl.float32)
     x_k, dy_scaled, rstd, _, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
                                                               count_ptr, mean_ptr, var_ptr, row, tile, n_tiles,
                                                               groups, G, H, eps)
@@ -561,6 +601,37 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
     level = (sum_a - 2.0 * sum_c) * r_over_h
     dx = dy_scaled * rstd[:, :, None] + x_k * slope[:, :, None] + level[:, :, None]
     tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
+
+
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
+                     later_a_ptr, later_b_ptr, later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
+                     L, D, G, H, n_tiles, n_chunks, eps,
+                     HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr, WALK: tl.constexpr):
+    """Backward pass 3 on WALK consecutive tiles of a row (with WALK > 1 the next tile's x and dy are
+    loading while the current one is worked on)."""
+    block, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    if WALK == 1:
+        x = _load_tile(x_ptr, mask_ptr, row, block, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        dy = _load_tile(dy_ptr, mask_ptr, row, block, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, later_a_ptr, later_b_ptr,
+                       later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, row, block, groups,
+                       L, D, G, H, n_tiles, n_chunks, eps, HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
+    else:
+        first = block * WALK
+        last = tl.minimum(first + WALK, n_tiles)
+        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        dy_next = _load_tile(dy_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        for tile in range(first, last):
+            x, dy = x_next, dy_next
+            ahead = tl.minimum(tile + 1, last - 1)
+            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+            _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, later_a_ptr, later_b_ptr,
+                           later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, row, tile, groups,
+                           L, D, G, H, n_tiles, n_chunks, eps, HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
 
 # %% chapters/08_triton_scans.py cell 84 · The backward in closed form
 @triton.jit(do_not_specialize=["R"])
@@ -609,18 +680,18 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     tiles = _tile_flags(cfg, length, num_groups, group_size, padding_mask is not None)
     group_blocks = _cdiv(num_groups, cfg.block_g)
-    registers = {} if cfg.grad_summary_registers is None else dict(maxnreg=cfg.grad_summary_registers)
     _grad_summary_kernel[(n_chunks, group_blocks, batch)](
         x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
         chunk_a, chunk_b, chunk_c, partial[0], partial[1], length, channels, num_groups, group_size,
-        n_tiles, n_chunks, eps, **tiles, **registers)
+        n_tiles, n_chunks, eps, PREFETCH=cfg.prefetch, **tiles)
     _grad_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         chunk_a, chunk_b, chunk_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
         dmean0, dvar0, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
         BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
-    _backward_kernel[(n_tiles, group_blocks, batch)](
+    _backward_kernel[(_cdiv(n_tiles, cfg.walk), group_blocks, batch)](
         x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
-        after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
+        after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps,
+        WALK=cfg.walk, **tiles)
     dparams = _empty((2, channels), torch.float32, device)
     _sum_shares_kernel[(_cdiv(channels, SHARE_COLUMNS), 2)](
         partial, dparams, batch * n_chunks, channels, BLOCK_R=SHARE_ROWS, BLOCK_C=SHARE_COLUMNS, num_warps=4)
