@@ -4,14 +4,13 @@ One command, one GPU run (chapter 08 Part 2; notes in kernels/NOTES_timestep_nor
 
     python kernels/tune_timestep_norm.py --out kernels/results
 
-For each launch configuration (steps per tile, channels per program, warps, tiles per chunk,
-prefetch, tiles per y/dx program) it times the kernels forward and forward+backward at the
-benchmark shapes (bf16, D=1024, G=32, B x L in {32 x 2K, 4 x 16K, 1 x 64K}), eagerly and replayed
-from a CUDA graph (the GPU's time without Python's launch cost), and prints a table against the
-memory floor. Every configuration is profiled per kernel at 4 x 16K; the fastest (by the worst
-CUDA-graph fwd+bwd over the shapes) also at 1 x 64K, checked against float64 and for bit-identical
-parameter gradients across calls, and finally ``kernels/bench.py --ops timestep_norm`` runs with
-it installed as the default.
+For each launch configuration (steps per tile, channels per program, warps, tiles per chunk) it
+times the kernels forward and forward+backward at the benchmark shapes (bf16, D=1024, G=32,
+B x L in {32 x 2K, 4 x 16K, 1 x 64K}), eagerly and replayed from a CUDA graph (the GPU's time
+without Python's launch cost), and prints a table against the memory floor. Every configuration is
+profiled per kernel at 4 x 16K; the fastest (by the worst CUDA-graph fwd+bwd over the shapes) also
+at 1 x 64K, checked against float64 and for bit-identical parameter gradients across calls, and
+finally ``kernels/bench.py --ops timestep_norm`` runs with it installed as the default.
 ``--baseline FILE`` times another version of the ops module the same way in the same run (e.g.
 the previous one, ``git show <commit>:megalodon_lite/ops/timestep_norm.py``), as an A/B.
 Writes ``<out>/tune_timestep_norm.json`` and the benchmark's ``<out>/<device>.json``.
@@ -33,26 +32,25 @@ sys.path.insert(0, str(ROOT))
 from kernels import bench  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
-# (steps per tile, channels per program, warps, tiles per chunk, prefetch, tiles per y/dx program). Runs 1-2 (v2) found 8 steps x 256
+# (steps per tile, channels per program, warps, tiles per chunk). Runs 1-2 (v2) found 8 steps x 256
 # channels on one warp fastest: Triton lays a [T, BG, 32] bf16 tile out with 4 threads x 8 channels
 # along a group and 8 threads along groups, so with BLOCK_G = 8 and one warp each thread holds all T
 # steps of its channels (the step-axis scans stay in registers). Run 4 (v2.5a, every kernel walking
 # chunks; NOTES) ruled out walking tiles in the kernels that write y and dx, and prefetching. v2.5
 # walks only in the summary kernels; sm_90 registers on the CPU box at 8 steps: normalise 168,
 # grad summary 255 (no spill), dx 219; at 4 steps 95, 161, 128. Run 5 chose 4 steps in chunks of 32.
-# Run 6 (v2.6, fewer instructions per tile): capping backward pass 1 at 128 registers lost to its
-# spills, chunks of 16 tied with 32. Run 7: the summary passes loading their next tile while working
-# on the current one, and y / dx written by programs that walk 2 or 4 tiles the same way.
-VARIANTS = [(4, 256, 1, 32, False, 1), (4, 256, 1, 32, True, 1), (4, 256, 1, 32, True, 2), (4, 256, 1, 32, True, 4),
-            (4, 256, 1, 16, True, 1), (4, 256, 1, 64, True, 1)]
+# v2.6 (fewer instructions per tile), runs 6-7 (NOTES): chunks of 16 and 64 tie with 32 or lose a
+# little; capping backward pass 1 at 128 registers, prefetching the summaries' next tile and y/dx
+# programs walking 2-4 tiles (code on commits f0616fd, f6e7d00) tie or lose, and are not in the package.
+VARIANTS = [(4, 256, 1, 32), (4, 256, 1, 16), (4, 256, 1, 64)]
 
 
-def config_for(steps: int, channels: int, warps: int, tiles: int, prefetch: bool = False, walk: int = 1):
+def config_for(steps: int, channels: int, warps: int, tiles: int):
     """A launch_config replacement that returns this configuration for D=1024, G=32."""
     def choose(d_model: int, num_groups: int) -> ops.LaunchConfig:
         group_size = d_model // num_groups
         return ops.LaunchConfig(block_t=steps, block_g=max(1, channels // group_size), num_warps=warps,
-                                tiles_per_program=tiles, prefetch=prefetch, walk=walk)
+                                tiles_per_program=tiles)
     return choose
 
 
@@ -137,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"copy {ceilings.copy_TBps:.2f} TB/s", flush=True)
-    candidates = [(f"T={t} C={c} W={w} tiles={n}{' prefetch' if p else ''} walk={k}", ops,
-                   config_for(t, c, w, n, p, k)) for t, c, w, n, p, k in VARIANTS]
+    candidates = [(f"T={t} C={c} W={w} tiles={n}", ops, config_for(t, c, w, n)) for t, c, w, n in VARIANTS]
     baseline = bench.load_ops_copy(args.baseline, "baseline") if args.baseline else None
     if baseline is not None:
         candidates.insert(0, ("baseline (" + args.baseline.name + ")", baseline, baseline.launch_config))
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
         copy_TBps=ceilings.copy_TBps, variants=results,
-        best=dict(zip(("steps", "channels", "warps", "tiles_per_program", "prefetch", "walk"), best)),
+        best=dict(zip(("steps", "channels", "warps", "tiles_per_program"), best)),
         best_vs_float64_bf16=checks,
         best_fwdbwd_cuda_graph_ms={f"{r['B']}x{r['L']}": r["graph_fwdbwd_ms"] for r in results
                                    if r["variant"] == best_name},

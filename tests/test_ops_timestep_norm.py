@@ -85,14 +85,6 @@ CASES = {
                             tiles=LaunchConfig(block_t=4, block_g=2, prefix_block_n=2, tiles_per_program=2)),
     "even_padding_holes": Case(length=16, groups=4, padding="holes",
                                tiles=LaunchConfig(block_t=4, block_g=2, tiles_per_program=3)),
-    # the summary passes loading their next tile ahead, y and dx written by programs that walk 3
-    # tiles (8 tiles: 3 + 3 + 2), ragged and EVEN
-    "prefetch_walk_3_ragged": Case(length=15, padding="holes", counts=(3, 0),
-                                   tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=2, tiles_per_program=3,
-                                                      prefetch=True, walk=3)),
-    "prefetch_walk_2_even_offset_100": Case(length=24, groups=4, offset=100.0,
-                                            tiles=LaunchConfig(block_t=4, block_g=2, tiles_per_program=4,
-                                                               prefetch=True, walk=2)),
 }
 
 
@@ -192,9 +184,8 @@ def test_parameter_shares_summed_over_several_row_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("tiles", [LaunchConfig(block_t=4, block_g=2),
-                                   LaunchConfig(block_t=2, block_g=2, tiles_per_program=2),
-                                   LaunchConfig(block_t=2, block_g=2, tiles_per_program=2, prefetch=True, walk=2)],
-                         ids=["one_tile_per_program", "chunks_of_2_tiles", "prefetch_walk_2"])
+                                   LaunchConfig(block_t=2, block_g=2, tiles_per_program=2)],
+                         ids=["one_tile_per_program", "chunks_of_2_tiles"])
 def test_every_buffer_of_the_launchers_is_written(tiles):
     """With poisoned buffers: the forward's saved per-tile state (written by two kernels when a
     program walks a chunk) and every backward output are finite."""

@@ -144,8 +144,7 @@ def _running_stats(m, v, real, count0, mean0, var0):
 def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
                           chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr, L, D, G, H, n_tiles, n_chunks,
                           HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
-                          PREFETCH: tl.constexpr):
+                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
     """Pass 1: per (row, chunk, group) the real steps k, their mean mu and Q = sum_t (v_t + (m_t - mu)^2)
     (the sum of squared deviations divided by the group size) of the chunk's tiles before each tile,
     written per tile, and of the whole chunk; merged tile by tile:
@@ -155,19 +154,12 @@ def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m
     first, last = _chunk_tiles(chunk, n_tiles, TILES)
     k = tl.full([], 0, dtype=tl.int32)                                  # real steps so far in the chunk
     mu, q = tl.zeros([BLOCK_G], dtype=tl.float32), tl.zeros([BLOCK_G], dtype=tl.float32)
-    if PREFETCH:                                                        # the next tile's loads fly
-        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     for tile in range(first, last):
         out = (row * n_tiles + tile) * G + groups                       # the chunk before this tile
         tl.store(tile_mean_ptr + out, mu, mask=groups < G)
         tl.store(tile_m2_ptr + out, q, mask=groups < G)
         tl.store(tile_count_ptr + row * n_tiles + tile, k, mask=pid_g == 0)
-        if PREFETCH:                                                    # while this one is summarised
-            x = x_next
-            x_next = _load_tile(x_ptr, mask_ptr, row, tl.minimum(tile + 1, last - 1), L, D, G, H, groups,
-                                HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        else:
-            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         _, _, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                  HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         m, v = _step_moments(x.to(tl.float32), exists & real[:, None, None], H)
@@ -257,24 +249,26 @@ def _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_p
     return count + k, new_mean, new_var
 
 
-@triton.jit
-def _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
-                    count_ptr, mean_ptr, var_ptr, y_ptr, row, tile, groups, L, D, G, H, n_tiles, eps,
-                    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
-                    EVEN: tl.constexpr):
-    """Pass 3 on one tile x [T, BG, BH] (loaded): the state before the tile (saved), then
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
+                      count_ptr, mean_ptr, var_ptr, y_ptr, L, D, G, H, n_tiles, eps,
+                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
+    """Pass 3: the state before the tile (saved), then
     y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     count0, mean0, var0 = _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_ptr,
                                              tile_m2_ptr, row, tile, n_tiles, groups, G, TILES)
     index = row * (n_tiles + 1) + tile
     inside = tile % TILES != 0                                          # a chunk's first: pass 2 wrote it
-    tl.store(count_ptr + index, count0, mask=inside & (tl.program_id(1) == 0))   # counts: once per tile
+    tl.store(count_ptr + index, count0, mask=inside & (pid_g == 0))
     tl.store(mean_ptr + index * G + groups, mean0, mask=groups < tl.where(inside, G, 0))
     tl.store(var_ptr + index * G + groups, var0, mask=groups < tl.where(inside, G, 0))
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                       HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     keep = exists & real[:, None, None]
-    x = x.to(tl.float32)
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     m, v = _step_moments(x, keep, H)
     _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
     rstd = tl.rsqrt(var + eps)
@@ -283,41 +277,12 @@ def _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean
     y = (x - mean[:, :, None]) * rstd[:, :, None] * scale[None, :, :] + shift[None, :, :]
     tl.store(y_ptr + base + offsets, tl.where(keep, y, 0.0).to(y_ptr.dtype.element_ty), mask=exists)
 
-
-@triton.jit(do_not_specialize=["L", "n_tiles"])
-def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
-                      count_ptr, mean_ptr, var_ptr, y_ptr, L, D, G, H, n_tiles, eps,
-                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr, WALK: tl.constexpr):
-    """Pass 3 on WALK consecutive tiles of a row (with WALK > 1 the next tile's x is loading while
-    the current one is normalised)."""
-    block, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    if WALK == 1:
-        x = _load_tile(x_ptr, mask_ptr, row, block, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr, count_ptr,
-                        mean_ptr, var_ptr, y_ptr, row, block, groups, L, D, G, H, n_tiles, eps,
-                        HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
-    else:
-        first = block * WALK
-        last = tl.minimum(first + WALK, n_tiles)
-        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        for tile in range(first, last):
-            x = x_next
-            x_next = _load_tile(x_ptr, mask_ptr, row, tl.minimum(tile + 1, last - 1), L, D, G, H, groups,
-                                HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-            _normalize_tile(x, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr, count_ptr,
-                            mean_ptr, var_ptr, y_ptr, row, tile, groups, L, D, G, H, n_tiles, eps,
-                            HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
-
 # %% chapters/08_triton_scans.py cell 72 · Launching
 class LaunchConfig(NamedTuple):
     """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
     (``num_warps`` warps); chunks of ``tiles_per_program`` tiles, which one program of each summary
     pass walks; the prefix passes take ``prefix_block_n`` chunks x ``prefix_block_g`` groups per
-    loop step. With ``prefetch`` the summary passes load a chunk's next tile before working on the
-    current one; the kernels that write y and dx take ``walk`` consecutive tiles per program, loading
-    the next while working on the current."""
+    loop step."""
 
     block_t: int
     block_g: int
@@ -325,11 +290,9 @@ class LaunchConfig(NamedTuple):
     prefix_block_n: int = 1024
     prefix_block_g: int = 1
     tiles_per_program: int = 1
-    prefetch: bool = False
-    walk: int = 1
 
 
-# Measured on an H200 (kernels/NOTES_timestep_norm.md, run 5): short tiles, one warp per 256
+# Measured on an H200 (kernels/NOTES_timestep_norm.md, runs 5-7): short tiles, one warp per 256
 # channels, so that each thread holds all T steps of its 8 channels and the step-axis sums and scans
 # stay in registers (longer tiles spread the steps over warps and pay shared-memory round trips);
 # 4 steps rather than 8 since the two-level prefix (fewer registers, more programs resident per SM).
@@ -338,7 +301,6 @@ TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D /
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
 TILES_PER_PROGRAM = 32   # tiles per chunk: the first level of the prefix
-PREFETCH = True          # the summary passes' loads of tile i + 1 overlap the work on tile i
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
@@ -353,7 +315,7 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     block_g = max(1, min(_next_pow2(num_groups), TILE_CHANNELS // block_h))
     block_t = max(1, min(TILE_STEPS, TILE_ELEMENTS // (block_g * block_h)))
     return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)),
-                        tiles_per_program=TILES_PER_PROGRAM, prefetch=PREFETCH)
+                        tiles_per_program=TILES_PER_PROGRAM)
 
 
 def _tile_flags(cfg: LaunchConfig, length: int, num_groups: int, group_size: int, masked: bool) -> dict:
@@ -414,14 +376,14 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     group_blocks = _cdiv(num_groups, cfg.block_g)
     _chunk_summary_kernel[(n_chunks, group_blocks, batch)](
         x, mask, tile_count, tile_mean, tile_m2, chunk_count, chunk_mean, chunk_m2,
-        length, channels, num_groups, group_size, n_tiles, n_chunks, PREFETCH=cfg.prefetch, **tiles)
+        length, channels, num_groups, group_size, n_tiles, n_chunks, **tiles)
     _chunk_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         count, mean, var, chunk_count, chunk_mean, chunk_m2, prefix_count, prefix_mean, prefix_var,
         count_out, mean_out, var_out, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
         BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
-    _normalize_kernel[(_cdiv(n_tiles, cfg.walk), group_blocks, batch)](
+    _normalize_kernel[(n_tiles, group_blocks, batch)](
         x, mask, weight, bias, tile_count, tile_mean, tile_m2, prefix_count, prefix_mean, prefix_var, y,
-        length, channels, num_groups, group_size, n_tiles, eps, WALK=cfg.walk, **tiles)
+        length, channels, num_groups, group_size, n_tiles, eps, **tiles)
     return y, count_out, mean_out, var_out, prefix_count, prefix_mean, prefix_var
 
 # %% chapters/08_triton_scans.py cell 79 · The backward in closed form
@@ -433,8 +395,8 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
     gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile.
     Per element only x - K and dy' = dy (weight + 1) are formed (every multiply-add per element
     counts: these kernels issue about as many instructions as they move bytes):
-    gM_t = -r_t sum dy', gS_t = -r_t^3 / 2 (sum dy' (x - K) - (M_t - K) sum dy'), r_t = rsqrt(S_t + eps).
-    Returns x - K, dy' [T, BG, BH] (0 off ``keep``), r_t, M_t - K, K and a, b, c."""
+    gM_t = -rho_t sum dy', gS_t = -rho_t^3 / 2 (sum dy' (x - K) - (M_t - K) sum dy'), rho_t = rsqrt(S_t + eps).
+    Returns x - K, dy' [T, BG, BH] (0 off ``keep``), rho_t, M_t - K [T, BG], K [BG] and a, b, c [T, BG]."""
     shift = _load_mean(mean_ptr, row, tile + 1, n_tiles, groups, G)    # K [BG]
     x_k = tl.where(keep, x - shift[None, :, None], 0.0)
     m_k, v = _step_moments(x_k, keep, H)                                # m_t - K, v_t
@@ -457,8 +419,7 @@ def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_pt
                          later_a_ptr, later_b_ptr, later_c_ptr, chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
                          dweight_ptr, dbias_ptr, L, D, G, H, n_tiles, n_chunks, eps,
                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
     """Backward pass 1, a chunk's tiles last first: per (row, tile, group) the sums of a_t, b_t, c_t
     over the chunk's *later* tiles, at the tile's shift K_j (c^{K'} = c^{K} + (K - K') b); per
     (row, chunk, group) the sums over the whole chunk at the chunk's shift (its last tile's); per
@@ -473,21 +434,12 @@ def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_pt
     chunk_c = tl.zeros([BLOCK_G], dtype=tl.float32)                     # at the chunk's shift
     dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
-    if PREFETCH:                                                        # the next tile's loads fly
-        x_next = _load_tile(x_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        dy_next = _load_tile(dy_ptr, mask_ptr, row, last - 1, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     for done in range(0, last - first):
         tile = last - 1 - done
-        if PREFETCH:                                                    # while this one is worked on
-            x, dy = x_next.to(tl.float32), dy_next.to(tl.float32)
-            ahead = tl.maximum(tile - 1, first)
-            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        else:
-            x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
-                           EVEN).to(tl.float32)
-            dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
-                            EVEN).to(tl.float32)
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                       EVEN).to(tl.float32)
+        dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                        EVEN).to(tl.float32)
         _, _, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                  HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         x_k, _, rstd, centre, shift, a, b, c = _gradient_terms(x, dy, exists & real[:, None, None], real, weight_ptr,
@@ -567,19 +519,23 @@ def _grad_prefix_kernel(chunk_a_ptr, chunk_b_ptr, chunk_c_ptr, count_ptr, mean_p
     tl.store(dvar0_ptr + row * G + groups, dvar0, mask=group_ok)
 
 # %% chapters/08_triton_scans.py cell 82 · The backward in closed form
-@triton.jit
-def _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, later_a_ptr, later_b_ptr, later_c_ptr,
-                   after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, row, tile, groups, L, D, G, H, n_tiles, n_chunks, eps,
-                   HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
-                   EVEN: tl.constexpr):
-    """Backward pass 3 on one tile x, dy [T, BG, BH] (loaded): with A_i, B_i, C_i the sums of a, b, c
-    over steps t >= i, dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H
-    on real steps; the sums after the tile are the chunk's later tiles' plus those after the chunk,
-    moved to the tile's shift K: C^{K} = C^{K_chunk} + (K_chunk - K) B."""
+@triton.jit(do_not_specialize=["L", "n_tiles"])
+def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
+                     later_a_ptr, later_b_ptr, later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
+                     L, D, G, H, n_tiles, n_chunks, eps,
+                     HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
+    """Backward pass 3: with A_i, B_i, C_i the sums of a, b, c over steps t >= i,
+    dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps;
+    the sums after the tile are the chunk's later tiles' plus those after the chunk, moved to the
+    tile's shift K: C^{K} = C^{K_chunk} + (K_chunk - K) B."""
+    tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
                                                                       HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     keep = exists & real[:, None, None]
-    x, dy = x.to(tl.float32), dy.to(tl.float32)
+    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     x_k, dy_scaled, rstd, _, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
                                                               count_ptr, mean_ptr, var_ptr, row, tile, n_tiles,
                                                               groups, G, H, eps)
@@ -597,41 +553,10 @@ def _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, la
     sum_b = tl.cumsum(b, 0, reverse=True) + after_b[None, :]
     sum_c = tl.cumsum(c, 0, reverse=True) + after_c[None, :]
     r_over_h = real.to(tl.float32)[:, None] * (1.0 / H)                 # padded steps: dx = 0 (dy' is 0)
-    slope = 2.0 * sum_b * r_over_h                                      # per step: dx = dy' r_t + (x - K) slope + level
+    slope = 2.0 * sum_b * r_over_h                                      # dx = dy' rho_t + (x - K) slope + level
     level = (sum_a - 2.0 * sum_c) * r_over_h
     dx = dy_scaled * rstd[:, :, None] + x_k * slope[:, :, None] + level[:, :, None]
     tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
-
-
-@triton.jit(do_not_specialize=["L", "n_tiles"])
-def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                     later_a_ptr, later_b_ptr, later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
-                     L, D, G, H, n_tiles, n_chunks, eps,
-                     HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr, WALK: tl.constexpr):
-    """Backward pass 3 on WALK consecutive tiles of a row (with WALK > 1 the next tile's x and dy are
-    loading while the current one is worked on)."""
-    block, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    if WALK == 1:
-        x = _load_tile(x_ptr, mask_ptr, row, block, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        dy = _load_tile(dy_ptr, mask_ptr, row, block, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, later_a_ptr, later_b_ptr,
-                       later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, row, block, groups,
-                       L, D, G, H, n_tiles, n_chunks, eps, HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
-    else:
-        first = block * WALK
-        last = tl.minimum(first + WALK, n_tiles)
-        x_next = _load_tile(x_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        dy_next = _load_tile(dy_ptr, mask_ptr, row, first, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-        for tile in range(first, last):
-            x, dy = x_next, dy_next
-            ahead = tl.minimum(tile + 1, last - 1)
-            x_next = _load_tile(x_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-            dy_next = _load_tile(dy_ptr, mask_ptr, row, ahead, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
-            _backward_tile(x, dy, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr, later_a_ptr, later_b_ptr,
-                           later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr, row, tile, groups,
-                           L, D, G, H, n_tiles, n_chunks, eps, HAS_MASK, BLOCK_T, BLOCK_H, TILES, EVEN)
 
 # %% chapters/08_triton_scans.py cell 84 · The backward in closed form
 @triton.jit(do_not_specialize=["R"])
@@ -683,15 +608,14 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     _grad_summary_kernel[(n_chunks, group_blocks, batch)](
         x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
         chunk_a, chunk_b, chunk_c, partial[0], partial[1], length, channels, num_groups, group_size,
-        n_tiles, n_chunks, eps, PREFETCH=cfg.prefetch, **tiles)
+        n_tiles, n_chunks, eps, **tiles)
     _grad_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         chunk_a, chunk_b, chunk_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
         dmean0, dvar0, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
         BLOCK_N=cfg.prefix_block_n, BLOCK_G=cfg.prefix_block_g)
-    _backward_kernel[(_cdiv(n_tiles, cfg.walk), group_blocks, batch)](
+    _backward_kernel[(n_tiles, group_blocks, batch)](
         x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
-        after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps,
-        WALK=cfg.walk, **tiles)
+        after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
     dparams = _empty((2, channels), torch.float32, device)
     _sum_shares_kernel[(_cdiv(channels, SHARE_COLUMNS), 2)](
         partial, dparams, batch * n_chunks, channels, BLOCK_R=SHARE_ROWS, BLOCK_C=SHARE_COLUMNS, num_warps=4)
