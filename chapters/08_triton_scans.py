@@ -2628,8 +2628,8 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
 # $2 \times (BL/(T \cdot \texttt{TILES})) \times D$ float32 (at 4 steps a tile and 32 tiles a chunk,
 # 1/32 of the bytes of a bfloat16 $x$; one share per tile was half of them). A last small kernel adds
 # them up, each program a few channels over every share, in a fixed order: no atomic adds, so the
-# result is the same bit for bit from run to run. (PyTorch's `sum` over the shares' middle axis took
-# 20 µs for these 4 MiB, a fifth of a pass over $x$.)
+# result is the same bit for bit from run to run. (PyTorch's `sum` over the shares' middle axis, the
+# previous version's, shows in the per-kernel times at the end of this part.)
 
 # %% tags=["export:ops.timestep_norm"]
 @triton.jit(do_not_specialize=["R"])
@@ -2863,14 +2863,15 @@ assert worst < 1e-4
 # Measured on an H200 by `kernels/tune_timestep_norm.py` (which ends by running
 # `kernels/bench.py --ops timestep_norm`), committed in `kernels/results/`: the kernels called from
 # Python as a training step would call them ("eager"), the same forward+backward replayed from a
-# CUDA graph (the GPU's own time, without Python launching six kernels and running autograd), the
-# previous version of these kernels (one-level prefix, one parameter share per tile) replayed in
+# CUDA graph (the GPU's own time, without Python launching seven kernels and running autograd), the
+# previous version of these kernels (the same passes with a bounds test on every element, divisions
+# per step, $\hat x$ formed in the backward, and PyTorch summing the parameter shares) replayed in
 # the same run, and chapter 05's PyTorch form, each against the memory floor; then where the GPU's
 # time goes, kernel by kernel, for both versions.
 
 # %%
-bench_run = json.loads(recorded("nvidia_h200_timestep_norm_v25.json").read_text())
-tune_run = json.loads(recorded("tune_timestep_norm_v25_h200.json").read_text())
+bench_run = json.loads(recorded("nvidia_h200_timestep_norm_v26.json").read_text())
+tune_run = json.loads(recorded("tune_timestep_norm_v26_h200.json").read_text())
 best = tune_run["best"]
 print(f"{bench_run['device']}, torch {bench_run['torch']}, triton {bench_run['triton']}, {bench_run['date'][:10]}; "
       f"tiles of {best['steps']} steps x {best['channels']} channels, {best['warps']} warp(s), "
@@ -2898,17 +2899,18 @@ for shape in ("4x16384", "1x65536"):
 
 # %% [markdown]
 # Against the target of forward+backward within 2x the floor, this still misses (read the ratios
-# above), by less than before on the GPU's time, most at batch 1. The two-level prefix turned the
-# prefix kernels from a chain that grows with the tiles per row into a short one, and one parameter
-# share per chunk instead of per tile shrank the PyTorch reduction. What is left is the per-pass
-# efficiency of the streaming kernels: the backward's first kernel, which recomputes the
-# statistics, forms $g^M, g^S$, the sums and the parameter shares while walking its chunk, runs at
-# almost three times its two passes; the others run within about 1.5 times theirs. Eagerly,
-# Python's launches (six kernels, a reduction, allocations, autograd) take longer than the GPU's
-# work, so the eager times sit far above the CUDA-graph ones; inside a model step the GPU has other
-# work queued and the graph time is the relevant one. `kernels/NOTES_timestep_norm.md` records each
-# version's prediction and measurement, what failed (a design where every kernel walks its chunk was
-# slower than the one before it), and what would close the gap.
+# above), by less than before on the GPU's time, at every shape. Fewer instructions per element
+# helped the kernels in proportion to how much of their time was issuing them: the parameter
+# shares' sum and the backward kernels gained, the normalising kernel hardly moved. What is left is
+# latency: every program holds one tile of loads in flight, and the registers bound how many
+# programs an SM holds. The backward's first kernel, which walks its chunk one tile after another,
+# recomputing the statistics and forming $g^M, g^S$, the sums and the parameter shares, runs at
+# more than twice its two passes; the others run within about 1.5 times theirs. Eagerly, Python's
+# launches (seven kernels, allocations, autograd) take longer than the GPU's work, so the eager
+# times sit far above the CUDA-graph ones; inside a model step the GPU has other work queued and the
+# graph time is the relevant one. `kernels/NOTES_timestep_norm.md` records each version's
+# prediction and measurement, what failed (every kernel walking its chunk; a register cap; loading
+# the next tile ahead), and what would close the gap.
 
 # %% [markdown]
 # ## Part 3 · Measured on a GPU
