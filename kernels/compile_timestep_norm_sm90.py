@@ -1,11 +1,14 @@
 """Compile the TimestepNorm kernels for an H100/H200 (sm_90) on a machine without a GPU and read
-their registers and spill bytes (the occupancy question of kernels/NOTES_timestep_norm.md).
+their registers, spill bytes and SASS instructions (the occupancy and issue questions of
+kernels/NOTES_timestep_norm.md).
 
     python kernels/compile_timestep_norm_sm90.py --out kernels/results
 
 Triton compiles to PTX and runs the ptxas it ships for sm_90; ``cuobjdump`` (also shipped) reads
-registers and stack (spill) bytes from the cubin. Arguments are specialised as a launch on a GPU
-specialises them at D=1024, G=32 (pointers, D, G and H divisible by 16); x, y, dy and dx are bf16.
+registers and stack (spill) bytes from the cubin, and its SASS, counted whole and inside loops (a
+tile kernel's count is what every tile issues; a walking kernel's loop count is per tile).
+Arguments are specialised as a launch on a GPU specialises them at D=1024, G=32 (pointers, D, G
+and H divisible by 16; EVEN, as no tile is ragged there); x, y, dy and dx are bf16.
 The Triton version here need not be the GPU's (the output records it). Writes
 ``timestep_norm_sm90_ptxas_cpu.json``.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,13 +33,29 @@ POINTER_TYPES = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr"
                  "count_ptr": "*i64", "count0_ptr": "*i64", "final_count_ptr": "*i64", "tile_count_ptr": "*i32",
                  "chunk_count_ptr": "*i32"}   # every other pointer: float32
 TILE_KERNELS = ("_chunk_summary_kernel", "_normalize_kernel", "_grad_summary_kernel", "_backward_kernel")
-# (steps per tile, groups per program, warps, tiles per chunk): run 5's configurations
-CONFIGS = [(8, 8, 1, 8), (4, 8, 1, 32), (4, 16, 2, 16)]
+# (steps per tile, groups per program, warps, tiles per chunk, register cap of backward pass 1): run 5's
+# configurations in v2.6's code, and run 6's variant capping pass 1 at 128 registers (not kept)
+CONFIGS = [(8, 8, 1, 8, None), (4, 8, 1, 32, None), (4, 16, 2, 16, None), (4, 8, 1, 32, 128)]
 
 
-def compile_sm90(kernel, constants: dict, num_warps: int) -> dict:
-    """A TimestepNorm kernel's registers and spilled bytes (eps is a float argument)."""
-    return compile_for_sm90(kernel, constants, num_warps, {**POINTER_TYPES, "eps": "fp32"}, ("D", "G", "H"))[1]
+def compile_sm90(kernel, constants: dict, num_warps: int, **options) -> dict:
+    """A TimestepNorm kernel's registers and spilled bytes, and its SASS instructions in all and
+    in loops (eps is a float argument)."""
+    _, usage, sass = compile_for_sm90(kernel, constants, num_warps, {**POINTER_TYPES, "eps": "fp32"},
+                                      ("D", "G", "H"), sass=True, **options)
+    return {**usage, **sass_counts(sass)}
+
+
+def sass_counts(sass: str) -> dict:
+    """SASS instructions of the kernel, and of its loop bodies (header to back-edge) summed."""
+    code = [(int(m.group(1), 16), m.group(2)) for line in sass.split("\n")
+            if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line))]
+    in_loops = 0
+    for address, instruction in code:
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", instruction)
+        if target and int(target.group(1), 16) < address:
+            in_loops += sum(int(target.group(1), 16) <= a <= address for a, _ in code)
+    return {"sass_instructions": len(code), "sass_in_loops": in_loops}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
     args = parser.parse_args(argv)
     rows = []
-    for steps, groups, warps, tiles in CONFIGS:
-        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles)
-        row = {"steps": steps, "groups_per_program": groups, "warps": warps, "tiles_per_chunk": tiles}
+    for steps, groups, warps, tiles, cap in CONFIGS:
+        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles, EVEN=True)
+        row = {"steps": steps, "groups_per_program": groups, "warps": warps, "tiles_per_chunk": tiles,
+               "grad_summary_registers": cap}
         for name in TILE_KERNELS:
-            row[name] = compile_sm90(getattr(ops, name), flags, warps)
-        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles}: "
-              + ", ".join(f"{k.strip('_')} {v['registers']} regs / {v['spill_bytes']} B spilled"
+            options = dict(maxnreg=cap) if cap is not None and name == "_grad_summary_kernel" else {}
+            row[name] = compile_sm90(getattr(ops, name), flags, warps, **options)
+        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles} cap {cap}: "
+              + ", ".join(f"{k.strip('_')} {v['registers']} regs / {v['spill_bytes']} B spilled / "
+                          f"{v['sass_instructions']} SASS ({v['sass_in_loops']} in loops)"
                           for k, v in row.items() if isinstance(v, dict)), flush=True)
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,13 @@ One command, one GPU run (chapter 08 Part 2; notes in kernels/NOTES_timestep_nor
 
     python kernels/tune_timestep_norm.py --out kernels/results
 
-For each launch configuration (steps per tile, channels per program, warps, tiles per chunk) it times the kernels forward and forward+backward at the benchmark shapes (bf16, D=1024,
-G=32, B x L in {32 x 2K, 4 x 16K, 1 x 64K}), eagerly and replayed from a CUDA graph (the GPU's
-time without Python's launch cost), and prints a table against the memory floor. The fastest
-configuration (by the worst CUDA-graph fwd+bwd over the shapes) is profiled per kernel at
-4 x 16K and 1 x 64K, checked against float64 and for bit-identical parameter gradients across
-calls, and finally ``kernels/bench.py --ops timestep_norm`` runs with it installed as the default.
+For each launch configuration (steps per tile, channels per program, warps, tiles per chunk) it
+times the kernels forward and forward+backward at the benchmark shapes (bf16, D=1024, G=32,
+B x L in {32 x 2K, 4 x 16K, 1 x 64K}), eagerly and replayed from a CUDA graph (the GPU's time
+without Python's launch cost), and prints a table against the memory floor. Every configuration is
+profiled per kernel at 4 x 16K; the fastest (by the worst CUDA-graph fwd+bwd over the shapes) also
+at 1 x 64K, checked against float64 and for bit-identical parameter gradients across calls, and
+finally ``kernels/bench.py --ops timestep_norm`` runs with it installed as the default.
 ``--baseline FILE`` times another version of the ops module the same way in the same run (e.g.
 the previous one, ``git show <commit>:megalodon_lite/ops/timestep_norm.py``), as an A/B.
 Writes ``<out>/tune_timestep_norm.json`` and the benchmark's ``<out>/<device>.json``.
@@ -38,8 +39,11 @@ from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 # steps of its channels (the step-axis scans stay in registers). Run 4 (v2.5a, every kernel walking
 # chunks; NOTES) ruled out walking tiles in the kernels that write y and dx, and prefetching. v2.5
 # walks only in the summary kernels; sm_90 registers on the CPU box at 8 steps: normalise 168,
-# grad summary 255 (no spill), dx 219; at 4 steps 95, 161, 128.
-VARIANTS = [(8, 256, 1, 8), (8, 256, 1, 16), (8, 256, 1, 4), (4, 256, 1, 16), (4, 256, 1, 32), (4, 512, 2, 16)]
+# grad summary 255 (no spill), dx 219; at 4 steps 95, 161, 128. Run 5 chose 4 steps in chunks of 32.
+# v2.6 (fewer instructions per tile), runs 6-7 (NOTES): chunks of 16 and 64 tie with 32 or lose a
+# little; capping backward pass 1 at 128 registers, prefetching the summaries' next tile and y/dx
+# programs walking 2-4 tiles (code on commits f0616fd, f6e7d00) tie or lose, and are not in the package.
+VARIANTS = [(4, 256, 1, 32), (4, 256, 1, 16), (4, 256, 1, 64)]
 
 
 def config_for(steps: int, channels: int, warps: int, tiles: int):
@@ -136,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     baseline = bench.load_ops_copy(args.baseline, "baseline") if args.baseline else None
     if baseline is not None:
         candidates.insert(0, ("baseline (" + args.baseline.name + ")", baseline, baseline.launch_config))
-    results = []
+    results, profiles = [], {}
     for name, module, choose in candidates:
         module.launch_config = choose
+        try:   # per kernel at 4 x 16K for every variant: which kernel a change moved
+            profiles[f"{name} 4x16384"] = kernels = profile_kernels(4, 16_384, module)[:9]
+            print(f"{name}, 4x16384, us per kernel: "
+                  + ", ".join(f"{k.strip('_').split('<')[0][:24]} {us:.1f}" for k, us in kernels), flush=True)
+        except Exception as err:  # the profiler is a help, not the result
+            print(f"profiler failed: {err!r}", flush=True)
         for batch, length in bench.SHAPES:
             floor = bench.scan_floor_ms(batch, length, bench.D_MODEL, ceilings)
             try:
@@ -171,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         except Exception as err:  # reported; the pytest run checks correctness too
             print(f"float64 check failed: {err!r}", flush=True)
-    profiles = {}
     for label, module in (("best", ops), ("baseline", baseline)):
         if module is None:
             continue

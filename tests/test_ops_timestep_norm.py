@@ -79,6 +79,12 @@ CASES = {
                                    tiles=LaunchConfig(block_t=2, block_g=2, tiles_per_program=4)),
     "one_chunk_longer_than_the_row": Case(length=11, groups=2, group_size=6,
                                           tiles=LaunchConfig(block_t=4, block_g=1, tiles_per_program=8)),
+    # EVEN: no ragged tile (4 | 16), group (8 channels) or group block (2 | 4): the kernels drop
+    # every bounds mask; with an offset (x - K in the backward), and with padding (masks stay)
+    "even_offset_100": Case(length=16, groups=4, offset=100.0,
+                            tiles=LaunchConfig(block_t=4, block_g=2, prefix_block_n=2, tiles_per_program=2)),
+    "even_padding_holes": Case(length=16, groups=4, padding="holes",
+                               tiles=LaunchConfig(block_t=4, block_g=2, tiles_per_program=3)),
 }
 
 
@@ -158,6 +164,23 @@ def test_forward_state_and_every_gradient_match_float64(name, monkeypatch):
         assert (mine - ref).abs().max() / scale <= 2e-5 + 2 * offset_ulps, grad_name
     if pad is not None:
         assert (grads_k[0][pad] == 0).all()
+
+
+def test_parameter_shares_summed_over_several_row_blocks(monkeypatch):
+    """The shares of dweight and dbias (6 of them here: 2 rows x 3 chunks, D = 24) summed 2 rows
+    and 16 channels at a time, so that the sum loops and the last column block is ragged."""
+    monkeypatch.setattr(ops, "SHARE_ROWS", 2)
+    monkeypatch.setattr(ops, "SHARE_COLUMNS", 16)
+    case = CASES["chunks_of_3_tiles_ragged"]
+    monkeypatch.setattr(ops, "launch_config", lambda channels, num_groups: case.tiles)
+    x, weight, bias, state, pad = make_case(case)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    dmean, dvar = torch.zeros(2, case.batch, case.groups, device=DEVICE)
+    grads_k = kernel(x, weight, bias, case.groups, state, pad, dy, dmean, dvar)[2]
+    grads_r = reference(x, weight, bias, case.groups, state, pad, dy, dmean, dvar)[2]
+    for name, mine, ref in list(zip(GRADIENT_NAMES, grads_k, grads_r))[1:3]:
+        # float32 sums of <= 15 unit-scale terms against float64: a few ulps of the largest
+        assert (mine - ref).abs().max() / ref.abs().max() <= 2e-5, name
 
 
 @pytest.mark.parametrize("tiles", [LaunchConfig(block_t=4, block_g=2),

@@ -47,7 +47,7 @@ def scan_floor_ms(batch: int, length: int, channels: int, ceilings: Ceilings, by
                           bytes_per_element=bytes_per_element)
     return 2 * batch * length * channels * bytes_per_element / (ceilings.copy_TBps * 1e12) * 1e3
 
-# %% chapters/08_triton_scans.py cell 98 · Part 3 · Measured on a GPU
+# %% chapters/08_triton_scans.py cell 100 · Part 3 · Measured on a GPU
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # matplotlib comes with the [book] extra: the package itself draws nothing

@@ -53,14 +53,20 @@ __all__ = ["LaunchConfig", "TimestepNormFunction", "launch_config", "timestep_no
 # %% chapters/08_triton_scans.py cell 62 · The kernels, forward
 @triton.jit
 def _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                  HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                  HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, EVEN: tl.constexpr):
     """Where one tile [T, BG, BH] lives: a scalar int64 base (its first step's row of x) plus
-    int32 offsets inside the tile; which elements exist, and which steps are real [T]."""
+    int32 offsets inside the tile; which elements exist, and which steps are real [T]. EVEN (T
+    divides L, a group is BLOCK_H channels, BLOCK_G divides G): all exist, and the masks are
+    constants that the compiler removes together with every select on them."""
     steps = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]                     # [BG, BH]
-    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
-    exists = (steps < L)[:, None, None] & channel_ok[None, :, :]
-    real = steps < L
+    if EVEN:
+        channel_ok = tl.full(channels.shape, 1, tl.int1)
+        real = tl.full([BLOCK_T], 1, tl.int1)
+    else:
+        channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
+        real = steps < L
+    exists = real[:, None, None] & channel_ok[None, :, :]
     if HAS_MASK:
         real = real & (tl.load(mask_ptr + row * L + steps, mask=steps < L, other=1) == 0)
     base = (row * L + tile * BLOCK_T).to(tl.int64) * D
@@ -70,10 +76,10 @@ def _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
 
 @triton.jit
 def _load_tile(ptr, mask_ptr, row, tile, L, D, G, H, groups,
-               HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+               HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, EVEN: tl.constexpr):
     """A tile [T, BG, BH] of ``ptr`` in its own dtype, zero off the real steps."""
     base, offsets, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                      HAS_MASK, BLOCK_T, BLOCK_H)
+                                                      HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     return tl.load(ptr + base + offsets, mask=exists & real[:, None, None], other=0.0)
 
 
@@ -88,9 +94,10 @@ def _chunk_tiles(chunk, n_tiles, TILES: tl.constexpr):
 def _step_moments(x, keep, H):
     """Per-step group mean m_t and population variance v_t [T, BG] of a tile x [T, BG, BH]
     (zero where ``keep`` is False: padded steps, channels past the group)."""
-    mean = tl.sum(x, axis=2) / H
+    inv_h = 1.0 / H                                                     # one division, then products
+    mean = tl.sum(x, axis=2) * inv_h
     deviation = tl.where(keep, x - mean[:, :, None], 0.0)
-    return mean, tl.sum(deviation * deviation, axis=2) / H
+    return mean, tl.sum(deviation * deviation, axis=2) * inv_h
 
 
 @triton.jit
@@ -118,16 +125,18 @@ def _running_stats(m, v, real, count0, mean0, var0):
     c0 = count0.to(tl.float32)
     n = c0 + tl.cumsum(r, 0)                                            # N_t
     n_prev = n - r                                                      # N_{t-1}
-    tile_mean = tl.sum(r[:, None] * m, 0) / tl.maximum(tl.sum(r, 0), 1.0)
+    inv_n = (1.0 / tl.maximum(n, 1.0))[:, None]                         # divide once per step, then
+    inv_prev = (1.0 / tl.maximum(n_prev, 1.0))[:, None]                 # multiply (each division is
+    tile_mean = tl.sum(r[:, None] * m, 0) / tl.maximum(tl.sum(r, 0), 1.0)   # ~5 instructions)
     shift = tl.where(count0 > 0, mean0, tile_mean)                      # K [BG]
     step = r[:, None] * (m - shift[None, :])
     total = tl.cumsum(step, 0) + (c0 * (mean0 - shift))[None, :]        # N_t (M_t - K)
-    mean = shift[None, :] + total / tl.maximum(n, 1.0)[:, None]
+    mean = shift[None, :] + total * inv_n
     mean = tl.where(n[:, None] > 0, mean, mean0[None, :])
-    mean_prev = shift[None, :] + (total - step) / tl.maximum(n_prev, 1.0)[:, None]
-    spread = (r * n_prev / tl.maximum(n, 1.0))[:, None] * (m - mean_prev) * (m - mean_prev)
+    mean_prev = shift[None, :] + (total - step) * inv_prev
+    spread = r[:, None] * n_prev[:, None] * inv_n * (m - mean_prev) * (m - mean_prev)
     sum_sq = c0 * var0[None, :] + tl.cumsum(r[:, None] * v + spread, 0)  # N_t S_t
-    var = tl.where(n[:, None] > 0, sum_sq / tl.maximum(n, 1.0)[:, None], var0[None, :])
+    var = tl.where(n[:, None] > 0, sum_sq * inv_n, var0[None, :])
     return n, mean, var
 
 # %% chapters/08_triton_scans.py cell 66 · The kernels, forward
@@ -135,7 +144,7 @@ def _running_stats(m, v, real, count0, mean0, var0):
 def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
                           chunk_count_ptr, chunk_mean_ptr, chunk_m2_ptr, L, D, G, H, n_tiles, n_chunks,
                           HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                          BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+                          BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
     """Pass 1: per (row, chunk, group) the real steps k, their mean mu and Q = sum_t (v_t + (m_t - mu)^2)
     (the sum of squared deviations divided by the group size) of the chunk's tiles before each tile,
     written per tile, and of the whole chunk; merged tile by tile:
@@ -150,9 +159,9 @@ def _chunk_summary_kernel(x_ptr, mask_ptr, tile_count_ptr, tile_mean_ptr, tile_m
         tl.store(tile_mean_ptr + out, mu, mask=groups < G)
         tl.store(tile_m2_ptr + out, q, mask=groups < G)
         tl.store(tile_count_ptr + row * n_tiles + tile, k, mask=pid_g == 0)
-        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H)
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         _, _, exists, real, _, _ = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                 HAS_MASK, BLOCK_T, BLOCK_H)
+                                                 HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
         m, v = _step_moments(x.to(tl.float32), exists & real[:, None, None], H)
         r = real.to(tl.float32)
         k_tile = tl.sum(r, 0)
@@ -244,7 +253,7 @@ def _state_before_tile(count_ptr, mean_ptr, var_ptr, tile_count_ptr, tile_mean_p
 def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, tile_mean_ptr, tile_m2_ptr,
                       count_ptr, mean_ptr, var_ptr, y_ptr, L, D, G, H, n_tiles, eps,
                       HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                      BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+                      BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
     """Pass 3: the state before the tile (saved), then
     y_t = (x_t - M_t) rsqrt(S_t + eps) (weight + 1) + bias, 0 on padded steps."""
     tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -257,7 +266,7 @@ def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, til
     tl.store(mean_ptr + index * G + groups, mean0, mask=groups < tl.where(inside, G, 0))
     tl.store(var_ptr + index * G + groups, var0, mask=groups < tl.where(inside, G, 0))
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                      HAS_MASK, BLOCK_T, BLOCK_H)
+                                                                      HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     keep = exists & real[:, None, None]
     x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     m, v = _step_moments(x, keep, H)
@@ -283,7 +292,7 @@ class LaunchConfig(NamedTuple):
     tiles_per_program: int = 1
 
 
-# Measured on an H200 (kernels/NOTES_timestep_norm.md, run 5): short tiles, one warp per 256
+# Measured on an H200 (kernels/NOTES_timestep_norm.md, runs 5-7): short tiles, one warp per 256
 # channels, so that each thread holds all T steps of its 8 channels and the step-axis sums and scans
 # stay in registers (longer tiles spread the steps over warps and pay shared-memory round trips);
 # 4 steps rather than 8 since the two-level prefix (fewer registers, more programs resident per SM).
@@ -307,6 +316,14 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     block_t = max(1, min(TILE_STEPS, TILE_ELEMENTS // (block_g * block_h)))
     return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)),
                         tiles_per_program=TILES_PER_PROGRAM)
+
+
+def _tile_flags(cfg: LaunchConfig, length: int, num_groups: int, group_size: int, masked: bool) -> dict:
+    """The compile-time flags of the tile kernels; EVEN when no tile or group block is ragged."""
+    block_h = _next_pow2(group_size)
+    even = length % cfg.block_t == 0 and block_h == group_size and num_groups % cfg.block_g == 0
+    return dict(HAS_MASK=masked, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g, BLOCK_H=block_h,
+                TILES=cfg.tiles_per_program, EVEN=even, num_warps=cfg.num_warps)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -355,8 +372,7 @@ def timestep_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, me
     count_out = _empty((batch,), torch.int64, device)
     mean_out, var_out = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)  # x: unused placeholder
-    tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, num_warps=cfg.num_warps)
+    tiles = _tile_flags(cfg, length, num_groups, group_size, padding_mask is not None)
     group_blocks = _cdiv(num_groups, cfg.block_g)
     _chunk_summary_kernel[(n_chunks, group_blocks, batch)](
         x, mask, tile_count, tile_mean, tile_m2, chunk_count, chunk_mean, chunk_m2,
@@ -376,20 +392,26 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
                     row, tile, n_tiles, groups, G, H, eps):
     """Recompute a tile's running statistics, then the per-step terms of the backward [T, BG]:
     a_t = gM_t / N_t, b_t = gS_t / N_t, c_t = gS_t (M_t - K) / N_t, where gM_t = dL/dM_t and
-    gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile."""
-    m, v = _step_moments(x, keep, H)
+    gS_t = dL/dS_t through this step's outputs only, and K is the running mean after the tile.
+    Per element only x - K and dy' = dy (weight + 1) are formed (every multiply-add per element
+    counts: these kernels issue about as many instructions as they move bytes):
+    gM_t = -rho_t sum dy', gS_t = -rho_t^3 / 2 (sum dy' (x - K) - (M_t - K) sum dy'), rho_t = rsqrt(S_t + eps).
+    Returns x - K, dy' [T, BG, BH] (0 off ``keep``), rho_t, M_t - K [T, BG], K [BG] and a, b, c [T, BG]."""
+    shift = _load_mean(mean_ptr, row, tile + 1, n_tiles, groups, G)    # K [BG]
+    x_k = tl.where(keep, x - shift[None, :, None], 0.0)
+    m_k, v = _step_moments(x_k, keep, H)                                # m_t - K, v_t
     count0, mean0, var0 = _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G)
-    n, mean, var = _running_stats(m, v, real, count0, mean0, var0)
-    shift = _load_mean(mean_ptr, row, tile + 1, n_tiles, groups, G)
+    n, mean, var = _running_stats(m_k + shift[None, :], v, real, count0, mean0, var0)
     rstd = tl.rsqrt(var + eps)
+    centre = mean - shift[None, :]                                      # M_t - K
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
-    x_hat = tl.where(keep, (x - mean[:, :, None]) * rstd[:, :, None], 0.0)
     dy_scaled = dy * scale[None, :, :]                                  # dy is 0 off the real steps
-    g_mean = -rstd * tl.sum(dy_scaled, axis=2)
-    g_var = -0.5 * rstd * rstd * tl.sum(dy_scaled * x_hat, axis=2)
+    sum_dy = tl.sum(dy_scaled, axis=2)
+    g_mean = -rstd * sum_dy
+    g_var = -0.5 * rstd * rstd * rstd * (tl.sum(dy_scaled * x_k, axis=2) - centre * sum_dy)
     inv_n = tl.where(real & (n > 0), 1.0 / tl.maximum(n, 1.0), 0.0)[:, None]
     b = g_var * inv_n
-    return x_hat, dy_scaled * rstd[:, :, None], shift, g_mean * inv_n, b, b * (mean - shift[None, :])
+    return x_k, dy_scaled, rstd, centre, shift, g_mean * inv_n, b, b * centre
 
 # %% chapters/08_triton_scans.py cell 80 · The backward in closed form
 @triton.jit(do_not_specialize=["L", "n_tiles"])
@@ -397,7 +419,7 @@ def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_pt
                          later_a_ptr, later_b_ptr, later_c_ptr, chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
                          dweight_ptr, dbias_ptr, L, D, G, H, n_tiles, n_chunks, eps,
                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
     """Backward pass 1, a chunk's tiles last first: per (row, tile, group) the sums of a_t, b_t, c_t
     over the chunk's *later* tiles, at the tile's shift K_j (c^{K'} = c^{K} + (K - K') b); per
     (row, chunk, group) the sums over the whole chunk at the chunk's shift (its last tile's); per
@@ -414,14 +436,16 @@ def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_pt
     dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
     for done in range(0, last - first):
         tile = last - 1 - done
-        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H).to(tl.float32)
-        dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H).to(tl.float32)
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                       EVEN).to(tl.float32)
+        dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                        EVEN).to(tl.float32)
         _, _, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                 HAS_MASK, BLOCK_T, BLOCK_H)
-        x_hat, _, shift, a, b, c = _gradient_terms(x, dy, exists & real[:, None, None], real, weight_ptr,
-                                                   channels, channel_ok, count_ptr, mean_ptr, var_ptr,
-                                                   row, tile, n_tiles, groups, G, H, eps)
-        dweight += tl.sum(dy * x_hat, 0)
+                                                                 HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        x_k, _, rstd, centre, shift, a, b, c = _gradient_terms(x, dy, exists & real[:, None, None], real, weight_ptr,
+                                                               channels, channel_ok, count_ptr, mean_ptr, var_ptr,
+                                                               row, tile, n_tiles, groups, G, H, eps)
+        dweight += tl.sum(dy * (x_k - centre[:, :, None]) * rstd[:, :, None], 0)   # dy x_hat
         dbias += tl.sum(dy, 0)
         out = (row * n_tiles + tile) * G + groups
         tl.store(later_a_ptr + out, later_a, mask=groups < G)
@@ -500,7 +524,7 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
                      later_a_ptr, later_b_ptr, later_c_ptr, after_a_ptr, after_b_ptr, after_c_ptr, dx_ptr,
                      L, D, G, H, n_tiles, n_chunks, eps,
                      HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+                     BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
     """Backward pass 3: with A_i, B_i, C_i the sums of a, b, c over steps t >= i,
     dx_i = (weight + 1) rsqrt(S_i + eps) dy_i + (A_i + 2 (x_i - K) B_i - 2 C_i) / H on real steps;
     the sums after the tile are the chunk's later tiles' plus those after the chunk, moved to the
@@ -508,13 +532,13 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
     tile, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     base, offsets, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
-                                                                      HAS_MASK, BLOCK_T, BLOCK_H)
+                                                                      HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
     keep = exists & real[:, None, None]
     x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    _, dx_direct, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
-                                                   count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups,
-                                                   G, H, eps)
+    x_k, dy_scaled, rstd, _, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
+                                                              count_ptr, mean_ptr, var_ptr, row, tile, n_tiles,
+                                                              groups, G, H, eps)
     chunk = tile // TILES
     chunk_shift = _load_mean(mean_ptr, row, tl.minimum(chunk * TILES + TILES, n_tiles), n_tiles, groups, G)
     index, after = (row * n_tiles + tile) * G + groups, (row * n_chunks + chunk) * G + groups
@@ -528,12 +552,29 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
     sum_a = tl.cumsum(a, 0, reverse=True) + after_a[None, :]
     sum_b = tl.cumsum(b, 0, reverse=True) + after_b[None, :]
     sum_c = tl.cumsum(c, 0, reverse=True) + after_c[None, :]
-    through_stats = (sum_a[:, :, None] + 2.0 * (x - shift[None, :, None]) * sum_b[:, :, None]
-                     - 2.0 * sum_c[:, :, None]) / H
-    dx = tl.where(keep, dx_direct + through_stats, 0.0)
+    r_over_h = real.to(tl.float32)[:, None] * (1.0 / H)                 # padded steps: dx = 0 (dy' is 0)
+    slope = 2.0 * sum_b * r_over_h                                      # dx = dy' rho_t + (x - K) slope + level
+    level = (sum_a - 2.0 * sum_c) * r_over_h
+    dx = dy_scaled * rstd[:, :, None] + x_k * slope[:, :, None] + level[:, :, None]
     tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=exists)
 
 # %% chapters/08_triton_scans.py cell 84 · The backward in closed form
+@triton.jit(do_not_specialize=["R"])
+def _sum_shares_kernel(share_ptr, out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[k, c] = sum over r of share[k, r, c] for the shares [2, R, D] of dweight (k = 0) and
+    dbias (k = 1): BLOCK_R rows at a time into a [BLOCK_R, BLOCK_C] accumulator, then one tree."""
+    columns, k = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C), tl.program_id(1)
+    total = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        index = (k * R + rows[:, None]).to(tl.int64) * D + columns[None, :]
+        total += tl.load(share_ptr + index, mask=(rows < R)[:, None] & (columns < D)[None, :], other=0.0)
+    tl.store(out_ptr + k * D + columns, tl.sum(total, 0), mask=columns < D)
+
+
+SHARE_ROWS, SHARE_COLUMNS = 256, 16   # per program and loop step: 16 KiB of float32, 64 bytes a row
+
+# %% chapters/08_triton_scans.py cell 86 · The backward in closed form
 def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight: Tensor,
                       padding_mask: Tensor | None, prefix_count: Tensor, prefix_mean: Tensor,
                       prefix_var: Tensor, num_groups: int, eps: float,
@@ -562,8 +603,7 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     dx = _empty(x.shape, x.dtype, device)
     dmean0, dvar0 = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
-    tiles = dict(HAS_MASK=padding_mask is not None, BLOCK_T=cfg.block_t, BLOCK_G=cfg.block_g,
-                 BLOCK_H=_next_pow2(group_size), TILES=cfg.tiles_per_program, num_warps=cfg.num_warps)
+    tiles = _tile_flags(cfg, length, num_groups, group_size, padding_mask is not None)
     group_blocks = _cdiv(num_groups, cfg.block_g)
     _grad_summary_kernel[(n_chunks, group_blocks, batch)](
         x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
@@ -576,9 +616,12 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     _backward_kernel[(n_tiles, group_blocks, batch)](
         x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
         after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
-    return dx, partial.sum(dim=1), dmean0, dvar0
+    dparams = _empty((2, channels), torch.float32, device)
+    _sum_shares_kernel[(_cdiv(channels, SHARE_COLUMNS), 2)](
+        partial, dparams, batch * n_chunks, channels, BLOCK_R=SHARE_ROWS, BLOCK_C=SHARE_COLUMNS, num_warps=4)
+    return dx, dparams, dmean0, dvar0
 
-# %% chapters/08_triton_scans.py cell 88 · An op that `torch.compile` treats as opaque
+# %% chapters/08_triton_scans.py cell 90 · An op that `torch.compile` treats as opaque
 @torch.library.custom_op("megalodon_lite::timestep_norm_fwd", mutates_args=())
 def _timestep_norm_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, count: Tensor, mean: Tensor, var: Tensor,
                           padding_mask: Tensor | None, num_groups: int, eps: float
@@ -612,7 +655,7 @@ def _(dy, dmean, dvar, x, weight, padding_mask, prefix_count, prefix_mean, prefi
     stats = lambda *shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return x.new_empty(x.shape), stats(2, channels), stats(batch, num_groups), stats(batch, num_groups)
 
-# %% chapters/08_triton_scans.py cell 90 · An op that `torch.compile` treats as opaque
+# %% chapters/08_triton_scans.py cell 92 · An op that `torch.compile` treats as opaque
 class TimestepNormFunction(torch.autograd.Function):
     """Autograd for the kernels: y and the final (count, mean, var) from x, weight, bias and the
     incoming state; gradients to x, weight, bias and the incoming mean and var.
