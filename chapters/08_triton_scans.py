@@ -3122,7 +3122,7 @@ for row in host["rows"]:
 # (launchers: the launch functions called directly, forward and backward, without autograd.) In
 # that call CEMA's host time came under its GPU time, so an eager call ran at about the GPU's
 # pace; the benchmark above, run in a later device call, shows its eager and CUDA-graph columns
-# apart again at two shapes: the host's speed differs from call to call. TimestepNorm's host still
+# apart again: the host's speed differs from call to call. TimestepNorm's host still
 # takes longer than its GPU: its kernels are fast, and autograd's backward costs the host about
 # three times what the backward's launches cost when called directly. No call
 # synchronises with the GPU (`set_sync_debug_mode` found none). Towards the target of about 0.3 ms
