@@ -3176,6 +3176,19 @@ print(f"for scale: the benchmark's 8192^3 bf16 matmul ran at {measured['matmul_T
 #   recurrence; `tests/test_ops_cema.py` covers the shapes grid, and on a GPU bf16 and fp32 at the
 #   benchmark shapes (both ways of storing $y$) and a million-token sequence
 #   (`kernels/results/cema_gpu_tests_h200_v4.txt`).
+# * **TimestepNorm** (`megalodon_lite.ops.timestep_norm`, exported from Part 2):
+#   `timestep_norm_triton(x, weight, bias, num_groups, state, padding_mask)` has the contract of
+#   chapter 05's `timestep_norm`, running (count, mean, var) state in and out. Three phases make it
+#   parallel over the sequence: per-tile moments summed per chunk of tiles, an exclusive prefix of
+#   the chunks with the Chan/Welford merge, then normalising every tile from its running state.
+#   The backward is the closed form with reverse prefix sums in the same three phases, the weight
+#   and bias gradients summed from per-chunk shares in a fixed order (the same bits on every call).
+# * **Measured** (Part 3): both ops run many times faster than the PyTorch paths (Part 3 prints by
+#   how much), the more so the longer the rows, since their time no longer depends on how the
+#   tokens are split into rows. The 2x target is
+#   missed by both, as the verdicts printed there say: CEMA is bound by the number of its small
+#   tensor-core products, not by its bytes; TimestepNorm by the passes its three phases make over
+#   memory. Chapter 10 measures what the kernels buy a whole training step.
 
 # %% [markdown]
 # ## Exercises
