@@ -116,28 +116,36 @@ def _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G):
 
 # %% chapters/08_triton_scans.py cell 64 · The kernels, forward
 @triton.jit
+def _by_step(t):
+    """A per-step quantity as a column against [T, BG]: [T] -> [T, 1]; [T, BG] as it is."""
+    if len(t.shape) == 1:
+        t = t[:, None]
+    return t
+
+
+@triton.jit
 def _running_stats(m, v, real, count0, mean0, var0):
-    """Count N_t, mean M_t and variance S_t [T, BG] after every step of a tile, from the state
-    (count0, mean0, var0) before it; ``real`` is [T, 1] (one tile per program) or [T, BG] (tiles
-    side by side, a count per column). Cancellation-free:
-    M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K near the data, and
-    N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2), non-negative terms."""
+    """Count N_t [T], mean M_t and variance S_t [T, BG] after every step of a tile, from the
+    state (count0, mean0, var0) before it; ``real`` is [T] (one tile per program) or [T, BG] with
+    count0 [BG] (tiles side by side: a tile per column), and N_t has its shape.
+    Cancellation-free: M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K near
+    the data, and N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2)."""
     r = real.to(tl.float32)
     c0 = count0.to(tl.float32)
     n = c0 + tl.cumsum(r, 0)                                            # N_t
     n_prev = n - r                                                      # N_{t-1}
-    inv_n = 1.0 / tl.maximum(n, 1.0)                                    # divide once per step, then
-    inv_prev = 1.0 / tl.maximum(n_prev, 1.0)                            # multiply (each division is
-    tile_mean = tl.sum(r * m, 0) / tl.maximum(tl.sum(r, 0), 1.0)        # ~5 instructions)
+    inv_n = _by_step(1.0 / tl.maximum(n, 1.0))                          # divide once per step, then
+    inv_prev = _by_step(1.0 / tl.maximum(n_prev, 1.0))                  # multiply (each division is
+    tile_mean = tl.sum(_by_step(r) * m, 0) / tl.maximum(tl.sum(r, 0), 1.0)   # ~5 instructions)
     shift = tl.where(count0 > 0, mean0, tile_mean)                      # K [BG]
-    step = r * (m - shift[None, :])
+    step = _by_step(r) * (m - shift[None, :])
     total = tl.cumsum(step, 0) + (c0 * (mean0 - shift))[None, :]        # N_t (M_t - K)
     mean = shift[None, :] + total * inv_n
-    mean = tl.where(n > 0, mean, mean0[None, :])
+    mean = tl.where(_by_step(n) > 0, mean, mean0[None, :])
     mean_prev = shift[None, :] + (total - step) * inv_prev
-    spread = r * n_prev * inv_n * (m - mean_prev) * (m - mean_prev)
-    sum_sq = (c0 * var0)[None, :] + tl.cumsum(r * v + spread, 0)        # N_t S_t
-    var = tl.where(n > 0, sum_sq * inv_n, var0[None, :])
+    spread = _by_step(r) * _by_step(n_prev) * inv_n * (m - mean_prev) * (m - mean_prev)
+    sum_sq = c0 * var0[None, :] + tl.cumsum(_by_step(r) * v + spread, 0)  # N_t S_t
+    var = tl.where(_by_step(n) > 0, sum_sq * inv_n, var0[None, :])
     return n, mean, var
 
 # %% chapters/08_triton_scans.py cell 66 · The kernels, forward
@@ -271,7 +279,7 @@ def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, til
     keep = exists & real[:, None, None]
     x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     m, v = _step_moments(x, keep, H)
-    _, mean, var = _running_stats(m, v, real[:, None], count0, mean0, var0)
+    _, mean, var = _running_stats(m, v, real, count0, mean0, var0)
     rstd = tl.rsqrt(var + eps)
     scale = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32) + 1.0
     shift = tl.load(bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
@@ -413,7 +421,7 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
     sum_dy = tl.sum(dy_scaled, axis=2)
     g_mean = -rstd * sum_dy
     g_var = -0.5 * rstd * rstd * rstd * (tl.sum(dy_scaled * x_k, axis=2) - centre * sum_dy)
-    inv_n = tl.where(real & (n > 0), 1.0 / tl.maximum(n, 1.0), 0.0)         # [T, 1] or [T, BG]
+    inv_n = _by_step(tl.where(real & (n > 0), 1.0 / tl.maximum(n, 1.0), 0.0))
     b = g_var * inv_n
     return x_k, dy_scaled, rstd, centre, shift, g_mean * inv_n, b, b * centre
 
@@ -577,9 +585,9 @@ def _backward_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, v
     keep = exists & real[:, None, None]
     x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    x_k, dy_scaled, rstd, _, shift, a, b, c = _gradient_terms(x, dy, keep, real[:, None], weight_ptr, channels,
-                                                              channel_ok, count_ptr, mean_ptr, var_ptr, row, tile,
-                                                              n_tiles, groups, G, H, eps)
+    x_k, dy_scaled, rstd, _, shift, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
+                                                              count_ptr, mean_ptr, var_ptr, row, tile, n_tiles,
+                                                              groups, G, H, eps)
     chunk = tile // TILES
     chunk_shift = _load_mean(mean_ptr, row, tl.minimum(chunk * TILES + TILES, n_tiles), n_tiles, groups, G)
     index, after = (row * n_tiles + tile) * G + groups, (row * n_chunks + chunk) * G + groups
