@@ -32,12 +32,10 @@ from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 POINTER_TYPES = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "mask_ptr": "*bf16",
                  "count_ptr": "*i64", "count0_ptr": "*i64", "final_count_ptr": "*i64", "tile_count_ptr": "*i32",
                  "chunk_count_ptr": "*i32"}   # every other pointer: float32
-TILE_KERNELS = ("_chunk_summary_kernel", "_normalize_kernel", "_grad_summary_kernel", "_grad_chunk_kernel",
-                "_backward_kernel")
-# (steps per tile, groups per program, warps per tile, tiles per chunk, tiles side by side in backward
-# pass 1): v2.7's default and its alternatives (one share of dweight/dbias per 4, 8, 16 or 32 steps;
-# backward pass 1 runs ``warps x side`` warps, one per tile)
-CONFIGS = [(4, 8, 1, 32, 1), (4, 8, 1, 32, 2), (4, 8, 1, 32, 4), (4, 8, 1, 32, 8)]
+TILE_KERNELS = ("_chunk_summary_kernel", "_normalize_kernel", "_grad_summary_kernel", "_backward_kernel")
+# (steps per tile, groups per program, warps, tiles per chunk, register cap of backward pass 1): run 5's
+# configurations in v2.6's code, and run 6's variant capping pass 1 at 128 registers (not kept)
+CONFIGS = [(8, 8, 1, 8, None), (4, 8, 1, 32, None), (4, 16, 2, 16, None), (4, 8, 1, 32, 128)]
 
 
 def compile_sm90(kernel, constants: dict, num_warps: int, **options) -> dict:
@@ -65,15 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "kernels" / "results")
     args = parser.parse_args(argv)
     rows = []
-    for steps, groups, warps, tiles, side in CONFIGS:
-        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles, EVEN=True,
-                     SIDE=side, BLOCK_N=tiles)
+    for steps, groups, warps, tiles, cap in CONFIGS:
+        flags = dict(HAS_MASK=False, BLOCK_T=steps, BLOCK_G=groups, BLOCK_H=32, TILES=tiles, EVEN=True)
         row = {"steps": steps, "groups_per_program": groups, "warps": warps, "tiles_per_chunk": tiles,
-               "share_tiles": side}
+               "grad_summary_registers": cap}
         for name in TILE_KERNELS:
-            row[name] = compile_sm90(getattr(ops, name), flags, warps * side if name == "_grad_summary_kernel"
-                                     else warps)
-        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles} side by side {side}: "
+            options = dict(maxnreg=cap) if cap is not None and name == "_grad_summary_kernel" else {}
+            row[name] = compile_sm90(getattr(ops, name), flags, warps, **options)
+        print(f"T={steps} groups={groups} warps={warps} chunks of {tiles} cap {cap}: "
               + ", ".join(f"{k.strip('_')} {v['registers']} regs / {v['spill_bytes']} B spilled / "
                           f"{v['sass_instructions']} SASS ({v['sass_in_loops']} in loops)"
                           for k, v in row.items() if isinstance(v, dict)), flush=True)

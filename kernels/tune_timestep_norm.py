@@ -33,8 +33,7 @@ from kernels import bench  # noqa: E402
 from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
-# (steps per tile, channels per program, warps, tiles per chunk, tiles side by side in backward pass 1).
-# Runs 1-2 (v2) found 8 steps x 256
+# (steps per tile, channels per program, warps, tiles per chunk). Runs 1-2 (v2) found 8 steps x 256
 # channels on one warp fastest: Triton lays a [T, BG, 32] bf16 tile out with 4 threads x 8 channels
 # along a group and 8 threads along groups, so with BLOCK_G = 8 and one warp each thread holds all T
 # steps of its channels (the step-axis scans stay in registers). Run 4 (v2.5a, every kernel walking
@@ -44,17 +43,15 @@ from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 # v2.6 (fewer instructions per tile), runs 6-7 (NOTES): chunks of 16 and 64 tie with 32 or lose a
 # little; capping backward pass 1 at 128 registers, prefetching the summaries' next tile and y/dx
 # programs walking 2-4 tiles (code on commits f0616fd, f6e7d00) tie or lose, and are not in the package.
-# v2.7: backward pass 1 without a loop, 2, 4 or 8 tiles side by side (one warp each; one dweight/dbias
-# share per 8, 16 or 32 steps); sm_90 on the CPU box: 126, 120, 124 registers (NOTES).
-VARIANTS = [(4, 256, 1, 32, 4), (4, 256, 1, 32, 8), (4, 256, 1, 32, 2)]
+VARIANTS = [(4, 256, 1, 32), (4, 256, 1, 16), (4, 256, 1, 64)]
 
 
-def config_for(steps: int, channels: int, warps: int, tiles: int, side: int):
+def config_for(steps: int, channels: int, warps: int, tiles: int):
     """A launch_config replacement that returns this configuration for D=1024, G=32."""
     def choose(d_model: int, num_groups: int) -> ops.LaunchConfig:
         group_size = d_model // num_groups
         return ops.LaunchConfig(block_t=steps, block_g=max(1, channels // group_size), num_warps=warps,
-                                tiles_per_program=tiles, share_tiles=side)
+                                tiles_per_program=tiles)
     return choose
 
 
@@ -139,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
           f"copy {ceilings.copy_TBps:.2f} TB/s", flush=True)
-    candidates = [(f"T={t} C={c} W={w} tiles={n} side={s}", ops, config_for(t, c, w, n, s))
-                  for t, c, w, n, s in VARIANTS]
+    candidates = [(f"T={t} C={c} W={w} tiles={n}", ops, config_for(t, c, w, n)) for t, c, w, n in VARIANTS]
     baseline = bench.load_ops_copy(args.baseline, "baseline") if args.baseline else None
     if baseline is not None:
         candidates.insert(0, ("baseline (" + args.baseline.name + ")", baseline, baseline.launch_config))
@@ -201,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_timestep_norm.json").write_text(json.dumps(results_header(
         device, copy_TBps=ceilings.copy_TBps, variants=results,
-        best=dict(zip(("steps", "channels", "warps", "tiles_per_program", "share_tiles"), best)),
+        best=dict(zip(("steps", "channels", "warps", "tiles_per_program"), best)),
         best_vs_float64_bf16=checks,
         best_fwdbwd_cuda_graph_ms={f"{r['B']}x{r['L']}": r["graph_fwdbwd_ms"] for r in results
                                    if r["variant"] == best_name},

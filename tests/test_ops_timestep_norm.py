@@ -59,14 +59,10 @@ CASES = {
     "many_tiles_prefix_loop": Case(length=23, groups=2, batch=1, counts=(3,),
                                    tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=4)),
     "D24_G3_half_empty_group_block": Case(length=10, groups=3, group_size=8),
-    # backward pass 1 with tiles side by side: a half-empty group block in every tile (3 groups in
-    # blocks of 2), and 3 tiles in spans of 2 (the last span's second tile is past the row)
-    "side_by_side_half_empty_group_block": Case(length=10, groups=3, group_size=8,
-                                                tiles=LaunchConfig(block_t=4, block_g=2, share_tiles=2)),
     "group_size_6_not_pow2": Case(length=9, groups=2, group_size=6),
     "one_group": Case(length=7, groups=1, group_size=12, tiles=LaunchConfig(block_t=4, block_g=1)),
     "no_state": Case(length=11, counts=None),
-    "padding_holes": Case(length=12, padding="holes", tiles=LaunchConfig(block_t=4, block_g=2, share_tiles=4)),
+    "padding_holes": Case(length=12, padding="holes"),
     "padding_at_start": Case(length=12, padding="start"),
     "row_all_padding": Case(length=9, batch=3, counts=(0, 5, 0), padding="all"),
     "offset_100": Case(length=14, offset=100.0),
@@ -76,21 +72,19 @@ CASES = {
     # the two-level prefix: 15 steps in tiles of 2 = 8 tiles, the last ragged, in chunks of 3 (3 + 3 + 2:
     # the row's tile count is no multiple of the chunk), the prefix over chunks looping 2 at a time
     "chunks_of_3_tiles_ragged": Case(length=15, padding="holes", counts=(3, 0),
-                                     tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=2, tiles_per_program=3,
-                                                        share_tiles=2)),
+                                     tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=2, tiles_per_program=3)),
     "chunks_of_3_offset_100": Case(length=15, offset=100.0,
                                    tiles=LaunchConfig(block_t=2, block_g=2, prefix_block_n=2, tiles_per_program=3)),
     "chunks_row_all_padding": Case(length=9, batch=3, counts=(0, 5, 0), padding="all",
                                    tiles=LaunchConfig(block_t=2, block_g=2, tiles_per_program=4)),
     "one_chunk_longer_than_the_row": Case(length=11, groups=2, group_size=6,
-                                          tiles=LaunchConfig(block_t=4, block_g=1, tiles_per_program=8, share_tiles=2)),
+                                          tiles=LaunchConfig(block_t=4, block_g=1, tiles_per_program=8)),
     # EVEN: no ragged tile (4 | 16), group (8 channels) or group block (2 | 4): the kernels drop
     # every bounds mask; with an offset (x - K in the backward), and with padding (masks stay)
     "even_offset_100": Case(length=16, groups=4, offset=100.0,
-                            tiles=LaunchConfig(block_t=4, block_g=2, prefix_block_n=2, tiles_per_program=2,
-                                               share_tiles=2)),
+                            tiles=LaunchConfig(block_t=4, block_g=2, prefix_block_n=2, tiles_per_program=2)),
     "even_padding_holes": Case(length=16, groups=4, padding="holes",
-                               tiles=LaunchConfig(block_t=4, block_g=2, tiles_per_program=3, share_tiles=4)),
+                               tiles=LaunchConfig(block_t=4, block_g=2, tiles_per_program=3)),
 }
 
 
@@ -173,8 +167,8 @@ def test_forward_state_and_every_gradient_match_float64(name, monkeypatch):
 
 
 def test_parameter_shares_summed_over_several_row_blocks(monkeypatch):
-    """The shares of dweight and dbias (8 of them here: 2 rows x 4 spans of 2 tiles, D = 24) summed
-    2 rows and 16 channels at a time, so that the sum loops and the last column block is ragged."""
+    """The shares of dweight and dbias (6 of them here: 2 rows x 3 chunks, D = 24) summed 2 rows
+    and 16 channels at a time, so that the sum loops and the last column block is ragged."""
     monkeypatch.setattr(ops, "SHARE_ROWS", 2)
     monkeypatch.setattr(ops, "SHARE_COLUMNS", 16)
     case = CASES["chunks_of_3_tiles_ragged"]

@@ -116,36 +116,27 @@ def _load_state(count_ptr, mean_ptr, var_ptr, row, tile, n_tiles, groups, G):
 
 # %% chapters/08_triton_scans.py cell 64 · The kernels, forward
 @triton.jit
-def _by_step(t):
-    """A per-step quantity as a column against [T, BG]: [T] -> [T, 1]; [T, BG] as it is."""
-    if len(t.shape) == 1:
-        t = t[:, None]
-    return t
-
-
-@triton.jit
 def _running_stats(m, v, real, count0, mean0, var0):
     """Count N_t [T], mean M_t and variance S_t [T, BG] after every step of a tile, from the
-    state (count0, mean0, var0) before it; ``real`` is [T] (one tile per program) or [T, BG] with
-    count0 [BG] (tiles side by side: a tile per column), and N_t has its shape.
-    Cancellation-free: M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K near
-    the data, and N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2)."""
+    state (count0, mean0, var0) before it. Cancellation-free:
+    M_t = K + (c0 (M0 - K) + sum_{i<=t} r_i (m_i - K)) / N_t with a shift K near the data, and
+    N_t S_t = c0 S0 + sum_{i<=t} r_i (v_i + (N_i - 1) / N_i (m_i - M_{i-1})^2), non-negative terms."""
     r = real.to(tl.float32)
     c0 = count0.to(tl.float32)
     n = c0 + tl.cumsum(r, 0)                                            # N_t
     n_prev = n - r                                                      # N_{t-1}
-    inv_n = _by_step(1.0 / tl.maximum(n, 1.0))                          # divide once per step, then
-    inv_prev = _by_step(1.0 / tl.maximum(n_prev, 1.0))                  # multiply (each division is
-    tile_mean = tl.sum(_by_step(r) * m, 0) / tl.maximum(tl.sum(r, 0), 1.0)   # ~5 instructions)
+    inv_n = (1.0 / tl.maximum(n, 1.0))[:, None]                         # divide once per step, then
+    inv_prev = (1.0 / tl.maximum(n_prev, 1.0))[:, None]                 # multiply (each division is
+    tile_mean = tl.sum(r[:, None] * m, 0) / tl.maximum(tl.sum(r, 0), 1.0)   # ~5 instructions)
     shift = tl.where(count0 > 0, mean0, tile_mean)                      # K [BG]
-    step = _by_step(r) * (m - shift[None, :])
+    step = r[:, None] * (m - shift[None, :])
     total = tl.cumsum(step, 0) + (c0 * (mean0 - shift))[None, :]        # N_t (M_t - K)
     mean = shift[None, :] + total * inv_n
-    mean = tl.where(_by_step(n) > 0, mean, mean0[None, :])
+    mean = tl.where(n[:, None] > 0, mean, mean0[None, :])
     mean_prev = shift[None, :] + (total - step) * inv_prev
-    spread = _by_step(r) * _by_step(n_prev) * inv_n * (m - mean_prev) * (m - mean_prev)
-    sum_sq = c0 * var0[None, :] + tl.cumsum(_by_step(r) * v + spread, 0)  # N_t S_t
-    var = tl.where(_by_step(n) > 0, sum_sq * inv_n, var0[None, :])
+    spread = r[:, None] * n_prev[:, None] * inv_n * (m - mean_prev) * (m - mean_prev)
+    sum_sq = c0 * var0[None, :] + tl.cumsum(r[:, None] * v + spread, 0)  # N_t S_t
+    var = tl.where(n[:, None] > 0, sum_sq * inv_n, var0[None, :])
     return n, mean, var
 
 # %% chapters/08_triton_scans.py cell 66 · The kernels, forward
@@ -289,10 +280,9 @@ def _normalize_kernel(x_ptr, mask_ptr, weight_ptr, bias_ptr, tile_count_ptr, til
 # %% chapters/08_triton_scans.py cell 72 · Launching
 class LaunchConfig(NamedTuple):
     """How the kernels cut the work: tiles of ``block_t`` steps x ``block_g`` groups per program
-    (``num_warps`` warps); chunks of ``tiles_per_program`` tiles, which one program of the forward's
-    summary pass walks (the first level of both prefixes); the prefix passes take ``prefix_block_n``
-    chunks x ``prefix_block_g`` groups per loop step; backward pass 1 takes ``share_tiles`` tiles
-    side by side (a power of 2, ``num_warps`` warps each) and writes one share of dweight and dbias."""
+    (``num_warps`` warps); chunks of ``tiles_per_program`` tiles, which one program of each summary
+    pass walks; the prefix passes take ``prefix_block_n`` chunks x ``prefix_block_g`` groups per
+    loop step."""
 
     block_t: int
     block_g: int
@@ -300,7 +290,6 @@ class LaunchConfig(NamedTuple):
     prefix_block_n: int = 1024
     prefix_block_g: int = 1
     tiles_per_program: int = 1
-    share_tiles: int = 1
 
 
 # Measured on an H200 (kernels/NOTES_timestep_norm.md, runs 5-7): short tiles, one warp per 256
@@ -312,7 +301,6 @@ TILE_CHANNELS = 256      # channels per program: BLOCK_G groups of next_pow2(D /
 CHANNELS_PER_WARP = 256
 TILE_ELEMENTS = 8192     # cap on BLOCK_T x BLOCK_G x BLOCK_H (registers)
 TILES_PER_PROGRAM = 32   # tiles per chunk: the first level of the prefix
-SHARE_TILES = 4          # tiles side by side in backward pass 1: one dweight/dbias share per 16 steps
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = False   # tests set True: every output starts as NaN (ints: a sentinel)
 
@@ -327,7 +315,7 @@ def launch_config(channels: int, num_groups: int) -> LaunchConfig:
     block_g = max(1, min(_next_pow2(num_groups), TILE_CHANNELS // block_h))
     block_t = max(1, min(TILE_STEPS, TILE_ELEMENTS // (block_g * block_h)))
     return LaunchConfig(block_t, block_g, max(1, min(8, block_g * block_h // CHANNELS_PER_WARP)),
-                        tiles_per_program=TILES_PER_PROGRAM, share_tiles=SHARE_TILES)
+                        tiles_per_program=TILES_PER_PROGRAM)
 
 
 def _tile_flags(cfg: LaunchConfig, length: int, num_groups: int, group_size: int, masked: bool) -> dict:
@@ -421,100 +409,63 @@ def _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok, count_p
     sum_dy = tl.sum(dy_scaled, axis=2)
     g_mean = -rstd * sum_dy
     g_var = -0.5 * rstd * rstd * rstd * (tl.sum(dy_scaled * x_k, axis=2) - centre * sum_dy)
-    inv_n = _by_step(tl.where(real & (n > 0), 1.0 / tl.maximum(n, 1.0), 0.0))
+    inv_n = tl.where(real & (n > 0), 1.0 / tl.maximum(n, 1.0), 0.0)[:, None]
     b = g_var * inv_n
     return x_k, dy_scaled, rstd, centre, shift, g_mean * inv_n, b, b * centre
 
 # %% chapters/08_triton_scans.py cell 80 · The backward in closed form
-@triton.jit
-def _side_by_side_offsets(mask_ptr, row, span, L, D, G, H, pid_g, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_G: tl.constexpr, BLOCK_H: tl.constexpr, SIDE: tl.constexpr, EVEN: tl.constexpr):
-    """SIDE consecutive tiles of a row, side by side along the group axis: column j of [T, SIDE BG, BH]
-    is group j % BG of tile span SIDE + j // BG (one warp per tile, each thread all T steps of its
-    channels). Returns the scalar int64 base, int32 offsets and ``exists`` [T, SIDE BG, BH], the real
-    steps [T, SIDE BG], each column's tile and group [SIDE BG], its channels and which exist
-    [SIDE BG, BH], and the program's own channels and which exist [BG, BH]."""
-    column = tl.arange(0, SIDE * BLOCK_G)
-    side, groups = column // BLOCK_G, pid_g * BLOCK_G + column % BLOCK_G
-    tiles = span * SIDE + side
-    steps = tiles[None, :] * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]             # [T, SIDE BG]
-    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]
-    if EVEN:
-        channel_ok = tl.full(channels.shape, 1, tl.int1)
-        real = tl.full(steps.shape, 1, tl.int1)
-    else:
-        channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
-        real = steps < L
-    exists = real[:, :, None] & channel_ok[None, :, :]
-    if HAS_MASK:
-        real = real & (tl.load(mask_ptr + row * L + steps, mask=steps < L, other=1) == 0)
-    base = (row * L + span * SIDE * BLOCK_T).to(tl.int64) * D
-    offsets = (side[None, :] * BLOCK_T + tl.arange(0, BLOCK_T)[:, None])[:, :, None] * D + channels[None, :, :]
-    own = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)                                  # the program's groups
-    own_channels = own[:, None] * H + tl.arange(0, BLOCK_H)[None, :]
-    own_ok = (own < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
-    return base, offsets, exists, real, tiles, groups, channels, channel_ok, own_channels, own_ok
-
-
 @triton.jit(do_not_specialize=["L", "n_tiles"])
 def _grad_summary_kernel(x_ptr, dy_ptr, mask_ptr, weight_ptr, count_ptr, mean_ptr, var_ptr,
-                         tile_a_ptr, tile_b_ptr, tile_c_ptr, dweight_ptr, dbias_ptr, L, D, G, H, n_tiles, n_spans, eps,
+                         later_a_ptr, later_b_ptr, later_c_ptr, chunk_a_ptr, chunk_b_ptr, chunk_c_ptr,
+                         dweight_ptr, dbias_ptr, L, D, G, H, n_tiles, n_chunks, eps,
                          HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_H: tl.constexpr, SIDE: tl.constexpr, EVEN: tl.constexpr):
-    """Backward pass 1, SIDE tiles side by side (no loop): per (row, tile, group) the sums of a_t, b_t,
-    c_t over the tile's steps, c at the tile's own shift K_j (the mean after it); per (row, span of
-    SIDE tiles, channel) the span's share of dweight (sum dy x_hat) and dbias (sum dy)."""
-    span, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    base, offsets, exists, real, tiles, groups, channels, channel_ok, own, own_ok = _side_by_side_offsets(
-        mask_ptr, row, span, L, D, G, H, pid_g, HAS_MASK, BLOCK_T, BLOCK_G, BLOCK_H, SIDE, EVEN)
-    keep = exists & real[:, :, None]
-    x = tl.load(x_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + base + offsets, mask=keep, other=0.0).to(tl.float32)
-    state_tile = tl.minimum(tiles, n_tiles - 1)        # a column past the row's last tile has no real step
-    x_k, _, rstd, centre, _, a, b, c = _gradient_terms(x, dy, keep, real, weight_ptr, channels, channel_ok,
-                                                       count_ptr, mean_ptr, var_ptr, row, state_tile, n_tiles,
-                                                       groups, G, H, eps)
-    out = (row * n_tiles + tiles) * G + groups
-    ok = (tiles < n_tiles) & (groups < G)
-    tl.store(tile_a_ptr + out, tl.sum(a, 0), mask=ok)
-    tl.store(tile_b_ptr + out, tl.sum(b, 0), mask=ok)
-    tl.store(tile_c_ptr + out, tl.sum(c, 0), mask=ok)
-    dweight = tl.sum(tl.reshape(tl.sum(dy * (x_k - centre[:, :, None]) * rstd[:, :, None], 0),
-                                [SIDE, BLOCK_G, BLOCK_H]), 0)                   # dy x_hat over the span
-    dbias = tl.sum(tl.reshape(tl.sum(dy, 0), [SIDE, BLOCK_G, BLOCK_H]), 0)
-    part = (row * n_spans + span) * D + own
-    tl.store(dweight_ptr + part, dweight, mask=own_ok)
-    tl.store(dbias_ptr + part, dbias, mask=own_ok)
-
-
-@triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
-def _grad_chunk_kernel(tile_a_ptr, tile_b_ptr, tile_c_ptr, mean_ptr, later_a_ptr, later_b_ptr, later_c_ptr,
-                       chunk_a_ptr, chunk_b_ptr, chunk_c_ptr, n_tiles, n_chunks, G,
-                       TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """The first level of the backward's reverse prefix, one chunk of TILES tiles per program: per
-    (row, tile, group) the sums of a, b, c over the chunk's *later* tiles at the tile's shift K_j, per
-    (row, chunk, group) over the whole chunk at the chunk's shift (its last tile's); c moves between
-    shifts as c^{K'} = c^{K} + (K - K') b."""
+                         BLOCK_H: tl.constexpr, TILES: tl.constexpr, EVEN: tl.constexpr):
+    """Backward pass 1, a chunk's tiles last first: per (row, tile, group) the sums of a_t, b_t, c_t
+    over the chunk's *later* tiles, at the tile's shift K_j (c^{K'} = c^{K} + (K - K') b); per
+    (row, chunk, group) the sums over the whole chunk at the chunk's shift (its last tile's); per
+    (row, chunk, channel) the chunk's share of dweight (sum dy x_hat) and dbias (sum dy)."""
     chunk, pid_g, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    tiles = chunk * TILES + tl.arange(0, BLOCK_N)                   # BLOCK_N: TILES rounded up to a power of 2
-    both = ((tiles < n_tiles) & (tl.arange(0, BLOCK_N) < TILES))[:, None] & (groups < G)[None, :]
-    index = (row * n_tiles + tiles)[:, None] * G + groups[None, :]
-    a = tl.load(tile_a_ptr + index, mask=both, other=0.0)
-    b = tl.load(tile_b_ptr + index, mask=both, other=0.0)
-    shift = tl.load(mean_ptr + (row * (n_tiles + 1) + tiles + 1)[:, None] * G + groups[None, :], mask=both,
-                    other=0.0)                                                  # K_j, the mean after tile j
-    chunk_shift = _load_mean(mean_ptr, row, tl.minimum(chunk * TILES + TILES, n_tiles), n_tiles, groups, G)
-    c = tl.load(tile_c_ptr + index, mask=both, other=0.0) + (shift - chunk_shift[None, :]) * b
-    later_b = tl.cumsum(b, 0, reverse=True) - b
-    tl.store(later_a_ptr + index, tl.cumsum(a, 0, reverse=True) - a, mask=both)
-    tl.store(later_b_ptr + index, later_b, mask=both)
-    tl.store(later_c_ptr + index, tl.cumsum(c, 0, reverse=True) - c + (chunk_shift[None, :] - shift) * later_b,
-             mask=both)
+    first, last = _chunk_tiles(chunk, n_tiles, TILES)
+    chunk_shift = _load_mean(mean_ptr, row, last, n_tiles, groups, G)  # K after the chunk
+    later_a = tl.zeros([BLOCK_G], dtype=tl.float32)                     # at the current tile's shift
+    later_b = tl.zeros([BLOCK_G], dtype=tl.float32)
+    later_c = tl.zeros([BLOCK_G], dtype=tl.float32)
+    chunk_c = tl.zeros([BLOCK_G], dtype=tl.float32)                     # at the chunk's shift
+    dweight = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
+    for done in range(0, last - first):
+        tile = last - 1 - done
+        x = _load_tile(x_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                       EVEN).to(tl.float32)
+        dy = _load_tile(dy_ptr, mask_ptr, row, tile, L, D, G, H, groups, HAS_MASK, BLOCK_T, BLOCK_H,
+                        EVEN).to(tl.float32)
+        _, _, exists, real, channels, channel_ok = _tile_offsets(mask_ptr, row, tile, L, D, G, H, groups,
+                                                                 HAS_MASK, BLOCK_T, BLOCK_H, EVEN)
+        x_k, _, rstd, centre, shift, a, b, c = _gradient_terms(x, dy, exists & real[:, None, None], real, weight_ptr,
+                                                               channels, channel_ok, count_ptr, mean_ptr, var_ptr,
+                                                               row, tile, n_tiles, groups, G, H, eps)
+        dweight += tl.sum(dy * (x_k - centre[:, :, None]) * rstd[:, :, None], 0)   # dy x_hat
+        dbias += tl.sum(dy, 0)
+        out = (row * n_tiles + tile) * G + groups
+        tl.store(later_a_ptr + out, later_a, mask=groups < G)
+        tl.store(later_b_ptr + out, later_b, mask=groups < G)
+        tl.store(later_c_ptr + out, later_c, mask=groups < G)
+        tile_b = tl.sum(b, 0)
+        chunk_c += tl.sum(c, 0) + (shift - chunk_shift) * tile_b
+        shift_before = _load_mean(mean_ptr, row, tile, n_tiles, groups, G)   # K of the tile before
+        later_a += tl.sum(a, 0)
+        later_b += tile_b
+        later_c += tl.sum(c, 0) + (shift - shift_before) * later_b
     out = (row * n_chunks + chunk) * G + groups
-    tl.store(chunk_a_ptr + out, tl.sum(a, 0), mask=groups < G)
-    tl.store(chunk_b_ptr + out, tl.sum(b, 0), mask=groups < G)
-    tl.store(chunk_c_ptr + out, tl.sum(c, 0), mask=groups < G)
+    tl.store(chunk_a_ptr + out, later_a, mask=groups < G)               # a and b need no shift
+    tl.store(chunk_b_ptr + out, later_b, mask=groups < G)
+    tl.store(chunk_c_ptr + out, chunk_c, mask=groups < G)
+    channels = groups[:, None] * H + tl.arange(0, BLOCK_H)[None, :]
+    channel_ok = (groups < G)[:, None] & (tl.arange(0, BLOCK_H) < H)[None, :]
+    part = (row * n_chunks + chunk) * D + channels
+    tl.store(dweight_ptr + part, dweight, mask=channel_ok)
+    tl.store(dbias_ptr + part, dbias, mask=channel_ok)
 
 # %% chapters/08_triton_scans.py cell 81 · The backward in closed form
 @triton.jit(do_not_specialize=["n_tiles", "n_chunks"])
@@ -621,8 +572,7 @@ def _sum_shares_kernel(share_ptr, out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_C:
     tl.store(out_ptr + k * D + columns, tl.sum(total, 0), mask=columns < D)
 
 
-SHARE_ROWS, SHARE_COLUMNS = 512, 16   # per program and loop step: 32 KiB of float32, 64 bytes a row
-SHARE_WARPS = 8
+SHARE_ROWS, SHARE_COLUMNS = 256, 16   # per program and loop step: 16 KiB of float32, 64 bytes a row
 
 # %% chapters/08_triton_scans.py cell 86 · The backward in closed form
 def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight: Tensor,
@@ -642,29 +592,23 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
     batch, length, channels = x.shape
     cfg = config or launch_config(channels, num_groups)
     group_size, n_tiles, device = channels // num_groups, _cdiv(length, cfg.block_t), x.device
-    n_chunks, n_spans = _cdiv(n_tiles, cfg.tiles_per_program), _cdiv(n_tiles, cfg.share_tiles)
+    n_chunks = _cdiv(n_tiles, cfg.tiles_per_program)
     _expect(dy.shape == x.shape and dmean.shape == dvar.shape == (batch, num_groups), "dy (B,L,D), dmean/dvar (B,G)")
     _expect(prefix_mean.shape == prefix_var.shape == (batch, n_tiles + 1, num_groups), "prefix: (B, tiles + 1, G)")
-    _expect(cfg.share_tiles == _next_pow2(cfg.share_tiles), f"share_tiles: a power of 2, got {cfg.share_tiles}")
     dy, dmean, dvar = dy.contiguous(), dmean.float().contiguous(), dvar.float().contiguous()
-    tile_a, tile_b, tile_c, later_a, later_b, later_c = _empty((6, batch, n_tiles, num_groups), torch.float32, device)
+    later_a, later_b, later_c = _empty((3, batch, n_tiles, num_groups), torch.float32, device)
     chunk_a, chunk_b, chunk_c, after_a, after_b, after_c = _empty((6, batch, n_chunks, num_groups), torch.float32,
                                                                   device)
-    partial = _empty((2, batch * n_spans, channels), torch.float32, device)
+    partial = _empty((2, batch * n_chunks, channels), torch.float32, device)
     dx = _empty(x.shape, x.dtype, device)
     dmean0, dvar0 = (_empty((batch, num_groups), torch.float32, device) for _ in range(2))
     mask = x if padding_mask is None else padding_mask.contiguous().view(torch.uint8)
     tiles = _tile_flags(cfg, length, num_groups, group_size, padding_mask is not None)
     group_blocks = _cdiv(num_groups, cfg.block_g)
-    side = {k: v for k, v in tiles.items() if k != "TILES"} | dict(   # pass 1: tiles side by side
-        SIDE=cfg.share_tiles, num_warps=cfg.num_warps * cfg.share_tiles, EVEN=tiles["EVEN"] and n_tiles % cfg.share_tiles == 0)
-    _grad_summary_kernel[(n_spans, group_blocks, batch)](
-        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, tile_a, tile_b, tile_c, partial[0], partial[1],
-        length, channels, num_groups, group_size, n_tiles, n_spans, eps, **side)
-    _grad_chunk_kernel[(n_chunks, group_blocks, batch)](
-        tile_a, tile_b, tile_c, prefix_mean, later_a, later_b, later_c, chunk_a, chunk_b, chunk_c, n_tiles, n_chunks,
-        num_groups, TILES=cfg.tiles_per_program, BLOCK_N=_next_pow2(cfg.tiles_per_program), BLOCK_G=cfg.block_g,
-        num_warps=1)
+    _grad_summary_kernel[(n_chunks, group_blocks, batch)](
+        x, dy, mask, weight, prefix_count, prefix_mean, prefix_var, later_a, later_b, later_c,
+        chunk_a, chunk_b, chunk_c, partial[0], partial[1], length, channels, num_groups, group_size,
+        n_tiles, n_chunks, eps, **tiles)
     _grad_prefix_kernel[(_cdiv(num_groups, cfg.prefix_block_g), batch)](
         chunk_a, chunk_b, chunk_c, prefix_count, prefix_mean, dmean, dvar, after_a, after_b, after_c,
         dmean0, dvar0, n_tiles, n_chunks, num_groups, TILES=cfg.tiles_per_program,
@@ -674,7 +618,7 @@ def timestep_norm_bwd(dy: Tensor, dmean: Tensor, dvar: Tensor, x: Tensor, weight
         after_a, after_b, after_c, dx, length, channels, num_groups, group_size, n_tiles, n_chunks, eps, **tiles)
     dparams = _empty((2, channels), torch.float32, device)
     _sum_shares_kernel[(_cdiv(channels, SHARE_COLUMNS), 2)](
-        partial, dparams, batch * n_spans, channels, BLOCK_R=SHARE_ROWS, BLOCK_C=SHARE_COLUMNS, num_warps=SHARE_WARPS)
+        partial, dparams, batch * n_chunks, channels, BLOCK_R=SHARE_ROWS, BLOCK_C=SHARE_COLUMNS, num_warps=4)
     return dx, dparams, dmean0, dvar0
 
 # %% chapters/08_triton_scans.py cell 90 · An op that `torch.compile` treats as opaque
