@@ -88,16 +88,23 @@ def ptx_loops(ptx: str) -> list[dict]:
     return found
 
 
-def sass_loop_spills(sass: str) -> int:
+def sass_loops(sass: str) -> tuple[list[tuple[int, str]], list[list[str]]]:
+    """A ``cuobjdump -sass`` listing as (address, instruction) pairs, and the instructions of every
+    loop body: from a backward branch's target to the branch itself."""
     code = [(int(m.group(1), 16), m.group(2)) for line in sass.split("\n")
             if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line))]
-    spills = 0
+    bodies = []
     for address, instruction in code:
         target = re.search(r"BRA.*?0x([0-9a-f]+)", instruction)
         if target and int(target.group(1), 16) < address:
             lo = int(target.group(1), 16)
-            spills += sum(("LDL" in i or "STL" in i) for a, i in code if lo <= a <= address)
-    return spills
+            bodies.append([i for a, i in code if lo <= a <= address])
+    return code, bodies
+
+
+def sass_loop_spills(sass: str) -> int:
+    """Spill loads and stores (LDL / STL) inside the loops of a SASS listing."""
+    return sum(("LDL" in i or "STL" in i) for body in sass_loops(sass)[1] for i in body)
 
 
 def variants(v3, v2=None) -> list[tuple[str, object, dict, int]]:

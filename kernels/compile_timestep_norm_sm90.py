@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels.compile_cema_sm90 import compile_for_sm90  # noqa: E402  (sets the GPU's FP fusion before triton loads)
+from kernels.compile_cema_sm90 import compile_for_sm90, sass_loops  # noqa: E402  (sets the GPU's FP fusion before triton loads)
 from kernels.header import results_header  # noqa: E402
 from megalodon_lite.ops import timestep_norm as ops  # noqa: E402
 
@@ -48,14 +47,8 @@ def compile_sm90(kernel, constants: dict, num_warps: int, **options) -> dict:
 
 def sass_counts(sass: str) -> dict:
     """SASS instructions of the kernel, and of its loop bodies (header to back-edge) summed."""
-    code = [(int(m.group(1), 16), m.group(2)) for line in sass.split("\n")
-            if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line))]
-    in_loops = 0
-    for address, instruction in code:
-        target = re.search(r"BRA.*?0x([0-9a-f]+)", instruction)
-        if target and int(target.group(1), 16) < address:
-            in_loops += sum(int(target.group(1), 16) <= a <= address for a, _ in code)
-    return {"sass_instructions": len(code), "sass_in_loops": in_loops}
+    code, bodies = sass_loops(sass)
+    return {"sass_instructions": len(code), "sass_in_loops": sum(len(body) for body in bodies)}
 
 
 def main(argv: list[str] | None = None) -> int:
