@@ -34,19 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kernels.bench import D_MODEL, TARGET_X_FLOOR  # noqa: E402
 from kernels.header import results_header  # noqa: E402
+from megalodon_lite.ops.cema import _padded_states  # noqa: E402  (the kernels' NP)
+from megalodon_lite.ops.floors import BWD_OVER_FWD_SCAN  # noqa: E402
+
 DEFAULT_TUNING = ROOT / "kernels" / "results" / "cema_tuning_h200_v4.json"
-TARGET_X_FLOOR = 2.0          # issue 8: forward+backward <= 2x the memory floor
-BWD_OVER_FWD = 2.5            # the floor of forward+backward, in forward floors (kernels/bench.py)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def macs_per_token_channel(config: dict, n_states: int) -> dict[str, dict[str, int]]:
     """Multiply-adds per token and channel of each kernel call, forward and backward, at this config."""
-    c, c_grad, np_ = config["chunk"], config["chunk_grad"], next_power_of_2(n_states)
+    c, c_grad, np_ = config["chunk"], config["chunk_grad"], _padded_states(n_states)
     return {
         "forward": {"_cema_segment_end_kernel": 4 * np_,          # e and E = q de/dq (saved for kernel 3)
                     "_cema_scan_kernel": c + 4 * np_},
@@ -61,35 +59,37 @@ def analyse(tuning: dict, variant: str, n_states: int) -> dict:
     if record is None:
         raise SystemExit(f"variant {variant!r} not in the tuning file (has {[v['variant'] for v in tuning['variants']]})")
     macs = macs_per_token_channel(record["config"], n_states)
-    d_model, shapes = 1024, []
+    target = TARGET_X_FLOOR["cema"]
+    shapes = []
     for row in record["rows"]:
-        token_channels = row["B"] * row["L"] * d_model
-        fwd, both = row["gpu_fwd_kernels_ms"], row["gpu_fwdbwd_kernels_ms"]
-        kernels = []
-        for name in sorted(set(macs["forward"]) | set(macs["backward"])):
-            per_tc = macs["forward"].get(name, 0) + macs["backward"].get(name, 0)
-            ms = both.get(name, 0.0)
-            kernels.append({"kernel": name, "macs_per_token_channel": per_tc, "gpu_ms": ms,
-                            "TFLOPs": 2 * per_tc * token_channels / (ms * 1e-3) / 1e12 if ms else None})
-        for name in ("_cema_segment_end_kernel", "_cema_scan_kernel"):   # the forward's call alone
-            ms = fwd.get(name, 0.0)
-            kernels.append({"kernel": name + " (forward call)", "macs_per_token_channel": macs["forward"][name],
-                            "gpu_ms": ms,
-                            "TFLOPs": 2 * macs["forward"][name] * token_channels / (ms * 1e-3) / 1e12 if ms else None})
+        token_channels = row["B"] * row["L"] * D_MODEL
+
+        def tflops(macs_per_tc: int, ms: float) -> float | None:   # 2 flops per multiply-add
+            return 2 * macs_per_tc * token_channels / (ms * 1e-3) / 1e12 if ms else None
+
+        def kernel(label: str, macs_per_tc: int, ms: float) -> dict:
+            return {"kernel": label, "macs_per_token_channel": macs_per_tc, "gpu_ms": ms,
+                    "TFLOPs": tflops(macs_per_tc, ms)}
+
+        both = [kernel(name, macs["forward"].get(name, 0) + macs["backward"].get(name, 0),
+                       row["gpu_fwdbwd_kernels_ms"].get(name, 0.0))
+                for name in sorted(set(macs["forward"]) | set(macs["backward"]))]
+        forward = [kernel(name + " (forward call)", macs["forward"][name], row["gpu_fwd_kernels_ms"].get(name, 0.0))
+                   for name in ("_cema_segment_end_kernel", "_cema_scan_kernel")]
         total_macs = sum(sum(m.values()) for m in macs.values())
-        dot_ms = sum(k["gpu_ms"] for k in kernels if "(forward call)" not in k["kernel"])
-        best = max(k["TFLOPs"] for k in kernels if k["TFLOPs"])
-        floor_fwdbwd = BWD_OVER_FWD * row["floor_fwd_ms"]
+        dot_ms = sum(k["gpu_ms"] for k in both)
+        best = max(k["TFLOPs"] for k in both + forward if k["TFLOPs"])
+        floor_fwdbwd = BWD_OVER_FWD_SCAN * row["floor_fwd_ms"]
         shapes.append({
             "B": row["B"], "L": row["L"],
             "gpu_fwdbwd_ms": row["gpu_fwdbwd_ms"], "dot_kernels_ms": dot_ms,
-            "floor_fwdbwd_ms": floor_fwdbwd, "target_ms": TARGET_X_FLOOR * floor_fwdbwd,
+            "floor_fwdbwd_ms": floor_fwdbwd, "target_ms": target * floor_fwdbwd,
             "macs_per_token_channel": total_macs,
-            "dot_TFLOPs_overall": 2 * total_macs * token_channels / (dot_ms * 1e-3) / 1e12,
+            "dot_TFLOPs_overall": tflops(total_macs, dot_ms),
             "best_kernel_TFLOPs": best,
             "dots_alone_at_best_rate_ms": 2 * total_macs * token_channels / (best * 1e12) * 1e3,
-            "target_macs_per_token_channel": TARGET_X_FLOOR * floor_fwdbwd * 1e-3 * best * 1e12 / (2 * token_channels),
-            "kernels": kernels,
+            "target_macs_per_token_channel": target * floor_fwdbwd * 1e-3 * best * 1e12 / (2 * token_channels),
+            "kernels": both + forward,
         })
     return {"variant": variant, "config": record["config"], "n_states": n_states, "shapes": shapes}
 
